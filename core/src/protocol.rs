@@ -1,0 +1,547 @@
+//! Signalling wire types: JSON text frames with a `"type"` tag in snake_case.
+//!
+//! Types are split by direction ([`ClientMessage`] travels client → server,
+//! [`ServerMessage`] server → client) so neither side can send the other's messages.
+//! Every message is documented for client authors in `docs/protocol.md`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{PeerId, RoomId};
+
+/// Protocol version spoken by this build. A `hello` with another `v` is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The role a peer asks for in `hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The one peer that captures and sends the stream; root of the relay tree.
+    Broadcaster,
+    /// Receives the stream from a parent and relays it to its children.
+    Viewer,
+}
+
+/// First message on every connection: which room to join and as what.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// Protocol version the client speaks; absent means 1.
+    #[serde(default = "default_version")]
+    pub v: u32,
+    /// Room to join.
+    pub room: RoomId,
+    /// Broadcaster or viewer.
+    pub role: Role,
+    /// Broadcaster token returned when the room was created; required for the broadcaster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Upload bandwidth the client measured or assumes, in kbit/s. Sets its relay capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_kbps: Option<u32>,
+    /// Resume token from an earlier `welcome`: reclaims the same peer id and tree position
+    /// after a signalling blip, within the room's resume grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
+}
+
+fn default_version() -> u32 {
+    PROTOCOL_VERSION
+}
+
+/// Whether media is arriving from the parent, as seen by the reporting peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaState {
+    /// Still connecting to a new parent; no media expected yet.
+    Connecting,
+    /// Frames arrive and advance.
+    Receiving,
+    /// No media for the client's watchdog window: the parent (or something above it) failed.
+    Stalled,
+}
+
+/// Bitrate a relay actually delivered to one child over the last report interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delivery {
+    /// The child.
+    pub peer: PeerId,
+    /// Delivered bitrate in kbit/s.
+    pub kbps: u32,
+}
+
+/// Periodic (and on-change) media report from a peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Report {
+    /// Whether media from the parent is arriving.
+    pub state: MediaState,
+    /// Fraction of packets lost from the parent, 0.0 ..= 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f32>,
+    /// Estimated delay behind the broadcaster, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u32>,
+    /// A new uplink measurement in kbit/s; updates this peer's relay capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_kbps: Option<u32>,
+    /// What this peer delivered to each of its children.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delivered: Vec<Delivery>,
+}
+
+/// Messages a client sends to the signaller.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    /// Join a room (must be the first message, and only once per connection).
+    Hello(Hello),
+    /// Opaque WebRTC signalling (SDP offer/answer, ICE candidate) for a current parent or child.
+    Signal {
+        /// Recipient: the sender's parent or one of its children.
+        to: PeerId,
+        /// Passed through untouched.
+        data: Value,
+    },
+    /// Media state and measurements.
+    Report(Report),
+    /// Keep-alive; answered with `pong`. (Braces so unknown fields are refused.)
+    Ping {},
+    /// Leave the room for good. A broadcaster leaving ends the room.
+    Leave {},
+}
+
+/// A STUN/TURN server for RTCPeerConnection configuration, in the browser's own shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    /// `stun:` / `turn:` URLs.
+    pub urls: Vec<String>,
+    /// TURN user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// TURN credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// Limits the server enforces, told to the client so it can stay within them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientLimits {
+    /// Largest accepted text frame, in bytes.
+    pub max_message_bytes: u32,
+    /// Sustained messages per second allowed per connection.
+    pub messages_per_second: u32,
+    /// Send something (e.g. `ping` or `report`) at least this often, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// How long the signaller keeps the peer's place after its socket drops, in milliseconds.
+    pub resume_grace_ms: u64,
+    /// Children this peer may be asked to feed.
+    pub capacity: u32,
+}
+
+/// Why a room ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The broadcaster sent `leave`.
+    BroadcasterLeft,
+    /// The broadcaster's connection dropped and did not come back within the grace period.
+    BroadcasterLost,
+    /// The room was never started, or went unused, for too long.
+    Expired,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Messages the signaller sends to a client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// Answer to `hello`: who you are in this room.
+    Welcome {
+        /// This peer's id in the room.
+        peer_id: PeerId,
+        /// Secret to present in a later `hello` to resume this peer after a socket drop.
+        resume: String,
+        /// The role granted.
+        role: Role,
+        /// Whether this `hello` resumed an existing peer (its tree position is kept).
+        resumed: bool,
+        /// ICE servers for RTCPeerConnection.
+        ice_servers: Vec<IceServer>,
+        /// Limits this server enforces.
+        limits: ClientLimits,
+        /// Protocol version of the server.
+        protocol: u32,
+    },
+    /// Pull the stream from this peer. It opens the connection and sends the offer.
+    Parent {
+        /// The new parent.
+        peer_id: PeerId,
+        /// Depth this peer will have under that parent (broadcaster = 0).
+        depth: u32,
+    },
+    /// Feed this peer: open a connection to it and send it an offer.
+    Child {
+        /// The new child.
+        peer_id: PeerId,
+    },
+    /// Close the media connection to this peer (it is no longer your parent or child).
+    Drop {
+        /// The former neighbour.
+        peer_id: PeerId,
+    },
+    /// Signalling data from a neighbour.
+    Signal {
+        /// The sender (your parent or one of your children).
+        from: PeerId,
+        /// As the sender passed it.
+        data: Value,
+    },
+    /// Room status for this peer; sent on join, on depth changes and as the audience changes.
+    Room {
+        /// Viewers currently in the room (attached or waiting).
+        viewers: u32,
+        /// Whether the broadcaster is present.
+        live: bool,
+        /// Hops from the broadcaster; absent while this peer waits for a parent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        depth: Option<u32>,
+        /// Current parent; absent for the broadcaster and while waiting.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<PeerId>,
+        /// Current children. After a resume this is authoritative: close media
+        /// connections to anyone else.
+        #[serde(default)]
+        children: Vec<PeerId>,
+        /// Children this peer may feed right now.
+        capacity: u32,
+    },
+    /// The room ended; the server closes the connection after this.
+    Ended {
+        /// Why.
+        reason: EndReason,
+    },
+    /// Answer to `ping`.
+    Pong,
+    /// A request was refused. `code` is stable for programs, `message` is for people.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Human sentence.
+        message: String,
+    },
+}
+
+impl ServerMessage {
+    /// An `error` message with the code's standard sentence.
+    pub fn error(code: ErrorCode) -> Self {
+        Self::Error {
+            code,
+            message: code.sentence().to_owned(),
+        }
+    }
+
+    /// An `error` message with a specific sentence.
+    pub fn error_with(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Encodes as a JSON text frame.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail: keys are strings and values are plain data.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"internal","message":"encoding failed"}"#.to_owned()
+        })
+    }
+}
+
+/// Stable, machine-readable error codes. Each has a human sentence ([`ErrorCode::sentence`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not valid JSON.
+    BadJson,
+    /// Valid JSON, but not an object with a string `type`.
+    BadMessage,
+    /// `type` names no known message.
+    UnknownType,
+    /// A field is missing, unknown, or has the wrong type or value.
+    InvalidField,
+    /// The frame exceeds the size limit.
+    TooLarge,
+    /// A binary frame; the protocol is JSON text only.
+    BinaryFrame,
+    /// Above the per-connection message rate; messages are being dropped.
+    RateLimited,
+    /// A message other than `hello` before `hello`.
+    NotJoined,
+    /// A second `hello` on the same connection.
+    AlreadyJoined,
+    /// The `hello` names a protocol version this server does not speak.
+    UnsupportedVersion,
+    /// No room with that id exists.
+    UnknownRoom,
+    /// The room has ended.
+    RoomEnded,
+    /// The room has its maximum number of peers.
+    RoomFull,
+    /// Broadcaster role asked for without the right token.
+    WrongToken,
+    /// The room already has a broadcaster connected.
+    BroadcasterExists,
+    /// The resume token is unknown or expired.
+    BadResume,
+    /// `signal` to a peer that is not the sender's parent or child.
+    NotNeighbour,
+    /// A report delivery or signal names a peer that is not in the room.
+    UnknownPeer,
+    /// Too many connections from this address.
+    TooManyConnections,
+    /// The server has its maximum number of rooms.
+    TooManyRooms,
+    /// The client did not send anything within the heartbeat timeout.
+    Timeout,
+    /// The client could not keep up with the messages sent to it.
+    SlowConsumer,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A fault on the server side; details are in the server's logs.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, for documentation and tests.
+    pub const ALL: [ErrorCode; 24] = [
+        Self::BadJson,
+        Self::BadMessage,
+        Self::UnknownType,
+        Self::InvalidField,
+        Self::TooLarge,
+        Self::BinaryFrame,
+        Self::RateLimited,
+        Self::NotJoined,
+        Self::AlreadyJoined,
+        Self::UnsupportedVersion,
+        Self::UnknownRoom,
+        Self::RoomEnded,
+        Self::RoomFull,
+        Self::WrongToken,
+        Self::BroadcasterExists,
+        Self::BadResume,
+        Self::NotNeighbour,
+        Self::UnknownPeer,
+        Self::TooManyConnections,
+        Self::TooManyRooms,
+        Self::Timeout,
+        Self::SlowConsumer,
+        Self::ShuttingDown,
+        Self::Internal,
+    ];
+
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadJson => "bad_json",
+            Self::BadMessage => "bad_message",
+            Self::UnknownType => "unknown_type",
+            Self::InvalidField => "invalid_field",
+            Self::TooLarge => "too_large",
+            Self::BinaryFrame => "binary_frame",
+            Self::RateLimited => "rate_limited",
+            Self::NotJoined => "not_joined",
+            Self::AlreadyJoined => "already_joined",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::UnknownRoom => "unknown_room",
+            Self::RoomEnded => "room_ended",
+            Self::RoomFull => "room_full",
+            Self::WrongToken => "wrong_token",
+            Self::BroadcasterExists => "broadcaster_exists",
+            Self::BadResume => "bad_resume",
+            Self::NotNeighbour => "not_neighbour",
+            Self::UnknownPeer => "unknown_peer",
+            Self::TooManyConnections => "too_many_connections",
+            Self::TooManyRooms => "too_many_rooms",
+            Self::Timeout => "timeout",
+            Self::SlowConsumer => "slow_consumer",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal",
+        }
+    }
+
+    /// The standard human sentence for this code.
+    pub fn sentence(self) -> &'static str {
+        match self {
+            Self::BadJson => "The message is not valid JSON.",
+            Self::BadMessage => "The message must be a JSON object with a string \"type\" field.",
+            Self::UnknownType => "The message type is not one this server knows.",
+            Self::InvalidField => "A field of the message is missing or has the wrong type.",
+            Self::TooLarge => "The message is larger than this server accepts.",
+            Self::BinaryFrame => "Binary frames are not accepted; send JSON text frames.",
+            Self::RateLimited => {
+                "Too many messages; slow down. Messages above the limit are dropped."
+            }
+            Self::NotJoined => "Send \"hello\" before any other message.",
+            Self::AlreadyJoined => "This connection has already joined a room.",
+            Self::UnsupportedVersion => "This server does not speak that protocol version.",
+            Self::UnknownRoom => "There is no room with that id. Check the link.",
+            Self::RoomEnded => "This broadcast has ended.",
+            Self::RoomFull => "The room is full.",
+            Self::WrongToken => {
+                "Only the room's creator, with its broadcaster token, can broadcast."
+            }
+            Self::BroadcasterExists => "This room already has a broadcaster connected.",
+            Self::BadResume => {
+                "That resume token is unknown or has expired; join again without it."
+            }
+            Self::NotNeighbour => "You can only signal your current parent or children.",
+            Self::UnknownPeer => "That peer is not in this room.",
+            Self::TooManyConnections => "Too many connections from your address.",
+            Self::TooManyRooms => "The server cannot open more rooms right now.",
+            Self::Timeout => "Nothing was heard from you for too long.",
+            Self::SlowConsumer => "You did not read messages fast enough.",
+            Self::ShuttingDown => "The server is shutting down.",
+            Self::Internal => "Something went wrong on the server.",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a text frame could not be decoded into a [`ClientMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DecodeError {
+    /// The code to answer with.
+    pub code: ErrorCode,
+    /// A sentence naming what was wrong, for the client's developer.
+    pub message: String,
+}
+
+impl DecodeError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The `error` message answering this failure.
+    pub fn to_message(&self) -> ServerMessage {
+        ServerMessage::error_with(self.code, self.message.clone())
+    }
+}
+
+/// Message type names a client may send, in wire form.
+const CLIENT_TYPES: [&str; 5] = ["hello", "signal", "report", "ping", "leave"];
+
+impl ClientMessage {
+    /// Decodes a text frame, classifying every failure with an [`ErrorCode`].
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            DecodeError::new(
+                ErrorCode::BadJson,
+                format!("The message is not valid JSON ({e})."),
+            )
+        })?;
+        let Some(kind) = value.get("type").and_then(Value::as_str).map(str::to_owned) else {
+            return Err(DecodeError::new(
+                ErrorCode::BadMessage,
+                ErrorCode::BadMessage.sentence(),
+            ));
+        };
+        if !CLIENT_TYPES.contains(&kind.as_str()) {
+            let shown: String = kind.chars().take(40).collect();
+            return Err(DecodeError::new(
+                ErrorCode::UnknownType,
+                format!(
+                    "Unknown message type \"{shown}\"; expected one of: {}.",
+                    CLIENT_TYPES.join(", ")
+                ),
+            ));
+        }
+        serde_json::from_value(value).map_err(|e| {
+            DecodeError::new(
+                ErrorCode::InvalidField,
+                format!("Invalid \"{kind}\" message: {e}."),
+            )
+        })
+    }
+
+    /// Encodes as a JSON text frame (used by native clients and tests).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trips_with_defaults() {
+        let m = ClientMessage::decode(r#"{"type":"hello","room":"r1","role":"viewer"}"#).unwrap();
+        let ClientMessage::Hello(h) = &m else {
+            panic!("not a hello: {m:?}")
+        };
+        assert_eq!(h.v, PROTOCOL_VERSION);
+        assert_eq!(h.role, Role::Viewer);
+        assert_eq!(ClientMessage::decode(&m.to_json()).unwrap(), m);
+    }
+
+    #[test]
+    fn decode_failures_are_classified() {
+        let code = |s: &str| ClientMessage::decode(s).unwrap_err().code;
+        assert_eq!(code("{nope"), ErrorCode::BadJson);
+        assert_eq!(code("[1,2]"), ErrorCode::BadMessage);
+        assert_eq!(code(r#"{"type":7}"#), ErrorCode::BadMessage);
+        assert_eq!(code(r#"{"type":"launch"}"#), ErrorCode::UnknownType);
+        assert_eq!(
+            code(r#"{"type":"hello","room":"r"}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"hello","room":"a b","role":"viewer"}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"signal","to":"x","data":{}}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"ping","extra":1}"#),
+            ErrorCode::InvalidField
+        );
+        let e = ClientMessage::decode(r#"{"type":"hello","role":"viewer"}"#).unwrap_err();
+        assert!(e.message.contains("room"), "{}", e.message);
+    }
+
+    #[test]
+    fn server_messages_use_snake_case_tags() {
+        let json = ServerMessage::Child { peer_id: PeerId(3) }.to_json();
+        assert_eq!(json, r#"{"type":"child","peer_id":3}"#);
+        let json = ServerMessage::error(ErrorCode::NotNeighbour).to_json();
+        assert!(json.starts_with(r#"{"type":"error","code":"not_neighbour","message":"#));
+    }
+
+    #[test]
+    fn every_code_has_a_distinct_wire_name_and_a_sentence() {
+        let mut names: Vec<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        for c in ErrorCode::ALL {
+            let wire = serde_json::to_value(c).unwrap();
+            assert_eq!(wire, Value::String(c.as_str().into()));
+            assert!(c.sentence().ends_with('.'));
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+    }
+}

@@ -1,0 +1,1083 @@
+//! One room's state machine: events in, messages and timers out.
+//!
+//! A driver (the signaller's room task, or the simulator) owns a [`Room`] and loops:
+//!
+//! ```text
+//! room.handle(now, input);                       // a hello, message, disconnect or tick
+//! while let Some(out) = room.poll_output() { }   // send, close, or record an event
+//! sleep until room.poll_timeout()                // then handle(now, Input::Tick)
+//! ```
+//!
+//! `now` is the time since an epoch the driver picks; the room never reads a clock.
+//! Connections are named by the driver ([`ConnId`]); peers by the room ([`PeerId`]).
+//! A peer outlives its connection for the resume grace period, so a signalling blip costs
+//! no tree position and no media connection.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::time::Duration;
+
+use rand_chacha::ChaCha12Rng;
+use rand_core::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::ids::{PeerId, RoomId};
+use crate::protocol::{
+    ClientLimits, ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState,
+    PROTOCOL_VERSION, Report, Role, ServerMessage,
+};
+use crate::tree::{RelayTree, TreeEvent};
+
+/// A connection as the driver names it. Unique per driver for the room's lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct ConnId(pub u64);
+
+/// Operator settings for a room. Only binaries read files, flags or environment; they
+/// build this struct and pass it in.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoomConfig {
+    /// Most children the broadcaster may feed, whatever its uplink.
+    pub root_fanout: u32,
+    /// Most children a viewer may feed, whatever its uplink.
+    pub relay_fanout: u32,
+    /// Deepest allowed position (broadcaster = 0). Peers wait rather than go deeper.
+    pub max_depth: u32,
+    /// Bitrate of the stream in kbit/s: one child costs this much uplink.
+    pub stream_kbps: u32,
+    /// Share of a declared uplink that may be spent on children, in percent.
+    pub usable_uplink_percent: u32,
+    /// Uplink assumed for a peer that declares none, in kbit/s.
+    pub default_uplink_kbps: u32,
+    /// Loss above this fraction, reported by a child, stops its parent from taking more.
+    pub loss_threshold: f32,
+    /// Clients should send something at least this often.
+    #[serde(with = "millis")]
+    pub heartbeat_interval: Duration,
+    /// A peer silent for this long is disconnected (it may still resume).
+    /// `None` disables the check (simulations that do not model heartbeats).
+    #[serde(with = "opt_millis")]
+    pub heartbeat_timeout: Option<Duration>,
+    /// How long a disconnected peer keeps its place and may resume.
+    #[serde(with = "millis")]
+    pub resume_grace: Duration,
+    /// A room whose broadcaster never arrives ends after this long.
+    #[serde(with = "millis")]
+    pub start_timeout: Duration,
+    /// How often viewers are told the audience size (only when it changed).
+    /// `None` sends it only on join and on depth changes.
+    #[serde(with = "opt_millis")]
+    pub audience_interval: Option<Duration>,
+    /// Most peers in the room, the broadcaster included.
+    pub max_peers: u32,
+    /// Messages held for a disconnected peer; past this it loses its place.
+    pub max_pending: u32,
+    /// Told to clients in `welcome`; enforced by the driver.
+    pub max_message_bytes: u32,
+    /// Told to clients in `welcome`; enforced by the driver.
+    pub messages_per_second: u32,
+    /// STUN/TURN servers handed to clients.
+    pub ice_servers: Vec<IceServer>,
+}
+
+impl Default for RoomConfig {
+    fn default() -> Self {
+        Self {
+            root_fanout: 4,
+            relay_fanout: 4,
+            max_depth: 16,
+            stream_kbps: 500,
+            usable_uplink_percent: 80,
+            default_uplink_kbps: 2_000,
+            loss_threshold: 0.05,
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Some(Duration::from_secs(15)),
+            resume_grace: Duration::from_secs(10),
+            start_timeout: Duration::from_secs(3_600),
+            audience_interval: Some(Duration::from_secs(2)),
+            max_peers: 20_000,
+            max_pending: 256,
+            max_message_bytes: 16 * 1024,
+            messages_per_second: 50,
+            ice_servers: vec![IceServer {
+                urls: vec!["stun:stun.l.google.com:19302".into()],
+                username: None,
+                credential: None,
+            }],
+        }
+    }
+}
+
+impl RoomConfig {
+    /// Children a peer of `role` with this uplink may feed.
+    pub fn capacity(&self, role: Role, uplink_kbps: Option<u32>) -> u32 {
+        let limit = match role {
+            Role::Broadcaster => self.root_fanout,
+            Role::Viewer => self.relay_fanout,
+        };
+        let uplink = u64::from(uplink_kbps.unwrap_or(self.default_uplink_kbps));
+        let usable = uplink * u64::from(self.usable_uplink_percent) / 100;
+        let by_bandwidth = usable / u64::from(self.stream_kbps.max(1));
+        let cap = by_bandwidth.min(u64::from(limit)) as u32;
+        match role {
+            // A broadcaster that can feed nobody could not broadcast at all.
+            Role::Broadcaster => cap.max(1),
+            Role::Viewer => cap,
+        }
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+mod opt_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_u64(d.as_millis() as u64),
+            None => s.serialize_u64(0),
+        }
+    }
+    /// 0 means "off".
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let ms = u64::deserialize(d)?;
+        Ok((ms > 0).then(|| Duration::from_millis(ms)))
+    }
+}
+
+/// What the driver feeds the room.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A `hello` arrived on a connection not yet in this room.
+    Hello {
+        /// The connection.
+        conn: ConnId,
+        /// Its `hello`.
+        hello: Hello,
+    },
+    /// Any other message from a connection of this room.
+    Message {
+        /// The connection.
+        conn: ConnId,
+        /// The message.
+        msg: ClientMessage,
+    },
+    /// Transport-level sign of life (e.g. a WebSocket pong).
+    Alive {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The connection is gone. The peer keeps its place for the resume grace period.
+    Disconnected {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// Time passed; due timers fire.
+    Tick,
+    /// End the room now (server shutdown, operator action).
+    End(EndReason),
+}
+
+/// What the room asks the driver to do, or tells it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send a message on a connection.
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// The message.
+        msg: ServerMessage,
+    },
+    /// Close a connection, after sending what was queued for it.
+    Close {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// Something happened worth counting or showing on a dashboard.
+    Event(RoomEvent),
+}
+
+/// Why a peer left the room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaveCause {
+    /// It sent `leave`.
+    Left,
+    /// Its connection dropped and it did not resume within the grace period.
+    Lost,
+    /// Its children reported it stalled after its connection dropped.
+    Failed,
+    /// Too many messages queued while it was away.
+    Overflow,
+    /// The room ended.
+    RoomEnded,
+}
+
+/// Why a peer (with its subtree) got a new parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RepairCause {
+    /// Its parent left or failed.
+    ParentLeft,
+    /// It reported its parent's media stalled.
+    ParentStalled,
+    /// Its parent's capacity dropped below its child count.
+    ParentCapacity,
+}
+
+/// Observable happenings, for metrics, logs and the live dashboard stream.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RoomEvent {
+    /// A peer joined (or resumed).
+    Joined {
+        /// The peer.
+        peer: PeerId,
+        /// Its role.
+        role: Role,
+        /// Whether it resumed an earlier session.
+        resumed: bool,
+        /// Its capacity.
+        capacity: u32,
+    },
+    /// A peer's connection dropped; it keeps its place for the grace period.
+    Disconnected {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A peer left the room.
+    Left {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        cause: LeaveCause,
+    },
+    /// Orphans or moved subtrees re-parented.
+    Repaired {
+        /// How many subtrees moved.
+        subtrees: u32,
+        /// Why.
+        cause: RepairCause,
+    },
+    /// A peer's capacity changed.
+    Capacity {
+        /// The peer.
+        peer: PeerId,
+        /// New capacity.
+        capacity: u32,
+    },
+    /// The tree changed.
+    Tree(TreeEvent),
+    /// A client request was refused.
+    Refused {
+        /// The code sent to the client.
+        code: ErrorCode,
+    },
+    /// The room ended.
+    Ended {
+        /// Why.
+        reason: EndReason,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    role: Role,
+    conn: Option<ConnId>,
+    resume: String,
+    uplink_kbps: Option<u32>,
+    last_seen: Duration,
+    disconnected_at: Option<Duration>,
+    media: MediaState,
+    stalled_since: Option<Duration>,
+    latency_ms: Option<u32>,
+    loss: Option<f32>,
+    /// Messages held while disconnected, delivered on resume.
+    pending: Vec<ServerMessage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// Check the peer's heartbeat (lazy: re-armed from `last_seen` if it was heard from).
+    Liveness(PeerId),
+    /// The peer's resume grace may be over.
+    Grace(PeerId),
+    /// Tell viewers the audience size.
+    Audience,
+    /// The broadcaster should have arrived by now.
+    Start,
+}
+
+/// One peer, as shown in a [`RoomSnapshot`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerSnapshot {
+    /// The peer.
+    pub id: PeerId,
+    /// Its role.
+    pub role: Role,
+    /// Its parent, if attached below the broadcaster.
+    pub parent: Option<PeerId>,
+    /// Its depth, if attached.
+    pub depth: Option<u32>,
+    /// Children it may feed.
+    pub capacity: u32,
+    /// Its children.
+    pub children: Vec<PeerId>,
+    /// Whether its signalling connection is up.
+    pub connected: bool,
+    /// Its last reported media state.
+    pub media: MediaState,
+    /// Its last reported latency estimate.
+    pub latency_ms: Option<u32>,
+    /// Its last reported loss.
+    pub loss: Option<f32>,
+}
+
+/// The whole room at one instant, for the HTTP API and dashboards.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoomSnapshot {
+    /// The room.
+    pub room: RoomId,
+    /// Whether a broadcaster is connected.
+    pub live: bool,
+    /// Why the room ended, if it did.
+    pub ended: Option<EndReason>,
+    /// The broadcaster's peer id.
+    pub broadcaster: Option<PeerId>,
+    /// Viewers in the room.
+    pub viewers: u32,
+    /// Viewers waiting for a slot.
+    pub waiting: u32,
+    /// Deepest attached depth.
+    pub max_depth: u32,
+    /// Attached peers per depth.
+    pub depth_histogram: Vec<u64>,
+    /// Every peer, sorted by id.
+    pub peers: Vec<PeerSnapshot>,
+}
+
+/// A room: the relay tree plus the peers' sessions. See the module docs for the loop.
+#[derive(Debug)]
+pub struct Room {
+    id: RoomId,
+    token: String,
+    config: RoomConfig,
+    tree: RelayTree,
+    peers: HashMap<PeerId, Peer>,
+    conns: HashMap<ConnId, PeerId>,
+    resumes: HashMap<String, PeerId>,
+    broadcaster: Option<PeerId>,
+    next_peer: u64,
+    rng: ChaCha12Rng,
+    timers: BinaryHeap<Reverse<(Duration, Timer)>>,
+    outputs: VecDeque<Output>,
+    ended: Option<EndReason>,
+    /// Audience size last told to viewers, to skip unchanged broadcasts.
+    told_viewers: u32,
+    now: Duration,
+}
+
+impl Room {
+    /// A new room. `token` authorises the broadcaster; `seed` drives resume tokens, so a
+    /// production driver must seed from the OS and a simulation from its scenario seed.
+    pub fn new(id: RoomId, token: String, config: RoomConfig, seed: u64, now: Duration) -> Self {
+        let tree = RelayTree::new(config.max_depth);
+        let mut room = Self {
+            id,
+            token,
+            config,
+            tree,
+            peers: HashMap::new(),
+            conns: HashMap::new(),
+            resumes: HashMap::new(),
+            broadcaster: None,
+            next_peer: 1,
+            rng: ChaCha12Rng::seed_from_u64(seed),
+            timers: BinaryHeap::new(),
+            outputs: VecDeque::new(),
+            ended: None,
+            told_viewers: 0,
+            now,
+        };
+        room.arm(now + room.config.start_timeout, Timer::Start);
+        if let Some(every) = room.config.audience_interval {
+            room.arm(now + every, Timer::Audience);
+        }
+        room
+    }
+
+    /// The room's id.
+    pub fn id(&self) -> &RoomId {
+        &self.id
+    }
+
+    /// The room's configuration.
+    pub fn config(&self) -> &RoomConfig {
+        &self.config
+    }
+
+    /// The relay tree (read-only).
+    pub fn tree(&self) -> &RelayTree {
+        &self.tree
+    }
+
+    /// Why the room ended, once it has. An ended room answers every `hello` with
+    /// `room_ended`; the driver may drop it whenever it likes.
+    pub fn ended(&self) -> Option<EndReason> {
+        self.ended
+    }
+
+    /// Whether a broadcaster is connected.
+    pub fn is_live(&self) -> bool {
+        self.broadcaster
+            .and_then(|b| self.peers.get(&b))
+            .is_some_and(|p| p.conn.is_some())
+    }
+
+    /// Viewers in the room (connected or within their grace period).
+    pub fn viewers(&self) -> u32 {
+        (self.peers.len() - usize::from(self.broadcaster.is_some())) as u32
+    }
+
+    /// The peer bound to a connection.
+    pub fn peer_of(&self, conn: ConnId) -> Option<PeerId> {
+        self.conns.get(&conn).copied()
+    }
+
+    /// The next output, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When the room next needs `Input::Tick`.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Feeds one input at time `now`.
+    pub fn handle(&mut self, now: Duration, input: Input) {
+        self.now = now.max(self.now);
+        match input {
+            Input::Hello { conn, hello } => self.on_hello(conn, hello),
+            Input::Message { conn, msg } => self.on_message(conn, msg),
+            Input::Alive { conn } => {
+                if let Some(p) = self.conns.get(&conn).and_then(|id| self.peers.get_mut(id)) {
+                    p.last_seen = self.now;
+                }
+            }
+            Input::Disconnected { conn } => self.on_disconnect(conn),
+            Input::Tick => self.on_tick(),
+            Input::End(reason) => self.end(reason),
+        }
+    }
+
+    /// The whole room, for APIs and dashboards. O(N).
+    pub fn snapshot(&self) -> RoomSnapshot {
+        let mut peers: Vec<PeerSnapshot> = self
+            .peers
+            .iter()
+            .map(|(&id, p)| {
+                let view = self.tree.view(id);
+                PeerSnapshot {
+                    id,
+                    role: p.role,
+                    parent: view.as_ref().and_then(|v| v.parent),
+                    depth: view.as_ref().and_then(|v| v.depth),
+                    capacity: view.as_ref().map_or(0, |v| v.capacity),
+                    children: view.map(|v| v.children).unwrap_or_default(),
+                    connected: p.conn.is_some(),
+                    media: p.media,
+                    latency_ms: p.latency_ms,
+                    loss: p.loss,
+                }
+            })
+            .collect();
+        peers.sort_unstable_by_key(|p| p.id);
+        RoomSnapshot {
+            room: self.id.clone(),
+            live: self.is_live(),
+            ended: self.ended,
+            broadcaster: self.broadcaster,
+            viewers: self.viewers(),
+            waiting: self.tree.waiting_len() as u32,
+            max_depth: self.tree.max_depth(),
+            depth_histogram: self.tree.depth_histogram().to_vec(),
+            peers,
+        }
+    }
+
+    // ---- inputs ----
+
+    fn on_hello(&mut self, conn: ConnId, hello: Hello) {
+        if self.conns.contains_key(&conn) {
+            return self.refuse(conn, ErrorCode::AlreadyJoined, false);
+        }
+        if let Some(reason) = self.ended {
+            self.send(conn, ServerMessage::Ended { reason });
+            return self.refuse(conn, ErrorCode::RoomEnded, true);
+        }
+        if hello.v != PROTOCOL_VERSION {
+            return self.refuse(conn, ErrorCode::UnsupportedVersion, true);
+        }
+        if hello.room != self.id {
+            return self.refuse(conn, ErrorCode::UnknownRoom, true);
+        }
+        if hello.role == Role::Broadcaster && !constant_time_eq(hello.token.as_deref(), &self.token)
+        {
+            return self.refuse(conn, ErrorCode::WrongToken, true);
+        }
+        if let Some(token) = &hello.resume {
+            return match self.resumes.get(token).copied() {
+                Some(id) if self.peers[&id].role == hello.role => self.resume(conn, id, hello),
+                _ => self.refuse(conn, ErrorCode::BadResume, true),
+            };
+        }
+        if hello.role == Role::Broadcaster {
+            if let Some(old) = self.broadcaster {
+                if self.peers[&old].conn.is_some() {
+                    return self.refuse(conn, ErrorCode::BroadcasterExists, true);
+                }
+                // The token holder came back without its resume token (a page reload): its
+                // old session is gone for good; the tree is re-rooted at the new session.
+                self.remove_peer(old, LeaveCause::Lost);
+            }
+        } else if self.peers.len() >= self.config.max_peers as usize {
+            return self.refuse(conn, ErrorCode::RoomFull, true);
+        }
+        self.join(conn, hello);
+    }
+
+    fn join(&mut self, conn: ConnId, hello: Hello) {
+        let id = PeerId(self.next_peer);
+        self.next_peer += 1;
+        let resume = format!("{:016x}{:016x}", self.rng.next_u64(), self.rng.next_u64());
+        let capacity = self.config.capacity(hello.role, hello.uplink_kbps);
+        self.peers.insert(
+            id,
+            Peer {
+                role: hello.role,
+                conn: Some(conn),
+                resume: resume.clone(),
+                uplink_kbps: hello.uplink_kbps,
+                last_seen: self.now,
+                disconnected_at: None,
+                media: MediaState::Connecting,
+                stalled_since: None,
+                latency_ms: None,
+                loss: None,
+                pending: Vec::new(),
+            },
+        );
+        self.conns.insert(conn, id);
+        self.resumes.insert(resume.clone(), id);
+        self.welcome(conn, id, hello.role, resume, false, capacity);
+        self.event(RoomEvent::Joined {
+            peer: id,
+            role: hello.role,
+            resumed: false,
+            capacity,
+        });
+        let placed = match hello.role {
+            Role::Broadcaster => {
+                self.broadcaster = Some(id);
+                self.tree.set_root(id, capacity)
+            }
+            Role::Viewer => self.tree.insert(id, capacity),
+        };
+        debug_assert!(
+            placed.is_ok(),
+            "fresh ids are unique and the root slot is free"
+        );
+        self.flush_tree_events();
+        if hello.role == Role::Broadcaster || self.tree.depth(id).is_none() {
+            // Placed peers learnt their depth from `parent`; tell the rest where they stand.
+            self.send_status(id);
+        }
+        self.arm_liveness(id);
+    }
+
+    fn resume(&mut self, conn: ConnId, id: PeerId, hello: Hello) {
+        let (old_conn, resume, pending) = {
+            let peer = self
+                .peers
+                .get_mut(&id)
+                .expect("resume tokens map to live peers");
+            peer.disconnected_at = None;
+            peer.last_seen = self.now;
+            if hello.uplink_kbps.is_some() {
+                peer.uplink_kbps = hello.uplink_kbps;
+            }
+            (
+                peer.conn.replace(conn),
+                peer.resume.clone(),
+                std::mem::take(&mut peer.pending),
+            )
+        };
+        if let Some(old) = old_conn {
+            // A half-open socket the client gave up on: this session replaces it.
+            self.conns.remove(&old);
+            self.outputs.push_back(Output::Close { conn: old });
+        }
+        self.conns.insert(conn, id);
+        let capacity = self.tree.capacity(id).unwrap_or(0);
+        self.welcome(conn, id, hello.role, resume, true, capacity);
+        for msg in pending {
+            self.send(conn, msg);
+        }
+        self.send_status(id);
+        self.event(RoomEvent::Joined {
+            peer: id,
+            role: hello.role,
+            resumed: true,
+            capacity,
+        });
+        self.set_capacity_from_uplink(id);
+        self.arm_liveness(id);
+    }
+
+    fn welcome(
+        &mut self,
+        conn: ConnId,
+        id: PeerId,
+        role: Role,
+        resume: String,
+        resumed: bool,
+        capacity: u32,
+    ) {
+        let limits = ClientLimits {
+            max_message_bytes: self.config.max_message_bytes,
+            messages_per_second: self.config.messages_per_second,
+            heartbeat_ms: self.config.heartbeat_interval.as_millis() as u64,
+            resume_grace_ms: self.config.resume_grace.as_millis() as u64,
+            capacity,
+        };
+        self.send(
+            conn,
+            ServerMessage::Welcome {
+                peer_id: id,
+                resume,
+                role,
+                resumed,
+                ice_servers: self.config.ice_servers.clone(),
+                limits,
+                protocol: PROTOCOL_VERSION,
+            },
+        );
+    }
+
+    fn on_message(&mut self, conn: ConnId, msg: ClientMessage) {
+        let Some(&id) = self.conns.get(&conn) else {
+            return self.refuse(conn, ErrorCode::NotJoined, false);
+        };
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.last_seen = self.now;
+        }
+        match msg {
+            ClientMessage::Hello(_) => self.refuse(conn, ErrorCode::AlreadyJoined, false),
+            ClientMessage::Ping {} => self.send(conn, ServerMessage::Pong),
+            ClientMessage::Signal { to, data } => {
+                if !self.tree.are_neighbours(id, to) {
+                    let code = if self.peers.contains_key(&to) {
+                        ErrorCode::NotNeighbour
+                    } else {
+                        ErrorCode::UnknownPeer
+                    };
+                    return self.refuse(conn, code, false);
+                }
+                self.send_to_peer(to, ServerMessage::Signal { from: id, data });
+            }
+            ClientMessage::Report(report) => self.on_report(conn, id, report),
+            ClientMessage::Leave {} => {
+                if Some(id) == self.broadcaster {
+                    // Ends the room: everyone, the broadcaster included, gets `ended`.
+                    self.end(EndReason::BroadcasterLeft);
+                } else {
+                    self.outputs.push_back(Output::Close { conn });
+                    self.remove_peer(id, LeaveCause::Left);
+                }
+            }
+        }
+    }
+
+    fn on_report(&mut self, conn: ConnId, id: PeerId, report: Report) {
+        if let Some(loss) = report.loss
+            && !(0.0..=1.0).contains(&loss)
+        {
+            return self.refuse_with(
+                conn,
+                ErrorCode::InvalidField,
+                "\"loss\" must be a fraction between 0 and 1.",
+            );
+        }
+        let was_stalled;
+        {
+            let peer = self
+                .peers
+                .get_mut(&id)
+                .expect("bound connections map to peers");
+            was_stalled = peer.stalled_since.is_some();
+            peer.media = report.state;
+            peer.latency_ms = report.latency_ms.or(peer.latency_ms);
+            peer.loss = report.loss.or(peer.loss);
+            match report.state {
+                MediaState::Stalled => {
+                    peer.stalled_since.get_or_insert(self.now);
+                }
+                MediaState::Receiving | MediaState::Connecting => peer.stalled_since = None,
+            }
+            if report.uplink_kbps.is_some() {
+                peer.uplink_kbps = report.uplink_kbps;
+            }
+        }
+        if report.uplink_kbps.is_some() {
+            self.set_capacity_from_uplink(id);
+        }
+        let parent = self.tree.parent(id);
+        if let (Some(loss), Some(parent)) = (report.loss, parent)
+            && loss > self.config.loss_threshold
+        {
+            // The parent cannot feed what it has: freeze its capacity at its child count.
+            let children = self.tree.child_count(parent).unwrap_or(0);
+            self.lower_capacity(parent, children);
+        }
+        if report.state == MediaState::Stalled
+            && !was_stalled
+            && let Some(parent) = parent
+        {
+            self.on_stall(id, parent);
+        }
+    }
+
+    /// `id` says media from `parent` stopped.
+    fn on_stall(&mut self, id: PeerId, parent: PeerId) {
+        if Some(parent) == self.broadcaster {
+            return; // nowhere better to pull from; the broadcaster's own problem
+        }
+        let p = &self.peers[&parent];
+        if p.conn.is_none() {
+            // Its signalling is gone too: the tab or machine died. Repair now rather than
+            // wait out the grace period.
+            return self.remove_peer(parent, LeaveCause::Failed);
+        }
+        if p.stalled_since.is_some() {
+            return; // the parent starves too: the fault is further up and is being repaired
+        }
+        let _ = self.tree.reparent(id);
+        self.event(RoomEvent::Repaired {
+            subtrees: 1,
+            cause: RepairCause::ParentStalled,
+        });
+        self.flush_tree_events();
+        let children = self.tree.child_count(parent).unwrap_or(0);
+        self.lower_capacity(parent, children);
+    }
+
+    fn on_disconnect(&mut self, conn: ConnId) {
+        let Some(id) = self.conns.remove(&conn) else {
+            return;
+        };
+        let grace = self.config.resume_grace;
+        let peer = self
+            .peers
+            .get_mut(&id)
+            .expect("bound connections map to peers");
+        peer.conn = None;
+        peer.disconnected_at = Some(self.now);
+        self.event(RoomEvent::Disconnected { peer: id });
+        if grace.is_zero() {
+            self.lose(id);
+        } else {
+            self.arm(self.now + grace, Timer::Grace(id));
+        }
+    }
+
+    fn on_tick(&mut self) {
+        while let Some(&Reverse((at, timer))) = self.timers.peek() {
+            if at > self.now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Liveness(id) => self.check_liveness(id),
+                Timer::Grace(id) => {
+                    let expired = self.peers.get(&id).and_then(|p| p.disconnected_at);
+                    if expired.is_some_and(|t| t + self.config.resume_grace <= self.now) {
+                        self.lose(id);
+                    }
+                }
+                Timer::Audience => self.tell_audience(),
+                Timer::Start => {
+                    if self.broadcaster.is_none() && self.ended.is_none() {
+                        self.end(EndReason::Expired);
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_liveness(&mut self, id: PeerId) {
+        let Some(timeout) = self.config.heartbeat_timeout else {
+            return;
+        };
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        let Some(conn) = peer.conn else {
+            return; // already disconnected; the grace timer owns it now
+        };
+        let deadline = peer.last_seen + timeout;
+        if deadline > self.now {
+            self.arm(deadline, Timer::Liveness(id));
+            return;
+        }
+        self.send(conn, ServerMessage::error(ErrorCode::Timeout));
+        self.outputs.push_back(Output::Close { conn });
+        self.on_disconnect(conn);
+    }
+
+    /// The grace period ran out (or was zero): the peer is gone for good.
+    fn lose(&mut self, id: PeerId) {
+        if Some(id) == self.broadcaster {
+            self.end(EndReason::BroadcasterLost);
+        } else {
+            self.remove_peer(id, LeaveCause::Lost);
+        }
+    }
+
+    // ---- tree changes ----
+
+    fn remove_peer(&mut self, id: PeerId, cause: LeaveCause) {
+        let Some(peer) = self.peers.remove(&id) else {
+            return;
+        };
+        if let Some(conn) = peer.conn {
+            self.conns.remove(&conn);
+        }
+        self.resumes.remove(&peer.resume);
+        if self.broadcaster == Some(id) {
+            self.broadcaster = None;
+        }
+        let orphans = self.tree.child_count(id).unwrap_or(0);
+        let _ = self.tree.remove(id);
+        self.event(RoomEvent::Left { peer: id, cause });
+        if orphans > 0 {
+            self.event(RoomEvent::Repaired {
+                subtrees: orphans,
+                cause: RepairCause::ParentLeft,
+            });
+        }
+        self.flush_tree_events();
+    }
+
+    fn set_capacity_from_uplink(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        let capacity = self.config.capacity(peer.role, peer.uplink_kbps);
+        self.apply_capacity(id, capacity);
+    }
+
+    fn lower_capacity(&mut self, id: PeerId, capacity: u32) {
+        if self.tree.capacity(id).is_some_and(|c| capacity < c) {
+            self.apply_capacity(id, capacity);
+        }
+    }
+
+    fn apply_capacity(&mut self, id: PeerId, capacity: u32) {
+        let before = self.tree.child_count(id).unwrap_or(0);
+        if self.tree.capacity(id) == Some(capacity) {
+            return;
+        }
+        let _ = self.tree.set_capacity(id, capacity);
+        self.event(RoomEvent::Capacity { peer: id, capacity });
+        let shed = before.saturating_sub(capacity);
+        if shed > 0 {
+            self.event(RoomEvent::Repaired {
+                subtrees: shed,
+                cause: RepairCause::ParentCapacity,
+            });
+        }
+        self.flush_tree_events();
+    }
+
+    /// Turns tree events into messages for the peers involved. Status updates go last, so
+    /// they describe the tree after every `parent`/`child`/`drop` of the batch.
+    fn flush_tree_events(&mut self) {
+        let events: Vec<TreeEvent> = self.tree.drain_events().collect();
+        let mut status = Vec::new();
+        for e in events {
+            match e {
+                TreeEvent::Linked {
+                    parent,
+                    child,
+                    depth,
+                } => {
+                    self.send_to_peer(
+                        child,
+                        ServerMessage::Parent {
+                            peer_id: parent,
+                            depth,
+                        },
+                    );
+                    self.send_to_peer(parent, ServerMessage::Child { peer_id: child });
+                }
+                TreeEvent::Unlinked { parent, child } => {
+                    self.send_to_peer(parent, ServerMessage::Drop { peer_id: child });
+                    self.send_to_peer(child, ServerMessage::Drop { peer_id: parent });
+                }
+                TreeEvent::DepthChanged { peer, .. } | TreeEvent::Waiting { peer } => {
+                    status.push(peer);
+                }
+            }
+            self.event(RoomEvent::Tree(e));
+        }
+        status.sort_unstable();
+        status.dedup();
+        for peer in status {
+            self.send_status(peer);
+        }
+    }
+
+    fn status(&self, id: PeerId) -> ServerMessage {
+        let mut children: Vec<PeerId> = self.tree.children(id).collect();
+        children.sort_unstable();
+        ServerMessage::Room {
+            viewers: self.viewers(),
+            live: self.is_live(),
+            depth: self.tree.depth(id),
+            parent: self.tree.parent(id),
+            children,
+            capacity: self.tree.capacity(id).unwrap_or(0),
+        }
+    }
+
+    fn send_status(&mut self, id: PeerId) {
+        if self.peers.contains_key(&id) {
+            let msg = self.status(id);
+            self.send_to_peer(id, msg);
+        }
+    }
+
+    fn tell_audience(&mut self) {
+        if let Some(every) = self.config.audience_interval {
+            self.arm(self.now + every, Timer::Audience);
+        }
+        let viewers = self.viewers();
+        if viewers == self.told_viewers || self.ended.is_some() {
+            return;
+        }
+        self.told_viewers = viewers;
+        let mut ids: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.conn.is_some())
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable(); // deterministic output order for simulations
+        for id in ids {
+            self.send_status(id);
+        }
+    }
+
+    fn end(&mut self, reason: EndReason) {
+        if self.ended.is_some() {
+            return;
+        }
+        self.ended = Some(reason);
+        let mut ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        ids.sort_unstable();
+        for id in &ids {
+            if let Some(conn) = self.peers[id].conn {
+                self.send(conn, ServerMessage::Ended { reason });
+                self.outputs.push_back(Output::Close { conn });
+            }
+        }
+        for id in ids {
+            if let Some(peer) = self.peers.remove(&id) {
+                self.event(RoomEvent::Left {
+                    peer: id,
+                    cause: LeaveCause::RoomEnded,
+                });
+                drop(peer);
+            }
+        }
+        self.conns.clear();
+        self.resumes.clear();
+        self.broadcaster = None;
+        self.tree = RelayTree::new(self.config.max_depth);
+        self.timers.clear();
+        self.event(RoomEvent::Ended { reason });
+    }
+
+    // ---- plumbing ----
+
+    fn arm(&mut self, at: Duration, timer: Timer) {
+        self.timers.push(Reverse((at, timer)));
+    }
+
+    fn arm_liveness(&mut self, id: PeerId) {
+        if let Some(timeout) = self.config.heartbeat_timeout {
+            self.arm(self.now + timeout, Timer::Liveness(id));
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, msg: ServerMessage) {
+        self.outputs.push_back(Output::Send { conn, msg });
+    }
+
+    /// Sends to a peer's connection, or holds the message while it is disconnected.
+    fn send_to_peer(&mut self, id: PeerId, msg: ServerMessage) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        match peer.conn {
+            Some(conn) => self.outputs.push_back(Output::Send { conn, msg }),
+            None if peer.pending.len() < self.config.max_pending as usize => peer.pending.push(msg),
+            None => self.remove_peer(id, LeaveCause::Overflow),
+        }
+    }
+
+    fn refuse(&mut self, conn: ConnId, code: ErrorCode, close: bool) {
+        self.send(conn, ServerMessage::error(code));
+        self.event(RoomEvent::Refused { code });
+        if close {
+            self.outputs.push_back(Output::Close { conn });
+        }
+    }
+
+    fn refuse_with(&mut self, conn: ConnId, code: ErrorCode, message: &str) {
+        self.send(conn, ServerMessage::error_with(code, message));
+        self.event(RoomEvent::Refused { code });
+    }
+
+    fn event(&mut self, e: RoomEvent) {
+        self.outputs.push_back(Output::Event(e));
+    }
+}
+
+/// Compares a presented token with the room's without an early exit on the first
+/// differing byte, so response timing does not reveal how much of a guess was right.
+fn constant_time_eq(presented: Option<&str>, expected: &str) -> bool {
+    let Some(presented) = presented else {
+        return false;
+    };
+    let (a, b) = (presented.as_bytes(), expected.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

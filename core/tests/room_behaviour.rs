@@ -1,0 +1,583 @@
+//! Room behaviours driven through a virtual-time harness: every client's view, rebuilt only
+//! from the messages it received, must match the server's tree.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use serde_json::json;
+use treecast_core::protocol::{
+    ClientMessage, EndReason, ErrorCode, Hello, MediaState, Report, Role, ServerMessage,
+};
+use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig};
+use treecast_core::{PeerId, RoomId};
+
+const TOKEN: &str = "secret-token";
+
+/// What a client knows, built from the messages it received.
+#[derive(Debug, Default, Clone)]
+struct View {
+    peer: Option<PeerId>,
+    resume: Option<String>,
+    parent: Option<PeerId>,
+    children: BTreeSet<PeerId>,
+    errors: Vec<ErrorCode>,
+    ended: Option<EndReason>,
+    closed: bool,
+    signals: Vec<(PeerId, serde_json::Value)>,
+    parents_received: u32,
+}
+
+struct Harness {
+    room: Room,
+    now: Duration,
+    views: HashMap<ConnId, View>,
+    next_conn: u64,
+}
+
+impl Harness {
+    fn new(config: RoomConfig) -> Self {
+        let room = Room::new(
+            RoomId::new("r").unwrap(),
+            TOKEN.into(),
+            config,
+            7,
+            Duration::ZERO,
+        );
+        Self {
+            room,
+            now: Duration::ZERO,
+            views: HashMap::new(),
+            next_conn: 0,
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        if let Input::Disconnected { conn } = input {
+            self.views.entry(conn).or_default().closed = true;
+        }
+        self.room.handle(self.now, input);
+        while let Some(out) = self.room.poll_output() {
+            match out {
+                Output::Send { conn, msg } => self.deliver(conn, msg),
+                Output::Close { conn } => self.views.entry(conn).or_default().closed = true,
+                Output::Event(_) => {}
+            }
+        }
+    }
+
+    fn deliver(&mut self, conn: ConnId, msg: ServerMessage) {
+        let v = self.views.entry(conn).or_default();
+        assert!(
+            !v.closed,
+            "message {msg:?} sent on closed connection {conn:?}"
+        );
+        match msg {
+            ServerMessage::Welcome {
+                peer_id, resume, ..
+            } => {
+                v.peer = Some(peer_id);
+                v.resume = Some(resume);
+            }
+            ServerMessage::Parent { peer_id, .. } => {
+                v.parent = Some(peer_id);
+                v.parents_received += 1;
+            }
+            ServerMessage::Child { peer_id } => {
+                assert!(v.children.insert(peer_id), "duplicate child {peer_id}");
+            }
+            ServerMessage::Drop { peer_id } => {
+                if v.parent == Some(peer_id) {
+                    v.parent = None;
+                } else {
+                    assert!(
+                        v.children.remove(&peer_id),
+                        "drop of a non-neighbour {peer_id}"
+                    );
+                }
+            }
+            ServerMessage::Room {
+                parent, children, ..
+            } => {
+                // Authoritative: the parent/child messages must already agree with it.
+                assert_eq!(v.parent, parent, "room status disagrees on the parent");
+                assert_eq!(
+                    v.children,
+                    children.into_iter().collect(),
+                    "room status children"
+                );
+            }
+            ServerMessage::Signal { from, data } => v.signals.push((from, data)),
+            ServerMessage::Error { code, .. } => v.errors.push(code),
+            ServerMessage::Ended { reason } => v.ended = Some(reason),
+            ServerMessage::Pong => {}
+        }
+    }
+
+    fn connect(&mut self, role: Role, token: Option<&str>, uplink: u32) -> ConnId {
+        self.next_conn += 1;
+        let conn = ConnId(self.next_conn);
+        self.views.insert(conn, View::default());
+        let hello = Hello {
+            v: 1,
+            room: RoomId::new("r").unwrap(),
+            role,
+            token: token.map(str::to_owned),
+            uplink_kbps: Some(uplink),
+            resume: None,
+        };
+        self.input(Input::Hello { conn, hello });
+        conn
+    }
+
+    fn viewer(&mut self) -> ConnId {
+        self.connect(Role::Viewer, None, 100_000)
+    }
+
+    fn send(&mut self, conn: ConnId, msg: ClientMessage) {
+        self.input(Input::Message { conn, msg });
+    }
+
+    fn stalled(&mut self, conn: ConnId) {
+        self.send(
+            conn,
+            ClientMessage::Report(Report {
+                state: MediaState::Stalled,
+                loss: None,
+                latency_ms: None,
+                uplink_kbps: None,
+                delivered: vec![],
+            }),
+        );
+    }
+
+    /// Reconnects a dropped client with its resume token; the client keeps what it knew.
+    fn resume(&mut self, old: ConnId, token: String) -> ConnId {
+        self.next_conn += 1;
+        let conn = ConnId(self.next_conn);
+        let mut view = self.views[&old].clone();
+        view.closed = false;
+        view.errors.clear();
+        self.views.insert(conn, view);
+        self.input(Input::Hello {
+            conn,
+            hello: Hello {
+                v: 1,
+                room: RoomId::new("r").unwrap(),
+                role: Role::Viewer,
+                token: None,
+                uplink_kbps: None,
+                resume: Some(token),
+            },
+        });
+        conn
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+        while let Some(at) = self.room.poll_timeout() {
+            if at > self.now {
+                break;
+            }
+            self.input(Input::Tick);
+        }
+    }
+
+    fn peer(&self, conn: ConnId) -> PeerId {
+        self.views[&conn].peer.expect("welcomed")
+    }
+
+    fn conn_of(&self, peer: PeerId) -> ConnId {
+        *self
+            .views
+            .iter()
+            .find(|(_, v)| v.peer == Some(peer) && !v.closed)
+            .expect("a live connection")
+            .0
+    }
+
+    /// Every connected client's view matches the tree, and the tree is sound.
+    fn check(&self) {
+        self.room.tree().invariants().unwrap();
+        for v in self.views.values() {
+            let Some(peer) = v.peer else { continue };
+            if v.closed || !self.room.tree().contains(peer) {
+                continue;
+            }
+            assert_eq!(v.parent, self.room.tree().parent(peer), "parent of {peer}");
+            let children: BTreeSet<_> = self.room.tree().children(peer).collect();
+            assert_eq!(v.children, children, "children of {peer}");
+        }
+    }
+}
+
+fn config() -> RoomConfig {
+    RoomConfig {
+        root_fanout: 2,
+        relay_fanout: 2,
+        ..RoomConfig::default()
+    }
+}
+
+#[test]
+fn viewers_follow_parent_and_child_messages() {
+    let mut h = Harness::new(config());
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let viewers: Vec<ConnId> = (0..30).map(|_| h.viewer()).collect();
+    h.check();
+    assert_eq!(h.views[&b].children.len(), 2);
+    for v in &viewers {
+        assert!(h.views[v].parent.is_some());
+    }
+    // 30 viewers, fan-out 2: d_min = ceil(log2(1 + 30/2)) = 4.
+    assert_eq!(h.room.tree().max_depth(), 4);
+}
+
+#[test]
+fn viewers_before_the_broadcaster_wait_then_attach() {
+    let mut h = Harness::new(config());
+    let early: Vec<ConnId> = (0..5).map(|_| h.viewer()).collect();
+    assert!(early.iter().all(|c| h.views[c].parent.is_none()));
+    assert_eq!(h.room.tree().waiting_len(), 5);
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    h.check();
+    assert!(early.iter().all(|c| h.views[c].parent.is_some()));
+}
+
+#[test]
+fn broadcaster_needs_the_token_and_is_unique() {
+    let mut h = Harness::new(config());
+    let wrong = h.connect(Role::Broadcaster, Some("guess"), 100_000);
+    assert_eq!(h.views[&wrong].errors, [ErrorCode::WrongToken]);
+    assert!(h.views[&wrong].closed);
+    let none = h.connect(Role::Broadcaster, None, 100_000);
+    assert_eq!(h.views[&none].errors, [ErrorCode::WrongToken]);
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let second = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    assert_eq!(h.views[&second].errors, [ErrorCode::BroadcasterExists]);
+    assert!(h.room.is_live());
+}
+
+#[test]
+fn signals_reach_neighbours_only() {
+    let mut h = Harness::new(config());
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let v1 = h.viewer();
+    let v2 = h.viewer();
+    let v3 = h.viewer(); // under v1 or v2
+    let (pb, p3) = (h.peer(b), h.peer(v3));
+    let offer = json!({"sdp": "v=0", "kind": "offer"});
+    h.send(
+        b,
+        ClientMessage::Signal {
+            to: h.peer(v1),
+            data: offer.clone(),
+        },
+    );
+    assert_eq!(h.views[&v1].signals, [(pb, offer.clone())]);
+    // v3 is not the broadcaster's child.
+    h.send(
+        b,
+        ClientMessage::Signal {
+            to: p3,
+            data: offer.clone(),
+        },
+    );
+    assert_eq!(h.views[&b].errors, [ErrorCode::NotNeighbour]);
+    assert!(h.views[&v3].signals.is_empty());
+    h.send(
+        v2,
+        ClientMessage::Signal {
+            to: PeerId(999),
+            data: offer,
+        },
+    );
+    assert_eq!(h.views[&v2].errors, [ErrorCode::UnknownPeer]);
+}
+
+#[test]
+fn resume_within_grace_keeps_the_place_and_delivers_what_was_missed() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let relay = h.viewer();
+    h.viewer();
+    let peer = h.peer(relay);
+    let parent = h.views[&relay].parent;
+    let token = h.views[&relay].resume.clone().unwrap();
+    h.input(Input::Disconnected { conn: relay });
+    h.advance(Duration::from_secs(2));
+    // Joins while it is away: the next viewer lands under it; the message is held.
+    let child = h.viewer();
+    assert_eq!(h.room.tree().parent(h.peer(child)), Some(peer));
+    let back = h.resume(relay, token);
+    let v = &h.views[&back];
+    assert_eq!(v.peer, Some(peer), "same peer id");
+    // The held messages replay `parent` too, so the view is complete.
+    assert_eq!(v.parent, parent);
+    assert!(v.children.contains(&h.peer(child)));
+    h.check();
+}
+
+#[test]
+fn bad_resume_token_is_refused() {
+    let mut h = Harness::new(config());
+    h.next_conn += 1;
+    let conn = ConnId(h.next_conn);
+    h.input(Input::Hello {
+        conn,
+        hello: Hello {
+            v: 1,
+            room: RoomId::new("r").unwrap(),
+            role: Role::Viewer,
+            token: None,
+            uplink_kbps: None,
+            resume: Some("nope".into()),
+        },
+    });
+    assert_eq!(h.views[&conn].errors, [ErrorCode::BadResume]);
+    assert!(h.views[&conn].closed);
+}
+
+#[test]
+fn lost_relay_is_replaced_after_the_grace_period() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
+    let relay = conns[0];
+    let kids: Vec<PeerId> = h.views[&relay].children.iter().copied().collect();
+    let grandkids: Vec<(PeerId, Vec<PeerId>)> = kids
+        .iter()
+        .map(|&k| (k, h.room.tree().children(k).collect()))
+        .collect();
+    h.input(Input::Disconnected { conn: relay });
+    h.advance(Duration::from_secs(1));
+    assert!(h.room.tree().contains(h.peer(relay)), "still within grace");
+    h.advance(h.room.config().resume_grace);
+    assert!(!h.room.tree().contains(h.peer(relay)));
+    h.check();
+    for (k, gk) in grandkids {
+        let kc = h.conn_of(k);
+        assert!(h.views[&kc].parent.is_some());
+        assert_ne!(h.views[&kc].parent, Some(h.peer(relay)));
+        for g in gk {
+            assert_eq!(
+                h.views[&h.conn_of(g)].parents_received,
+                1,
+                "grandchild {g} untouched"
+            );
+        }
+    }
+}
+
+#[test]
+fn stall_report_moves_the_child_and_caps_the_parent() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
+    let child = conns[2]; // depth 2
+    let parent = h.views[&child].parent.unwrap();
+    h.stalled(child);
+    h.check();
+    assert_ne!(h.views[&child].parent, Some(parent));
+    let p = parent;
+    assert_eq!(
+        h.room.tree().capacity(p),
+        h.room.tree().child_count(p),
+        "a parent that failed a child takes no more"
+    );
+}
+
+#[test]
+fn stall_under_a_disconnected_parent_removes_it_at_once() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
+    let child = conns[2];
+    let parent = h.views[&child].parent.unwrap();
+    h.input(Input::Disconnected {
+        conn: h.conn_of(parent),
+    });
+    h.stalled(child);
+    assert!(
+        !h.room.tree().contains(parent),
+        "no need to wait out the grace period"
+    );
+    h.check();
+}
+
+#[test]
+fn stall_below_a_starving_parent_waits_for_the_upstream_repair() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
+    let grandchild = conns[6]; // depth 3
+    let parent = h.views[&grandchild].parent.unwrap();
+    let parent_conn = h.conn_of(parent);
+    h.stalled(parent_conn);
+    h.stalled(grandchild);
+    assert_eq!(
+        h.views[&grandchild].parent,
+        Some(parent),
+        "the fault is above its parent"
+    );
+    h.check();
+}
+
+#[test]
+fn silent_peer_times_out_then_loses_its_place() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let v = h.viewer();
+    let timeout = h.room.config().heartbeat_timeout.unwrap();
+    // The broadcaster keeps talking; the viewer says nothing.
+    for _ in 0..4 {
+        h.advance(timeout / 4);
+        let b = h.conn_of(h.room.tree().root().unwrap());
+        h.send(b, ClientMessage::Ping {});
+    }
+    h.advance(Duration::from_millis(10));
+    assert_eq!(h.views[&v].errors, [ErrorCode::Timeout]);
+    assert!(h.views[&v].closed);
+    h.advance(h.room.config().resume_grace);
+    assert!(!h.room.tree().contains(h.peer(v)));
+    assert!(h.room.is_live());
+}
+
+#[test]
+fn broadcaster_leaving_ends_the_room_for_everyone() {
+    let mut h = Harness::new(config());
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let viewers: Vec<ConnId> = (0..5).map(|_| h.viewer()).collect();
+    h.send(b, ClientMessage::Leave {});
+    for v in &viewers {
+        assert_eq!(h.views[v].ended, Some(EndReason::BroadcasterLeft));
+        assert!(h.views[v].closed);
+    }
+    let late = h.viewer();
+    assert_eq!(h.views[&late].errors, [ErrorCode::RoomEnded]);
+    assert_eq!(h.room.ended(), Some(EndReason::BroadcasterLeft));
+}
+
+#[test]
+fn room_without_broadcaster_expires() {
+    let mut h = Harness::new(RoomConfig {
+        heartbeat_timeout: None,
+        ..config()
+    });
+    let v = h.viewer();
+    h.advance(h.room.config().start_timeout);
+    assert_eq!(h.views[&v].ended, Some(EndReason::Expired));
+}
+
+#[test]
+fn reloaded_broadcaster_takes_the_root_back() {
+    let mut h = Harness::new(config());
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let viewers: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
+    h.input(Input::Disconnected { conn: b });
+    let b2 = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    assert!(h.views[&b2].errors.is_empty());
+    h.check();
+    assert_eq!(h.views[&b2].children.len(), 2);
+    assert!(viewers.iter().all(|v| h.views[v].parent.is_some()));
+    assert!(h.room.ended().is_none());
+}
+
+#[test]
+fn room_full_and_double_hello_are_refused() {
+    let mut h = Harness::new(RoomConfig {
+        max_peers: 3,
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let v = h.viewer();
+    h.viewer();
+    let extra = h.viewer();
+    assert_eq!(h.views[&extra].errors, [ErrorCode::RoomFull]);
+    let hello = Hello {
+        v: 1,
+        room: RoomId::new("r").unwrap(),
+        role: Role::Viewer,
+        token: None,
+        uplink_kbps: None,
+        resume: None,
+    };
+    h.input(Input::Hello { conn: v, hello });
+    assert_eq!(h.views[&v].errors, [ErrorCode::AlreadyJoined]);
+    assert!(!h.views[&v].closed);
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Join { uplink: u32 },
+    Leave { pick: usize },
+    Drop { pick: usize },
+    Resume { pick: usize },
+    Stall { pick: usize },
+    Wait { ms: u64 },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        8 => (0u32..3_000).prop_map(|uplink| Step::Join { uplink }),
+        2 => any::<usize>().prop_map(|pick| Step::Leave { pick }),
+        2 => any::<usize>().prop_map(|pick| Step::Drop { pick }),
+        2 => any::<usize>().prop_map(|pick| Step::Resume { pick }),
+        2 => any::<usize>().prop_map(|pick| Step::Stall { pick }),
+        2 => (0u64..8_000).prop_map(|ms| Step::Wait { ms }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Random joins, leaves, socket drops, resumes, stalls and waits: the tree stays sound
+    /// and every connected client's message-built view matches it.
+    #[test]
+    fn client_views_match_the_tree(steps in proptest::collection::vec(step(), 50..150)) {
+        let mut h = Harness::new(RoomConfig {
+            max_depth: 5,
+            heartbeat_timeout: None,
+            ..config()
+        });
+        h.connect(Role::Broadcaster, Some(TOKEN), 1_000);
+        let mut live: Vec<ConnId> = Vec::new();
+        let mut away: Vec<(ConnId, String)> = Vec::new();
+        for s in steps {
+            match s {
+                Step::Join { uplink } => live.push(h.connect(Role::Viewer, None, uplink)),
+                Step::Leave { pick } if !live.is_empty() => {
+                    let c = live.swap_remove(pick % live.len());
+                    h.send(c, ClientMessage::Leave {});
+                }
+                Step::Drop { pick } if !live.is_empty() => {
+                    let c = live.swap_remove(pick % live.len());
+                    let token = h.views[&c].resume.clone().unwrap();
+                    h.input(Input::Disconnected { conn: c });
+                    away.push((c, token));
+                }
+                Step::Resume { pick } if !away.is_empty() => {
+                    let (old, token) = away.swap_remove(pick % away.len());
+                    let conn = h.resume(old, token);
+                    let v = &h.views[&conn];
+                    if v.errors.is_empty() {
+                        prop_assert_eq!(v.peer, h.views[&old].peer);
+                        live.push(conn);
+                    } else {
+                        prop_assert_eq!(&v.errors, &[ErrorCode::BadResume]);
+                    }
+                }
+                Step::Stall { pick } if !live.is_empty() => {
+                    let c = live[pick % live.len()];
+                    if !h.views[&c].closed {
+                        h.stalled(c);
+                    }
+                }
+                Step::Wait { ms } => h.advance(Duration::from_millis(ms)),
+                _ => {}
+            }
+            live.retain(|c| !h.views[c].closed);
+            h.check();
+        }
+    }
+}

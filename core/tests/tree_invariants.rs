@@ -1,0 +1,165 @@
+//! Random operation sequences against the relay tree, with every invariant checked after
+//! every operation. 256 cases × up to 600 operations ≈ 100,000+ operations per run.
+
+use proptest::prelude::*;
+use treecast_core::PeerId;
+use treecast_core::tree::{RelayTree, TreeEvent};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Join { capacity: u32 },
+    Leave { pick: usize },
+    Stall { pick: usize },
+    Capacity { pick: usize, capacity: u32 },
+    RootLeaves,
+    RootJoins { capacity: u32 },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        10 => (0u32..=5).prop_map(|capacity| Op::Join { capacity }),
+        4 => any::<usize>().prop_map(|pick| Op::Leave { pick }),
+        2 => any::<usize>().prop_map(|pick| Op::Stall { pick }),
+        2 => (any::<usize>(), 0u32..=5).prop_map(|(pick, capacity)| Op::Capacity { pick, capacity }),
+        1 => Just(Op::RootLeaves),
+        1 => (1u32..=5).prop_map(|capacity| Op::RootJoins { capacity }),
+    ]
+}
+
+/// Tracks what the events say the tree looks like, to check the events tell the truth.
+#[derive(Default)]
+struct EventMirror {
+    parent: std::collections::HashMap<PeerId, PeerId>,
+}
+
+impl EventMirror {
+    fn apply(&mut self, events: impl Iterator<Item = TreeEvent>) {
+        for e in events {
+            match e {
+                TreeEvent::Linked { parent, child, .. } => {
+                    assert!(
+                        self.parent.insert(child, parent).is_none(),
+                        "{child} linked to {parent} without an unlink from its old parent"
+                    );
+                }
+                TreeEvent::Unlinked { parent, child } => {
+                    assert_eq!(
+                        self.parent.remove(&child),
+                        Some(parent),
+                        "unlink of a non-edge"
+                    );
+                }
+                TreeEvent::DepthChanged { .. } | TreeEvent::Waiting { .. } => {}
+            }
+        }
+    }
+}
+
+fn run(max_depth: u32, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut tree = RelayTree::new(max_depth);
+    let mut mirror = EventMirror::default();
+    let mut live: Vec<PeerId> = Vec::new();
+    let mut root: Option<PeerId> = None;
+    let mut next = 0u64;
+    let mut fresh = || {
+        next += 1;
+        PeerId(next)
+    };
+    for op in ops {
+        match *op {
+            Op::Join { capacity } => {
+                let p = fresh();
+                tree.insert(p, capacity).unwrap();
+                live.push(p);
+            }
+            Op::Leave { pick } if !live.is_empty() => {
+                let p = live.swap_remove(pick % live.len());
+                tree.remove(p).unwrap();
+            }
+            Op::Stall { pick } if !live.is_empty() => {
+                tree.reparent(live[pick % live.len()]).unwrap();
+            }
+            Op::Capacity { pick, capacity } if !live.is_empty() => {
+                tree.set_capacity(live[pick % live.len()], capacity)
+                    .unwrap();
+            }
+            Op::RootLeaves => {
+                if let Some(r) = root.take() {
+                    tree.remove(r).unwrap();
+                }
+            }
+            Op::RootJoins { capacity } if root.is_none() => {
+                let r = fresh();
+                tree.set_root(r, capacity).unwrap();
+                root = Some(r);
+            }
+            _ => {}
+        }
+        mirror.apply(tree.drain_events());
+        if let Err(v) = tree.invariants() {
+            return Err(TestCaseError::fail(format!("after {op:?}: {v}")));
+        }
+        for (&child, &parent) in &mirror.parent {
+            prop_assert_eq!(
+                tree.parent(child),
+                Some(parent),
+                "events disagree with the tree"
+            );
+        }
+        prop_assert_eq!(tree.len(), live.len() + usize::from(root.is_some()));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold_after_every_operation(
+        max_depth in 2u32..8,
+        ops in proptest::collection::vec(op(), 300..600),
+    ) {
+        run(max_depth, &ops)?;
+    }
+}
+
+/// A long deterministic run at a larger size, where subtrees are deep and repairs big.
+#[test]
+fn large_churn_keeps_invariants_and_stays_near_minimum_depth() {
+    let mut tree = RelayTree::new(30);
+    tree.set_root(PeerId(0), 3).unwrap();
+    let mut live = Vec::new();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for i in 1..=20_000u64 {
+        if live.len() < 500 || rand() % 3 != 0 {
+            tree.insert(PeerId(i), 3).unwrap();
+            live.push(PeerId(i));
+        } else {
+            let p = live.swap_remove((rand() % live.len() as u64) as usize);
+            tree.remove(p).unwrap();
+        }
+        tree.drain_events().for_each(drop);
+        if i % 1_000 == 0 {
+            tree.invariants().unwrap();
+        }
+    }
+    tree.invariants().unwrap();
+    // Equal capacity 3 everywhere: d_min = ceil(log3(1 + N*2/3)).
+    let n = live.len() as f64;
+    let d_min = (1.0 + n * 2.0 / 3.0).log(3.0).ceil() as u32;
+    eprintln!(
+        "{n} peers after churn: depth {} (d_min {d_min})",
+        tree.max_depth()
+    );
+    assert!(
+        tree.max_depth() <= d_min + 1,
+        "depth {} vs d_min {d_min} for {n} peers",
+        tree.max_depth()
+    );
+}
