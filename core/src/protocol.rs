@@ -148,7 +148,7 @@ pub enum EndReason {
     BroadcasterLeft,
     /// The broadcaster's connection dropped and did not come back within the grace period.
     BroadcasterLost,
-    /// The room was never started, or went unused, for too long.
+    /// The broadcaster never arrived within the room's start timeout.
     Expired,
     /// The server is shutting down.
     Shutdown,
@@ -298,7 +298,7 @@ pub enum ErrorCode {
     BadResume,
     /// `signal` to a peer that is not the sender's parent or child.
     NotNeighbour,
-    /// A report delivery or signal names a peer that is not in the room.
+    /// A `signal` names a peer that is not in the room.
     UnknownPeer,
     /// Too many connections from this address.
     TooManyConnections,

@@ -69,7 +69,7 @@ pub struct RoomConfig {
     /// `None` sends it only on join and on depth changes.
     #[serde(with = "opt_millis")]
     pub audience_interval: Option<Duration>,
-    /// Most peers in the room, the broadcaster included.
+    /// Most viewers in the room (the token-holding broadcaster always gets in).
     pub max_peers: u32,
     /// Messages held for a disconnected peer; past this it loses its place.
     pub max_pending: u32,
@@ -300,6 +300,9 @@ struct Peer {
     conn: Option<ConnId>,
     resume: String,
     uplink_kbps: Option<u32>,
+    /// Ceiling set when children reported this peer failing them; survives new uplink
+    /// measurements, so a relay that over-promised cannot talk its way back up.
+    capacity_cap: Option<u32>,
     last_seen: Duration,
     disconnected_at: Option<Duration>,
     media: MediaState,
@@ -386,8 +389,8 @@ pub struct Room {
     timers: BinaryHeap<Reverse<(Duration, Timer)>>,
     outputs: VecDeque<Output>,
     ended: Option<EndReason>,
-    /// Audience size last told to viewers, to skip unchanged broadcasts.
-    told_viewers: u32,
+    /// Audience size and liveness last told to everyone, to skip unchanged broadcasts.
+    told: (u32, bool),
     now: Duration,
 }
 
@@ -410,7 +413,7 @@ impl Room {
             timers: BinaryHeap::new(),
             outputs: VecDeque::new(),
             ended: None,
-            told_viewers: 0,
+            told: (0, false),
             now,
         };
         room.arm(now + room.config.start_timeout, Timer::Start);
@@ -573,6 +576,7 @@ impl Room {
                 conn: Some(conn),
                 resume: resume.clone(),
                 uplink_kbps: hello.uplink_kbps,
+                capacity_cap: None,
                 last_seen: self.now,
                 disconnected_at: None,
                 media: MediaState::Connecting,
@@ -602,10 +606,9 @@ impl Room {
             placed.is_ok(),
             "fresh ids are unique and the root slot is free"
         );
-        self.flush_tree_events();
-        if hello.role == Role::Broadcaster || self.tree.depth(id).is_none() {
-            // Placed peers learnt their depth from `parent`; tell the rest where they stand.
-            self.send_status(id);
+        self.flush_tree_events(Some(id));
+        if hello.role == Role::Broadcaster {
+            self.announce();
         }
         self.arm_liveness(id);
     }
@@ -633,19 +636,24 @@ impl Room {
             self.outputs.push_back(Output::Close { conn: old });
         }
         self.conns.insert(conn, id);
-        let capacity = self.tree.capacity(id).unwrap_or(0);
+        // Welcome and the messages held while away come first; only then may a changed
+        // uplink shed children (which sends `drop`s) and the status sum it all up.
+        let capacity = self.target_capacity(id);
         self.welcome(conn, id, hello.role, resume, true, capacity);
         for msg in pending {
             self.send(conn, msg);
         }
-        self.send_status(id);
         self.event(RoomEvent::Joined {
             peer: id,
             role: hello.role,
             resumed: true,
             capacity,
         });
-        self.set_capacity_from_uplink(id);
+        self.apply_capacity(id, capacity);
+        self.send_status(id);
+        if hello.role == Role::Broadcaster {
+            self.announce();
+        }
         self.arm_liveness(id);
     }
 
@@ -773,15 +781,23 @@ impl Room {
             // wait out the grace period.
             return self.remove_peer(parent, LeaveCause::Failed);
         }
-        if p.stalled_since.is_some() {
-            return; // the parent starves too: the fault is further up and is being repaired
+        // The parent starves too: if that is recent and the parent itself is repairable (not
+        // fed by the broadcaster), the fault is further up and its repair heals this peer.
+        // Otherwise (an old stall, or the broadcaster's own link) move this peer anyway.
+        let window = self.config.heartbeat_interval * 2;
+        let upstream_repair = p
+            .stalled_since
+            .is_some_and(|t| self.now.saturating_sub(t) < window)
+            && self.tree.parent(parent) != self.broadcaster;
+        if upstream_repair {
+            return;
         }
         let _ = self.tree.reparent(id);
         self.event(RoomEvent::Repaired {
             subtrees: 1,
             cause: RepairCause::ParentStalled,
         });
-        self.flush_tree_events();
+        self.flush_tree_events(None);
         let children = self.tree.child_count(parent).unwrap_or(0);
         self.lower_capacity(parent, children);
     }
@@ -798,6 +814,9 @@ impl Room {
         peer.conn = None;
         peer.disconnected_at = Some(self.now);
         self.event(RoomEvent::Disconnected { peer: id });
+        if Some(id) == self.broadcaster {
+            self.announce();
+        }
         if grace.is_zero() {
             self.lose(id);
         } else {
@@ -880,20 +899,33 @@ impl Room {
                 cause: RepairCause::ParentLeft,
             });
         }
-        self.flush_tree_events();
+        self.flush_tree_events(None);
+    }
+
+    /// Capacity from the peer's uplink, under any ceiling its children's reports set.
+    fn target_capacity(&self, id: PeerId) -> u32 {
+        let Some(peer) = self.peers.get(&id) else {
+            return 0;
+        };
+        let by_uplink = self.config.capacity(peer.role, peer.uplink_kbps);
+        peer.capacity_cap
+            .map_or(by_uplink, |cap| by_uplink.min(cap))
     }
 
     fn set_capacity_from_uplink(&mut self, id: PeerId) {
-        let Some(peer) = self.peers.get(&id) else {
-            return;
-        };
-        let capacity = self.config.capacity(peer.role, peer.uplink_kbps);
+        let capacity = self.target_capacity(id);
         self.apply_capacity(id, capacity);
     }
 
+    /// Sets a ceiling on the peer's capacity (never raises it).
     fn lower_capacity(&mut self, id: PeerId, capacity: u32) {
-        if self.tree.capacity(id).is_some_and(|c| capacity < c) {
-            self.apply_capacity(id, capacity);
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let cap = peer.capacity_cap.map_or(capacity, |c| c.min(capacity));
+        peer.capacity_cap = Some(cap);
+        if self.tree.capacity(id).is_some_and(|c| cap < c) {
+            self.apply_capacity(id, cap);
         }
     }
 
@@ -911,15 +943,38 @@ impl Room {
                 cause: RepairCause::ParentCapacity,
             });
         }
-        self.flush_tree_events();
+        self.flush_tree_events(None);
     }
 
-    /// Turns tree events into messages for the peers involved. Status updates go last, so
-    /// they describe the tree after every `parent`/`child`/`drop` of the batch.
-    fn flush_tree_events(&mut self) {
+    /// Turns tree events into messages for the peers involved. Status updates (for peers
+    /// whose depth changed or who wait, and for `also_tell`) go last, so they describe the
+    /// tree after every `parent`/`child`/`drop` of the batch.
+    fn flush_tree_events(&mut self, also_tell: Option<PeerId>) {
         let events: Vec<TreeEvent> = self.tree.drain_events().collect();
-        let mut status = Vec::new();
-        for e in events {
+        let mut status: Vec<PeerId> = also_tell.into_iter().collect();
+        // An edge cut and re-made in one batch (a sibling standing in for its departed
+        // neighbour keeps its parent) is no change: tell nobody to renegotiate it.
+        let mut unchanged = vec![false; events.len()];
+        let mut cut: HashMap<(PeerId, PeerId), usize> = HashMap::new();
+        for (i, e) in events.iter().enumerate() {
+            match *e {
+                TreeEvent::Unlinked { parent, child } => {
+                    cut.insert((parent, child), i);
+                }
+                TreeEvent::Linked { parent, child, .. } => {
+                    if let Some(j) = cut.remove(&(parent, child)) {
+                        unchanged[i] = true;
+                        unchanged[j] = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (e, unchanged) in events.into_iter().zip(unchanged) {
+            self.event(RoomEvent::Tree(e));
+            if unchanged {
+                continue;
+            }
             match e {
                 TreeEvent::Linked {
                     parent,
@@ -943,7 +998,6 @@ impl Room {
                     status.push(peer);
                 }
             }
-            self.event(RoomEvent::Tree(e));
         }
         status.sort_unstable();
         status.dedup();
@@ -976,11 +1030,17 @@ impl Room {
         if let Some(every) = self.config.audience_interval {
             self.arm(self.now + every, Timer::Audience);
         }
-        let viewers = self.viewers();
-        if viewers == self.told_viewers || self.ended.is_some() {
+        self.announce();
+    }
+
+    /// Sends everyone connected a fresh status if the audience size or liveness changed
+    /// since the last time. O(N): called on a timer and when the broadcaster comes or goes.
+    fn announce(&mut self) {
+        let now = (self.viewers(), self.is_live());
+        if now == self.told || self.ended.is_some() {
             return;
         }
-        self.told_viewers = viewers;
+        self.told = now;
         let mut ids: Vec<PeerId> = self
             .peers
             .iter()

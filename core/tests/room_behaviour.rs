@@ -26,6 +26,10 @@ struct View {
     closed: bool,
     signals: Vec<(PeerId, serde_json::Value)>,
     parents_received: u32,
+    drops_received: u32,
+    statuses: u32,
+    live: Option<bool>,
+    capacity: Option<u32>,
 }
 
 struct Harness {
@@ -87,6 +91,7 @@ impl Harness {
                 assert!(v.children.insert(peer_id), "duplicate child {peer_id}");
             }
             ServerMessage::Drop { peer_id } => {
+                v.drops_received += 1;
                 if v.parent == Some(peer_id) {
                     v.parent = None;
                 } else {
@@ -97,8 +102,15 @@ impl Harness {
                 }
             }
             ServerMessage::Room {
-                parent, children, ..
+                parent,
+                children,
+                live,
+                capacity,
+                ..
             } => {
+                v.statuses += 1;
+                v.live = Some(live);
+                v.capacity = Some(capacity);
                 // Authoritative: the parent/child messages must already agree with it.
                 assert_eq!(v.parent, parent, "room status disagrees on the parent");
                 assert_eq!(
@@ -505,6 +517,108 @@ fn room_full_and_double_hello_are_refused() {
     h.input(Input::Hello { conn: v, hello });
     assert_eq!(h.views[&v].errors, [ErrorCode::AlreadyJoined]);
     assert!(!h.views[&v].closed);
+}
+
+#[test]
+fn every_joiner_gets_exactly_one_status() {
+    let mut h = Harness::new(config());
+    let early = h.viewer(); // waits: no broadcaster yet
+    assert_eq!(h.views[&early].statuses, 1);
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let placed = h.viewer();
+    assert_eq!(h.views[&placed].statuses, 1);
+    assert_eq!(h.views[&placed].live, Some(true));
+}
+
+#[test]
+fn broadcaster_presence_is_announced() {
+    let mut h = Harness::new(config());
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let v = h.viewer();
+    let token = h.views[&b].resume.clone().unwrap();
+    h.input(Input::Disconnected { conn: b });
+    assert_eq!(h.views[&v].live, Some(false));
+    h.next_conn += 1;
+    let back = ConnId(h.next_conn);
+    h.views.insert(back, h.views[&b].clone());
+    h.views.get_mut(&back).unwrap().closed = false;
+    h.input(Input::Hello {
+        conn: back,
+        hello: Hello {
+            v: 1,
+            room: RoomId::new("r").unwrap(),
+            role: Role::Broadcaster,
+            token: Some(TOKEN.into()),
+            uplink_kbps: None,
+            resume: Some(token),
+        },
+    });
+    assert_eq!(h.views[&v].live, Some(true));
+    h.check();
+}
+
+#[test]
+fn a_loss_ceiling_survives_new_uplink_reports() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..4).map(|_| h.viewer()).collect();
+    let child = conns[2];
+    let relay = h.views[&child].parent.unwrap();
+    let report = |loss: Option<f32>, uplink: Option<u32>| {
+        ClientMessage::Report(Report {
+            state: MediaState::Receiving,
+            loss,
+            latency_ms: None,
+            uplink_kbps: uplink,
+            delivered: vec![],
+        })
+    };
+    h.send(child, report(Some(0.3), None));
+    assert_eq!(h.room.tree().capacity(relay), Some(1));
+    // The relay re-measures a big uplink: its ceiling holds.
+    let relay_conn = h.conn_of(relay);
+    h.send(relay_conn, report(None, Some(1_000_000)));
+    assert_eq!(h.room.tree().capacity(relay), Some(1));
+    h.check();
+}
+
+#[test]
+fn children_of_a_starving_broadcaster_child_are_moved() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
+    let top = conns[0]; // depth 1: its own stall cannot be repaired
+    let child = *h.views[&top].children.iter().next().unwrap();
+    h.stalled(top);
+    h.stalled(h.conn_of(child));
+    assert_ne!(h.room.tree().parent(child), Some(h.peer(top)));
+    h.check();
+}
+
+#[test]
+fn a_sibling_standing_in_is_not_told_to_renegotiate() {
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 3,
+        relay_fanout: 2,
+        resume_grace: Duration::ZERO,
+        ..RoomConfig::default()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let relay = h.viewer();
+    h.viewer();
+    h.viewer(); // third root slot: a leaf next to `relay`
+    let kid = h.viewer(); // under relay
+    assert_eq!(h.room.tree().depth(h.peer(kid)), Some(2));
+    h.input(Input::Disconnected { conn: relay });
+    h.check();
+    // A depth-1 leaf (a sibling of the relay) stood in: it kept its parent, so it got no
+    // `drop`/`parent` pair, only the new child.
+    let stand_in = h.room.tree().parent(h.peer(kid)).unwrap();
+    assert_eq!(h.room.tree().parent(stand_in), h.room.tree().root());
+    let v = &h.views[&h.conn_of(stand_in)];
+    assert_eq!((v.parents_received, v.drops_received), (1, 0));
+    assert!(v.children.contains(&h.peer(kid)));
+    assert_eq!(h.room.tree().depth(h.peer(kid)), Some(2));
 }
 
 #[derive(Debug, Clone)]
