@@ -558,7 +558,7 @@ impl Room {
                 // old session is gone for good; the tree is re-rooted at the new session.
                 self.remove_peer(old, LeaveCause::Lost);
             }
-        } else if self.peers.len() >= self.config.max_peers as usize {
+        } else if self.viewers() >= self.config.max_peers {
             return self.refuse(conn, ErrorCode::RoomFull, true);
         }
         self.join(conn, hello);
@@ -608,7 +608,7 @@ impl Room {
         );
         self.flush_tree_events(Some(id));
         if hello.role == Role::Broadcaster {
-            self.announce();
+            self.announce(Some(id));
         }
         self.arm_liveness(id);
     }
@@ -652,7 +652,7 @@ impl Room {
         self.apply_capacity(id, capacity);
         self.send_status(id);
         if hello.role == Role::Broadcaster {
-            self.announce();
+            self.announce(Some(id));
         }
         self.arm_liveness(id);
     }
@@ -772,6 +772,9 @@ impl Room {
 
     /// `id` says media from `parent` stopped.
     fn on_stall(&mut self, id: PeerId, parent: PeerId) {
+        if self.tree.depth(id).is_none() {
+            return; // inside a waiting subtree: nothing feeds it anyway
+        }
         if Some(parent) == self.broadcaster {
             return; // nowhere better to pull from; the broadcaster's own problem
         }
@@ -815,7 +818,7 @@ impl Room {
         peer.disconnected_at = Some(self.now);
         self.event(RoomEvent::Disconnected { peer: id });
         if Some(id) == self.broadcaster {
-            self.announce();
+            self.announce(None);
         }
         if grace.is_zero() {
             self.lose(id);
@@ -1030,12 +1033,13 @@ impl Room {
         if let Some(every) = self.config.audience_interval {
             self.arm(self.now + every, Timer::Audience);
         }
-        self.announce();
+        self.announce(None);
     }
 
-    /// Sends everyone connected a fresh status if the audience size or liveness changed
-    /// since the last time. O(N): called on a timer and when the broadcaster comes or goes.
-    fn announce(&mut self) {
+    /// Sends everyone connected (but `told`, who just got one) a fresh status if the
+    /// audience size or liveness changed since the last time. O(N): called on a timer and
+    /// when the broadcaster comes or goes.
+    fn announce(&mut self, told: Option<PeerId>) {
         let now = (self.viewers(), self.is_live());
         if now == self.told || self.ended.is_some() {
             return;
@@ -1044,7 +1048,7 @@ impl Room {
         let mut ids: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.conn.is_some())
+            .filter(|&(&id, p)| p.conn.is_some() && Some(id) != told)
             .map(|(&id, _)| id)
             .collect();
         ids.sort_unstable(); // deterministic output order for simulations
@@ -1107,6 +1111,7 @@ impl Room {
         match peer.conn {
             Some(conn) => self.outputs.push_back(Output::Send { conn, msg }),
             None if peer.pending.len() < self.config.max_pending as usize => peer.pending.push(msg),
+            None if Some(id) == self.broadcaster => self.end(EndReason::BroadcasterLost),
             None => self.remove_peer(id, LeaveCause::Overflow),
         }
     }

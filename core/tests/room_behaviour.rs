@@ -498,7 +498,7 @@ fn reloaded_broadcaster_takes_the_root_back() {
 #[test]
 fn room_full_and_double_hello_are_refused() {
     let mut h = Harness::new(RoomConfig {
-        max_peers: 3,
+        max_peers: 2,
         ..config()
     });
     h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
@@ -524,7 +524,8 @@ fn every_joiner_gets_exactly_one_status() {
     let mut h = Harness::new(config());
     let early = h.viewer(); // waits: no broadcaster yet
     assert_eq!(h.views[&early].statuses, 1);
-    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    assert_eq!(h.views[&b].statuses, 1);
     let placed = h.viewer();
     assert_eq!(h.views[&placed].statuses, 1);
     assert_eq!(h.views[&placed].live, Some(true));
