@@ -689,7 +689,9 @@ impl Room {
 
     fn on_message(&mut self, conn: ConnId, msg: ClientMessage) {
         let Some(&id) = self.conns.get(&conn) else {
-            return self.refuse(conn, ErrorCode::NotJoined, false);
+            // A connection this room already let go of (a close is on its way); the driver
+            // answers `not_joined` itself for connections that never joined.
+            return;
         };
         if let Some(p) = self.peers.get_mut(&id) {
             p.last_seen = self.now;
@@ -866,8 +868,7 @@ impl Room {
             self.arm(deadline, Timer::Liveness(id));
             return;
         }
-        self.send(conn, ServerMessage::error(ErrorCode::Timeout));
-        self.outputs.push_back(Output::Close { conn });
+        self.refuse(conn, ErrorCode::Timeout, true);
         self.on_disconnect(conn);
     }
 

@@ -1,0 +1,277 @@
+//! The HTTP API: rooms, snapshots, the dashboard event stream, health and metrics.
+//!
+//! Every failure is answered with a JSON body `{"code": ..., "message": ...}` using the
+//! protocol's [`ErrorCode`]s, so programs can branch on `code` and people can read
+//! `message`. Server faults are logged with their details; the client gets a sentence.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt as _};
+use serde::Serialize;
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::time::Instant;
+use treecast_core::RoomId;
+use treecast_core::protocol::ErrorCode;
+use treecast_core::room::RoomSnapshot;
+
+use crate::room_task::{DashboardEvent, RoomCommand, RoomTask};
+use crate::rooms::{self, AddError, RoomHandle};
+use crate::server::ServerState;
+use crate::telemetry;
+
+/// An HTTP error answer: a status and the JSON body `{code, message}`.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with the code's standard sentence and its usual status.
+    pub(crate) fn new(code: ErrorCode) -> Self {
+        Self::with(code, code.sentence())
+    }
+
+    /// An error with a specific sentence.
+    pub(crate) fn with(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status: status_of(code),
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A server fault: logs `detail`, counts it, and tells the client only a sentence.
+    fn internal(detail: impl std::fmt::Display) -> Self {
+        tracing::error!("HTTP request failed on the server: {detail}");
+        telemetry::error_sent(ErrorCode::Internal);
+        Self::new(ErrorCode::Internal)
+    }
+}
+
+/// The HTTP status that goes with an error code.
+fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::UnknownRoom | ErrorCode::UnknownPeer => StatusCode::NOT_FOUND,
+        ErrorCode::RoomEnded => StatusCode::GONE,
+        ErrorCode::TooManyRooms | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::TooManyConnections | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::WrongToken => StatusCode::FORBIDDEN,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            code: self.code.as_str(),
+            message: &self.message,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// The answer to `POST /api/rooms`.
+#[derive(Debug, Serialize)]
+struct CreatedRoom {
+    /// The new room's id.
+    room: RoomId,
+    /// The broadcaster token: whoever presents it in `hello` may broadcast.
+    token: String,
+    /// Where viewers watch, relative to this server.
+    watch_url: String,
+}
+
+/// `POST /api/rooms`: creates a room and starts its task.
+pub(crate) async fn create_room(
+    State(state): State<Arc<ServerState>>,
+) -> Result<Response, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::new(ErrorCode::ShuttingDown));
+    }
+    let max = state.config.limits.max_rooms;
+    if state.rooms.is_full(max) {
+        return Err(ApiError::new(ErrorCode::TooManyRooms));
+    }
+    let token = rooms::random_token().map_err(ApiError::internal)?;
+    let seed = rooms::random_seed().map_err(ApiError::internal)?;
+    // 60 random bits make a clash unlikely; a few tries make it harmless.
+    for _ in 0..8 {
+        let id = rooms::random_room_id().map_err(ApiError::internal)?;
+        let (task, handle) = RoomTask::new(&state, id.clone(), token.clone(), seed);
+        match state.rooms.add(id.clone(), handle, max) {
+            Ok(()) => {
+                tokio::spawn(task.run());
+                telemetry::room_created();
+                let body = CreatedRoom {
+                    watch_url: format!("/watch/{id}"),
+                    room: id,
+                    token,
+                };
+                return Ok((StatusCode::CREATED, Json(body)).into_response());
+            }
+            Err(AddError::Full) => return Err(ApiError::new(ErrorCode::TooManyRooms)),
+            Err(AddError::Taken) => continue,
+        }
+    }
+    Err(ApiError::internal(
+        "eight random room ids in a row were taken",
+    ))
+}
+
+/// `GET /api/rooms`: every room, with its audience.
+pub(crate) async fn list_rooms(State(state): State<Arc<ServerState>>) -> Response {
+    Json(state.rooms.summaries()).into_response()
+}
+
+fn find_room(state: &ServerState, room: &str) -> Result<RoomHandle, ApiError> {
+    let unknown = || {
+        ApiError::with(
+            ErrorCode::UnknownRoom,
+            format!("There is no room \"{}\".", shorten(room)),
+        )
+    };
+    let id = RoomId::new(room).map_err(|_| unknown())?;
+    state.rooms.get(&id).ok_or_else(unknown)
+}
+
+/// At most 64 characters of a client-supplied string, for messages.
+fn shorten(s: &str) -> String {
+    s.chars().take(RoomId::MAX_LEN).collect()
+}
+
+/// Asks a room task for something; a task that is gone answers `unknown_room`.
+async fn ask<T>(
+    handle: &RoomHandle,
+    command: impl FnOnce(oneshot::Sender<T>) -> RoomCommand,
+) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    let gone = || ApiError::with(ErrorCode::UnknownRoom, "The room has just closed.");
+    handle
+        .commands
+        .send(command(tx))
+        .await
+        .map_err(|_| gone())?;
+    rx.await.map_err(|_| gone())
+}
+
+/// `GET /api/rooms/{room}`: the room's tree and peers.
+pub(crate) async fn room_snapshot(
+    State(state): State<Arc<ServerState>>,
+    Path(room): Path<String>,
+) -> Result<Json<RoomSnapshot>, ApiError> {
+    let handle = find_room(&state, &room)?;
+    Ok(Json(ask(&handle, RoomCommand::Snapshot).await?))
+}
+
+/// `GET /api/rooms/{room}/events`: server-sent events for dashboards: first `snapshot`
+/// (the whole room), then every room event as JSON, named by its kind (`tree`, `joined`,
+/// `left`, `repaired`, ...). A subscriber that falls behind gets `lagged` with the number
+/// of events it missed and should fetch a fresh snapshot. The stream ends with the room.
+pub(crate) async fn room_events(
+    State(state): State<Arc<ServerState>>,
+    Path(room): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let handle = find_room(&state, &room)?;
+    let (snapshot, events) = ask(&handle, RoomCommand::Subscribe).await?;
+    let first = Event::default()
+        .event("snapshot")
+        .json_data(&snapshot)
+        .map_err(ApiError::internal)?;
+    let source = EventSource {
+        events,
+        shutdown: state.shutdown.subscribe(),
+        grace: state.config.limits.shutdown_grace,
+        deadline: None,
+    };
+    let rest = futures_util::stream::unfold(source, next_event);
+    let stream = futures_util::stream::once(async move { Ok(first) }).chain(rest);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Where a dashboard stream's events come from.
+struct EventSource {
+    events: broadcast::Receiver<DashboardEvent>,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+    /// Set on shutdown: the stream ends then at the latest, so the server's graceful
+    /// shutdown (which waits for open responses) cannot hang on a dashboard.
+    deadline: Option<Instant>,
+}
+
+async fn next_event(mut source: EventSource) -> Option<(Result<Event, Infallible>, EventSource)> {
+    loop {
+        if source.deadline.is_none() && *source.shutdown.borrow() {
+            source.deadline = Some(Instant::now() + source.grace);
+        }
+        let deadline = source.deadline;
+        let event = tokio::select! {
+            received = source.events.recv() => match received {
+                Ok(e) => Event::default().event(e.name).data(&*e.json),
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    Event::default().event("lagged").data(missed.to_string())
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            },
+            changed = source.shutdown.changed(), if deadline.is_none() => {
+                if changed.is_err() {
+                    source.deadline = Some(Instant::now());
+                }
+                continue;
+            }
+            () = sleep_until_opt(deadline) => return None,
+        };
+        return Some((Ok(event), source));
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `GET /healthz`.
+pub(crate) async fn health() -> &'static str {
+    "ok"
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub(crate) async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
+    let (rooms, peers, depth) = state.rooms.totals();
+    let text = telemetry::render(state.metrics.as_ref(), rooms, peers, depth);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Anything else: a JSON 404.
+pub(crate) async fn not_found() -> Response {
+    let body = ErrorBody {
+        code: "not_found",
+        message: "There is nothing at this address.",
+    };
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}

@@ -1,0 +1,440 @@
+//! `treecast-load`: opens many viewer WebSockets against a running signaller and measures
+//! how fast they join and get placed in the relay tree.
+//!
+//! It only talks to the URL it is given (default `ws://127.0.0.1:8080/ws`), and it stops
+//! by itself: every wait has a deadline, and the hold time is fixed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Load generator for the treecast signaller: joins N viewers to one room with bounded
+/// concurrency, reports join rate and latency percentiles (hello→welcome, hello→parent),
+/// how many were placed and how deep the tree got, holds the connections (answering
+/// pings), then leaves.
+///
+/// Each connection is a file descriptor here and in the server: raise the limit in both
+/// shells first, e.g. `ulimit -n 65536`, and start the server with a high enough
+/// `--max-connections-per-ip` (all load comes from one address).
+#[derive(Debug, Parser)]
+#[command(name = "treecast-load", version)]
+struct Args {
+    /// WebSocket URL of the signaller (plain ws:// only).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+
+    /// Join this existing room instead of creating one (POST /api/rooms on the same host).
+    #[arg(long)]
+    room: Option<String>,
+
+    /// Broadcaster token of --room; with it, the tool also connects as the broadcaster.
+    #[arg(long, requires = "room")]
+    token: Option<String>,
+
+    /// Viewers to open.
+    #[arg(short = 'n', long, default_value_t = 1000)]
+    clients: usize,
+
+    /// Viewers joining at the same time.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+
+    /// Uplink each viewer declares, in kbit/s (sets its relay capacity).
+    #[arg(long, default_value_t = 2_000)]
+    uplink_kbps: u32,
+
+    /// Seconds to hold every connection open after the joins.
+    #[arg(long, default_value_t = 10)]
+    hold: u64,
+
+    /// Seconds a viewer may take to connect, be welcomed and get a parent.
+    #[arg(long, default_value_t = 60)]
+    join_timeout: u64,
+}
+
+/// What one viewer saw while joining.
+#[derive(Debug, Default)]
+struct JoinReport {
+    welcome: Option<Duration>,
+    parent: Option<Duration>,
+    depth: Option<u32>,
+    failure: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("treecast-load: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let authority = authority_of(&args.url)?;
+    let (room, token) = match &args.room {
+        Some(room) => (room.clone(), args.token.clone()),
+        None => {
+            let (status, body) = http(&authority, "POST", "/api/rooms").await?;
+            if status != 201 {
+                return Err(format!("creating a room answered {status}: {body}"));
+            }
+            let v: Value =
+                serde_json::from_str(&body).map_err(|e| format!("bad room JSON: {e}"))?;
+            let room = v["room"]
+                .as_str()
+                .ok_or("no room id in the answer")?
+                .to_owned();
+            (room, v["token"].as_str().map(str::to_owned))
+        }
+    };
+    println!(
+        "treecast-load: {} viewers against {} in room {room} (concurrency {})",
+        args.clients, args.url, args.concurrency
+    );
+
+    // Viewers leave first, then the broadcaster (whose leaving ends the room).
+    let (stop_tx, stop) = watch::channel(false);
+    let (stop_broadcaster_tx, stop_broadcaster) = watch::channel(false);
+    let lost = Arc::new(AtomicUsize::new(0));
+    let join_timeout = Duration::from_secs(args.join_timeout);
+
+    let broadcaster = match &token {
+        Some(token) => {
+            let hello = json!({"type": "hello", "room": room, "role": "broadcaster", "token": token, "uplink_kbps": args.uplink_kbps});
+            let mut ws = connect(&args.url).await?;
+            send(&mut ws, &hello).await?;
+            let report = wait_joined(&mut ws, Instant::now(), false, join_timeout).await;
+            if let Some(f) = report.failure {
+                return Err(format!("the broadcaster could not join: {f}"));
+            }
+            Some(tokio::spawn(hold(ws, stop_broadcaster, Arc::clone(&lost))))
+        }
+        None => None,
+    };
+
+    let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let (report_tx, mut reports) = mpsc::unbounded_channel();
+    let started = Instant::now();
+    let mut viewers = Vec::with_capacity(args.clients);
+    for _ in 0..args.clients {
+        let hello = json!({"type": "hello", "room": room, "role": "viewer", "uplink_kbps": args.uplink_kbps});
+        viewers.push(tokio::spawn(viewer(
+            args.url.clone(),
+            hello,
+            Arc::clone(&permits),
+            report_tx.clone(),
+            stop.clone(),
+            Arc::clone(&lost),
+            join_timeout,
+        )));
+    }
+    drop(report_tx);
+
+    let mut welcome = histogram();
+    let mut parent = histogram();
+    let (mut joined, mut placed, mut max_depth) = (0usize, 0usize, 0u32);
+    let mut failures: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut last_join = started;
+    while let Some(r) = reports.recv().await {
+        if let Some(w) = r.welcome {
+            joined += 1;
+            let _ = welcome.record(micros(w));
+            last_join = Instant::now();
+        }
+        if let Some(p) = r.parent {
+            placed += 1;
+            let _ = parent.record(micros(p));
+        }
+        max_depth = max_depth.max(r.depth.unwrap_or(0));
+        if let Some(f) = r.failure {
+            *failures.entry(f).or_default() += 1;
+        }
+    }
+    let join_secs = last_join.duration_since(started).as_secs_f64().max(1e-6);
+    println!(
+        "joined {joined}/{} in {join_secs:.2} s: {:.0} joins/s",
+        args.clients,
+        joined as f64 / join_secs
+    );
+    println!("placed (got a parent) {placed}, max depth from parent messages {max_depth}");
+    print_latency("hello -> welcome", &welcome);
+    print_latency("hello -> parent ", &parent);
+    for (why, n) in &failures {
+        println!("failed: {n} × {why}");
+    }
+    match http(&authority, "GET", &format!("/api/rooms/{room}")).await {
+        Ok((200, body)) => {
+            if let Ok(snap) = serde_json::from_str::<Value>(&body) {
+                println!(
+                    "server snapshot: viewers {}, waiting {}, max_depth {}, peers per depth {}",
+                    snap["viewers"], snap["waiting"], snap["max_depth"], snap["depth_histogram"]
+                );
+            }
+        }
+        Ok((status, body)) => println!("snapshot answered {status}: {body}"),
+        Err(e) => println!("snapshot failed: {e}"),
+    }
+
+    println!("holding the connections for {} s", args.hold);
+    tokio::time::sleep(Duration::from_secs(args.hold)).await;
+    println!(
+        "connections lost while holding: {}",
+        lost.load(Ordering::Relaxed)
+    );
+    let leaving = Instant::now();
+    let _ = stop_tx.send(true);
+    for v in viewers {
+        let _ = v.await;
+    }
+    let _ = stop_broadcaster_tx.send(true);
+    if let Some(b) = broadcaster {
+        let _ = b.await;
+    }
+    println!("all left in {:.2} s", leaving.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// One viewer: join (within the concurrency limit), report, hold, leave.
+async fn viewer(
+    url: String,
+    hello: Value,
+    permits: Arc<Semaphore>,
+    reports: mpsc::UnboundedSender<JoinReport>,
+    stop: watch::Receiver<bool>,
+    lost: Arc<AtomicUsize>,
+    timeout: Duration,
+) {
+    let Ok(permit) = permits.acquire_owned().await else {
+        return;
+    };
+    let mut ws = match tokio::time::timeout(timeout, connect(&url)).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => return failed(&reports, e),
+        Err(_) => return failed(&reports, "connect timed out".into()),
+    };
+    let t0 = Instant::now();
+    if let Err(e) = send(&mut ws, &hello).await {
+        return failed(&reports, e);
+    }
+    let report = wait_joined(&mut ws, t0, true, timeout).await;
+    drop(permit);
+    let ok = report.failure.is_none();
+    let _ = reports.send(report);
+    drop(reports); // the join phase ends when every viewer has reported
+    if ok {
+        hold(ws, stop, lost).await;
+    }
+}
+
+fn failed(reports: &mpsc::UnboundedSender<JoinReport>, why: String) {
+    let _ = reports.send(JoinReport {
+        failure: Some(why),
+        ..Default::default()
+    });
+}
+
+/// Reads until `welcome` (and `parent`, if `want_parent`), timing both from `t0`.
+async fn wait_joined(
+    ws: &mut Socket,
+    t0: Instant,
+    want_parent: bool,
+    timeout: Duration,
+) -> JoinReport {
+    let mut report = JoinReport::default();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if report.welcome.is_some() && (report.parent.is_some() || !want_parent) {
+            return report;
+        }
+        let next = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                let what = if report.welcome.is_some() {
+                    "parent"
+                } else {
+                    "welcome"
+                };
+                report.failure = Some(format!("no {what} in time"));
+                return report;
+            }
+        };
+        match next {
+            Some(Ok(Message::Text(t))) => {
+                let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
+                    continue;
+                };
+                match v["type"].as_str() {
+                    Some("welcome") => report.welcome = Some(t0.elapsed()),
+                    Some("parent") => {
+                        report.parent.get_or_insert_with(|| t0.elapsed());
+                        report.depth = v["depth"].as_u64().map(|d| d as u32);
+                    }
+                    Some("error") => {
+                        report.failure = Some(format!("error {}", v["code"]));
+                        return report;
+                    }
+                    _ => {}
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                report.failure = Some(format!("socket error: {e}"));
+                return report;
+            }
+            None => {
+                report.failure = Some("closed by the server".into());
+                return report;
+            }
+        }
+    }
+}
+
+/// Keeps reading (which answers pings) until told to stop, then leaves.
+async fn hold(mut ws: Socket, mut stop: watch::Receiver<bool>, lost: Arc<AtomicUsize>) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            next = ws.next() => match next {
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    lost.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = send(&mut ws, &json!({"type": "leave"})).await;
+        let _ = ws.close(None).await;
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+async fn connect(url: &str) -> Result<Socket, String> {
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0);
+    tokio_tungstenite::connect_async_with_config(url, Some(config), true)
+        .await
+        .map(|(ws, _)| ws)
+        .map_err(|e| format!("connect: {e}"))
+}
+
+async fn send(ws: &mut Socket, v: &Value) -> Result<(), String> {
+    ws.send(Message::text(v.to_string()))
+        .await
+        .map_err(|e| format!("send: {e}"))
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+fn print_latency(what: &str, h: &Histogram<u64>) {
+    if h.is_empty() {
+        println!("{what}: no samples");
+        return;
+    }
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "{what}: p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  (n = {})",
+        ms(h.value_at_quantile(0.50)),
+        ms(h.value_at_quantile(0.90)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.max()),
+        h.len()
+    );
+}
+
+/// `host:port` of a `ws://host:port/path` URL.
+fn authority_of(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("ws://")
+        .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(format!("{url}: no host"));
+    }
+    Ok(if authority.contains(':') {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    })
+}
+
+/// One HTTP/1.1 request with `Connection: close` to the signaller's host.
+async fn http(authority: &str, method: &str, path: &str) -> Result<(u16, String), String> {
+    let exchange = async {
+        let mut stream = TcpStream::connect(authority)
+            .await
+            .map_err(|e| format!("{authority}: {e}"))?;
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or("incomplete HTTP answer")?;
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or("no HTTP status")?;
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        Ok::<_, String>((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| format!("{method} {path}: no answer in time"))?
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || after.len() < size {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    out
+}

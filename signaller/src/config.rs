@@ -1,0 +1,255 @@
+//! Server configuration: one struct with defaults, read from TOML by the binary.
+//!
+//! Only binaries read files, flags or the environment; the library takes a [`Config`].
+//! Durations are written in milliseconds, like [`RoomConfig`]'s.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use treecast_core::room::RoomConfig;
+
+/// Everything the signaller needs to run.
+///
+/// A TOML file maps onto it directly; every key is optional:
+///
+/// ```toml
+/// bind = "0.0.0.0:8080"
+///
+/// [room]
+/// root_fanout = 4
+/// relay_fanout = 3
+/// resume_grace = 10000   # milliseconds
+///
+/// [limits]
+/// max_rooms = 100
+/// max_connections_per_ip = 64
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the binary listens on. Tests pass their own listener to [`crate::serve`]
+    /// and ignore this.
+    pub bind: SocketAddr,
+    /// Serve the web pages from this directory instead of the copies built into the
+    /// binary (for working on the pages without rebuilding).
+    pub web_dir: Option<PathBuf>,
+    /// Settings of every room: fan-out, depth, heartbeats, resume grace, ICE servers, and
+    /// the per-peer message size and rate that the connections enforce.
+    pub room: RoomConfig,
+    /// Limits that protect the server as a whole.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            web_dir: None,
+            room: RoomConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Server-wide limits. Per-peer message size and rate live in [`RoomConfig`]
+/// (`max_message_bytes`, `messages_per_second`) because clients are told them in `welcome`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most rooms at once, ended rooms still kept for late visitors included. Creating one
+    /// more answers 503 `too_many_rooms`.
+    pub max_rooms: usize,
+    /// Most simultaneous WebSockets from one IP address. Counted per address, so a whole
+    /// office behind one NAT shares it.
+    pub max_connections_per_ip: u32,
+    /// Hard cap on one WebSocket frame or message, in bytes. Frames between
+    /// `room.max_message_bytes` and this are answered with `too_large` and the socket stays
+    /// open; anything larger closes the socket before it is buffered. Absent: four times
+    /// `room.max_message_bytes`, at least 64 KiB.
+    pub max_frame_bytes: Option<u32>,
+    /// Messages a connection may send in a burst above `room.messages_per_second`.
+    pub message_burst: u32,
+    /// A connection that has not sent `hello` after this long gets `timeout` and is closed
+    /// (milliseconds). After `hello`, the room's heartbeat timeout applies.
+    #[serde(with = "millis")]
+    pub hello_timeout: Duration,
+    /// Messages queued for one connection before it counts as a slow consumer and is closed.
+    pub outbound_queue: usize,
+    /// Commands queued for one room task before senders wait.
+    pub room_queue: usize,
+    /// How long an ended room is kept so late visitors learn it ended (milliseconds).
+    #[serde(with = "millis")]
+    pub ended_room_ttl: Duration,
+    /// On shutdown, how long to wait for rooms to tell their peers and sockets to close
+    /// (milliseconds).
+    #[serde(with = "millis")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_rooms: 1_000,
+            max_connections_per_ip: 256,
+            max_frame_bytes: None,
+            message_burst: 100,
+            hello_timeout: Duration::from_secs(10),
+            outbound_queue: 512,
+            room_queue: 4_096,
+            ended_room_ttl: Duration::from_secs(600),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a configuration could not be used. Each variant reads as a sentence for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O failure.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("the configuration file {path} is not valid: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said, with line and column.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file. Keys not in the file keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text. Keys not given keep their defaults.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that would make the server misbehave (zero rates, zero intervals).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |s: &str| Err(ConfigError::Invalid(s.to_owned()));
+        let room = &self.room;
+        if room.heartbeat_interval.is_zero() {
+            return fail("room.heartbeat_interval must be above zero");
+        }
+        if room.stream_kbps == 0 {
+            return fail("room.stream_kbps must be above zero");
+        }
+        if room.messages_per_second == 0 {
+            return fail("room.messages_per_second must be above zero");
+        }
+        if room.max_message_bytes == 0 {
+            return fail("room.max_message_bytes must be above zero");
+        }
+        if room.root_fanout == 0 {
+            return fail("room.root_fanout must be at least 1, or nobody could receive the stream");
+        }
+        if self.limits.message_burst == 0 {
+            return fail("limits.message_burst must be at least 1");
+        }
+        if self.limits.max_connections_per_ip == 0 {
+            return fail("limits.max_connections_per_ip must be at least 1");
+        }
+        if self.limits.outbound_queue == 0 || self.limits.room_queue == 0 {
+            return fail("limits.outbound_queue and limits.room_queue must be at least 1");
+        }
+        if self.limits.hello_timeout.is_zero() {
+            return fail("limits.hello_timeout must be above zero");
+        }
+        if self.max_frame_bytes() < room.max_message_bytes as usize {
+            return fail("limits.max_frame_bytes must not be below room.max_message_bytes");
+        }
+        Ok(())
+    }
+
+    /// The hard cap on a frame or message, in bytes (see [`Limits::max_frame_bytes`]).
+    pub fn max_frame_bytes(&self) -> usize {
+        match self.limits.max_frame_bytes {
+            Some(cap) => cap as usize,
+            None => (self.room.max_message_bytes as usize)
+                .saturating_mul(4)
+                .max(64 * 1024),
+        }
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn sections_override_defaults() {
+        let c = Config::from_toml(
+            "bind = \"0.0.0.0:9000\"\n[room]\nroot_fanout = 2\nresume_grace = 0\n\
+             [limits]\nmax_rooms = 3\nhello_timeout = 500\n",
+        )
+        .unwrap();
+        assert_eq!(c.bind.port(), 9000);
+        assert_eq!(c.room.root_fanout, 2);
+        assert_eq!(c.room.resume_grace, Duration::ZERO);
+        assert_eq!(c.limits.max_rooms, 3);
+        assert_eq!(c.limits.hello_timeout, Duration::from_millis(500));
+        assert_eq!(c.room.relay_fanout, RoomConfig::default().relay_fanout);
+    }
+
+    #[test]
+    fn mistakes_are_explained() {
+        let e = Config::from_toml("[limits]\nmax_romes = 3\n").unwrap_err();
+        assert!(e.to_string().contains("max_romes"), "{e}");
+        let e = Config::from_toml("[room]\nheartbeat_interval = 0\n").unwrap_err();
+        assert!(e.to_string().contains("heartbeat_interval"), "{e}");
+    }
+
+    #[test]
+    fn frame_cap_is_at_least_64_kib() {
+        let mut c = Config::default();
+        c.room.max_message_bytes = 1_000;
+        assert_eq!(c.max_frame_bytes(), 64 * 1024);
+        c.room.max_message_bytes = 100_000;
+        assert_eq!(c.max_frame_bytes(), 400_000);
+    }
+}

@@ -1,0 +1,60 @@
+//! treecast's signalling server: the axum + tokio shell around
+//! [`treecast_core::room::Room`].
+//!
+//! # Tasks and the driver loop
+//! The core is sans-IO: a `Room` takes inputs with the current time and hands back outputs.
+//! This crate drives it with one tokio task per room and two per WebSocket:
+//!
+//! ```text
+//!   WebSocket ──► reader task ──RoomCommand──► room task ──Outbound queue──► writer task ──► WebSocket
+//!                 (limits, decode,            (owns the Room:              (serialize,
+//!                  hello routing)              handle → poll_output,        ping, close)
+//!                                              sleep to poll_timeout)
+//!   HTTP API ────── Snapshot / Subscribe ────►    │ events ──► metrics, dashboard SSE
+//! ```
+//!
+//! - **Room task**: owns one `Room` and nothing else touches it
+//!   (no `Arc<Mutex<Room>>`). It waits on its command channel or until
+//!   `room.poll_timeout()`, feeds `room.handle(now, input)` with `now` = time since the
+//!   server started, then drains `room.poll_output()`: messages go into the connection's
+//!   bounded outbound queue without waiting (a full queue makes the client a slow consumer:
+//!   it is closed and the room is told it disconnected), closes go to the writer after what
+//!   is queued, events go to the metrics and to dashboard subscribers. An ended room stays
+//!   registered for a while so late visitors hear that it ended.
+//! - **Connection reader**: enforces the frame size and message rate, decodes text frames,
+//!   accepts only `hello` before joining and routes it to the room it names; afterwards
+//!   every message goes to that room. Pongs become `Alive`, a closed socket `Disconnected`.
+//! - **Connection writer**: serializes queued messages, pings every heartbeat interval, and
+//!   closes the socket when asked.
+//! - **Registry**: room id → the room task's channel, behind a lock held only for the lookup.
+//!
+//! # Use
+//! [`serve`] runs a server on a listener you bind (tests bind `127.0.0.1:0`) until a
+//! shutdown future completes; [`Config`] holds every setting, with defaults that serve.
+//! The `treecast-signaller` binary adds flags, environment variables and a TOML file.
+//!
+//! # Routes
+//! - `GET /ws`: the signalling WebSocket (JSON protocol of [`treecast_core::protocol`]).
+//! - `POST /api/rooms`: creates a room; 201 `{room, token, watch_url}`.
+//! - `GET /api/rooms`: every room: `[{id, live, ended, viewers, max_depth}]`.
+//! - `GET /api/rooms/{room}`: the room's snapshot (tree and peers).
+//! - `GET /api/rooms/{room}/events`: server-sent events, a `snapshot` then every room event.
+//! - `GET /healthz`, `GET /metrics` (Prometheus), and the pages `/`, `/watch/{room}`,
+//!   `/dashboard`.
+//!
+//! Errors are JSON `{code, message}` with the protocol's error codes.
+#![forbid(unsafe_code)]
+
+mod api;
+mod config;
+mod connection;
+mod pages;
+mod rate;
+mod room_task;
+mod rooms;
+mod server;
+mod telemetry;
+
+pub use config::{Config, ConfigError, Limits};
+pub use server::{ServerError, bind, serve};
+pub use treecast_core::room::RoomConfig;

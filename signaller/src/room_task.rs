@@ -1,0 +1,381 @@
+//! The task that owns one [`Room`]: the only code that touches the room's state.
+//!
+//! Connection tasks, HTTP handlers and the shutdown path talk to it through a bounded
+//! channel of [`RoomCommand`]s. Each step feeds one input to the room with
+//! `now = time since the server started`, then drains the room's outputs:
+//!
+//! - `Send` goes into the connection's bounded outbound queue without waiting; a full queue
+//!   means the client does not read (a slow consumer): its socket is aborted and the room is
+//!   told the connection is gone, so the peer keeps its place for the resume grace period;
+//! - `Close` asks the connection's writer to close after what is already queued;
+//! - `Event` updates the metrics and goes to dashboard subscribers (server-sent events).
+//!
+//! Between commands the task sleeps until `room.poll_timeout()`. An ended room stays in the
+//! registry for [`crate::Limits::ended_room_ttl`] so late visitors hear `room_ended`, then
+//! the task removes it and stops. A panic inside the room is caught: the room is closed,
+//! its clients get `internal`, the fault is logged and counted, and the server carries on.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use treecast_core::RoomId;
+use treecast_core::protocol::{ClientMessage, EndReason, ErrorCode, Hello, ServerMessage};
+use treecast_core::room::{ConnId, Input, Output, Room, RoomEvent, RoomSnapshot};
+
+use crate::connection::{CloseCode, Outbound};
+use crate::rooms::{RoomHandle, RoomStats};
+use crate::server::{ServerState, TaskGuard};
+use crate::telemetry;
+
+/// Dashboard events buffered per subscriber before it is told it lagged.
+const DASHBOARD_BUFFER: usize = 1_024;
+
+/// What other tasks ask of a room task.
+#[derive(Debug)]
+pub(crate) enum RoomCommand {
+    /// A connection sent `hello` for this room; `outbound` is where its messages go.
+    Hello {
+        /// The connection.
+        conn: ConnId,
+        /// Its `hello`.
+        hello: Hello,
+        /// Its outbound queue.
+        outbound: Outbound,
+    },
+    /// Any later message of a connection that joined this room.
+    Message {
+        /// The connection.
+        conn: ConnId,
+        /// The decoded message.
+        msg: ClientMessage,
+    },
+    /// The client answered a WebSocket ping.
+    Alive {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The socket closed.
+    Disconnected {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// The whole room, for `GET /api/rooms/{room}`.
+    Snapshot(oneshot::Sender<RoomSnapshot>),
+    /// A dashboard subscription: the room as it is now, then every event after it.
+    Subscribe(oneshot::Sender<(RoomSnapshot, broadcast::Receiver<DashboardEvent>)>),
+    /// End the room (server shutdown). With [`EndReason::Shutdown`] the task stops after
+    /// telling its peers, without keeping a tombstone.
+    End(EndReason),
+}
+
+/// One room event, serialized once for every dashboard subscriber.
+#[derive(Debug, Clone)]
+pub(crate) struct DashboardEvent {
+    /// The server-sent event name: `tree`, `joined`, `left`, ...
+    pub name: &'static str,
+    /// The [`RoomEvent`] as JSON.
+    pub json: Arc<str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// What woke the task.
+enum Wake {
+    Command(Option<RoomCommand>),
+    Timer(Duration),
+    Expired,
+}
+
+/// The room task's state. Built by [`RoomTask::new`], consumed by [`RoomTask::run`].
+pub(crate) struct RoomTask {
+    id: RoomId,
+    room: Room,
+    state: Arc<ServerState>,
+    commands: mpsc::Receiver<RoomCommand>,
+    stats: Arc<RoomStats>,
+    /// Outbound queues of the connections bound to this room, by connection.
+    links: HashMap<ConnId, Outbound>,
+    dashboard: broadcast::Sender<DashboardEvent>,
+    /// Connections found to be slow consumers while draining outputs; fed back as
+    /// disconnects once the drain is done.
+    lost: Vec<ConnId>,
+    /// When the room ended, to drop the tombstone later.
+    ended_at: Option<Instant>,
+    /// Keeps the server's shutdown waiting for this task.
+    _task: TaskGuard,
+}
+
+impl RoomTask {
+    /// A room task and the handle to reach it. Register the handle, then spawn `run`.
+    pub(crate) fn new(
+        state: &Arc<ServerState>,
+        id: RoomId,
+        token: String,
+        seed: u64,
+    ) -> (Self, RoomHandle) {
+        let (tx, commands) = mpsc::channel(state.config.limits.room_queue);
+        let stats = Arc::new(RoomStats::default());
+        let room = Room::new(
+            id.clone(),
+            token,
+            state.config.room.clone(),
+            seed,
+            state.now(),
+        );
+        let (dashboard, _) = broadcast::channel(DASHBOARD_BUFFER);
+        let task = Self {
+            id,
+            room,
+            state: Arc::clone(state),
+            commands,
+            stats: Arc::clone(&stats),
+            links: HashMap::new(),
+            dashboard,
+            lost: Vec::new(),
+            ended_at: None,
+            _task: state.tasks.enter(),
+        };
+        (
+            task,
+            RoomHandle {
+                commands: tx,
+                stats,
+            },
+        )
+    }
+
+    /// The driver loop; returns when the room is gone.
+    pub(crate) async fn run(mut self) {
+        tracing::info!(room = %self.id, "room opened");
+        loop {
+            let timer = self.room.poll_timeout();
+            let expiry = self
+                .ended_at
+                .map(|at| at + self.state.config.limits.ended_room_ttl);
+            let wake = tokio::select! {
+                cmd = self.commands.recv() => Wake::Command(cmd),
+                () = sleep_until(timer.map(|t| self.state.start + t)) => {
+                    Wake::Timer(timer.unwrap_or_default())
+                }
+                () = sleep_until(expiry) => Wake::Expired,
+            };
+            let flow = match wake {
+                Wake::Command(Some(cmd)) => self.command(cmd),
+                Wake::Command(None) | Wake::Expired => Flow::Stop,
+                Wake::Timer(due) => self.input(Input::Tick, due),
+            };
+            if flow == Flow::Stop {
+                break;
+            }
+        }
+        self.finish();
+    }
+
+    fn command(&mut self, cmd: RoomCommand) -> Flow {
+        match cmd {
+            RoomCommand::Hello {
+                conn,
+                hello,
+                outbound,
+            } => {
+                self.links.insert(conn, outbound);
+                self.input(Input::Hello { conn, hello }, Duration::ZERO)
+            }
+            RoomCommand::Message { conn, msg } => {
+                self.input(Input::Message { conn, msg }, Duration::ZERO)
+            }
+            RoomCommand::Alive { conn } => self.input(Input::Alive { conn }, Duration::ZERO),
+            RoomCommand::Disconnected { conn } => {
+                self.links.remove(&conn);
+                self.input(Input::Disconnected { conn }, Duration::ZERO)
+            }
+            RoomCommand::Snapshot(reply) => match self.guarded(|room| room.snapshot()) {
+                Some(snapshot) => {
+                    let _ = reply.send(snapshot);
+                    Flow::Continue
+                }
+                None => Flow::Stop,
+            },
+            RoomCommand::Subscribe(reply) => {
+                let events = self.dashboard.subscribe();
+                match self.guarded(|room| room.snapshot()) {
+                    Some(snapshot) => {
+                        let _ = reply.send((snapshot, events));
+                        Flow::Continue
+                    }
+                    None => Flow::Stop,
+                }
+            }
+            RoomCommand::End(reason) => {
+                let flow = self.input(Input::End(reason), Duration::ZERO);
+                if reason == EndReason::Shutdown {
+                    Flow::Stop
+                } else {
+                    flow
+                }
+            }
+        }
+    }
+
+    /// Time on the room's clock, never earlier than `floor` (the timer being served).
+    fn now(&self, floor: Duration) -> Duration {
+        self.state.now().max(floor)
+    }
+
+    /// Feeds one input and drains the outputs.
+    fn input(&mut self, input: Input, floor: Duration) -> Flow {
+        let now = self.now(floor);
+        if self.guarded(|room| room.handle(now, input)).is_none() {
+            return Flow::Stop;
+        }
+        self.drain()
+    }
+
+    /// Runs `f` on the room; on a panic, closes the room down and returns `None`.
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut Room) -> T) -> Option<T> {
+        let room = &mut self.room;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| f(room))) {
+            Ok(v) => Some(v),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(room = %self.id, "room failed on a server bug and was closed: {what}");
+                telemetry::room_fault();
+                let msg = ServerMessage::error_with(
+                    ErrorCode::Internal,
+                    "The room failed on the server and was closed; please join again.",
+                );
+                for (_, link) in self.links.drain() {
+                    link.send(msg.clone());
+                    link.close(CloseCode::Internal);
+                }
+                None
+            }
+        }
+    }
+
+    /// Drains the room's outputs, feeding slow consumers back as disconnects.
+    fn drain(&mut self) -> Flow {
+        // Publish first: a client that reads its message and then asks the HTTP API must
+        // see the state that message came from.
+        self.publish_stats();
+        let mut lost_any = false;
+        loop {
+            while let Some(out) = self.room.poll_output() {
+                match out {
+                    Output::Send { conn, msg } => {
+                        if let Some(link) = self.links.get(&conn)
+                            && !link.send(msg)
+                        {
+                            tracing::debug!(room = %self.id, conn = conn.0, "slow consumer closed");
+                            telemetry::error_sent(ErrorCode::SlowConsumer);
+                            self.links.remove(&conn);
+                            self.lost.push(conn);
+                        }
+                    }
+                    Output::Close { conn } => {
+                        if let Some(link) = self.links.remove(&conn) {
+                            link.close(CloseCode::Normal);
+                        }
+                    }
+                    Output::Event(event) => self.publish(&event),
+                }
+            }
+            if self.lost.is_empty() {
+                break;
+            }
+            lost_any = true;
+            let now = self.now(Duration::ZERO);
+            for conn in std::mem::take(&mut self.lost) {
+                if self
+                    .guarded(|room| room.handle(now, Input::Disconnected { conn }))
+                    .is_none()
+                {
+                    return Flow::Stop;
+                }
+            }
+        }
+        if lost_any {
+            self.publish_stats();
+        }
+        if self.ended_at.is_none() && self.room.ended().is_some() {
+            self.ended_at = Some(Instant::now());
+        }
+        Flow::Continue
+    }
+
+    fn publish(&mut self, event: &RoomEvent) {
+        telemetry::room_event(event);
+        if let RoomEvent::Ended { reason } = event {
+            tracing::info!(room = %self.id, reason = telemetry::end_reason(*reason), "room ended");
+        }
+        if self.dashboard.receiver_count() == 0 {
+            return;
+        }
+        match serde_json::to_string(event) {
+            Ok(json) => {
+                let _ = self.dashboard.send(DashboardEvent {
+                    name: event_name(event),
+                    json: json.into(),
+                });
+            }
+            Err(e) => tracing::warn!(room = %self.id, "cannot encode a room event: {e}"),
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        let viewers = self.room.viewers();
+        let root = u32::from(self.room.tree().root().is_some());
+        s.live.store(self.room.is_live(), Ordering::Relaxed);
+        s.ended
+            .store(self.room.ended().is_some(), Ordering::Relaxed);
+        s.viewers.store(viewers, Ordering::Relaxed);
+        s.peers.store(viewers + root, Ordering::Relaxed);
+        s.max_depth
+            .store(self.room.tree().max_depth(), Ordering::Relaxed);
+    }
+
+    /// Leaves the registry and closes whatever connection is still bound.
+    fn finish(mut self) {
+        self.state.rooms.remove(&self.id, &self.stats);
+        self.stats.peers.store(0, Ordering::Relaxed);
+        for (_, link) in self.links.drain() {
+            link.close(CloseCode::GoingAway);
+        }
+        tracing::info!(room = %self.id, "room closed");
+    }
+}
+
+/// The server-sent event name of a room event.
+fn event_name(event: &RoomEvent) -> &'static str {
+    match event {
+        RoomEvent::Joined { .. } => "joined",
+        RoomEvent::Disconnected { .. } => "disconnected",
+        RoomEvent::Left { .. } => "left",
+        RoomEvent::Repaired { .. } => "repaired",
+        RoomEvent::Capacity { .. } => "capacity",
+        RoomEvent::Tree(_) => "tree",
+        RoomEvent::Refused { .. } => "refused",
+        RoomEvent::Ended { .. } => "ended",
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

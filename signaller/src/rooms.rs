@@ -1,0 +1,194 @@
+//! The room registry: room ids to the channels of the tasks that own the rooms.
+//!
+//! The registry holds no room state, only a [`RoomHandle`] per room: the command channel of
+//! the room's task and a few counters that task publishes (for listings and metrics without
+//! a round trip). Its lock is held for a map lookup or insert, never across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use treecast_core::RoomId;
+
+use crate::room_task::RoomCommand;
+
+/// How to reach one room's task.
+#[derive(Debug, Clone)]
+pub(crate) struct RoomHandle {
+    /// Commands to the room task: hellos, messages, disconnects, snapshots.
+    pub commands: mpsc::Sender<RoomCommand>,
+    /// Figures the room task publishes after each step.
+    pub stats: Arc<RoomStats>,
+}
+
+/// Figures a room task publishes after each step, read without asking the task.
+#[derive(Debug, Default)]
+pub(crate) struct RoomStats {
+    /// A broadcaster is connected.
+    pub live: AtomicBool,
+    /// The room has ended (it is kept as a tombstone for late visitors).
+    pub ended: AtomicBool,
+    /// Viewers in the room.
+    pub viewers: AtomicU32,
+    /// Peers in the room, the broadcaster included.
+    pub peers: AtomicU32,
+    /// Deepest attached depth.
+    pub max_depth: AtomicU32,
+}
+
+/// One line of `GET /api/rooms`.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RoomSummary {
+    /// The room.
+    pub id: RoomId,
+    /// A broadcaster is connected.
+    pub live: bool,
+    /// The room has ended.
+    pub ended: bool,
+    /// Viewers in the room.
+    pub viewers: u32,
+    /// Deepest attached depth.
+    pub max_depth: u32,
+}
+
+/// All rooms of this server.
+#[derive(Debug, Default)]
+pub(crate) struct Rooms {
+    map: RwLock<HashMap<RoomId, RoomHandle>>,
+}
+
+/// Why a room could not be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AddError {
+    /// The registry is at its maximum.
+    Full,
+    /// That id is taken.
+    Taken,
+}
+
+impl Rooms {
+    /// The handle of a room, if it exists.
+    pub fn get(&self, id: &RoomId) -> Option<RoomHandle> {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// Adds a room unless the registry holds `max` rooms or the id is taken.
+    pub fn add(&self, id: RoomId, handle: RoomHandle, max: usize) -> Result<(), AddError> {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= max {
+            return Err(AddError::Full);
+        }
+        if map.contains_key(&id) {
+            return Err(AddError::Taken);
+        }
+        map.insert(id, handle);
+        Ok(())
+    }
+
+    /// Removes a room, but only if the registry still maps its id to this room's task.
+    pub fn remove(&self, id: &RoomId, stats: &Arc<RoomStats>) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if map.get(id).is_some_and(|h| Arc::ptr_eq(&h.stats, stats)) {
+            map.remove(id);
+        }
+    }
+
+    /// Whether the registry holds `max` rooms or more.
+    pub fn is_full(&self, max: usize) -> bool {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            >= max
+    }
+
+    /// Every room's handle (for shutdown).
+    pub fn handles(&self) -> Vec<RoomHandle> {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        map.values().cloned().collect()
+    }
+
+    /// A summary of every room, sorted by id.
+    pub fn summaries(&self) -> Vec<RoomSummary> {
+        let mut list: Vec<RoomSummary> = {
+            let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+            map.iter()
+                .map(|(id, h)| RoomSummary {
+                    id: id.clone(),
+                    live: h.stats.live.load(Ordering::Relaxed),
+                    ended: h.stats.ended.load(Ordering::Relaxed),
+                    viewers: h.stats.viewers.load(Ordering::Relaxed),
+                    max_depth: h.stats.max_depth.load(Ordering::Relaxed),
+                })
+                .collect()
+        };
+        list.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        list
+    }
+
+    /// Rooms, peers in all rooms, and the deepest depth of any room: for `/metrics`.
+    pub fn totals(&self) -> (usize, u64, u32) {
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        let peers = map
+            .values()
+            .map(|h| u64::from(h.stats.peers.load(Ordering::Relaxed)))
+            .sum();
+        let depth = map
+            .values()
+            .map(|h| h.stats.max_depth.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        (map.len(), peers, depth)
+    }
+}
+
+/// Characters of a room id: URL-safe, 64 of them, so each is 6 random bits.
+const ID_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/// Length of a generated room id: 60 random bits.
+const ID_LEN: usize = 10;
+
+/// A fresh random room id from the OS's randomness.
+pub(crate) fn random_room_id() -> Result<RoomId, getrandom::Error> {
+    let mut bytes = [0u8; ID_LEN];
+    getrandom::fill(&mut bytes)?;
+    let id: String = bytes
+        .iter()
+        .map(|b| char::from(ID_ALPHABET[usize::from(b & 63)]))
+        .collect();
+    // The alphabet and length are valid by construction; this cannot fail.
+    Ok(RoomId::new(id).unwrap_or_else(|_| unreachable!("generated ids are valid")))
+}
+
+/// A fresh 128-bit broadcaster token, as 32 hex digits.
+pub(crate) fn random_token() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A seed for a room's resume tokens.
+pub(crate) fn random_seed() -> Result<u64, getrandom::Error> {
+    getrandom::u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_ids_and_tokens_have_the_promised_shape() {
+        let id = random_room_id().unwrap();
+        assert_eq!(id.as_str().len(), ID_LEN);
+        let token = random_token().unwrap();
+        assert_eq!(token.len(), 32);
+        assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(random_token().unwrap(), token);
+    }
+}

@@ -1,0 +1,204 @@
+//! Prometheus metrics through the `metrics` facade.
+//!
+//! The recorder is process-wide (the facade allows one), installed by the first
+//! [`crate::serve`] of the process; servers started later in the same process (tests)
+//! share it. Counters are bumped where things happen; gauges that describe the rooms
+//! (`treecast_rooms`, `treecast_peers`, `treecast_room_max_depth`) are computed from the
+//! room registry when `/metrics` is scraped, so they never drift.
+
+use std::sync::OnceLock;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use treecast_core::protocol::{EndReason, ErrorCode};
+use treecast_core::room::{LeaveCause, RepairCause, RoomEvent};
+use treecast_core::tree::TreeEvent;
+
+/// The process-wide recorder's handle; `None` if another recorder was installed first.
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the recorder once per process and returns its handle.
+pub(crate) fn install() -> Option<PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let depth_buckets: Vec<f64> =
+                (0..=16).map(f64::from).chain([24.0, 32.0, 64.0]).collect();
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full("treecast_peer_depth".into()), &depth_buckets)
+                .and_then(|b| b.install_recorder());
+            match handle {
+                Ok(handle) => {
+                    describe();
+                    Some(handle)
+                }
+                Err(e) => {
+                    tracing::warn!("metrics are disabled: {e}");
+                    None
+                }
+            }
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(
+        "treecast_rooms",
+        "Rooms in the registry, ended rooms kept for late visitors included."
+    );
+    describe_gauge!(
+        "treecast_peers",
+        "Peers in all rooms, broadcasters included, connected or within their resume grace."
+    );
+    describe_gauge!(
+        "treecast_room_max_depth",
+        "Deepest attached depth over all rooms."
+    );
+    describe_gauge!("treecast_connections", "Open WebSocket connections.");
+    describe_counter!(
+        "treecast_connections_total",
+        "WebSocket connections accepted."
+    );
+    describe_counter!(
+        "treecast_joins_total",
+        "Peers that joined a room (resumes not included)."
+    );
+    describe_counter!(
+        "treecast_resumes_total",
+        "Peers that resumed their place after a socket drop."
+    );
+    describe_counter!("treecast_leaves_total", "Peers that left a room, by cause.");
+    describe_counter!(
+        "treecast_repairs_total",
+        "Subtrees re-attached to a new parent, by cause."
+    );
+    describe_counter!(
+        "treecast_rooms_created_total",
+        "Rooms created through the API."
+    );
+    describe_counter!("treecast_rooms_ended_total", "Rooms that ended, by reason.");
+    describe_counter!(
+        "treecast_messages_in_total",
+        "WebSocket data frames received from clients."
+    );
+    describe_counter!("treecast_messages_out_total", "Messages sent to clients.");
+    describe_counter!(
+        "treecast_errors_total",
+        "Client errors by code: error messages sent, plus slow consumers and oversized frames (closed without a message)."
+    );
+    describe_counter!(
+        "treecast_room_faults_total",
+        "Room tasks that failed on a server bug."
+    );
+    describe_histogram!(
+        "treecast_peer_depth",
+        "Depth of a peer each time it is linked to a parent."
+    );
+}
+
+/// Counts a WebSocket connection accepted.
+pub(crate) fn connection_opened() {
+    counter!("treecast_connections_total").increment(1);
+    gauge!("treecast_connections").increment(1.0);
+}
+
+/// Counts a WebSocket connection closed.
+pub(crate) fn connection_closed() {
+    gauge!("treecast_connections").decrement(1.0);
+}
+
+/// Counts a data frame received.
+pub(crate) fn message_in() {
+    counter!("treecast_messages_in_total").increment(1);
+}
+
+/// Counts messages written to a client.
+pub(crate) fn messages_out(n: u64) {
+    counter!("treecast_messages_out_total").increment(n);
+}
+
+/// Counts an `error` sent to a client.
+pub(crate) fn error_sent(code: ErrorCode) {
+    counter!("treecast_errors_total", "code" => code.as_str()).increment(1);
+}
+
+/// Counts a room created through the API.
+pub(crate) fn room_created() {
+    counter!("treecast_rooms_created_total").increment(1);
+}
+
+/// Counts a room task that failed on a bug.
+pub(crate) fn room_fault() {
+    counter!("treecast_room_faults_total").increment(1);
+    error_sent(ErrorCode::Internal);
+}
+
+/// Updates counters for something a room reported.
+pub(crate) fn room_event(event: &RoomEvent) {
+    match event {
+        RoomEvent::Joined { resumed: false, .. } => counter!("treecast_joins_total").increment(1),
+        RoomEvent::Joined { resumed: true, .. } => counter!("treecast_resumes_total").increment(1),
+        RoomEvent::Left { cause, .. } => {
+            counter!("treecast_leaves_total", "cause" => leave_cause(*cause)).increment(1);
+        }
+        RoomEvent::Repaired { subtrees, cause } => {
+            counter!("treecast_repairs_total", "cause" => repair_cause(*cause))
+                .increment(u64::from(*subtrees));
+        }
+        RoomEvent::Tree(TreeEvent::Linked { depth, .. }) => {
+            histogram!("treecast_peer_depth").record(f64::from(*depth));
+        }
+        RoomEvent::Refused { code } => error_sent(*code),
+        RoomEvent::Ended { reason } => {
+            counter!("treecast_rooms_ended_total", "reason" => end_reason(*reason)).increment(1);
+        }
+        RoomEvent::Disconnected { .. } | RoomEvent::Capacity { .. } | RoomEvent::Tree(_) => {}
+    }
+}
+
+/// Sets the registry-derived gauges and renders the Prometheus text format.
+pub(crate) fn render(
+    handle: Option<&PrometheusHandle>,
+    rooms: usize,
+    peers: u64,
+    max_depth: u32,
+) -> String {
+    let Some(handle) = handle else {
+        return "# metrics are disabled: another metrics recorder was installed in this process\n"
+            .to_owned();
+    };
+    gauge!("treecast_rooms").set(rooms as f64);
+    gauge!("treecast_peers").set(peers as f64);
+    gauge!("treecast_room_max_depth").set(f64::from(max_depth));
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// The wire name of a leave cause, as a metric label.
+fn leave_cause(cause: LeaveCause) -> &'static str {
+    match cause {
+        LeaveCause::Left => "left",
+        LeaveCause::Lost => "lost",
+        LeaveCause::Failed => "failed",
+        LeaveCause::Overflow => "overflow",
+        LeaveCause::RoomEnded => "room_ended",
+    }
+}
+
+/// The wire name of a repair cause, as a metric label.
+fn repair_cause(cause: RepairCause) -> &'static str {
+    match cause {
+        RepairCause::ParentLeft => "parent_left",
+        RepairCause::ParentStalled => "parent_stalled",
+        RepairCause::ParentCapacity => "parent_capacity",
+    }
+}
+
+/// The wire name of an end reason, as a metric label.
+pub(crate) fn end_reason(reason: EndReason) -> &'static str {
+    match reason {
+        EndReason::BroadcasterLeft => "broadcaster_left",
+        EndReason::BroadcasterLost => "broadcaster_lost",
+        EndReason::Expired => "expired",
+        EndReason::Shutdown => "shutdown",
+    }
+}

@@ -1,0 +1,395 @@
+//! Shared helpers for the signaller's end-to-end tests: a server on `127.0.0.1:0`, a tiny
+//! HTTP/1.1 client over `TcpStream`, and a WebSocket client that records what it receives.
+//!
+//! Timeouts here only guard liveness (a hung test fails instead of hanging); they are
+//! generous so a slow machine never fails a test.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use treecast_signaller::{Config, ServerError};
+
+/// Longest wait for anything that should happen "soon".
+pub const LIVENESS: Duration = Duration::from_secs(30);
+
+/// A configuration for tests: defaults, with limits high enough for hundreds of local
+/// clients from one address.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.limits.max_connections_per_ip = 10_000;
+    config
+}
+
+/// A signaller running in this process.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl TestServer {
+    /// Starts a server on an ephemeral port.
+    pub async fn start(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(treecast_signaller::serve(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Asks the server to shut down and waits until `serve` returns.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(LIVENESS, task)
+            .await
+            .expect("the server shuts down")
+            .expect("the server task does not panic")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header block, lowercase names, as text.
+    pub headers: String,
+    /// Body (de-chunked).
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; reads the whole response.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
+    tokio::time::timeout(LIVENESS, async {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.unwrap();
+        parse_response(&raw)
+    })
+    .await
+    .expect("the HTTP request is answered")
+}
+
+fn parse_response(raw: &[u8]) -> HttpResponse {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .expect("a complete header block");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let headers = head.to_ascii_lowercase();
+    let body = if headers.contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || after.len() < size {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Creates a room; returns its id and broadcaster token.
+pub async fn create_room(addr: SocketAddr) -> (String, String) {
+    let r = http(addr, "POST", "/api/rooms", None).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = r.json();
+    (
+        v["room"].as_str().unwrap().to_owned(),
+        v["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// `GET /api/rooms/{room}` as JSON.
+pub async fn snapshot(addr: SocketAddr, room: &str) -> Value {
+    let r = http(addr, "GET", &format!("/api/rooms/{room}"), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// Polls the snapshot until `done` holds.
+pub async fn wait_for_snapshot(
+    addr: SocketAddr,
+    room: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + LIVENESS;
+    loop {
+        let snap = snapshot(addr, room).await;
+        if done(&snap) {
+            return snap;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the room never reached the expected state: {snap}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A peer's entry in a snapshot.
+pub fn peer_in(snap: &Value, id: u64) -> Option<&Value> {
+    snap["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+}
+
+/// A WebSocket client that keeps every text message it received, in order.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Every JSON message received so far.
+    pub log: Vec<Value>,
+    /// The close code, once the server closed.
+    pub closed: Option<Option<CloseCode>>,
+    /// From `welcome`.
+    pub peer_id: Option<u64>,
+    /// From `welcome`.
+    pub resume: Option<String>,
+}
+
+impl Client {
+    /// Opens a WebSocket to `/ws`.
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let url = format!("ws://{addr}/ws");
+        let (ws, _) = tokio::time::timeout(LIVENESS, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("the WebSocket handshake completes")
+            .expect("the WebSocket handshake succeeds");
+        Self {
+            ws,
+            log: Vec::new(),
+            closed: None,
+            peer_id: None,
+            resume: None,
+        }
+    }
+
+    /// Connects, sends `hello` and waits for `welcome`.
+    pub async fn join(
+        addr: SocketAddr,
+        room: &str,
+        role: &str,
+        token: Option<&str>,
+        uplink_kbps: Option<u32>,
+    ) -> Self {
+        let mut c = Self::connect(addr).await;
+        let mut hello = json!({"type": "hello", "room": room, "role": role});
+        if let Some(t) = token {
+            hello["token"] = json!(t);
+        }
+        if let Some(u) = uplink_kbps {
+            hello["uplink_kbps"] = json!(u);
+        }
+        c.send_json(&hello).await;
+        c.expect_welcome().await;
+        c
+    }
+
+    /// Waits for `welcome` and records the peer id and resume token.
+    pub async fn expect_welcome(&mut self) -> Value {
+        let w = self.recv_until("welcome").await;
+        self.peer_id = w["peer_id"].as_u64();
+        self.resume = w["resume"].as_str().map(str::to_owned);
+        w
+    }
+
+    /// This client's peer id.
+    pub fn id(&self) -> u64 {
+        self.peer_id.expect("joined")
+    }
+
+    /// Sends a JSON text frame.
+    pub async fn send_json(&mut self, v: &Value) {
+        self.send_text(v.to_string()).await;
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, s: impl Into<String>) {
+        let s: String = s.into();
+        self.ws
+            .send(Message::text(s))
+            .await
+            .expect("the frame is sent");
+    }
+
+    /// Sends a binary frame.
+    pub async fn send_binary(&mut self, b: Vec<u8>) {
+        self.ws
+            .send(Message::binary(b))
+            .await
+            .expect("the frame is sent");
+    }
+
+    /// Sends a text frame, ignoring failures (the server may close before it is written).
+    pub async fn send_text_lossy(&mut self, s: String) {
+        let _ = self.ws.send(Message::text(s)).await;
+    }
+
+    /// Queues many text frames and flushes once, ignoring failures (the server may close).
+    pub async fn blast(&mut self, text: &str, n: usize) {
+        for _ in 0..n {
+            if self.ws.feed(Message::text(text.to_owned())).await.is_err() {
+                return;
+            }
+        }
+        let _ = self.ws.flush().await;
+    }
+
+    /// The next JSON message, or `None` once the server closed. Panics if nothing arrives
+    /// within [`LIVENESS`].
+    pub async fn recv(&mut self) -> Option<Value> {
+        if self.closed.is_some() {
+            return None;
+        }
+        loop {
+            let next = tokio::time::timeout(LIVENESS, self.ws.next())
+                .await
+                .expect("a message arrives in time");
+            match next {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).expect("the server sends JSON");
+                    self.log.push(v.clone());
+                    return Some(v);
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    self.closed = Some(frame.map(|f| f.code));
+                    return None;
+                }
+                Some(Ok(_)) => {} // pings are answered by tungstenite
+                Some(Err(_)) | None => {
+                    self.closed = Some(None);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Reads until a message of type `ty`; panics if the connection closes first.
+    pub async fn recv_until(&mut self, ty: &str) -> Value {
+        loop {
+            match self.recv().await {
+                Some(v) if v["type"] == ty => return v,
+                Some(_) => {}
+                None => panic!("closed before a \"{ty}\" message; got {:?}", self.log),
+            }
+        }
+    }
+
+    /// Reads until an `error`; asserts its code.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let e = self.recv_until("error").await;
+        assert_eq!(e["code"], code, "{e}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{e}");
+        e
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub async fn expect_closed(&mut self) -> Option<CloseCode> {
+        while self.recv().await.is_some() {}
+        self.closed.expect("closed")
+    }
+
+    /// Sends `ping` and reads until `pong`: everything the server sent this client before
+    /// it handled the ping is in [`Client::log`] afterwards.
+    pub async fn sync(&mut self) {
+        self.send_json(&json!({"type": "ping"})).await;
+        self.recv_until("pong").await;
+    }
+
+    /// Messages of type `ty` in the log from index `from` on.
+    pub fn since(&self, from: usize, ty: &str) -> Vec<&Value> {
+        self.log[from..]
+            .iter()
+            .filter(|v| v["type"] == ty)
+            .collect()
+    }
+
+    /// The parent and children this client was told about, replaying `parent`, `child` and
+    /// `drop` messages (and resume `room` status) in order.
+    pub fn neighbours(&self) -> (Option<u64>, Vec<u64>) {
+        let mut parent = None;
+        let mut children: Vec<u64> = Vec::new();
+        for m in &self.log {
+            let peer = m["peer_id"].as_u64();
+            match m["type"].as_str() {
+                Some("parent") => parent = peer,
+                Some("child") => children.extend(peer),
+                Some("drop") => {
+                    if parent == peer {
+                        parent = None;
+                    }
+                    children.retain(|&c| Some(c) != peer);
+                }
+                _ => {}
+            }
+        }
+        children.sort_unstable();
+        (parent, children)
+    }
+
+    /// Drops the socket without a close handshake, like a crashed tab.
+    pub fn crash(self) {
+        drop(self);
+    }
+}
