@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use rand_chacha::ChaCha12Rng;
 use rand_core::{Rng, SeedableRng};
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::ids::{PeerId, RoomId};
@@ -59,6 +60,11 @@ pub struct RoomConfig {
     /// `None` disables the check (simulations that do not model heartbeats).
     #[serde(with = "opt_millis")]
     pub heartbeat_timeout: Option<Duration>,
+    /// A peer that got a new parent, or reported a stall, less than this long ago is
+    /// presumed to be reconnecting: stall reports about it (and its own, which may predate
+    /// its new link) wait. Clients repeat stall reports while stalled, so nothing is lost.
+    #[serde(with = "millis")]
+    pub settle_window: Duration,
     /// How long a disconnected peer keeps its place and may resume.
     #[serde(with = "millis")]
     pub resume_grace: Duration,
@@ -93,6 +99,7 @@ impl Default for RoomConfig {
             loss_threshold: 0.05,
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Some(Duration::from_secs(15)),
+            settle_window: Duration::from_secs(3),
             resume_grace: Duration::from_secs(10),
             start_timeout: Duration::from_secs(3_600),
             audience_interval: Some(Duration::from_secs(2)),
@@ -307,6 +314,8 @@ struct Peer {
     disconnected_at: Option<Duration>,
     media: MediaState,
     stalled_since: Option<Duration>,
+    /// When it last got a new parent.
+    linked_at: Option<Duration>,
     latency_ms: Option<u32>,
     loss: Option<f32>,
     /// Messages held while disconnected, delivered on resume.
@@ -380,8 +389,10 @@ pub struct Room {
     token: String,
     config: RoomConfig,
     tree: RelayTree,
-    peers: HashMap<PeerId, Peer>,
-    conns: HashMap<ConnId, PeerId>,
+    /// Keyed by server-assigned integers: a multiplicative hash is safe and much cheaper.
+    peers: FxHashMap<PeerId, Peer>,
+    conns: FxHashMap<ConnId, PeerId>,
+    /// Keyed by strings clients present: keeps the DoS-resistant default hasher.
     resumes: HashMap<String, PeerId>,
     broadcaster: Option<PeerId>,
     next_peer: u64,
@@ -404,8 +415,8 @@ impl Room {
             token,
             config,
             tree,
-            peers: HashMap::new(),
-            conns: HashMap::new(),
+            peers: FxHashMap::default(),
+            conns: FxHashMap::default(),
             resumes: HashMap::new(),
             broadcaster: None,
             next_peer: 1,
@@ -581,6 +592,7 @@ impl Room {
                 disconnected_at: None,
                 media: MediaState::Connecting,
                 stalled_since: None,
+                linked_at: None,
                 latency_ms: None,
                 loss: None,
                 pending: Vec::new(),
@@ -733,13 +745,11 @@ impl Room {
                 "\"loss\" must be a fraction between 0 and 1.",
             );
         }
-        let was_stalled;
         {
             let peer = self
                 .peers
                 .get_mut(&id)
                 .expect("bound connections map to peers");
-            was_stalled = peer.stalled_since.is_some();
             peer.media = report.state;
             peer.latency_ms = report.latency_ms.or(peer.latency_ms);
             peer.loss = report.loss.or(peer.loss);
@@ -765,14 +775,14 @@ impl Room {
             self.lower_capacity(parent, children);
         }
         if report.state == MediaState::Stalled
-            && !was_stalled
             && let Some(parent) = parent
         {
             self.on_stall(id, parent);
         }
     }
 
-    /// `id` says media from `parent` stopped.
+    /// `id` says media from `parent` stopped. Called for every stall report: clients
+    /// repeat them while stalled, so a report that has to wait here is not lost.
     fn on_stall(&mut self, id: PeerId, parent: PeerId) {
         if self.tree.depth(id).is_none() {
             return; // inside a waiting subtree: nothing feeds it anyway
@@ -780,20 +790,23 @@ impl Room {
         if Some(parent) == self.broadcaster {
             return; // nowhere better to pull from; the broadcaster's own problem
         }
+        let settling = |t: Option<Duration>| {
+            t.is_some_and(|t| self.now.saturating_sub(t) < self.config.settle_window)
+        };
+        if settling(self.peers[&id].linked_at) {
+            return; // still connecting to this parent, or the report predates the link
+        }
         let p = &self.peers[&parent];
         if p.conn.is_none() {
             // Its signalling is gone too: the tab or machine died. Repair now rather than
             // wait out the grace period.
             return self.remove_peer(parent, LeaveCause::Failed);
         }
-        // The parent starves too: if that is recent and the parent itself is repairable (not
-        // fed by the broadcaster), the fault is further up and its repair heals this peer.
-        // Otherwise (an old stall, or the broadcaster's own link) move this peer anyway.
-        let window = self.config.heartbeat_interval * 2;
-        let upstream_repair = p
-            .stalled_since
-            .is_some_and(|t| self.now.saturating_sub(t) < window)
-            && self.tree.parent(parent) != self.broadcaster;
+        // The parent is itself reconnecting (new parent), or starves too and can be
+        // repaired (not fed by the broadcaster): the fault is further up and its repair
+        // heals this peer. Otherwise move this peer.
+        let upstream_repair = settling(p.linked_at)
+            || (settling(p.stalled_since) && self.tree.parent(parent) != self.broadcaster);
         if upstream_repair {
             return;
         }
@@ -959,7 +972,7 @@ impl Room {
         // An edge cut and re-made in one batch (a sibling standing in for its departed
         // neighbour keeps its parent) is no change: tell nobody to renegotiate it.
         let mut unchanged = vec![false; events.len()];
-        let mut cut: HashMap<(PeerId, PeerId), usize> = HashMap::new();
+        let mut cut: FxHashMap<(PeerId, PeerId), usize> = FxHashMap::default();
         for (i, e) in events.iter().enumerate() {
             match *e {
                 TreeEvent::Unlinked { parent, child } => {
@@ -985,6 +998,9 @@ impl Room {
                     child,
                     depth,
                 } => {
+                    if let Some(c) = self.peers.get_mut(&child) {
+                        c.linked_at = Some(self.now);
+                    }
                     self.send_to_peer(
                         child,
                         ServerMessage::Parent {

@@ -185,6 +185,11 @@ impl Harness {
         conn
     }
 
+    /// Lets every link settle, so stall reports are acted on.
+    fn settle(&mut self) {
+        self.advance(self.room.config().settle_window);
+    }
+
     fn advance(&mut self, by: Duration) {
         self.now += by;
         while let Some(at) = self.room.poll_timeout() {
@@ -388,6 +393,7 @@ fn stall_report_moves_the_child_and_caps_the_parent() {
     let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
     let child = conns[2]; // depth 2
     let parent = h.views[&child].parent.unwrap();
+    h.settle();
     h.stalled(child);
     h.check();
     assert_ne!(h.views[&child].parent, Some(parent));
@@ -406,6 +412,7 @@ fn stall_under_a_disconnected_parent_removes_it_at_once() {
     let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
     let child = conns[2];
     let parent = h.views[&child].parent.unwrap();
+    h.settle();
     h.input(Input::Disconnected {
         conn: h.conn_of(parent),
     });
@@ -425,12 +432,58 @@ fn stall_below_a_starving_parent_waits_for_the_upstream_repair() {
     let grandchild = conns[6]; // depth 3
     let parent = h.views[&grandchild].parent.unwrap();
     let parent_conn = h.conn_of(parent);
+    h.settle();
     h.stalled(parent_conn);
     h.stalled(grandchild);
     assert_eq!(
         h.views[&grandchild].parent,
         Some(parent),
         "the fault is above its parent"
+    );
+    h.check();
+}
+
+#[test]
+fn children_of_a_reconnecting_relay_are_left_alone_then_moved_if_it_stays_dark() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
+    let relay = conns[2]; // depth 2, with children
+    let kid = *h.views[&relay].children.iter().next().unwrap();
+    h.settle();
+    // The relay reports its parent stalled and is moved; its child's frames stop meanwhile.
+    h.stalled(relay);
+    assert_eq!(h.views[&relay].parents_received, 2, "the relay was moved");
+    h.stalled(h.conn_of(kid));
+    let kid_view = &h.views[&h.conn_of(kid)];
+    assert_eq!(
+        kid_view.parent,
+        Some(h.peer(relay)),
+        "relay is reconnecting"
+    );
+    assert_eq!(kid_view.parents_received, 1);
+    // The relay never recovers: once it has settled, the child's repeated report moves it.
+    h.settle();
+    h.stalled(h.conn_of(kid));
+    assert_ne!(h.views[&h.conn_of(kid)].parent, Some(h.peer(relay)));
+    h.check();
+}
+
+#[test]
+fn a_stall_report_right_after_a_new_parent_is_not_held_against_it() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
+    let child = conns[3];
+    let parent = h.views[&child].parent.unwrap();
+    let capacity = h.room.tree().capacity(parent);
+    // Sent before (or while) the link to the new parent came up.
+    h.stalled(child);
+    assert_eq!(h.views[&child].parent, Some(parent));
+    assert_eq!(
+        h.room.tree().capacity(parent),
+        capacity,
+        "no ceiling either"
     );
     h.check();
 }
@@ -590,6 +643,7 @@ fn children_of_a_starving_broadcaster_child_are_moved() {
     let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
     let top = conns[0]; // depth 1: its own stall cannot be repaired
     let child = *h.views[&top].children.iter().next().unwrap();
+    h.settle();
     h.stalled(top);
     h.stalled(h.conn_of(child));
     assert_ne!(h.room.tree().parent(child), Some(h.peer(top)));

@@ -1,0 +1,654 @@
+//! The discrete-event engine: virtual time, an event queue, simulated peers, and the
+//! production [`Room`] in the middle.
+//!
+//! Simulated peers speak the real protocol: they send `hello`, `report` and `leave`, and
+//! act on `welcome`, `parent`, `child`, `drop` and `room` exactly as a client would. Every
+//! message crosses the modelled network to or from the signaller. What the room decides —
+//! placement, promotion, stand-ins, repair — is the production code; the engine only
+//! models what happens around it:
+//!
+//! - a link comes up once both ends know of each other, after the offer/answer round trips
+//!   through the signaller plus ICE/DTLS set-up (`timing.connect_ms`); two unreachable peers
+//!   never connect;
+//! - media flows down links that are up from a peer that receives it; each relay adds
+//!   `timing.hop_ms`, each link its one-way network delay;
+//! - a peer whose media stops reports `stalled` after `timing.stall_window_ms` (its frame
+//!   watchdog), and `receiving` when media is back; one that gets no media from a new
+//!   parent within `timing.connect_fail_ms` reports `stalled` too;
+//! - a graceful departure sends `leave`; a crash just stops, and the signaller sees the
+//!   socket close `timing.crash_detect_ms` later.
+
+use std::time::Duration;
+
+use treecast_core::protocol::{
+    ClientMessage, Hello, MediaState, PROTOCOL_VERSION, Report, Role, ServerMessage,
+};
+use treecast_core::room::{ConnId, Input, Output, Room};
+use treecast_core::{PeerId, RoomId};
+
+use crate::models::{
+    ArrivalModel, CapacityModel, LatencyModel, MatrixError, Position, SessionModel, Streams, unit,
+};
+use crate::queue::Calendar;
+use crate::scenario::Scenario;
+use crate::stats::Stats;
+
+const TOKEN: &str = "simulated-broadcaster";
+/// No peer: for `by_id` slots of ids not yet seen.
+const NONE: u32 = u32::MAX;
+
+/// Microseconds of virtual time.
+type Micros = u64;
+
+fn ms(x: f64) -> Micros {
+    (x * 1_000.0).max(0.0) as Micros
+}
+
+/// A message from a client to the signaller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Up {
+    Hello,
+    Leave,
+    Report(MediaState),
+    /// Not a message: the signaller notices the socket closed.
+    Closed,
+}
+
+/// A message from the signaller to a client, reduced to what a client acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Down {
+    Welcome(PeerId),
+    Parent(PeerId, u32),
+    Child(PeerId),
+    Drop(PeerId),
+    Depth(Option<u32>),
+    Ended,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Arrival,
+    FlashArrival,
+    ToServer(u32, Up),
+    ToClient(u32, Down),
+    Tick,
+    LinkUp { child: u32, epoch: u32 },
+    MediaCheck { peer: u32, epoch: u32 },
+    ConnectCheck { peer: u32, epoch: u32 },
+    Depart(u32),
+    Sample,
+}
+
+/// A simulated client.
+#[derive(Debug, Clone)]
+pub(crate) struct SimPeer {
+    pub(crate) id: PeerId,
+    pos: Position,
+    /// One-way delay to the signaller.
+    to_server: Micros,
+    pub(crate) capacity: u32,
+    reachable: bool,
+    /// Whether its departure, if any, will be a crash rather than a `leave`.
+    crashes: bool,
+    pub(crate) alive: bool,
+    arrived: Micros,
+    got_media: bool,
+    /// Parent as told by the signaller (peer index).
+    parent: u32,
+    /// Children as told by the signaller (peer indices).
+    children: Vec<u32>,
+    link_up: bool,
+    link_gen: u32,
+    pub(crate) media: bool,
+    media_gen: u32,
+    /// Glass-to-glass delay while receiving.
+    pub(crate) latency: Micros,
+    /// When media stopped, while it is interrupted.
+    down_since: Option<Micros>,
+    stall_reported: bool,
+    pub(crate) depth: Option<u32>,
+}
+
+/// The simulator for one scenario. Build with [`Engine::new`], then [`Engine::run`].
+pub struct Engine {
+    scenario: Scenario,
+    room: Room,
+    room_id: RoomId,
+    now: Micros,
+    end: Micros,
+    queue: Calendar<Kind>,
+    pub(crate) peers: Vec<SimPeer>,
+    /// Peer index by room-assigned id.
+    by_id: Vec<u32>,
+    next_tick: Option<Micros>,
+    streams: Streams,
+    arrivals: ArrivalModel,
+    sessions: SessionModel,
+    capacities: CapacityModel,
+    latency: LatencyModel,
+    flash_left: u64,
+    pub(crate) stats: Stats,
+    events: u64,
+}
+
+/// A run that could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The latency matrix could not be used.
+    #[error(transparent)]
+    Matrix(#[from] MatrixError),
+}
+
+impl Engine {
+    /// An engine ready to run `scenario` (validated by the caller).
+    pub fn new(scenario: Scenario) -> Result<Self, EngineError> {
+        let room_id = RoomId::new("sim").expect("a valid literal");
+        let room = Room::new(
+            room_id.clone(),
+            TOKEN.into(),
+            scenario.room.clone(),
+            scenario.seed,
+            Duration::ZERO,
+        );
+        let end = ms(scenario.duration_s * 1_000.0);
+        let expected = expected_peers(&scenario);
+        let stats = Stats::new(&scenario);
+        let mut engine = Self {
+            arrivals: ArrivalModel::new(&scenario),
+            sessions: SessionModel::new(&scenario.session),
+            capacities: CapacityModel::new(&scenario.capacity),
+            latency: LatencyModel::new(&scenario.latency)?,
+            streams: Streams::new(scenario.seed),
+            flash_left: scenario.arrivals.flash_peers,
+            scenario,
+            room,
+            room_id,
+            now: 0,
+            end,
+            queue: Calendar::new(end),
+            // Room for everyone expected, so the peer table does not regrow mid-run.
+            peers: Vec::with_capacity(expected),
+            by_id: Vec::new(),
+            next_tick: None,
+            stats,
+            events: 0,
+        };
+        engine.start();
+        Ok(engine)
+    }
+
+    /// Runs to the end of the scenario and returns the statistics.
+    pub fn run(mut self) -> Stats {
+        self.run_with(|_| {});
+        self.finish()
+    }
+
+    /// Runs, calling `progress` with the simulated fraction done now and then.
+    pub fn run_with(&mut self, mut progress: impl FnMut(f64)) {
+        let step = (self.end / 200).max(1);
+        let mut next_report = step;
+        while let Some((at, kind)) = self.queue.pop() {
+            self.now = at;
+            self.events += 1;
+            self.dispatch(kind);
+            if self.now >= next_report {
+                next_report = self.now + step;
+                progress(self.now as f64 / self.end as f64);
+            }
+        }
+        self.now = self.end;
+    }
+
+    /// Closes the books at the end time.
+    pub fn finish(mut self) -> Stats {
+        self.stats.finish(self.now, self.events);
+        self.stats
+    }
+
+    /// Events processed so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    fn start(&mut self) {
+        // The broadcaster: peer 0, placed like anyone else, never leaves.
+        let pos = self.latency.place(&mut self.streams.latency);
+        self.peers.push(SimPeer::new(
+            pos,
+            ms(self.latency.to_server(pos)),
+            self.scenario.capacity.broadcaster_children,
+            true,
+            0,
+        ));
+        self.peers[0].media = true;
+        self.peers[0].got_media = true;
+        self.schedule(0, Kind::ToServer(0, Up::Hello));
+        if let Some(t) = self.arrivals.next_after(0.0, &mut self.streams.arrivals) {
+            self.schedule(ms(t * 1_000.0), Kind::Arrival);
+        }
+        if self.flash_left > 0 {
+            self.schedule(0, Kind::FlashArrival);
+        }
+        self.schedule(0, Kind::Sample);
+    }
+
+    fn schedule(&mut self, at: Micros, kind: Kind) {
+        self.queue.push(at, kind);
+    }
+
+    fn dispatch(&mut self, kind: Kind) {
+        match kind {
+            Kind::Arrival => {
+                self.arrive();
+                let t = self.now as f64 / 1e6;
+                if let Some(next) = self.arrivals.next_after(t, &mut self.streams.arrivals) {
+                    self.schedule(ms(next * 1_000.0), Kind::Arrival);
+                }
+            }
+            Kind::FlashArrival => {
+                self.arrive();
+                self.flash_left -= 1;
+                if self.flash_left > 0 {
+                    let n = self.scenario.arrivals.flash_peers as f64;
+                    let gap = self.scenario.arrivals.flash_over_s * 1e6 / n;
+                    self.schedule(self.now + gap as Micros, Kind::FlashArrival);
+                }
+            }
+            Kind::ToServer(peer, up) => self.server_receives(peer, up),
+            Kind::ToClient(peer, down) => self.client_receives(peer, down),
+            Kind::Tick => {
+                if self.next_tick == Some(self.now) {
+                    self.next_tick = None;
+                    self.room_input(Input::Tick);
+                }
+            }
+            Kind::LinkUp { child, epoch } => self.link_up(child, epoch),
+            Kind::MediaCheck { peer, epoch } => {
+                let p = &self.peers[peer as usize];
+                if p.alive && !p.media && p.media_gen == epoch && p.parent != NONE {
+                    self.report_stalled(peer);
+                }
+            }
+            Kind::ConnectCheck { peer, epoch } => {
+                let p = &self.peers[peer as usize];
+                if p.alive && !p.media && p.link_gen == epoch && p.parent != NONE {
+                    self.report_stalled(peer);
+                }
+            }
+            Kind::Depart(peer) => self.depart(peer),
+            Kind::Sample => {
+                self.stats.sample(self.now, &self.peers, &self.room);
+                let every = ms(self.scenario.sample_interval_s * 1_000.0).max(1);
+                self.schedule(self.now + every, Kind::Sample);
+            }
+        }
+    }
+
+    // ---- peers ----
+
+    fn arrive(&mut self) {
+        let idx = self.peers.len() as u32;
+        let (capacity, reachable) = self.capacities.sample(&mut self.streams.capacity);
+        let pos = self.latency.place(&mut self.streams.latency);
+        let to_server = ms(self.latency.to_server(pos));
+        self.peers
+            .push(SimPeer::new(pos, to_server, capacity, reachable, self.now));
+        self.stats.arrived(self.now);
+        self.schedule(self.now + to_server, Kind::ToServer(idx, Up::Hello));
+        let session = self.sessions.sample(&mut self.streams.sessions);
+        let crash = unit(&mut self.streams.sessions) < self.scenario.crash_fraction;
+        self.peers[idx as usize].crashes = crash;
+        if session.is_finite() {
+            let at = self.now.saturating_add(ms(session * 1_000.0));
+            if at <= self.end {
+                self.schedule(at, Kind::Depart(idx));
+            }
+        }
+    }
+
+    fn depart(&mut self, idx: u32) {
+        let peer = &mut self.peers[idx as usize];
+        if !peer.alive {
+            return;
+        }
+        let crash = peer.crashes;
+        peer.alive = false;
+        self.stats.departed(self.now, crash);
+        // It stops forwarding at once, whatever the signaller learns and when.
+        let children = std::mem::take(&mut self.peers[idx as usize].children);
+        for c in children {
+            if self.peers[c as usize].parent == idx {
+                self.link_down(c);
+            }
+        }
+        let to_server = self.peers[idx as usize].to_server;
+        if crash {
+            let detect = ms(self.scenario.timing.crash_detect_ms);
+            self.schedule(self.now + detect, Kind::ToServer(idx, Up::Closed));
+        } else {
+            self.schedule(self.now + to_server, Kind::ToServer(idx, Up::Leave));
+        }
+    }
+
+    fn client_receives(&mut self, idx: u32, down: Down) {
+        if !self.peers[idx as usize].alive {
+            return;
+        }
+        match down {
+            Down::Welcome(id) => self.peers[idx as usize].id = id,
+            Down::Parent(pid, depth) => {
+                let q = self.index_of(pid);
+                let p = &mut self.peers[idx as usize];
+                if p.parent != NONE || p.got_media {
+                    self.stats.reparented(self.now);
+                }
+                let old = p.parent;
+                p.parent = q;
+                p.depth = Some(depth);
+                p.link_gen += 1;
+                let epoch = p.link_gen;
+                if old != NONE {
+                    self.link_down(idx);
+                }
+                let p = &mut self.peers[idx as usize];
+                p.link_up = false;
+                // Connecting to a new parent: the frame watchdog restarts; the connect
+                // watchdog below covers this peer until media flows.
+                p.media_gen += 1;
+                let fail = ms(self.scenario.timing.connect_fail_ms);
+                self.schedule(self.now + fail, Kind::ConnectCheck { peer: idx, epoch });
+                if q != NONE && self.peers[q as usize].children.contains(&idx) {
+                    self.connect(idx);
+                }
+            }
+            Down::Child(cid) => {
+                let c = self.index_of(cid);
+                if c == NONE {
+                    return;
+                }
+                let p = &mut self.peers[idx as usize];
+                if !p.children.contains(&c) {
+                    p.children.push(c);
+                }
+                let child = &self.peers[c as usize];
+                if child.parent == idx && !child.link_up {
+                    self.connect(c);
+                }
+            }
+            Down::Drop(xid) => {
+                let x = self.index_of(xid);
+                if x == NONE {
+                    return;
+                }
+                if self.peers[idx as usize].parent == x {
+                    self.peers[idx as usize].parent = NONE;
+                    self.peers[idx as usize].link_gen += 1;
+                    self.link_down(idx);
+                } else {
+                    self.peers[idx as usize].children.retain(|&c| c != x);
+                    // Closing the connection cuts the child's media, if it still pulls here.
+                    if self.peers[x as usize].parent == idx {
+                        self.link_down(x);
+                    }
+                }
+            }
+            Down::Depth(depth) => self.peers[idx as usize].depth = depth,
+            Down::Ended => self.peers[idx as usize].alive = false,
+        }
+    }
+
+    fn index_of(&self, id: PeerId) -> u32 {
+        self.by_id.get(id.0 as usize).copied().unwrap_or(NONE)
+    }
+
+    /// Both ends know of each other: the offer/answer crosses the signaller twice, then
+    /// ICE and DTLS finish. Two unreachable peers never connect.
+    fn connect(&mut self, child: u32) {
+        let c = &self.peers[child as usize];
+        let q = &self.peers[c.parent as usize];
+        if !q.alive || (!c.reachable && !q.reachable) {
+            return; // the child's connect watchdog will report it
+        }
+        let rtts = 2 * (c.to_server + q.to_server);
+        let jitter = 0.75 + 0.5 * unit(&mut self.streams.connect);
+        let setup = ms(self.scenario.timing.connect_ms * jitter);
+        let epoch = c.link_gen;
+        self.schedule(self.now + rtts + setup, Kind::LinkUp { child, epoch });
+    }
+
+    fn link_up(&mut self, child: u32, epoch: u32) {
+        let c = &self.peers[child as usize];
+        if !c.alive || c.link_gen != epoch || c.parent == NONE {
+            return;
+        }
+        let q = c.parent;
+        if !self.peers[q as usize].alive || !self.peers[q as usize].children.contains(&child) {
+            return;
+        }
+        self.peers[child as usize].link_up = true;
+        if self.peers[q as usize].media {
+            self.media_up(child);
+        }
+    }
+
+    fn link_down(&mut self, child: u32) {
+        self.peers[child as usize].link_up = false;
+        self.media_down(child);
+    }
+
+    /// Media reaches `top` from its parent; it flows on down every link that is up.
+    fn media_up(&mut self, top: u32) {
+        let mut stack = vec![top];
+        let hop = ms(self.scenario.timing.hop_ms);
+        while let Some(i) = stack.pop() {
+            let parent = self.peers[i as usize].parent;
+            let (ppos, plat) = {
+                let p = &self.peers[parent as usize];
+                (p.pos, p.latency)
+            };
+            let relay_cost = if parent == 0 { 0 } else { hop };
+            let link = ms(self.latency.between(ppos, self.peers[i as usize].pos));
+            let now = self.now;
+            let p = &mut self.peers[i as usize];
+            p.media = true;
+            p.latency = plat + relay_cost + link;
+            if !p.got_media {
+                p.got_media = true;
+                self.stats.first_media(now, now - p.arrived);
+            }
+            if let Some(since) = p.down_since.take() {
+                self.stats.interrupted(now, now - since);
+            }
+            if std::mem::take(&mut self.peers[i as usize].stall_reported) {
+                self.send_up(i, Up::Report(MediaState::Receiving));
+            }
+            for k in 0..self.peers[i as usize].children.len() {
+                let c = self.peers[i as usize].children[k];
+                let child = &self.peers[c as usize];
+                if child.alive && child.parent == i && child.link_up && !child.media {
+                    stack.push(c);
+                }
+            }
+        }
+    }
+
+    /// Media stops at `top` (its link or something above failed) and below it.
+    fn media_down(&mut self, top: u32) {
+        let mut stack = vec![top];
+        while let Some(i) = stack.pop() {
+            let window = self.stall_window(i);
+            let p = &mut self.peers[i as usize];
+            if !p.media || !p.alive {
+                continue;
+            }
+            p.media = false;
+            p.down_since = Some(self.now);
+            p.media_gen += 1;
+            let epoch = p.media_gen;
+            self.schedule(self.now + window, Kind::MediaCheck { peer: i, epoch });
+            for k in 0..self.peers[i as usize].children.len() {
+                let c = self.peers[i as usize].children[k];
+                let child = &self.peers[c as usize];
+                if child.parent == i && child.link_up {
+                    stack.push(c);
+                }
+            }
+        }
+    }
+
+    /// Reports a stall, and keeps repeating it every stall window while it lasts (the
+    /// signaller may hold a report while the parent is still reconnecting).
+    fn report_stalled(&mut self, idx: u32) {
+        self.peers[idx as usize].stall_reported = true;
+        self.send_up(idx, Up::Report(MediaState::Stalled));
+        let (epoch, window) = (self.peers[idx as usize].media_gen, self.stall_window(idx));
+        self.schedule(self.now + window, Kind::MediaCheck { peer: idx, epoch });
+    }
+
+    /// The client's frame watchdog: longer deeper down, so the peer nearest to a failure
+    /// reports first and its descendants' reports find the repair already under way.
+    fn stall_window(&self, idx: u32) -> Micros {
+        let t = &self.scenario.timing;
+        let below = self.peers[idx as usize]
+            .depth
+            .unwrap_or(1)
+            .saturating_sub(1);
+        ms(t.stall_window_ms + t.stall_step_ms * f64::from(below))
+    }
+
+    fn send_up(&mut self, idx: u32, up: Up) {
+        let at = self.now + self.peers[idx as usize].to_server;
+        self.schedule(at, Kind::ToServer(idx, up));
+    }
+
+    // ---- the signaller ----
+
+    fn server_receives(&mut self, idx: u32, up: Up) {
+        let conn = ConnId(u64::from(idx));
+        let input = match up {
+            Up::Hello => {
+                let peer = &self.peers[idx as usize];
+                let cfg = &self.scenario.room;
+                // Declare exactly the uplink that yields this peer's class of capacity.
+                let uplink = (u64::from(peer.capacity) * u64::from(cfg.stream_kbps) * 100)
+                    .div_ceil(u64::from(cfg.usable_uplink_percent));
+                let broadcaster = idx == 0;
+                Input::Hello {
+                    conn,
+                    hello: Hello {
+                        v: PROTOCOL_VERSION,
+                        room: self.room_id.clone(),
+                        role: if broadcaster {
+                            Role::Broadcaster
+                        } else {
+                            Role::Viewer
+                        },
+                        token: broadcaster.then(|| TOKEN.to_owned()),
+                        uplink_kbps: Some(uplink.min(u64::from(u32::MAX)) as u32),
+                        resume: None,
+                    },
+                }
+            }
+            Up::Leave => Input::Message {
+                conn,
+                msg: ClientMessage::Leave {},
+            },
+            Up::Report(state) => Input::Message {
+                conn,
+                msg: ClientMessage::Report(Report {
+                    state,
+                    loss: None,
+                    latency_ms: None,
+                    uplink_kbps: None,
+                    delivered: Vec::new(),
+                }),
+            },
+            Up::Closed => Input::Disconnected { conn },
+        };
+        if up != Up::Closed {
+            self.stats.message_up();
+        }
+        self.room_input(input);
+    }
+
+    fn room_input(&mut self, input: Input) {
+        let at = Duration::from_micros(self.now);
+        self.room.handle(at, input);
+        while let Some(out) = self.room.poll_output() {
+            match out {
+                Output::Send { conn, msg } => {
+                    self.stats.message_down();
+                    let idx = conn.0 as u32;
+                    let down = match msg {
+                        ServerMessage::Welcome { peer_id, .. } => {
+                            // Others may hear of this peer (`child`) before it hears its
+                            // own welcome: map the id now, where the room assigns it.
+                            let slot = peer_id.0 as usize;
+                            if slot >= self.by_id.len() {
+                                self.by_id.resize(slot + 1, NONE);
+                            }
+                            self.by_id[slot] = idx;
+                            Down::Welcome(peer_id)
+                        }
+                        ServerMessage::Parent { peer_id, depth } => Down::Parent(peer_id, depth),
+                        ServerMessage::Child { peer_id } => Down::Child(peer_id),
+                        ServerMessage::Drop { peer_id } => Down::Drop(peer_id),
+                        ServerMessage::Room { depth, .. } => Down::Depth(depth),
+                        ServerMessage::Ended { .. } => Down::Ended,
+                        ServerMessage::Signal { .. }
+                        | ServerMessage::Pong
+                        | ServerMessage::Error { .. } => continue,
+                    };
+                    let at = self.now + self.peers[idx as usize].to_server;
+                    self.schedule(at, Kind::ToClient(idx, down));
+                }
+                Output::Close { .. } => {}
+                Output::Event(e) => self.stats.room_event(self.now, &e),
+            }
+        }
+        if let Some(t) = self.room.poll_timeout() {
+            let t = t.as_micros() as Micros;
+            if self.next_tick.is_none_or(|n| t < n) {
+                self.next_tick = Some(t.max(self.now));
+                self.schedule(t.max(self.now), Kind::Tick);
+            }
+        }
+    }
+
+    /// The room (for tests and reports).
+    pub fn room(&self) -> &Room {
+        &self.room
+    }
+}
+
+/// Viewers a scenario should bring, for pre-allocation (capped to stay modest).
+fn expected_peers(s: &Scenario) -> usize {
+    let poisson = s.arrivals.max_rate() * s.duration_s;
+    (s.arrivals.flash_peers as f64 + poisson * 1.1 + 16.0).min(5e7) as usize
+}
+
+impl SimPeer {
+    fn new(pos: Position, to_server: Micros, capacity: u32, reachable: bool, now: Micros) -> Self {
+        Self {
+            id: PeerId(0),
+            pos,
+            to_server,
+            capacity,
+            reachable,
+            crashes: false,
+            alive: true,
+            arrived: now,
+            got_media: false,
+            parent: NONE,
+            children: Vec::new(),
+            link_up: false,
+            link_gen: 0,
+            media: false,
+            media_gen: 0,
+            latency: 0,
+            down_since: None,
+            stall_reported: false,
+            depth: None,
+        }
+    }
+}

@@ -1,0 +1,500 @@
+//! Scenario files: what to simulate, as TOML. Every field has a default, documented in
+//! `docs/simulator.md` with the study it comes from.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use treecast_core::room::RoomConfig;
+
+/// A whole simulation run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Scenario {
+    /// Free text shown in reports.
+    pub name: String,
+    /// Seed of every random stream; same seed, same scenario ⇒ byte-identical output.
+    pub seed: u64,
+    /// Simulated time, in seconds.
+    pub duration_s: f64,
+    /// How often the whole population is sampled for depth, latency and load, in seconds.
+    pub sample_interval_s: f64,
+    /// Statistics ignore the first seconds (the audience building up), except the time
+    /// series, which covers the whole run.
+    pub warmup_s: f64,
+    /// Viewer arrivals.
+    pub arrivals: Arrivals,
+    /// How long viewers stay.
+    pub session: Session,
+    /// Upload capacity classes and reachability.
+    pub capacity: Capacity,
+    /// Network latency between peers and to the signaller.
+    pub latency: Latency,
+    /// Delays of the media path and of failure detection.
+    pub timing: Timing,
+    /// Share of departures that are crashes (no `leave`), 0..=1.
+    pub crash_fraction: f64,
+    /// The room's operator settings, exactly as the signaller takes them.
+    pub room: RoomConfig,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Self {
+            name: "unnamed".into(),
+            seed: 1,
+            duration_s: 600.0,
+            sample_interval_s: 10.0,
+            warmup_s: 0.0,
+            arrivals: Arrivals::default(),
+            session: Session::default(),
+            capacity: Capacity::default(),
+            latency: Latency::default(),
+            timing: Timing::default(),
+            crash_fraction: 0.2,
+            room: sim_room_config(),
+        }
+    }
+}
+
+/// The signaller's defaults, less the two features that cost O(N) per period and that the
+/// simulator does not model: heartbeats (crashes are detected by the modelled socket close
+/// and by children's stall reports) and periodic audience broadcasts.
+pub fn sim_room_config() -> RoomConfig {
+    RoomConfig {
+        heartbeat_timeout: None,
+        audience_interval: None,
+        max_peers: u32::MAX,
+        ..RoomConfig::default()
+    }
+}
+
+/// [`sim_room_config`] with the given fan-out limits and depth limit.
+pub fn sim_room_config_with(root_fanout: u32, relay_fanout: u32, max_depth: u32) -> RoomConfig {
+    RoomConfig {
+        root_fanout,
+        relay_fanout,
+        max_depth,
+        ..sim_room_config()
+    }
+}
+
+/// Viewer arrival process. Arrival processes add up: a flash crowd on top of a Poisson
+/// stream is `flash` plus `rate_per_s`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Arrivals {
+    /// Poisson arrivals per second (0: none). Overridden by `schedule` where given.
+    pub rate_per_s: f64,
+    /// Piecewise-constant rates: `[[start_s, rate_per_s], ...]`, repeating every
+    /// `period_s` if set (e.g. a daily shape). Empty: constant `rate_per_s`.
+    pub schedule: Vec<[f64; 2]>,
+    /// Period of `schedule` in seconds (0: no repeat; the last rate holds).
+    pub period_s: f64,
+    /// Viewers arriving at the start, uniformly spread over `flash_over_s`.
+    pub flash_peers: u64,
+    /// Spread of the flash crowd, in seconds.
+    pub flash_over_s: f64,
+}
+
+impl Default for Arrivals {
+    fn default() -> Self {
+        Self {
+            rate_per_s: 1.0,
+            schedule: Vec::new(),
+            period_s: 0.0,
+            flash_peers: 0,
+            flash_over_s: 60.0,
+        }
+    }
+}
+
+impl Arrivals {
+    /// The Poisson rate at simulated second `t`.
+    pub fn rate_at(&self, t: f64) -> f64 {
+        if self.schedule.is_empty() {
+            return self.rate_per_s;
+        }
+        let t = if self.period_s > 0.0 {
+            t % self.period_s
+        } else {
+            t
+        };
+        self.schedule
+            .iter()
+            .take_while(|[start, _]| *start <= t)
+            .last()
+            .map_or(0.0, |[_, rate]| *rate)
+    }
+
+    /// The highest rate the schedule reaches (for thinning).
+    pub fn max_rate(&self) -> f64 {
+        self.schedule
+            .iter()
+            .map(|[_, r]| *r)
+            .fold(self.rate_per_s.max(0.0), f64::max)
+    }
+}
+
+/// Session length distribution, in seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "model", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Session {
+    /// Nobody leaves.
+    Forever,
+    /// Exponential with this mean.
+    Exponential {
+        /// Mean session, seconds.
+        mean_s: f64,
+    },
+    /// Lognormal: ln(session) ~ Normal(mu, sigma).
+    Lognormal {
+        /// Mean of ln(seconds).
+        mu: f64,
+        /// Standard deviation of ln(seconds).
+        sigma: f64,
+    },
+    /// Pareto (type I) with minimum `scale_s` and tail index `shape`.
+    Pareto {
+        /// Minimum session, seconds.
+        scale_s: f64,
+        /// Tail index (> 1 for a finite mean).
+        shape: f64,
+    },
+    /// Weibull with scale and shape.
+    Weibull {
+        /// Scale, seconds.
+        scale_s: f64,
+        /// Shape (< 1: heavy early departures).
+        shape: f64,
+    },
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Self::Exponential { mean_s: 600.0 }
+    }
+}
+
+/// One class of peers by how many children they can feed at the stream bitrate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityClass {
+    /// Children a peer of this class can feed (its uplink is sized for exactly that).
+    pub children: u32,
+    /// Share of peers in this class; shares are normalised.
+    pub fraction: f64,
+}
+
+/// Upload capacity mix and connectivity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Capacity {
+    /// Capacity classes (declared uplink = children × stream bitrate / usable share).
+    pub classes: Vec<CapacityClass>,
+    /// Children the broadcaster can feed (before the operator's root fan-out limit).
+    pub broadcaster_children: u32,
+    /// Share of peers that cannot accept incoming connections (symmetric NAT); a link
+    /// between two such peers fails and the child reports it stalled.
+    pub unreachable_fraction: f64,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            classes: vec![
+                CapacityClass {
+                    children: 0,
+                    fraction: 0.3,
+                },
+                CapacityClass {
+                    children: 1,
+                    fraction: 0.2,
+                },
+                CapacityClass {
+                    children: 2,
+                    fraction: 0.25,
+                },
+                CapacityClass {
+                    children: 4,
+                    fraction: 0.25,
+                },
+            ],
+            broadcaster_children: 4,
+            unreachable_fraction: 0.0,
+        }
+    }
+}
+
+/// Latency model: network coordinates, or a measured matrix.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Latency {
+    /// Peers sit uniformly in a disc of this radius (ms of one-way delay), the signaller at
+    /// its centre; one-way delay = distance + both heights (Vivaldi's 2-D + height model).
+    pub plane_radius_ms: f64,
+    /// Mean of the exponentially distributed per-host height (access link), ms.
+    pub height_mean_ms: f64,
+    /// Optional CSV file of one-way delays in ms (square matrix, one row per host); peers
+    /// are mapped to hosts at random. Overrides the coordinates.
+    pub matrix_file: Option<String>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            plane_radius_ms: 60.0,
+            height_mean_ms: 8.0,
+            matrix_file: None,
+        }
+    }
+}
+
+/// Media path and detection delays, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timing {
+    /// Connection set-up after both ends know of each other: offer/answer through the
+    /// signaller plus ICE and DTLS, on top of the modelled round trips. Mean, ms.
+    pub connect_ms: f64,
+    /// Added delay per relaying hop (decode/re-encode, jitter buffer), ms.
+    pub hop_ms: f64,
+    /// Frames missing for this long make a peer at depth 1 report its parent stalled, ms.
+    pub stall_window_ms: f64,
+    /// Extra wait per level below depth 1 before reporting, so the peer nearest a failure
+    /// reports first (as the browser client does), ms.
+    pub stall_step_ms: f64,
+    /// How long the signaller takes to notice a crashed peer's socket, ms.
+    pub crash_detect_ms: f64,
+    /// A new parent that delivers no media for this long is reported stalled (the
+    /// client's connect watchdog; it is what catches two unreachable peers), ms.
+    pub connect_fail_ms: f64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            connect_ms: 250.0,
+            hop_ms: 16.0,
+            stall_window_ms: 1_000.0,
+            stall_step_ms: 300.0,
+            crash_detect_ms: 5_000.0,
+            connect_fail_ms: 8_000.0,
+        }
+    }
+}
+
+/// A scenario that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown or mistyped keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid scenario: {0}")]
+    Invalid(String),
+    /// A `--set` override does not apply.
+    #[error("cannot set {key}: {message}")]
+    Override {
+        /// The dotted key.
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl Scenario {
+    /// Reads and validates a scenario file.
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let value: toml::Value = toml::from_str(&text).map_err(|e| ScenarioError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_value(value, &path.display().to_string())
+    }
+
+    /// Builds a scenario from a TOML value (after `--set` overrides) and validates it.
+    /// Keys of `[room]` apply on top of [`sim_room_config`], not of the signaller's
+    /// defaults, so a partial `[room]` keeps heartbeats and audience broadcasts off.
+    pub fn from_value(mut value: toml::Value, origin: &str) -> Result<Self, ScenarioError> {
+        if let Some(table) = value.as_table_mut() {
+            let mut room = toml::Value::try_from(sim_room_config())
+                .ok()
+                .and_then(|v| v.as_table().cloned())
+                .unwrap_or_default();
+            if let Some(given) = table.get("room").and_then(toml::Value::as_table) {
+                room.extend(given.clone());
+            }
+            table.insert("room".into(), toml::Value::Table(room));
+        }
+        let scenario: Scenario =
+            value
+                .try_into()
+                .map_err(|e: toml::de::Error| ScenarioError::Parse {
+                    path: origin.to_owned(),
+                    message: e.to_string(),
+                })?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    /// Checks ranges a run depends on.
+    pub fn validate(&self) -> Result<(), ScenarioError> {
+        let bad = |s: &str| Err(ScenarioError::Invalid(s.to_owned()));
+        if !(self.duration_s > 0.0 && self.duration_s.is_finite()) {
+            return bad("duration_s must be a positive number of seconds");
+        }
+        if !(self.warmup_s >= 0.0 && self.warmup_s < self.duration_s) {
+            return bad("warmup_s must be at least 0 and shorter than duration_s");
+        }
+        if self.sample_interval_s.is_nan() || self.sample_interval_s <= 0.0 {
+            return bad("sample_interval_s must be positive");
+        }
+        if !(0.0..=1.0).contains(&self.crash_fraction) {
+            return bad("crash_fraction must be between 0 and 1");
+        }
+        if !(0.0..=1.0).contains(&self.capacity.unreachable_fraction) {
+            return bad("capacity.unreachable_fraction must be between 0 and 1");
+        }
+        if self.capacity.classes.is_empty()
+            || self
+                .capacity
+                .classes
+                .iter()
+                .any(|c| c.fraction.is_nan() || c.fraction < 0.0)
+            || self
+                .capacity
+                .classes
+                .iter()
+                .map(|c| c.fraction)
+                .sum::<f64>()
+                <= 0.0
+        {
+            return bad("capacity.classes needs at least one class with a positive fraction");
+        }
+        if self.arrivals.rate_per_s < 0.0 || self.arrivals.schedule.iter().any(|[_, r]| *r < 0.0) {
+            return bad("arrival rates must not be negative");
+        }
+        if self.arrivals.flash_peers > 0
+            && (self.arrivals.flash_over_s.is_nan() || self.arrivals.flash_over_s < 0.0)
+        {
+            return bad("arrivals.flash_over_s must not be negative");
+        }
+        let ok = match self.session {
+            Session::Forever => true,
+            Session::Exponential { mean_s } => mean_s > 0.0,
+            Session::Lognormal { sigma, .. } => sigma >= 0.0,
+            Session::Pareto { scale_s, shape } => scale_s > 0.0 && shape > 0.0,
+            Session::Weibull { scale_s, shape } => scale_s > 0.0 && shape > 0.0,
+        };
+        if !ok {
+            return bad("session parameters must be positive");
+        }
+        if self.room.heartbeat_timeout.is_some() {
+            return bad(
+                "room.heartbeat_timeout must be 0 (off): simulated peers send no heartbeats; \
+                 crashes are detected after timing.crash_detect_ms instead",
+            );
+        }
+        if self.arrivals.schedule.windows(2).any(|w| w[0][0] > w[1][0]) {
+            return bad("arrivals.schedule must be sorted by start time");
+        }
+        if self.room.stream_kbps == 0 || self.room.usable_uplink_percent == 0 {
+            return bad("room.stream_kbps and room.usable_uplink_percent must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Applies `key=value` to a TOML document; `key` is dotted (`room.relay_fanout`), `value`
+/// is parsed as TOML (numbers, booleans, strings, arrays), falling back to a string.
+pub fn set_value(doc: &mut toml::Value, key: &str, value: &str) -> Result<(), ScenarioError> {
+    let err = |message: &str| ScenarioError::Override {
+        key: key.to_owned(),
+        message: message.to_owned(),
+    };
+    let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let mut parts = key.split('.').peekable();
+    let mut cur = doc;
+    while let Some(part) = parts.next() {
+        let table = cur
+            .as_table_mut()
+            .ok_or_else(|| err("a parent of this key is not a table"))?;
+        if parts.peek().is_none() {
+            table.insert(part.to_owned(), parsed);
+            return Ok(());
+        }
+        cur = table
+            .entry(part.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    Err(err("empty key"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip() {
+        let s = Scenario::default();
+        s.validate().unwrap();
+        let text = toml::to_string(&s).unwrap();
+        let back = Scenario::from_value(toml::from_str(&text).unwrap(), "t").unwrap();
+        assert_eq!(back, s);
+    }
+
+    #[test]
+    fn overrides_parse_typed_values() {
+        let mut doc = toml::Value::try_from(Scenario::default()).unwrap();
+        set_value(&mut doc, "room.relay_fanout", "6").unwrap();
+        set_value(&mut doc, "session.mean_s", "30.5").unwrap();
+        let s = Scenario::from_value(doc, "t").unwrap();
+        assert_eq!(s.room.relay_fanout, 6);
+        assert_eq!(s.session, Session::Exponential { mean_s: 30.5 });
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_ranges_are_refused() {
+        let doc: toml::Value = toml::from_str("durration_s = 5").unwrap();
+        let e = Scenario::from_value(doc, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("durration_s"), "{e}");
+        let doc: toml::Value = toml::from_str("crash_fraction = 2.0").unwrap();
+        assert!(matches!(
+            Scenario::from_value(doc, "x"),
+            Err(ScenarioError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn schedules_repeat_with_their_period() {
+        let a = Arrivals {
+            schedule: vec![[0.0, 1.0], [10.0, 5.0]],
+            period_s: 20.0,
+            ..Arrivals::default()
+        };
+        assert_eq!(a.rate_at(5.0), 1.0);
+        assert_eq!(a.rate_at(15.0), 5.0);
+        assert_eq!(a.rate_at(25.0), 1.0);
+        assert_eq!(a.max_rate(), 5.0);
+    }
+}
