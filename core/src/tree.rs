@@ -312,6 +312,15 @@ impl RelayTree {
         })
     }
 
+    /// Every attached peer as `(peer, depth, capacity, children)`, in storage order and
+    /// without id lookups: for O(N) sweeps such as a simulator's population samples.
+    pub fn attached(&self) -> impl Iterator<Item = (PeerId, u32, u32, u32)> + '_ {
+        self.graph
+            .node_weights()
+            .filter(|n| n.status == Status::Attached)
+            .map(|n| (n.peer, n.depth, n.capacity, n.children))
+    }
+
     /// Every peer, in no particular order.
     pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
         self.nodes.keys().copied()

@@ -277,7 +277,8 @@ impl Engine {
             }
             Kind::Depart(peer) => self.depart(peer),
             Kind::Sample => {
-                self.stats.sample(self.now, &self.peers, &self.room);
+                self.stats
+                    .sample(self.now, &self.peers, &self.by_id, &self.room);
                 let every = ms(self.scenario.sample_interval_s * 1_000.0).max(1);
                 self.schedule(self.now + every, Kind::Sample);
             }

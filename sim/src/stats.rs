@@ -333,26 +333,40 @@ impl Stats {
         }
     }
 
-    /// Samples the whole population: depth, latency, load. O(N).
-    pub(crate) fn sample(&mut self, now: Micros, peers: &[SimPeer], room: &Room) {
-        let tree = room.tree();
-        let (mut population, mut attached, mut waiting, mut receiving) = (0u64, 0u64, 0, 0);
+    /// Samples the whole population: depth, latency, load. O(N), one pass over the tree's
+    /// storage with array lookups only (at 10^6 peers, hash lookups here dominated a run).
+    pub(crate) fn sample(&mut self, now: Micros, peers: &[SimPeer], by_id: &[u32], room: &Room) {
+        let (mut attached, mut receiving) = (0u64, 0u64);
         let (mut depth_sum, mut max_depth) = (0u64, 0u32);
         let (mut fed, mut feedable, mut relays, mut relay_children) = (0u64, 0u64, 0u64, 0u64);
+        let mut root_children = 0;
         let counting = now >= self.from;
-        for p in peers.iter().skip(1).filter(|p| p.alive) {
-            population += 1;
-            // The tree's depth, not what the client was last told: peers inside a waiting
-            // subtree are never told they wait.
-            let Some(depth) = tree.depth(p.id) else {
-                waiting += 1;
+        for (id, depth, capacity, kids) in room.tree().attached() {
+            let (kids, capacity) = (u64::from(kids), u64::from(capacity));
+            fed += kids;
+            feedable += capacity;
+            if depth == 0 {
+                root_children = kids;
+                continue;
+            }
+            if kids > 0 {
+                relays += 1;
+                relay_children += kids;
+            }
+            // A crashed peer stays in the tree until the signaller notices: the population
+            // counts only peers that are really there.
+            let Some(p) = by_id
+                .get(id.0 as usize)
+                .and_then(|&i| peers.get(i as usize))
+                .filter(|p| p.alive)
+            else {
                 continue;
             };
             attached += 1;
             depth_sum += u64::from(depth);
             max_depth = max_depth.max(depth);
+            let d = depth as usize;
             if counting {
-                let d = depth as usize;
                 if d >= self.depth_counts.len() {
                     self.depth_counts.resize(d + 1, 0);
                 }
@@ -361,7 +375,6 @@ impl Stats {
             if p.media {
                 receiving += 1;
                 if counting {
-                    let d = depth as usize;
                     while self.latency_by_depth.len() <= d {
                         self.latency_by_depth.push(histogram());
                     }
@@ -370,26 +383,12 @@ impl Stats {
                 }
             }
         }
-        if let Some(root) = tree.root() {
-            let kids = u64::from(tree.child_count(root).unwrap_or(0));
-            if counting {
-                self.broadcaster_children_sum += kids;
-                self.broadcaster_children_max = self.broadcaster_children_max.max(kids);
-            }
-        }
+        let population = self.population;
+        // Everyone present who is not attached waits (alone or inside a waiting subtree).
+        let waiting = population.saturating_sub(attached);
         if counting {
-            for id in tree.peers() {
-                if tree.depth(id).is_none() {
-                    continue;
-                }
-                let kids = u64::from(tree.child_count(id).unwrap_or(0));
-                fed += kids;
-                feedable += u64::from(tree.capacity(id).unwrap_or(0));
-                if kids > 0 && Some(id) != tree.root() {
-                    relays += 1;
-                    relay_children += kids;
-                }
-            }
+            self.broadcaster_children_sum += root_children;
+            self.broadcaster_children_max = self.broadcaster_children_max.max(root_children);
             self.samples += 1;
             self.relays_sum += relays;
             self.relay_children_sum += relay_children;
