@@ -14,7 +14,7 @@
 //! no tree position and no media connection.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use rand_chacha::ChaCha12Rng;
@@ -305,7 +305,8 @@ pub enum RoomEvent {
 struct Peer {
     role: Role,
     conn: Option<ConnId>,
-    resume: String,
+    /// The resume secret; sent to the client as 32 hex digits.
+    resume: u128,
     uplink_kbps: Option<u32>,
     /// Ceiling set when children reported this peer failing them; survives new uplink
     /// measurements, so a relay that over-promised cannot talk its way back up.
@@ -392,8 +393,9 @@ pub struct Room {
     /// Keyed by server-assigned integers: a multiplicative hash is safe and much cheaper.
     peers: FxHashMap<PeerId, Peer>,
     conns: FxHashMap<ConnId, PeerId>,
-    /// Keyed by strings clients present: keeps the DoS-resistant default hasher.
-    resumes: HashMap<String, PeerId>,
+    /// Resume secrets. Keys are random server-made 128-bit values (clients can only look
+    /// them up, never insert), so a cheap hash cannot be pushed into long chains.
+    resumes: FxHashMap<u128, PeerId>,
     broadcaster: Option<PeerId>,
     next_peer: u64,
     rng: ChaCha12Rng,
@@ -417,7 +419,7 @@ impl Room {
             tree,
             peers: FxHashMap::default(),
             conns: FxHashMap::default(),
-            resumes: HashMap::new(),
+            resumes: FxHashMap::default(),
             broadcaster: None,
             next_peer: 1,
             rng: ChaCha12Rng::seed_from_u64(seed),
@@ -555,7 +557,8 @@ impl Room {
             return self.refuse(conn, ErrorCode::WrongToken, true);
         }
         if let Some(token) = &hello.resume {
-            return match self.resumes.get(token).copied() {
+            let known = parse_resume(token).and_then(|t| self.resumes.get(&t).copied());
+            return match known {
                 Some(id) if self.peers[&id].role == hello.role => self.resume(conn, id, hello),
                 _ => self.refuse(conn, ErrorCode::BadResume, true),
             };
@@ -578,14 +581,14 @@ impl Room {
     fn join(&mut self, conn: ConnId, hello: Hello) {
         let id = PeerId(self.next_peer);
         self.next_peer += 1;
-        let resume = format!("{:016x}{:016x}", self.rng.next_u64(), self.rng.next_u64());
+        let resume = (u128::from(self.rng.next_u64()) << 64) | u128::from(self.rng.next_u64());
         let capacity = self.config.capacity(hello.role, hello.uplink_kbps);
         self.peers.insert(
             id,
             Peer {
                 role: hello.role,
                 conn: Some(conn),
-                resume: resume.clone(),
+                resume,
                 uplink_kbps: hello.uplink_kbps,
                 capacity_cap: None,
                 last_seen: self.now,
@@ -599,7 +602,7 @@ impl Room {
             },
         );
         self.conns.insert(conn, id);
-        self.resumes.insert(resume.clone(), id);
+        self.resumes.insert(resume, id);
         self.welcome(conn, id, hello.role, resume, false, capacity);
         self.event(RoomEvent::Joined {
             peer: id,
@@ -638,7 +641,7 @@ impl Room {
             }
             (
                 peer.conn.replace(conn),
-                peer.resume.clone(),
+                peer.resume,
                 std::mem::take(&mut peer.pending),
             )
         };
@@ -674,7 +677,7 @@ impl Room {
         conn: ConnId,
         id: PeerId,
         role: Role,
-        resume: String,
+        resume: u128,
         resumed: bool,
         capacity: u32,
     ) {
@@ -689,7 +692,7 @@ impl Room {
             conn,
             ServerMessage::Welcome {
                 peer_id: id,
-                resume,
+                resume: format!("{resume:032x}"),
                 role,
                 resumed,
                 ice_servers: self.config.ice_servers.clone(),
@@ -1149,6 +1152,14 @@ impl Room {
     fn event(&mut self, e: RoomEvent) {
         self.outputs.push_back(Output::Event(e));
     }
+}
+
+/// A resume token as the room issued it (32 hex digits), or None.
+fn parse_resume(token: &str) -> Option<u128> {
+    if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u128::from_str_radix(token, 16).ok()
 }
 
 /// Compares a presented token with the room's without an early exit on the first

@@ -64,6 +64,9 @@ pub fn sim_room_config() -> RoomConfig {
         heartbeat_timeout: None,
         audience_interval: None,
         max_peers: u32::MAX,
+        // Simulated peers need no STUN servers; an empty list also saves cloning it into
+        // every welcome.
+        ice_servers: Vec::new(),
         ..RoomConfig::default()
     }
 }
