@@ -113,7 +113,10 @@ pub enum ClientMessage {
 }
 
 /// A STUN/TURN server for RTCPeerConnection configuration, in the browser's own shape.
+/// Unknown keys are refused, so a misspelt `credentials` in a config file is an error
+/// rather than a TURN server that silently fails to authenticate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IceServer {
     /// `stun:` / `turn:` URLs.
     pub urls: Vec<String>,

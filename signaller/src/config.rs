@@ -161,8 +161,26 @@ impl Config {
         if room.heartbeat_interval.is_zero() {
             return fail("room.heartbeat_interval must be above zero");
         }
+        if room
+            .heartbeat_timeout
+            .is_some_and(|t| t <= room.heartbeat_interval)
+        {
+            return fail(
+                "room.heartbeat_timeout must be longer than room.heartbeat_interval, \
+                 or healthy clients are cut off between two heartbeats",
+            );
+        }
         if room.stream_kbps == 0 {
             return fail("room.stream_kbps must be above zero");
+        }
+        if !(1..=100).contains(&room.usable_uplink_percent) {
+            return fail("room.usable_uplink_percent must be between 1 and 100");
+        }
+        if !(0.0..=1.0).contains(&room.loss_threshold) {
+            return fail("room.loss_threshold must be a fraction between 0 and 1");
+        }
+        if room.max_depth == 0 {
+            return fail("room.max_depth must be at least 1");
         }
         if room.messages_per_second == 0 {
             return fail("room.messages_per_second must be above zero");
@@ -242,6 +260,22 @@ mod tests {
         assert!(e.to_string().contains("max_romes"), "{e}");
         let e = Config::from_toml("[room]\nheartbeat_interval = 0\n").unwrap_err();
         assert!(e.to_string().contains("heartbeat_interval"), "{e}");
+        for (toml, key) in [
+            ("[room]\nheartbeat_timeout = 1000\n", "heartbeat_timeout"),
+            (
+                "[room]\nusable_uplink_percent = 150\n",
+                "usable_uplink_percent",
+            ),
+            ("[room]\nloss_threshold = 2.0\n", "loss_threshold"),
+            ("[room]\nmax_depth = 0\n", "max_depth"),
+            (
+                "[room]\nice_servers = [{ urls = [\"turn:x\"], credentials = \"c\" }]\n",
+                "credentials",
+            ),
+        ] {
+            let e = Config::from_toml(toml).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
     }
 
     #[test]

@@ -81,7 +81,7 @@ struct Args {
     #[arg(long, env = "TREECAST_MAX_ROOMS", value_name = "N")]
     max_rooms: Option<usize>,
 
-    /// Most peers in one room, the broadcaster included.
+    /// Most viewers in one room (the broadcaster always gets in).
     #[arg(long, env = "TREECAST_MAX_PEERS", value_name = "N")]
     max_peers: Option<u32>,
 
@@ -184,7 +184,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colour codes only on a terminal: not in files, pipes or the journal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .init();
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
