@@ -5,11 +5,12 @@
 //! `message`. Server faults are logged with their details; the client gets a sentence.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -40,8 +41,10 @@ impl ApiError {
         Self::with(code, code.sentence())
     }
 
-    /// An error with a specific sentence.
+    /// An error with a specific sentence (counted in the errors metric, like the
+    /// WebSocket's).
     pub(crate) fn with(code: ErrorCode, message: impl Into<String>) -> Self {
+        telemetry::error_sent(code);
         Self {
             status: status_of(code),
             code,
@@ -52,7 +55,6 @@ impl ApiError {
     /// A server fault: logs `detail`, counts it, and tells the client only a sentence.
     fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!("HTTP request failed on the server: {detail}");
-        telemetry::error_sent(ErrorCode::Internal);
         Self::new(ErrorCode::Internal)
     }
 }
@@ -101,9 +103,21 @@ struct CreatedRoom {
 /// `POST /api/rooms`: creates a room and starts its task.
 pub(crate) async fn create_room(
     State(state): State<Arc<ServerState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
 ) -> Result<Response, ApiError> {
     if state.is_shutting_down() {
         return Err(ApiError::new(ErrorCode::ShuttingDown));
+    }
+    let limits = &state.config.limits;
+    if !state.rooms.admit_creation(
+        client.ip(),
+        limits.room_creations_per_minute,
+        limits.room_creation_burst,
+    ) {
+        return Err(ApiError::with(
+            ErrorCode::RateLimited,
+            "Too many rooms created from your address; try again in a minute.",
+        ));
     }
     let max = state.config.limits.max_rooms;
     if state.rooms.is_full(max) {

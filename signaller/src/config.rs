@@ -61,6 +61,12 @@ pub struct Limits {
     /// Most rooms at once, ended rooms still kept for late visitors included. Creating one
     /// more answers 503 `too_many_rooms`.
     pub max_rooms: usize,
+    /// Rooms one IP address may create per minute, after a burst of
+    /// `room_creation_burst`; more answer 429 `rate_limited`. Keeps one client from using
+    /// up `max_rooms` with anonymous requests.
+    pub room_creations_per_minute: u32,
+    /// Rooms one IP address may create at once before the per-minute rate applies.
+    pub room_creation_burst: u32,
     /// Most simultaneous WebSockets from one IP address. Counted per address, so a whole
     /// office behind one NAT shares it.
     pub max_connections_per_ip: u32,
@@ -92,6 +98,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_rooms: 1_000,
+            room_creations_per_minute: 6,
+            room_creation_burst: 10,
             max_connections_per_ip: 256,
             max_frame_bytes: None,
             message_burst: 100,
@@ -190,6 +198,11 @@ impl Config {
         }
         if room.root_fanout == 0 {
             return fail("room.root_fanout must be at least 1, or nobody could receive the stream");
+        }
+        if self.limits.room_creations_per_minute == 0 || self.limits.room_creation_burst == 0 {
+            return fail(
+                "limits.room_creations_per_minute and room_creation_burst must be at least 1",
+            );
         }
         if self.limits.message_burst == 0 {
             return fail("limits.message_burst must be at least 1");

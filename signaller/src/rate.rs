@@ -52,6 +52,20 @@ impl TokenBucket {
         }
     }
 
+    /// A full bucket refilled at `per_minute` tokens a minute (for slow, rare actions).
+    pub(crate) fn per_minute(per_minute: u32, burst: u32, now: Instant) -> Self {
+        Self {
+            rate: f64::from(per_minute.max(1)) / 60.0,
+            ..Self::new(1, burst, now)
+        }
+    }
+
+    /// Whether the bucket is full again (its owner has been quiet long enough to forget).
+    pub(crate) fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+
     /// Takes a token for one message at `now`.
     pub(crate) fn admit(&mut self, now: Instant) -> Admission {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();

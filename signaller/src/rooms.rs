@@ -5,13 +5,16 @@
 //! a round trip). Its lock is held for a map lookup or insert, never across an `.await`.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use tokio::time::Instant;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
 use treecast_core::RoomId;
 
+use crate::rate::{Admission, TokenBucket};
 use crate::room_task::RoomCommand;
 
 /// How to reach one room's task.
@@ -57,7 +60,12 @@ pub(crate) struct RoomSummary {
 #[derive(Debug, Default)]
 pub(crate) struct Rooms {
     map: RwLock<HashMap<RoomId, RoomHandle>>,
+    /// Room creations per client address; entries are forgotten once their bucket is full.
+    creations: Mutex<HashMap<IpAddr, TokenBucket>>,
 }
+
+/// Addresses remembered before quiet ones are forgotten.
+const CREATORS_KEPT: usize = 10_000;
 
 /// Why a room could not be added.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +77,22 @@ pub(crate) enum AddError {
 }
 
 impl Rooms {
+    /// Whether `ip` may create a room now (`per_minute` after a burst of `burst`).
+    pub(crate) fn admit_creation(&self, ip: IpAddr, per_minute: u32, burst: u32) -> bool {
+        let now = Instant::now();
+        let mut creators = self
+            .creations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if creators.len() >= CREATORS_KEPT {
+            creators.retain(|_, bucket| !bucket.is_full(now));
+        }
+        let bucket = creators
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::per_minute(per_minute, burst, now));
+        bucket.admit(now) == Admission::Pass
+    }
+
     /// The handle of a room, if it exists.
     pub fn get(&self, id: &RoomId) -> Option<RoomHandle> {
         self.map

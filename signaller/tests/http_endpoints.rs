@@ -69,6 +69,29 @@ async fn health_metrics_and_pages_answer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_use_up_the_rooms() {
+    let mut config = common::test_config();
+    config.limits.room_creation_burst = 3;
+    config.limits.room_creations_per_minute = 1;
+    let server = TestServer::start(config).await;
+    for _ in 0..3 {
+        let r = http(server.addr, "POST", "/api/rooms", None).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let r = http(server.addr, "POST", "/api/rooms", None).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["code"], "rate_limited");
+    let metrics = http(server.addr, "GET", "/metrics", None).await.body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("treecast_errors_total") && l.contains("rate_limited")),
+        "HTTP refusals are counted"
+    );
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_room_api_creates_lists_and_describes_rooms() {
     let mut config = common::test_config();
     config.limits.max_rooms = 2;
