@@ -265,90 +265,82 @@ fn plot_depth_histogram(summary: &Summary, path: &Path) -> Result<(), ReportErro
 /// A labelled column of the time series.
 type Column = (&'static str, fn(&crate::stats::SeriesRow) -> u64);
 
+/// One panel of time-series lines, coloured from `first_colour` on.
+fn series_panel(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    stats: &Stats,
+    title: &str,
+    y_desc: &str,
+    x_desc: Option<&str>,
+    columns: &[Column],
+    first_colour: usize,
+) -> Result<(), String> {
+    let rows = &stats.series;
+    let t_max = rows.last().map_or(1.0, |r| r.t_s).max(1.0);
+    let y_max = rows
+        .iter()
+        .flat_map(|r| columns.iter().map(move |(_, value)| value(r)))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(if x_desc.is_some() { 40 } else { 30 })
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
+        .map_err(|e| e.to_string())?;
+    let mut mesh = chart.configure_mesh();
+    mesh.y_desc(y_desc);
+    if let Some(x) = x_desc {
+        mesh.x_desc(x);
+    }
+    mesh.draw().map_err(|e| e.to_string())?;
+    for (i, (label, value)) in columns.iter().enumerate() {
+        let colour = COLOURS[(first_colour + i) % COLOURS.len()];
+        chart
+            .draw_series(LineSeries::new(
+                rows.iter().map(|r| (r.t_s, value(r) as f64)),
+                colour.stroke_width(2),
+            ))
+            .map_err(|e| e.to_string())?
+            .label(*label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 fn plot_timeseries(stats: &Stats, path: &Path) -> Result<(), ReportError> {
     let err = plot_err(path);
     let root = SVGBackend::new(path, (800, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let (top, bottom) = root.split_vertically(320);
-    let rows = &stats.series;
-    let t_max = rows.last().map_or(1.0, |r| r.t_s).max(1.0);
-    let pop_max = rows.iter().map(|r| r.population).max().unwrap_or(1).max(1) as f64 * 1.1;
-    let mut chart = ChartBuilder::on(&top)
-        .caption("Population", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..t_max, 0.0..pop_max)
-        .map_err(|e| err(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .y_desc("viewers")
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
-    let series: [Column; 3] = [
+    let population: [Column; 3] = [
         ("present", |r| r.population),
         ("receiving", |r| r.receiving),
         ("waiting", |r| r.waiting),
     ];
-    for (i, (label, value)) in series.into_iter().enumerate() {
-        let colour = COLOURS[i];
-        chart
-            .draw_series(LineSeries::new(
-                rows.iter().map(|r| (r.t_s, value(r) as f64)),
-                colour.stroke_width(2),
-            ))
-            .map_err(|e| err(e.to_string()))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
-    let rep_max = rows
-        .iter()
-        .map(|r| r.repairs.max(r.interruptions))
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64
-        * 1.1;
-    let mut chart = ChartBuilder::on(&bottom)
-        .caption("Repairs and interruptions per sample", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..t_max, 0.0..rep_max)
-        .map_err(|e| err(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("simulated time (s)")
-        .y_desc("per sample")
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
-    let series: [Column; 2] = [
+    let repairs: [Column; 2] = [
         ("subtrees repaired", |r| r.repairs),
         ("interruptions ended", |r| r.interruptions),
     ];
-    for (i, (label, value)) in series.into_iter().enumerate() {
-        let colour = COLOURS[i + 3];
-        chart
-            .draw_series(LineSeries::new(
-                rows.iter().map(|r| (r.t_s, value(r) as f64)),
-                colour.stroke_width(2),
-            ))
-            .map_err(|e| err(e.to_string()))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(e.to_string()))?;
+    series_panel(&top, stats, "Population", "viewers", None, &population, 0).map_err(&err)?;
+    series_panel(
+        &bottom,
+        stats,
+        "Repairs and interruptions per sample",
+        "per sample",
+        Some("simulated time (s)"),
+        &repairs,
+        population.len(),
+    )
+    .map_err(&err)?;
     root.present().map_err(|e| err(e.to_string()))
 }
