@@ -402,6 +402,9 @@ pub struct Room {
     timers: BinaryHeap<Reverse<(Duration, Timer)>>,
     outputs: VecDeque<Output>,
     ended: Option<EndReason>,
+    /// Reused by every tree-event flush, so steady-state operations do not allocate.
+    scratch_events: Vec<(TreeEvent, bool)>,
+    scratch_status: Vec<PeerId>,
     /// Audience size and liveness last told to everyone, to skip unchanged broadcasts.
     told: (u32, bool),
     now: Duration,
@@ -426,6 +429,8 @@ impl Room {
             timers: BinaryHeap::new(),
             outputs: VecDeque::new(),
             ended: None,
+            scratch_events: Vec::new(),
+            scratch_status: Vec::new(),
             told: (0, false),
             now,
         };
@@ -970,27 +975,15 @@ impl Room {
     /// whose depth changed or who wait, and for `also_tell`) go last, so they describe the
     /// tree after every `parent`/`child`/`drop` of the batch.
     fn flush_tree_events(&mut self, also_tell: Option<PeerId>) {
-        let events: Vec<TreeEvent> = self.tree.drain_events().collect();
-        let mut status: Vec<PeerId> = also_tell.into_iter().collect();
-        // An edge cut and re-made in one batch (a sibling standing in for its departed
-        // neighbour keeps its parent) is no change: tell nobody to renegotiate it.
-        let mut unchanged = vec![false; events.len()];
-        let mut cut: FxHashMap<(PeerId, PeerId), usize> = FxHashMap::default();
-        for (i, e) in events.iter().enumerate() {
-            match *e {
-                TreeEvent::Unlinked { parent, child } => {
-                    cut.insert((parent, child), i);
-                }
-                TreeEvent::Linked { parent, child, .. } => {
-                    if let Some(j) = cut.remove(&(parent, child)) {
-                        unchanged[i] = true;
-                        unchanged[j] = true;
-                    }
-                }
-                _ => {}
-            }
-        }
-        for (e, unchanged) in events.into_iter().zip(unchanged) {
+        // Scratch buffers live in the room: this runs on every operation.
+        let mut events = std::mem::take(&mut self.scratch_events);
+        let mut status = std::mem::take(&mut self.scratch_status);
+        events.clear();
+        events.extend(self.tree.drain_events().map(|e| (e, false)));
+        status.clear();
+        status.extend(also_tell);
+        mark_unchanged_edges(&mut events);
+        for &(e, unchanged) in &events {
             self.event(RoomEvent::Tree(e));
             if unchanged {
                 continue;
@@ -1024,9 +1017,11 @@ impl Room {
         }
         status.sort_unstable();
         status.dedup();
-        for peer in status {
+        for &peer in &status {
             self.send_status(peer);
         }
+        self.scratch_events = events;
+        self.scratch_status = status;
     }
 
     fn status(&self, id: PeerId) -> ServerMessage {
@@ -1154,6 +1149,57 @@ impl Room {
     }
 }
 
+/// Marks edges cut and re-made in one batch (a sibling standing in for its departed
+/// neighbour keeps its parent): no change, so nobody is told to renegotiate them. Batches
+/// usually hold a handful of events, where a backward scan beats hashing; large ones (a
+/// subtree cut at the depth limit) use a map.
+fn mark_unchanged_edges(events: &mut [(TreeEvent, bool)]) {
+    if events.len() > 64 {
+        let mut cut: FxHashMap<(PeerId, PeerId), usize> = FxHashMap::default();
+        for i in 0..events.len() {
+            match events[i].0 {
+                TreeEvent::Unlinked { parent, child } => {
+                    cut.insert((parent, child), i);
+                }
+                TreeEvent::Linked { parent, child, .. } => {
+                    if let Some(j) = cut.remove(&(parent, child)) {
+                        events[i].1 = true;
+                        events[j].1 = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+        return;
+    }
+    for i in 0..events.len() {
+        let TreeEvent::Linked { parent, child, .. } = events[i].0 else {
+            continue;
+        };
+        for j in (0..i).rev() {
+            match events[j].0 {
+                TreeEvent::Unlinked {
+                    parent: p,
+                    child: c,
+                } if (p, c) == (parent, child) => {
+                    if !events[j].1 {
+                        events[i].1 = true;
+                        events[j].1 = true;
+                    }
+                    break;
+                }
+                // An earlier link of the same edge: the cut before it is its own story.
+                TreeEvent::Linked {
+                    parent: p,
+                    child: c,
+                    ..
+                } if (p, c) == (parent, child) => break,
+                _ => {}
+            }
+        }
+    }
+}
+
 /// A resume token as the room issued it (32 hex digits), or None.
 fn parse_resume(token: &str) -> Option<u128> {
     if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -1173,4 +1219,54 @@ fn constant_time_eq(presented: Option<&str>, expected: &str) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(events: &[TreeEvent]) -> Vec<bool> {
+        let mut marked: Vec<(TreeEvent, bool)> = events.iter().map(|&e| (e, false)).collect();
+        mark_unchanged_edges(&mut marked);
+        marked.into_iter().map(|(_, f)| f).collect()
+    }
+
+    #[test]
+    fn both_scans_find_the_same_unchanged_edges() {
+        let (p, c, d) = (PeerId(1), PeerId(2), PeerId(3));
+        let batch = [
+            TreeEvent::Linked {
+                parent: p,
+                child: d,
+                depth: 1,
+            },
+            TreeEvent::Unlinked {
+                parent: p,
+                child: c,
+            },
+            TreeEvent::Unlinked {
+                parent: p,
+                child: d,
+            },
+            TreeEvent::Linked {
+                parent: p,
+                child: c,
+                depth: 1,
+            },
+            TreeEvent::Linked {
+                parent: c,
+                child: d,
+                depth: 2,
+            },
+        ];
+        // p-c is cut and re-made: no change. p-d is made then cut: a real change.
+        let expected = [false, true, false, true, false];
+        assert_eq!(flags(&batch), expected);
+        let mut large = batch.to_vec();
+        large.extend((0..70).map(|i| TreeEvent::DepthChanged {
+            peer: PeerId(100 + i),
+            depth: 3,
+        }));
+        assert_eq!(&flags(&large)[..5], expected, "the map-based scan agrees");
+    }
 }

@@ -40,7 +40,7 @@ pub struct Stats {
     repairs: BTreeMap<&'static str, u64>,
     messages_up: u64,
     messages_down: u64,
-    latency: Histogram<u64>,
+    /// Latency samples per depth; the overall distribution is their sum.
     latency_by_depth: Vec<Histogram<u64>>,
     /// Attached-viewer counts by depth, summed over samples.
     depth_counts: Vec<u64>,
@@ -251,7 +251,6 @@ impl Stats {
             repairs: BTreeMap::new(),
             messages_up: 0,
             messages_down: 0,
-            latency: histogram(),
             latency_by_depth: Vec::new(),
             depth_counts: Vec::new(),
             samples: 0,
@@ -379,7 +378,6 @@ impl Stats {
                         self.latency_by_depth.push(histogram());
                     }
                     let _ = self.latency_by_depth[d].record(p.latency.max(1));
-                    let _ = self.latency.record(p.latency.max(1));
                 }
             }
         }
@@ -489,7 +487,15 @@ impl Stats {
                     .map(|&c| per(c as f64, total_depth))
                     .collect(),
             },
-            latency_ms: Dist::of(&self.latency),
+            latency_ms: Dist::of(
+                &self
+                    .latency_by_depth
+                    .iter()
+                    .fold(histogram(), |mut all, h| {
+                        let _ = all.add(h);
+                        all
+                    }),
+            ),
             latency_by_depth: self
                 .latency_by_depth
                 .iter()
