@@ -603,7 +603,21 @@ impl Engine {
                     let at = self.now + self.peers[idx as usize].to_server;
                     self.schedule(at, Kind::ToClient(idx, down));
                 }
-                Output::Close { .. } => {}
+                Output::Close { conn } => {
+                    // A viewer the room turned away (e.g. `room_full`) gives up: it is not
+                    // left waiting for ever in the population.
+                    let idx = conn.0 as usize;
+                    if idx != 0
+                        && self.room.peer_of(conn).is_none()
+                        && self
+                            .peers
+                            .get(idx)
+                            .is_some_and(|p| p.alive && p.depth.is_none())
+                    {
+                        self.peers[idx].alive = false;
+                        self.stats.departed(self.now, false);
+                    }
+                }
                 Output::Event(e) => self.stats.room_event(self.now, &e),
             }
         }

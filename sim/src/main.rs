@@ -89,7 +89,19 @@ fn load_doc(path: &Path) -> Result<toml::Value, String> {
     // document so overrides apply to what the user wrote.
     Scenario::load(path).map_err(|e| e.to_string())?;
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    toml::from_str(&text).map_err(|e| e.to_string())
+    let mut doc: toml::Value = toml::from_str(&text).map_err(|e| e.to_string())?;
+    // A latency matrix named relative to the scenario file is found next to it, wherever
+    // `sim` runs from.
+    let matrix = doc
+        .get_mut("latency")
+        .and_then(|l| l.get_mut("matrix_file"));
+    if let Some(toml::Value::String(file)) = matrix
+        && Path::new(file.as_str()).is_relative()
+        && let Some(dir) = path.parent()
+    {
+        *file = dir.join(file.as_str()).display().to_string();
+    }
+    Ok(doc)
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {

@@ -226,7 +226,7 @@ fn read_matrix(path: &str) -> Result<Vec<Vec<f32>>, MatrixError> {
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let rows: Vec<Vec<f32>> = text
         .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
         .enumerate()
         .map(|(i, line)| {
             line.split(|c: char| c == ',' || c.is_whitespace())
