@@ -39,8 +39,10 @@
 //! - `GET /api/rooms`: every room: `[{id, live, ended, viewers, max_depth}]`.
 //! - `GET /api/rooms/{room}`: the room's snapshot (tree and peers).
 //! - `GET /api/rooms/{room}/events`: server-sent events, a `snapshot` then every room event.
-//! - `GET /healthz`, `GET /metrics` (Prometheus), and the pages `/`, `/watch/{room}`,
-//!   `/dashboard`.
+//! - `POST /api/uplink`: a bounded, rate-limited upload a browser times to estimate its
+//!   uplink before joining.
+//! - `GET /healthz`, `GET /metrics` (Prometheus), the pages `/`, `/watch/{room}`,
+//!   `/dashboard`, and their scripts, styles and wasm client under `/assets/`.
 //!
 //! Errors are JSON `{code, message}` with the protocol's error codes.
 #![forbid(unsafe_code)]
@@ -54,6 +56,7 @@ mod room_task;
 mod rooms;
 mod server;
 mod telemetry;
+mod uplink;
 
 pub use config::{Config, ConfigError, Limits};
 pub use server::{ServerError, bind, serve};

@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigError};
 use crate::pages::Pages;
 use crate::room_task::RoomCommand;
 use crate::rooms::Rooms;
-use crate::{api, connection, pages, telemetry};
+use crate::{api, connection, pages, telemetry, uplink};
 
 /// Why the server could not start or stopped on a fault.
 #[derive(Debug, thiserror::Error)]
@@ -242,11 +242,20 @@ fn router(state: Arc<ServerState>) -> Router {
         .route("/api/rooms", get(api::list_rooms).post(api::create_room))
         .route("/api/rooms/{room}", get(api::room_snapshot))
         .route("/api/rooms/{room}/events", get(api::room_events))
+        .route(
+            "/api/uplink",
+            axum::routing::post(uplink::probe).layer(axum::extract::DefaultBodyLimit::max(
+                uplink::MAX_PROBE_BYTES,
+            )),
+        )
         .route("/healthz", get(api::health))
         .route("/metrics", get(api::metrics))
         .route("/", get(pages::landing))
         .route("/watch/{room}", get(pages::watch))
+        .route("/watch", get(pages::watch))
+        .route("/watch/", get(pages::watch))
         .route("/dashboard", get(pages::dashboard))
+        .route("/assets/{*path}", get(pages::asset))
         .fallback(api::not_found)
         .with_state(state)
 }

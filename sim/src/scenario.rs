@@ -279,7 +279,7 @@ impl Default for Timing {
             connect_ms: 250.0,
             hop_ms: 16.0,
             stall_window_ms: 1_000.0,
-            stall_step_ms: 300.0,
+            stall_step_ms: 100.0,
             crash_detect_ms: 5_000.0,
             connect_fail_ms: 8_000.0,
         }

@@ -1,0 +1,186 @@
+//! treecast's browser client: [`treecast_core::agent::Agent`] compiled to WebAssembly.
+//!
+//! The split: every decision a relay peer makes — which media connections to open and
+//! close, what to tell the signaller, when the parent's media counts as stalled, when and
+//! how to resume after a WebSocket blip — is the sans-IO agent in `core`, unit-tested
+//! natively. This crate exposes it to the page through wasm-bindgen as [`Client`]; the
+//! page's `web/client.js` is the I/O shell that owns the WebSocket and the
+//! `RTCPeerConnection`s and carries out the agent's actions.
+//!
+//! # Driver loop (in `web/client.js`)
+//! ```text
+//!  WebSocket open/close/message ─┐
+//!  getStats every 250 ms ────────┼─► Client.<input>(now_ms, …) ─► poll_action() ─► JSON actions:
+//!  ICE candidate / SDP to send ──┤                                open_socket, send, open_parent,
+//!  timer at poll_timeout() ──────┘                                open_child, close, signal, status
+//! ```
+//! Times are `performance.now()` milliseconds. Actions are JSON (`{"kind": …}`) so the
+//! page does not depend on wasm-bindgen's object glue.
+//!
+//! [`qr_svg`] draws the room link as a QR code (the `qrcode` crate, built in).
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use treecast_core::agent::{Agent, AgentConfig, Input, Measurements};
+use treecast_core::protocol::{Delivery, Role};
+use treecast_core::{PeerId, RoomId};
+use wasm_bindgen::prelude::*;
+
+fn at(now_ms: f64) -> Duration {
+    Duration::from_secs_f64(now_ms.max(0.0) / 1000.0)
+}
+
+/// One peer in one room: the agent plus JSON glue for the page.
+#[wasm_bindgen]
+pub struct Client {
+    agent: Agent,
+}
+
+#[wasm_bindgen]
+impl Client {
+    /// A client for `room` as `role` ("broadcaster" or "viewer"); `token` is the
+    /// broadcaster token, `uplink_kbps` the measured upload bandwidth.
+    #[wasm_bindgen(constructor)]
+    pub fn new(
+        room: &str,
+        role: &str,
+        token: Option<String>,
+        uplink_kbps: Option<u32>,
+    ) -> Result<Client, JsError> {
+        let room = RoomId::new(room).map_err(|e| JsError::new(&e.to_string()))?;
+        let role = match role {
+            "broadcaster" => Role::Broadcaster,
+            "viewer" => Role::Viewer,
+            other => return Err(JsError::new(&format!("unknown role {other:?}"))),
+        };
+        let mut config = AgentConfig::new(room, role);
+        config.token = token;
+        config.uplink_kbps = uplink_kbps;
+        Ok(Client {
+            agent: Agent::new(config),
+        })
+    }
+
+    /// The WebSocket is open.
+    pub fn socket_opened(&mut self, now_ms: f64) {
+        self.agent.handle(at(now_ms), Input::SocketOpened);
+    }
+
+    /// The WebSocket closed or failed.
+    pub fn socket_closed(&mut self, now_ms: f64) {
+        self.agent.handle(at(now_ms), Input::SocketClosed);
+    }
+
+    /// A text frame from the signaller.
+    pub fn text(&mut self, now_ms: f64, text: String) {
+        self.agent.handle(at(now_ms), Input::Text(text));
+    }
+
+    /// Cumulative counters of the parent connection: video frames decoded (absent without
+    /// video) and bytes received.
+    pub fn media_progress(&mut self, now_ms: f64, video_frames: Option<f64>, bytes: f64) {
+        self.agent.handle(
+            at(now_ms),
+            Input::MediaProgress {
+                video_frames: video_frames.map(|f| f.max(0.0) as u64),
+                bytes: bytes.max(0.0) as u64,
+            },
+        );
+    }
+
+    /// Measurements for the next report; `delivered` is `[[peer, kbps], …]` as JSON.
+    pub fn measured(
+        &mut self,
+        now_ms: f64,
+        loss: Option<f32>,
+        hop_latency_ms: Option<u32>,
+        delivered: &str,
+    ) {
+        let pairs: Vec<(u64, u32)> = serde_json::from_str(delivered).unwrap_or_default();
+        let delivered = pairs
+            .into_iter()
+            .map(|(peer, kbps)| Delivery {
+                peer: PeerId(peer),
+                kbps,
+            })
+            .collect();
+        self.agent.handle(
+            at(now_ms),
+            Input::Measured(Measurements {
+                loss,
+                hop_latency_ms,
+                delivered,
+            }),
+        );
+    }
+
+    /// Sends signalling data (JSON) to a neighbour; dropped if `to` is not one.
+    pub fn send_signal(&mut self, now_ms: f64, to: f64, data: &str) {
+        let Ok(data) = serde_json::from_str(data) else {
+            return;
+        };
+        self.agent.handle(
+            at(now_ms),
+            Input::SendSignal {
+                to: PeerId(to as u64),
+                data,
+            },
+        );
+    }
+
+    /// Leaves the room (the broadcaster ends it).
+    pub fn leave(&mut self, now_ms: f64) {
+        self.agent.handle(at(now_ms), Input::Leave);
+    }
+
+    /// Call when [`Client::poll_timeout`] is due.
+    pub fn timeout(&mut self, now_ms: f64) {
+        self.agent.handle_timeout(at(now_ms));
+    }
+
+    /// When to call [`Client::timeout`] next, in `performance.now()` milliseconds.
+    pub fn poll_timeout(&self) -> Option<f64> {
+        self.agent.poll_timeout().map(|t| t.as_secs_f64() * 1000.0)
+    }
+
+    /// The next action as JSON, if any.
+    pub fn poll_action(&mut self) -> Option<String> {
+        self.agent
+            .poll_action()
+            .and_then(|a| serde_json::to_string(&a).ok())
+    }
+
+    /// The ICE servers from `welcome`, as JSON in `RTCIceServer` shape.
+    pub fn ice_servers(&self) -> String {
+        serde_json::to_string(self.agent.ice_servers()).unwrap_or_else(|_| "[]".into())
+    }
+}
+
+/// The QR code of `text` as an SVG document (dark modules on white, with a quiet zone).
+#[wasm_bindgen]
+pub fn qr_svg(text: &str) -> Result<String, JsError> {
+    qr(text).map_err(|e| JsError::new(&e))
+}
+
+fn qr(text: &str) -> Result<String, String> {
+    use qrcode::render::svg;
+    let code = qrcode::QrCode::with_error_correction_level(text, qrcode::EcLevel::M)
+        .map_err(|e| e.to_string())?;
+    Ok(code
+        .render::<svg::Color>()
+        .min_dimensions(160, 160)
+        .quiet_zone(true)
+        .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qr_draws_an_svg() {
+        let svg = qr("http://127.0.0.1:8080/watch/q7Xc-2_kLm").unwrap();
+        assert!(svg.contains("<svg") && svg.contains("path"), "{svg}");
+    }
+}

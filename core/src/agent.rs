@@ -1,0 +1,1122 @@
+//! A peer's side of treecast, sans-IO: what a browser (or native) client does with the
+//! signaller's messages and with what its media connections report.
+//!
+//! The [`Agent`] owns no socket, no `RTCPeerConnection` and no clock. Its driver (the
+//! wasm client in the browser, the simulator in tests) repeats:
+//!
+//! 1. feed an [`Input`] with the current time: `agent.handle(now, input)` — the WebSocket
+//!    opened or closed, a text frame from the signaller, media progress counters from the
+//!    connection to the parent, per-child delivery measurements, a signal the page wants to
+//!    send to a neighbour, or `leave`;
+//! 2. call `agent.handle_timeout(now)` when `agent.poll_timeout()` is due;
+//! 3. drain [`Action`]s with `agent.poll_action()` and carry them out in order: open or close
+//!    the WebSocket, send a text frame, open a receiving connection to the parent or a
+//!    sending connection to a child, close a connection, hand signalling data to a
+//!    connection, show a new [`Status`].
+//!
+//! What it decides:
+//! - **Tree links.** `parent`, `child` and `drop` open and close media connections, once per
+//!   neighbour (a repeated `parent`/`child` keeps the connection). A new parent replaces the
+//!   receiving connection only: sending connections to children stay up, and the driver swaps
+//!   the tracks they send (`replaceTrack`), so the subtree below does not renegotiate.
+//! - **Stall watchdog.** Media counters from the parent must advance: video frames decoded
+//!   when the stream has video (a relay whose parent died keeps sending decoder-generated
+//!   audio, so bytes alone would hide the stall), bytes otherwise. No advance for the
+//!   stall window reports `stalled` at once, and the periodic report repeats it while the
+//!   stall lasts (the server may hold a report while the tree above is reconnecting);
+//!   frames flowing again report `receiving`. Deeper peers wait a little longer
+//!   (`stall_step_per_depth` per level), so the peer right below a dead relay normally
+//!   reports first and the server repairs the fault where it is. The simulator measured
+//!   the step's trade-off (docs/performance.md): 100 ms keeps both join time and
+//!   interruptions low, where 300 ms made deep viewers wait seconds to report. Total silence (no byte at all for `silence_after`) means the parent
+//!   itself is gone and is reported sooner, at any depth. A new parent that delivers
+//!   nothing within `connect_timeout` also counts as a stall.
+//! - **Reports.** Every `report_interval`: state, loss, latency estimate (hop latency times
+//!   depth) and delivered kbit/s per child.
+//! - **Resume.** When the WebSocket drops, media connections stay up; the agent reconnects
+//!   with backoff and presents its resume token. The last `room` status is authoritative:
+//!   connections to anyone else are closed, missing ones opened. `bad_resume` closes every
+//!   media connection and joins afresh.
+//! - **Liveness.** A `ping` when nothing was sent for half the heartbeat interval.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::ids::{PeerId, RoomId};
+use crate::protocol::{
+    ClientMessage, Delivery, EndReason, ErrorCode, Hello, IceServer, MediaState, PROTOCOL_VERSION,
+    Report, Role, ServerMessage,
+};
+
+/// Settings of one agent. `Default` gives the values the web client uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// Room to join.
+    pub room: RoomId,
+    /// Broadcaster or viewer.
+    pub role: Role,
+    /// The broadcaster token (broadcaster only).
+    pub token: Option<String>,
+    /// Measured upload bandwidth, sent in `hello` so the server can place capacity well.
+    pub uplink_kbps: Option<u32>,
+    /// Media gap after which a peer at depth 1 reports `stalled`.
+    pub stall_after: Duration,
+    /// Extra gap per level below depth 1 before reporting `stalled`, so the peer nearest
+    /// to a failure reports first.
+    pub stall_step_per_depth: Duration,
+    /// No bytes at all from the parent for this long: the parent itself is gone (a relay
+    /// whose own parent failed still sends something, e.g. its decoder's concealment
+    /// audio), so this is reported at once, whatever the depth.
+    pub silence_after: Duration,
+    /// A new parent that delivers no media for this long counts as stalled.
+    pub connect_timeout: Duration,
+    /// How often to send a periodic `report`.
+    pub report_interval: Duration,
+    /// First reconnect delay after the WebSocket drops; doubles up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+}
+
+impl AgentConfig {
+    /// A configuration with the default timings.
+    pub fn new(room: RoomId, role: Role) -> Self {
+        Self {
+            room,
+            role,
+            token: None,
+            uplink_kbps: None,
+            stall_after: Duration::from_millis(1000),
+            stall_step_per_depth: Duration::from_millis(100),
+            silence_after: Duration::from_millis(600),
+            connect_timeout: Duration::from_millis(8000),
+            report_interval: Duration::from_millis(2000),
+            reconnect_min: Duration::from_millis(250),
+            reconnect_max: Duration::from_millis(5000),
+        }
+    }
+}
+
+/// Something that happened to the agent's peer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The WebSocket the agent asked for is open.
+    SocketOpened,
+    /// The WebSocket closed or failed.
+    SocketClosed,
+    /// A text frame from the signaller.
+    Text(String),
+    /// Cumulative counters of the connection to the current parent (reset to zero for a new
+    /// connection): video frames decoded (`None` when the stream has no video) and bytes
+    /// received over every track.
+    MediaProgress {
+        /// `framesDecoded` of the inbound video, if there is video.
+        video_frames: Option<u64>,
+        /// `bytesReceived` over all inbound tracks.
+        bytes: u64,
+    },
+    /// Measurements for the next periodic report.
+    Measured(Measurements),
+    /// The page wants to send signalling data (SDP, ICE) to a neighbour.
+    SendSignal {
+        /// The neighbour.
+        to: PeerId,
+        /// Opaque data.
+        data: Value,
+    },
+    /// The user leaves (broadcaster: ends the broadcast).
+    Leave,
+}
+
+/// Media measurements the driver takes from `getStats`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Measurements {
+    /// Fraction of packets lost from the parent over the last interval.
+    pub loss: Option<f32>,
+    /// Delay added by the last hop (half the round trip plus the jitter buffer), in ms.
+    pub hop_latency_ms: Option<u32>,
+    /// Bitrate delivered to each child over the last interval.
+    pub delivered: Vec<Delivery>,
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Action {
+    /// Open a WebSocket to the signaller's `/ws`.
+    OpenSocket,
+    /// Close the WebSocket (after sending what was queued).
+    CloseSocket,
+    /// Send this text frame on the WebSocket.
+    Send {
+        /// The JSON text.
+        text: String,
+    },
+    /// Create a receiving connection for this new parent; it will send an offer.
+    OpenParent {
+        /// The parent.
+        peer: PeerId,
+    },
+    /// Create a sending connection to this child, add the current tracks, send an offer.
+    OpenChild {
+        /// The child.
+        peer: PeerId,
+    },
+    /// Close the media connection to this peer.
+    Close {
+        /// The former neighbour.
+        peer: PeerId,
+    },
+    /// Signalling data from a neighbour, for its connection.
+    Signal {
+        /// The neighbour.
+        from: PeerId,
+        /// Opaque data.
+        data: Value,
+    },
+    /// The status shown to the user changed.
+    Status(Status),
+}
+
+/// Where the agent is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Opening the first WebSocket, waiting for `welcome`.
+    Joining,
+    /// In the room.
+    Joined,
+    /// The WebSocket dropped; trying to resume.
+    Reconnecting,
+    /// The room ended (see `ended`).
+    Ended,
+    /// Refused for good (see `error`).
+    Failed,
+    /// Left on the user's request.
+    Left,
+}
+
+/// What a page shows about its peer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// Life phase.
+    pub phase: Phase,
+    /// Own peer id, once welcomed.
+    pub peer_id: Option<PeerId>,
+    /// Own depth (broadcaster 0), when attached.
+    pub depth: Option<u32>,
+    /// Current parent.
+    pub parent: Option<PeerId>,
+    /// Current children.
+    pub children: Vec<PeerId>,
+    /// Viewers in the room.
+    pub viewers: u32,
+    /// Whether the broadcaster is connected.
+    pub live: bool,
+    /// Children this peer may feed.
+    pub capacity: u32,
+    /// Media from the parent.
+    pub media: MediaState,
+    /// Why the room ended, when it did.
+    pub ended: Option<EndReason>,
+    /// Why the agent failed, when it did.
+    pub error: Option<ErrorInfo>,
+}
+
+/// A refusal from the signaller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ErrorInfo {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Human sentence.
+    pub message: String,
+}
+
+/// Most signals held while the WebSocket is down.
+const MAX_HELD_SIGNALS: usize = 256;
+
+/// The peer-side state machine. See the module docs for the driver loop.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    phase: Phase,
+    socket_open: bool,
+    /// `hello` was answered with `welcome` on the current socket.
+    welcomed: bool,
+    resume: Option<String>,
+    ice_servers: Vec<IceServer>,
+    heartbeat: Duration,
+    peer_id: Option<PeerId>,
+    parent: Option<PeerId>,
+    children: BTreeSet<PeerId>,
+    depth: Option<u32>,
+    viewers: u32,
+    live: bool,
+    capacity: u32,
+    media: MediaState,
+    /// When the current parent was assigned.
+    parent_since: Duration,
+    /// Last counters seen from the parent's connection.
+    progress: Option<(Option<u64>, u64)>,
+    /// Last time those counters advanced.
+    advanced_at: Option<Duration>,
+    /// Last time any byte arrived from the parent.
+    bytes_at: Option<Duration>,
+    measured: Measurements,
+    next_report: Option<Duration>,
+    last_sent: Duration,
+    reconnect_at: Option<Duration>,
+    backoff: Duration,
+    held: VecDeque<ClientMessage>,
+    ended: Option<EndReason>,
+    error: Option<ErrorInfo>,
+    shown: Option<Status>,
+    out: VecDeque<Action>,
+}
+
+impl Agent {
+    /// A new agent; its first action asks the driver to open the WebSocket.
+    pub fn new(config: AgentConfig) -> Self {
+        let backoff = config.reconnect_min;
+        let mut agent = Self {
+            config,
+            phase: Phase::Joining,
+            socket_open: false,
+            welcomed: false,
+            resume: None,
+            ice_servers: Vec::new(),
+            heartbeat: Duration::from_secs(5),
+            peer_id: None,
+            parent: None,
+            children: BTreeSet::new(),
+            depth: None,
+            viewers: 0,
+            live: false,
+            capacity: 0,
+            media: MediaState::Connecting,
+            parent_since: Duration::ZERO,
+            progress: None,
+            advanced_at: None,
+            bytes_at: None,
+            measured: Measurements::default(),
+            next_report: None,
+            last_sent: Duration::ZERO,
+            reconnect_at: None,
+            backoff,
+            held: VecDeque::new(),
+            ended: None,
+            error: None,
+            shown: None,
+            out: VecDeque::new(),
+        };
+        agent.out.push_back(Action::OpenSocket);
+        agent.emit_status();
+        agent
+    }
+
+    /// STUN/TURN servers from the last `welcome`, for new connections.
+    pub fn ice_servers(&self) -> &[IceServer] {
+        &self.ice_servers
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        Status {
+            phase: self.phase,
+            peer_id: self.peer_id,
+            depth: self.depth,
+            parent: self.parent,
+            children: self.children.iter().copied().collect(),
+            viewers: self.viewers,
+            live: self.live,
+            capacity: self.capacity,
+            media: self.media,
+            ended: self.ended,
+            error: self.error.clone(),
+        }
+    }
+
+    /// The next action for the driver, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.out.pop_front()
+    }
+
+    /// When [`Agent::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        if self.is_over() {
+            return None;
+        }
+        let mut next = self.reconnect_at;
+        let mut earliest = |t: Duration| next = Some(next.map_or(t, |n| n.min(t)));
+        if self.socket_open && self.welcomed {
+            if let Some(t) = self.next_report {
+                earliest(t);
+            }
+            earliest(self.last_sent + self.heartbeat / 2);
+        }
+        if let Some(t) = self.watchdog_deadline() {
+            earliest(t);
+        }
+        next
+    }
+
+    fn is_over(&self) -> bool {
+        matches!(self.phase, Phase::Ended | Phase::Failed | Phase::Left)
+    }
+
+    /// Feeds one input.
+    pub fn handle(&mut self, now: Duration, input: Input) {
+        if self.is_over() {
+            if input == Input::SocketOpened {
+                self.out.push_back(Action::CloseSocket);
+            }
+            return;
+        }
+        match input {
+            Input::SocketOpened => self.on_open(now),
+            Input::SocketClosed => self.on_closed(now),
+            Input::Text(text) => {
+                if let Ok(msg) = serde_json::from_str::<ServerMessage>(&text) {
+                    self.on_message(now, msg);
+                }
+            }
+            Input::MediaProgress {
+                video_frames,
+                bytes,
+            } => self.on_progress(now, video_frames, bytes),
+            Input::Measured(m) => self.measured = m,
+            Input::SendSignal { to, data } => {
+                if self.is_neighbour(to) {
+                    self.send(now, ClientMessage::Signal { to, data });
+                }
+            }
+            Input::Leave => self.leave(now),
+        }
+        self.check_watchdog(now);
+        self.emit_status();
+    }
+
+    /// Does what is due at `now`.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if self.is_over() {
+            return;
+        }
+        if self.reconnect_at.is_some_and(|t| t <= now) {
+            self.reconnect_at = None;
+            self.out.push_back(Action::OpenSocket);
+        }
+        self.check_watchdog(now);
+        if self.socket_open && self.welcomed {
+            if self.next_report.is_some_and(|t| t <= now) {
+                self.send_report(now);
+            }
+            if now >= self.last_sent + self.heartbeat / 2 {
+                self.send(now, ClientMessage::Ping {});
+            }
+        }
+        self.emit_status();
+    }
+
+    fn on_open(&mut self, now: Duration) {
+        self.socket_open = true;
+        self.welcomed = false;
+        let hello = Hello {
+            v: PROTOCOL_VERSION,
+            room: self.config.room.clone(),
+            role: self.config.role,
+            token: self.config.token.clone(),
+            uplink_kbps: self.config.uplink_kbps,
+            resume: self.resume.clone(),
+        };
+        self.send_now(now, &ClientMessage::Hello(hello));
+    }
+
+    fn on_closed(&mut self, now: Duration) {
+        self.socket_open = false;
+        self.welcomed = false;
+        self.phase = Phase::Reconnecting;
+        self.reconnect_at = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(self.config.reconnect_max);
+    }
+
+    fn on_message(&mut self, now: Duration, msg: ServerMessage) {
+        match msg {
+            ServerMessage::Welcome {
+                peer_id,
+                resume,
+                resumed,
+                ice_servers,
+                limits,
+                ..
+            } => {
+                if !resumed {
+                    // A new identity: whatever links the old one had are gone.
+                    self.close_all_media();
+                    self.held.clear();
+                }
+                self.peer_id = Some(peer_id);
+                self.resume = Some(resume);
+                self.ice_servers = ice_servers;
+                self.heartbeat = Duration::from_millis(limits.heartbeat_ms.max(200));
+                self.capacity = limits.capacity;
+                self.phase = Phase::Joined;
+                self.welcomed = true;
+                self.backoff = self.config.reconnect_min;
+                self.next_report = Some(now + self.config.report_interval);
+                while let Some(msg) = self.held.pop_front() {
+                    self.send_now(now, &msg);
+                }
+                if self.parent.is_some() {
+                    self.report_state(now);
+                }
+            }
+            ServerMessage::Parent { peer_id, depth } => {
+                self.depth = Some(depth);
+                self.set_parent(now, Some(peer_id));
+            }
+            ServerMessage::Child { peer_id } => self.add_child(peer_id),
+            ServerMessage::Drop { peer_id } => {
+                if self.parent == Some(peer_id) {
+                    self.set_parent(now, None);
+                    self.depth = None;
+                }
+                if self.children.remove(&peer_id) {
+                    self.out.push_back(Action::Close { peer: peer_id });
+                }
+            }
+            ServerMessage::Signal { from, data } => {
+                if self.is_neighbour(from) {
+                    self.out.push_back(Action::Signal { from, data });
+                }
+            }
+            ServerMessage::Room {
+                viewers,
+                live,
+                depth,
+                parent,
+                children,
+                capacity,
+            } => {
+                self.viewers = viewers;
+                self.live = live;
+                self.capacity = capacity;
+                if self.config.role == Role::Broadcaster {
+                    self.depth = Some(0);
+                } else {
+                    self.depth = depth;
+                }
+                // Authoritative links (after a resume they may differ from what we have).
+                if parent != self.parent {
+                    self.set_parent(now, parent);
+                }
+                let wanted: BTreeSet<PeerId> = children.into_iter().collect();
+                for gone in self
+                    .children
+                    .difference(&wanted)
+                    .copied()
+                    .collect::<Vec<_>>()
+                {
+                    self.children.remove(&gone);
+                    self.out.push_back(Action::Close { peer: gone });
+                }
+                for new in wanted {
+                    self.add_child(new);
+                }
+            }
+            ServerMessage::Ended { reason } => {
+                self.ended = Some(reason);
+                self.finish(Phase::Ended);
+            }
+            ServerMessage::Pong => {}
+            ServerMessage::Error { code, message } => self.on_error(code, message),
+        }
+    }
+
+    fn on_error(&mut self, code: ErrorCode, message: String) {
+        match code {
+            ErrorCode::BadResume => {
+                // Our place is gone: join afresh (the server closes this socket).
+                self.resume = None;
+                self.close_all_media();
+                self.backoff = self.config.reconnect_min;
+            }
+            // After `ended` this only confirms it; on its own (a resume into an ended
+            // room) it ends the agent.
+            ErrorCode::RoomEnded if self.ended.is_none() => {
+                self.error = Some(ErrorInfo { code, message });
+                self.finish(Phase::Ended);
+            }
+            ErrorCode::UnknownRoom
+            | ErrorCode::RoomFull
+            | ErrorCode::WrongToken
+            | ErrorCode::BroadcasterExists
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::TooManyConnections
+            | ErrorCode::ShuttingDown => {
+                self.error = Some(ErrorInfo { code, message });
+                self.finish(Phase::Failed);
+            }
+            // Everything else either leaves the socket open (a refused message) or closes
+            // it resumably (timeout, internal, slow consumer): the reconnect handles it.
+            _ => {}
+        }
+    }
+
+    fn finish(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.close_all_media();
+        self.reconnect_at = None;
+        self.held.clear();
+        if self.socket_open {
+            self.out.push_back(Action::CloseSocket);
+        }
+    }
+
+    fn leave(&mut self, now: Duration) {
+        if self.socket_open && self.welcomed {
+            self.send_now(now, &ClientMessage::Leave {});
+        }
+        self.finish(Phase::Left);
+    }
+
+    fn is_neighbour(&self, peer: PeerId) -> bool {
+        self.parent == Some(peer) || self.children.contains(&peer)
+    }
+
+    fn add_child(&mut self, peer: PeerId) {
+        if self.children.insert(peer) {
+            self.out.push_back(Action::OpenChild { peer });
+        }
+    }
+
+    fn set_parent(&mut self, now: Duration, parent: Option<PeerId>) {
+        if parent == self.parent {
+            return;
+        }
+        if let Some(old) = self.parent.take() {
+            self.out.push_back(Action::Close { peer: old });
+        }
+        self.parent = parent;
+        self.progress = None;
+        self.advanced_at = None;
+        self.bytes_at = None;
+        self.parent_since = now;
+        self.media = MediaState::Connecting;
+        if let Some(peer) = parent {
+            self.out.push_back(Action::OpenParent { peer });
+            self.report_state(now);
+        }
+    }
+
+    fn close_all_media(&mut self) {
+        if let Some(peer) = self.parent.take() {
+            self.out.push_back(Action::Close { peer });
+        }
+        for peer in std::mem::take(&mut self.children) {
+            self.out.push_back(Action::Close { peer });
+        }
+        self.depth = None;
+        self.progress = None;
+        self.advanced_at = None;
+        self.bytes_at = None;
+        self.media = MediaState::Connecting;
+    }
+
+    fn on_progress(&mut self, now: Duration, video_frames: Option<u64>, bytes: u64) {
+        if self.parent.is_none() {
+            return;
+        }
+        if self
+            .progress
+            .map_or(bytes > 0, |(_, before)| bytes > before)
+        {
+            self.bytes_at = Some(now);
+        }
+        let advanced = match (self.progress, video_frames) {
+            (None, Some(frames)) => frames > 0,
+            (None, None) => bytes > 0,
+            (Some((Some(before), _)), Some(frames)) => frames > before,
+            (Some((_, before)), _) => bytes > before,
+        };
+        self.progress = Some((video_frames, bytes));
+        if advanced {
+            self.advanced_at = Some(now);
+            if self.media != MediaState::Receiving {
+                self.media = MediaState::Receiving;
+                self.report_state(now);
+            }
+        }
+    }
+
+    /// The stall window at the current depth.
+    fn stall_window(&self) -> Duration {
+        let below = self.depth.unwrap_or(1).saturating_sub(1).min(16);
+        self.config.stall_after + self.config.stall_step_per_depth * below
+    }
+
+    fn watchdog_deadline(&self) -> Option<Duration> {
+        self.parent?;
+        match self.media {
+            MediaState::Receiving => {
+                let frames = self.advanced_at.map(|t| t + self.stall_window());
+                let silence = self.bytes_at.map(|t| t + self.config.silence_after);
+                match (frames, silence) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+            MediaState::Connecting => Some(self.parent_since + self.config.connect_timeout),
+            MediaState::Stalled => None,
+        }
+    }
+
+    fn check_watchdog(&mut self, now: Duration) {
+        if self.watchdog_deadline().is_some_and(|t| t <= now) {
+            self.media = MediaState::Stalled;
+            self.report_state(now);
+        }
+    }
+
+    /// Sends the current media state at once (state changes are edge-triggered).
+    fn report_state(&mut self, now: Duration) {
+        if self.config.role == Role::Viewer && self.parent.is_some() {
+            let report = Report {
+                state: self.media,
+                loss: None,
+                latency_ms: None,
+                uplink_kbps: None,
+                delivered: Vec::new(),
+            };
+            self.send(now, ClientMessage::Report(report));
+        }
+    }
+
+    fn send_report(&mut self, now: Duration) {
+        self.next_report = Some(now + self.config.report_interval);
+        let m = std::mem::take(&mut self.measured);
+        let state = match self.config.role {
+            // The broadcaster's own capture is its "media": always flowing while live.
+            Role::Broadcaster => MediaState::Receiving,
+            Role::Viewer if self.parent.is_some() => self.media,
+            // Waiting for a parent: nothing to say about media.
+            Role::Viewer => return,
+        };
+        let latency_ms = match (self.config.role, m.hop_latency_ms, self.depth) {
+            (Role::Viewer, Some(hop), Some(depth)) => Some(hop.saturating_mul(depth.max(1))),
+            _ => None,
+        };
+        let report = Report {
+            state,
+            loss: m.loss.filter(|l| (0.0..=1.0).contains(l)),
+            latency_ms,
+            uplink_kbps: None,
+            delivered: m.delivered,
+        };
+        self.send(now, ClientMessage::Report(report));
+    }
+
+    /// Sends when connected and welcomed; holds signals (not reports or pings) otherwise.
+    fn send(&mut self, now: Duration, msg: ClientMessage) {
+        if self.socket_open && self.welcomed {
+            self.send_now(now, &msg);
+        } else if matches!(msg, ClientMessage::Signal { .. }) && self.held.len() < MAX_HELD_SIGNALS
+        {
+            self.held.push_back(msg);
+        }
+    }
+
+    fn send_now(&mut self, now: Duration, msg: &ClientMessage) {
+        self.last_sent = now;
+        self.out.push_back(Action::Send {
+            text: msg.to_json(),
+        });
+    }
+
+    fn emit_status(&mut self) {
+        let status = self.status();
+        if self.shown.as_ref() != Some(&status) {
+            self.shown = Some(status.clone());
+            self.out.push_back(Action::Status(status));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn viewer() -> Agent {
+        Agent::new(AgentConfig::new(
+            RoomId::new("room1").unwrap(),
+            Role::Viewer,
+        ))
+    }
+
+    fn drain(a: &mut Agent) -> Vec<Action> {
+        std::iter::from_fn(|| a.poll_action())
+            .filter(|x| !matches!(x, Action::Status(_)))
+            .collect()
+    }
+
+    fn sent(actions: &[Action]) -> Vec<Value> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { text } => Some(serde_json::from_str(text).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn server(a: &mut Agent, now: u64, msg: Value) -> Vec<Action> {
+        a.handle(ms(now), Input::Text(msg.to_string()));
+        drain(a)
+    }
+
+    fn welcome(resumed: bool) -> Value {
+        json!({"type":"welcome","peer_id":5,"resume":"tok","role":"viewer","resumed":resumed,
+               "ice_servers":[],"limits":{"max_message_bytes":16384,"messages_per_second":50,
+               "heartbeat_ms":5000,"resume_grace_ms":10000,"capacity":2},"protocol":1})
+    }
+
+    /// A viewer joined under parent 1 at depth 1 and receiving.
+    fn receiving_viewer() -> Agent {
+        let mut a = viewer();
+        assert_eq!(drain(&mut a), vec![Action::OpenSocket]);
+        a.handle(ms(0), Input::SocketOpened);
+        let hello = sent(&drain(&mut a));
+        assert_eq!(hello[0]["type"], "hello");
+        assert!(hello[0].get("resume").is_none());
+        server(&mut a, 10, welcome(false));
+        let acts = server(&mut a, 10, json!({"type":"parent","peer_id":1,"depth":1}));
+        assert_eq!(acts[0], Action::OpenParent { peer: PeerId(1) });
+        assert_eq!(sent(&acts)[0]["state"], "connecting");
+        a.handle(
+            ms(500),
+            Input::MediaProgress {
+                video_frames: Some(3),
+                bytes: 900,
+            },
+        );
+        assert_eq!(sent(&drain(&mut a))[0]["state"], "receiving");
+        a
+    }
+
+    #[test]
+    fn stall_is_reported_once_and_recovery_reported() {
+        let mut a = receiving_viewer();
+        // Audio bytes keep coming but video frames stop: that is a stall.
+        for t in (600..=1400).step_by(200) {
+            a.handle(
+                ms(t),
+                Input::MediaProgress {
+                    video_frames: Some(3),
+                    bytes: t,
+                },
+            );
+            assert!(sent(&drain(&mut a)).is_empty(), "no report before 1 s");
+        }
+        assert_eq!(a.poll_timeout(), Some(ms(1500)));
+        a.handle_timeout(ms(1500));
+        let r = sent(&drain(&mut a));
+        assert_eq!(r, vec![json!({"type":"report","state":"stalled"})]);
+        a.handle_timeout(ms(3000));
+        drain(&mut a); // a periodic report repeats "stalled" while the stall lasts
+        a.handle(
+            ms(3100),
+            Input::MediaProgress {
+                video_frames: Some(3),
+                bytes: 5000,
+            },
+        );
+        assert!(
+            sent(&drain(&mut a)).iter().all(|m| m["state"] != "stalled"),
+            "edge-triggered"
+        );
+        a.handle(
+            ms(3200),
+            Input::MediaProgress {
+                video_frames: Some(4),
+                bytes: 5000,
+            },
+        );
+        assert_eq!(sent(&drain(&mut a))[0]["state"], "receiving");
+    }
+
+    #[test]
+    fn total_silence_is_reported_sooner() {
+        let mut a = receiving_viewer();
+        server(&mut a, 600, json!({"type":"parent","peer_id":1,"depth":4}));
+        a.handle(
+            ms(700),
+            Input::MediaProgress {
+                video_frames: Some(10),
+                bytes: 2000,
+            },
+        );
+        drain(&mut a);
+        assert_eq!(a.watchdog_deadline(), Some(ms(1300)));
+        a.handle(
+            ms(1100),
+            Input::MediaProgress {
+                video_frames: Some(10),
+                bytes: 2000,
+            },
+        );
+        a.handle_timeout(ms(1300));
+        assert_eq!(sent(&drain(&mut a))[0]["state"], "stalled");
+    }
+
+    #[test]
+    fn deeper_peers_wait_longer_before_reporting() {
+        let mut a = receiving_viewer();
+        server(&mut a, 600, json!({"type":"parent","peer_id":1,"depth":3}));
+        a.handle(
+            ms(700),
+            Input::MediaProgress {
+                video_frames: Some(10),
+                bytes: 1,
+            },
+        );
+        drain(&mut a);
+        assert_eq!(a.stall_window(), ms(1000 + 2 * 100));
+    }
+
+    #[test]
+    fn a_parent_that_never_delivers_counts_as_stalled() {
+        let mut a = viewer();
+        a.handle(ms(0), Input::SocketOpened);
+        server(&mut a, 0, welcome(false));
+        server(&mut a, 0, json!({"type":"parent","peer_id":1,"depth":1}));
+        a.handle_timeout(ms(7999));
+        assert!(sent(&drain(&mut a)).iter().all(|m| m["state"] != "stalled"));
+        a.handle_timeout(ms(8000));
+        assert_eq!(sent(&drain(&mut a))[0]["state"], "stalled");
+    }
+
+    #[test]
+    fn new_parent_replaces_only_the_receiving_connection() {
+        let mut a = receiving_viewer();
+        assert_eq!(
+            server(&mut a, 600, json!({"type":"child","peer_id":7})),
+            vec![Action::OpenChild { peer: PeerId(7) }]
+        );
+        assert!(server(&mut a, 600, json!({"type":"child","peer_id":7})).is_empty());
+        assert_eq!(
+            server(&mut a, 700, json!({"type":"drop","peer_id":1})),
+            vec![Action::Close { peer: PeerId(1) }]
+        );
+        let acts = server(&mut a, 700, json!({"type":"parent","peer_id":3,"depth":1}));
+        assert_eq!(acts[0], Action::OpenParent { peer: PeerId(3) });
+        assert_eq!(
+            sent(&acts),
+            vec![json!({"type":"report","state":"connecting"})]
+        );
+        assert!(
+            !acts
+                .iter()
+                .any(|x| matches!(x, Action::Close { .. } | Action::OpenChild { .. }))
+        );
+        assert!(server(&mut a, 700, json!({"type":"parent","peer_id":3,"depth":1})).is_empty());
+    }
+
+    #[test]
+    fn signals_only_to_and_from_neighbours() {
+        let mut a = receiving_viewer();
+        assert!(server(&mut a, 600, json!({"type":"signal","from":9,"data":{}})).is_empty());
+        assert_eq!(
+            server(
+                &mut a,
+                600,
+                json!({"type":"signal","from":1,"data":{"x":1}})
+            ),
+            vec![Action::Signal {
+                from: PeerId(1),
+                data: json!({"x":1})
+            }]
+        );
+        a.handle(
+            ms(600),
+            Input::SendSignal {
+                to: PeerId(9),
+                data: json!({}),
+            },
+        );
+        assert!(drain(&mut a).is_empty());
+        a.handle(
+            ms(600),
+            Input::SendSignal {
+                to: PeerId(1),
+                data: json!({"a":2}),
+            },
+        );
+        assert_eq!(
+            sent(&drain(&mut a)),
+            vec![json!({"type":"signal","to":1,"data":{"a":2}})]
+        );
+    }
+
+    #[test]
+    fn socket_blip_resumes_keeping_media_and_the_last_room_status_rules() {
+        let mut a = receiving_viewer();
+        server(&mut a, 600, json!({"type":"child","peer_id":7}));
+        a.handle(ms(1000), Input::SocketClosed);
+        assert!(drain(&mut a).is_empty(), "media connections stay up");
+        assert_eq!(a.status().phase, Phase::Reconnecting);
+        // A signal while away is held until the resume.
+        a.handle(
+            ms(1100),
+            Input::SendSignal {
+                to: PeerId(7),
+                data: json!({"c":1}),
+            },
+        );
+        assert!(drain(&mut a).is_empty());
+        assert_eq!(a.poll_timeout(), Some(ms(1250)));
+        a.handle_timeout(ms(1250));
+        assert_eq!(drain(&mut a), vec![Action::OpenSocket]);
+        a.handle(ms(1300), Input::SocketOpened);
+        let hello = sent(&drain(&mut a));
+        assert_eq!(hello[0]["resume"], "tok");
+        let acts = server(&mut a, 1310, welcome(true));
+        let msgs = sent(&acts);
+        assert_eq!(msgs[0], json!({"type":"signal","to":7,"data":{"c":1}}));
+        assert!(!acts.iter().any(|x| matches!(x, Action::Close { .. })));
+        // Authoritative status: child 7 moved away, child 8 is new, parent unchanged.
+        let acts = server(
+            &mut a,
+            1320,
+            json!({"type":"room","viewers":4,"live":true,"depth":1,"parent":1,"children":[8],"capacity":2}),
+        );
+        assert_eq!(
+            acts,
+            vec![
+                Action::Close { peer: PeerId(7) },
+                Action::OpenChild { peer: PeerId(8) }
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_resume_closes_media_and_joins_afresh() {
+        let mut a = receiving_viewer();
+        a.handle(ms(1000), Input::SocketClosed);
+        a.handle_timeout(ms(1250));
+        a.handle(ms(1300), Input::SocketOpened);
+        drain(&mut a);
+        let acts = server(
+            &mut a,
+            1310,
+            json!({"type":"error","code":"bad_resume","message":"x"}),
+        );
+        assert_eq!(acts, vec![Action::Close { peer: PeerId(1) }]);
+        a.handle(ms(1320), Input::SocketClosed);
+        a.handle_timeout(ms(2000));
+        a.handle(ms(2000), Input::SocketOpened);
+        let hello = sent(&drain(&mut a));
+        assert!(hello[0].get("resume").is_none());
+    }
+
+    #[test]
+    fn refusals_and_the_end_stop_everything() {
+        let mut a = viewer();
+        a.handle(ms(0), Input::SocketOpened);
+        drain(&mut a);
+        let acts = server(
+            &mut a,
+            5,
+            json!({"type":"error","code":"unknown_room","message":"There is no room."}),
+        );
+        assert_eq!(acts, vec![Action::CloseSocket]);
+        assert_eq!(a.status().phase, Phase::Failed);
+        assert_eq!(a.status().error.unwrap().code, ErrorCode::UnknownRoom);
+        a.handle(ms(10), Input::SocketClosed);
+        assert_eq!(a.poll_timeout(), None);
+
+        let mut b = receiving_viewer();
+        server(&mut b, 600, json!({"type":"child","peer_id":7}));
+        let acts = server(
+            &mut b,
+            700,
+            json!({"type":"ended","reason":"broadcaster_left"}),
+        );
+        assert_eq!(
+            acts,
+            vec![
+                Action::Close { peer: PeerId(1) },
+                Action::Close { peer: PeerId(7) },
+                Action::CloseSocket
+            ]
+        );
+        assert_eq!(b.status().phase, Phase::Ended);
+        assert_eq!(b.status().ended, Some(EndReason::BroadcasterLeft));
+    }
+
+    #[test]
+    fn periodic_report_carries_measurements_and_pings_keep_alive() {
+        let mut a = receiving_viewer();
+        server(&mut a, 600, json!({"type":"parent","peer_id":1,"depth":2}));
+        a.handle(
+            ms(700),
+            Input::Measured(Measurements {
+                loss: Some(0.01),
+                hop_latency_ms: Some(20),
+                delivered: vec![Delivery {
+                    peer: PeerId(7),
+                    kbps: 480,
+                }],
+            }),
+        );
+        a.handle(
+            ms(2000),
+            Input::MediaProgress {
+                video_frames: Some(10),
+                bytes: 5000,
+            },
+        );
+        drain(&mut a);
+        a.handle_timeout(ms(2010));
+        let r = sent(&drain(&mut a));
+        assert_eq!(
+            r[0],
+            json!({"type":"report","state":"receiving","loss":0.01,
+                   "latency_ms":40,"delivered":[{"peer":7,"kbps":480}]})
+        );
+        let mut b = Agent::new(AgentConfig::new(
+            RoomId::new("r").unwrap(),
+            Role::Broadcaster,
+        ));
+        b.handle(ms(0), Input::SocketOpened);
+        server(&mut b, 0, welcome(false));
+        b.handle_timeout(ms(2500));
+        let msgs = sent(&drain(&mut b));
+        assert!(msgs.iter().any(|m| m["type"] == "report"), "{msgs:?}");
+        // A viewer waiting for a parent sends no reports, so it pings.
+        let mut c = viewer();
+        c.handle(ms(0), Input::SocketOpened);
+        server(&mut c, 0, welcome(false));
+        assert_eq!(c.poll_timeout(), Some(ms(2000)));
+        c.handle_timeout(ms(2000));
+        assert!(sent(&drain(&mut c)).is_empty());
+        c.handle_timeout(ms(2500));
+        assert_eq!(sent(&drain(&mut c)), vec![json!({"type":"ping"})]);
+    }
+
+    #[test]
+    fn leave_sends_leave_and_closes() {
+        let mut a = receiving_viewer();
+        a.handle(ms(900), Input::Leave);
+        let acts = drain(&mut a);
+        assert_eq!(sent(&acts), vec![json!({"type":"leave"})]);
+        assert_eq!(acts.last(), Some(&Action::CloseSocket));
+        assert_eq!(a.status().phase, Phase::Left);
+    }
+}

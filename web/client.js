@@ -1,0 +1,337 @@
+// treecast browser client: the I/O shell around the wasm agent (client-wasm, which is
+// core::agent compiled to WebAssembly). The agent decides; this file owns the WebSocket
+// and the RTCPeerConnections and carries out the agent's actions:
+//   open_socket / close_socket / send      the signalling WebSocket
+//   open_parent {peer}                     receiving connection; the parent sends the offer
+//   open_child {peer}                      sending connection with the current tracks; offer
+//   close {peer}                           close that media connection
+//   signal {from, data}                    SDP / ICE for a connection
+//   status {...}                           what the page shows
+// Relaying: tracks received from the parent are sent on to every child. Each child
+// connection keeps its two senders for its whole life; when the parent changes, the new
+// tracks are swapped in with replaceTrack, so children never renegotiate.
+
+const STATS_EVERY_MS = 200;      // watchdog sampling of the parent connection
+const MEASURE_EVERY_MS = 2000;   // loss / latency / delivered bitrate for reports
+const VIDEO_MAX_BITRATE = 450_000; // bit/s per child, within the server's stream_kbps (500)
+
+let wasmModule = null;
+
+/** The client is missing from this server: scripts/build-client was not run. */
+export class ClientMissing extends Error {}
+
+/** Loads the wasm client once. */
+export async function loadClient() {
+  if (wasmModule) return wasmModule;
+  let mod;
+  try {
+    mod = await import('/assets/pkg/treecast_client.js');
+    await mod.default();
+  } catch (e) {
+    throw new ClientMissing('The treecast browser client is not built on this server. ' +
+      'Its operator should run scripts/build-client (scripts/run does it) and restart it. (' + e.message + ')');
+  }
+  wasmModule = mod;
+  return mod;
+}
+
+/** Times a short upload to the signaller; kbit/s, or undefined if it could not. */
+export async function measureUplink(bytes = 256 * 1024) {
+  const body = new Uint8Array(bytes);
+  crypto.getRandomValues(body.subarray(0, 65536));
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), 3000);
+  const start = performance.now();
+  try {
+    const res = await fetch('/api/uplink', { method: 'POST', body, signal: abort.signal });
+    if (!res.ok) return undefined;
+    await res.json();
+  } catch {
+    return undefined;
+  } finally {
+    clearTimeout(timer);
+  }
+  const ms = Math.max(1, performance.now() - start);
+  return Math.round(Math.min(1_000_000, Math.max(100, (bytes * 8) / ms)));
+}
+
+/** One peer in one room: the broadcaster (with a stream) or a viewer that relays. */
+export class Peer {
+  /**
+   * @param {object} o
+   * @param {string} o.room
+   * @param {'broadcaster'|'viewer'} o.role
+   * @param {string} [o.token] broadcaster token
+   * @param {number} [o.uplinkKbps]
+   * @param {MediaStream} [o.stream] what the broadcaster sends
+   * @param {(status: object) => void} [o.onStatus]
+   * @param {(stream: MediaStream) => void} [o.onMedia] a viewer's playable stream changed
+   * @param {(info: object) => void} [o.onStats] measurements for an overlay
+   */
+  constructor(wasm, o) {
+    this.wasm = wasm;
+    this.room = o.room;
+    this.role = o.role;
+    this.onStatus = o.onStatus || (() => {});
+    this.onMedia = o.onMedia || (() => {});
+    this.onStats = o.onStats || (() => {});
+    this.client = new wasm.Client(o.room, o.role, o.token ?? undefined, o.uplinkKbps ?? undefined);
+    this.parent = null;            // {peer, pc, chain, pending, hasRemote}
+    this.children = new Map();     // peer -> {pc, senders, chain, pending, hasRemote, prevBytes, prevAt}
+    this.tracks = { video: null, audio: null };
+    this.outStream = new MediaStream();
+    if (o.stream) for (const t of o.stream.getTracks()) this.setTrack(t);
+    this.ws = null;
+    this.timer = null;
+    this.status = null;
+    this.info = { depth: null, latencyMs: null, kbpsIn: null, loss: null, framesDecoded: 0, firstFrameAt: null };
+    this.prevIn = null;
+    this.lastMeasure = performance.now();
+    this.closed = false;
+    this.statsTimer = setInterval(() => this.sample(), STATS_EVERY_MS);
+    this.pump();
+  }
+
+  now() { return performance.now(); }
+
+  /** Carries out every pending action, then re-arms the timer. */
+  pump() {
+    let json;
+    while ((json = this.client.poll_action()) !== undefined && json !== null) {
+      try { this.act(JSON.parse(json)); } catch (e) { console.error('treecast action failed', e); }
+    }
+    clearTimeout(this.timer);
+    const due = this.client.poll_timeout();
+    if (due !== undefined && due !== null) {
+      this.timer = setTimeout(() => { this.client.timeout(this.now()); this.pump(); },
+        Math.max(0, due - this.now()));
+    }
+  }
+
+  act(a) {
+    switch (a.kind) {
+      case 'open_socket': return this.openSocket();
+      case 'close_socket': if (this.ws) { const ws = this.ws; this.ws = null; ws.close(1000); } return;
+      case 'send': if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(a.text); return;
+      case 'open_parent': return this.openParent(a.peer);
+      case 'open_child': return this.openChild(a.peer);
+      case 'close': return this.closeConn(a.peer);
+      case 'signal': return this.onSignal(a.from, a.data);
+      case 'status':
+        this.status = a;
+        this.info.depth = a.depth;
+        if (a.phase === 'ended' || a.phase === 'failed' || a.phase === 'left') this.shutdown();
+        this.onStatus(a);
+        return;
+    }
+  }
+
+  openSocket() {
+    const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
+    const ws = new WebSocket(url);
+    this.ws = ws;
+    ws.onopen = () => { if (this.ws === ws) { this.info.socketOpenedAt ??= performance.now(); this.client.socket_opened(this.now()); this.pump(); } };
+    ws.onmessage = (e) => { if (this.ws === ws) { this.client.text(this.now(), e.data); this.pump(); } };
+    ws.onclose = () => { if (this.ws === ws) { this.ws = null; this.client.socket_closed(this.now()); this.pump(); } };
+  }
+
+  newConnection(peer) {
+    let servers = [];
+    try { servers = JSON.parse(this.client.ice_servers()); } catch { /* none */ }
+    const pc = new RTCPeerConnection({ iceServers: servers });
+    pc.onicecandidate = (e) => {
+      if (e.candidate) this.sendSignal(peer, e.candidate.toJSON());
+    };
+    return pc;
+  }
+
+  sendSignal(peer, data) {
+    if (this.closed) return;
+    this.client.send_signal(this.now(), peer, JSON.stringify(data));
+    this.pump();
+  }
+
+  openParent(peer) {
+    const pc = this.newConnection(peer);
+    const conn = { peer, pc, chain: Promise.resolve(), pending: [], hasRemote: false };
+    pc.ontrack = (e) => { if (this.parent === conn) this.setTrack(e.track); };
+    this.parent = conn;
+    this.prevIn = null;
+  }
+
+  openChild(peer) {
+    const pc = this.newConnection(peer);
+    const senders = {};
+    for (const kind of ['video', 'audio']) {
+      const init = { direction: 'sendonly', streams: [this.outStream] };
+      if (kind === 'video') init.sendEncodings = [{ maxBitrate: VIDEO_MAX_BITRATE }];
+      senders[kind] = pc.addTransceiver(this.tracks[kind] || kind, init).sender;
+    }
+    const conn = { peer, pc, senders, chain: Promise.resolve(), pending: [], hasRemote: false,
+      prevBytes: 0, prevAt: performance.now() };
+    this.children.set(peer, conn);
+    conn.chain = conn.chain.then(async () => {
+      const offer = await pc.createOffer();
+      await pc.setLocalDescription(offer);
+      this.sendSignal(peer, { type: 'offer', sdp: pc.localDescription.sdp });
+    }).catch((e) => console.warn('treecast: offer to', peer, 'failed', e));
+  }
+
+  closeConn(peer) {
+    if (this.parent && this.parent.peer === peer) {
+      this.parent.pc.close();
+      this.parent = null;
+    }
+    const child = this.children.get(peer);
+    if (child) { child.pc.close(); this.children.delete(peer); }
+  }
+
+  onSignal(from, data) {
+    const conn = (this.parent && this.parent.peer === from) ? this.parent : this.children.get(from);
+    if (!conn || !data) return;
+    conn.chain = conn.chain.then(async () => {
+      const pc = conn.pc;
+      if (pc.signalingState === 'closed') return;
+      if (data.type === 'offer' && conn === this.parent) {
+        await pc.setRemoteDescription({ type: 'offer', sdp: data.sdp });
+        conn.hasRemote = true;
+        const answer = await pc.createAnswer();
+        await pc.setLocalDescription(answer);
+        this.sendSignal(from, { type: 'answer', sdp: pc.localDescription.sdp });
+      } else if (data.type === 'answer' && conn !== this.parent) {
+        await pc.setRemoteDescription({ type: 'answer', sdp: data.sdp });
+        conn.hasRemote = true;
+      } else if (data.candidate !== undefined) {
+        if (!conn.hasRemote) { conn.pending.push(data); return; }
+        await pc.addIceCandidate(data);
+        return;
+      } else {
+        return;
+      }
+      for (const c of conn.pending.splice(0)) await pc.addIceCandidate(c).catch(() => {});
+    }).catch((e) => console.warn('treecast: signal from', from, 'failed', e));
+  }
+
+  /** A new source track (captured, or received from a new parent): send it everywhere. */
+  setTrack(track) {
+    const old = this.tracks[track.kind];
+    this.tracks[track.kind] = track;
+    if (old) this.outStream.removeTrack(old);
+    this.outStream.addTrack(track);
+    for (const child of this.children.values()) {
+      const sender = child.senders[track.kind];
+      if (sender && sender.track !== track) sender.replaceTrack(track).catch(() => {});
+    }
+    if (this.role === 'viewer') {
+      this.onMedia(new MediaStream([this.tracks.video, this.tracks.audio].filter(Boolean)));
+    }
+  }
+
+  /** Watchdog sample of the parent connection, and the periodic measurements. */
+  async sample() {
+    if (this.closed || this.sampling) return;
+    this.sampling = true;
+    try { await this.sampleOnce(); } finally { this.sampling = false; }
+  }
+
+  async sampleOnce() {
+    const now = this.now();
+    const parent = this.parent;
+    let hopLatency, loss, kbpsIn;
+    if (parent) {
+      let frames, bytes = 0, lost = 0, received = 0, rtt, jitterMs;
+      try {
+        const stats = await parent.pc.getStats();
+        stats.forEach((s) => {
+          if (s.type === 'inbound-rtp') {
+            bytes += s.bytesReceived || 0;
+            lost += Math.max(0, s.packetsLost || 0);
+            received += s.packetsReceived || 0;
+            if (s.kind === 'video') {
+              frames = s.framesDecoded || 0;
+              if (s.jitterBufferEmittedCount) jitterMs = 1000 * s.jitterBufferDelay / s.jitterBufferEmittedCount;
+            }
+          } else if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
+            if (s.currentRoundTripTime !== undefined) rtt = s.currentRoundTripTime * 1000;
+          }
+        });
+      } catch { return; }
+      if (this.parent !== parent || this.closed) return;
+      if (frames > 0 && this.info.firstFrameAt === null) this.info.firstFrameAt = performance.now();
+      this.info.framesDecoded = frames || 0;
+      this.client.media_progress(now, frames, bytes);
+      if (this.prevIn) {
+        const dt = now - this.prevIn.at;
+        if (dt >= 900) {
+          kbpsIn = Math.round(((bytes - this.prevIn.bytes) * 8) / dt);
+          const dl = lost - this.prevIn.lost, dr = received - this.prevIn.received;
+          loss = dl + dr > 0 ? Math.min(1, Math.max(0, dl / (dl + dr))) : 0;
+          this.info.kbpsIn = kbpsIn;
+          this.info.loss = loss;
+          this.prevIn = { at: now, bytes, lost, received };
+        }
+      } else {
+        this.prevIn = { at: now, bytes, lost, received };
+      }
+      if (rtt !== undefined || jitterMs !== undefined) {
+        hopLatency = Math.round((rtt || 0) / 2 + (jitterMs || 0));
+        this.info.hopLatencyMs = hopLatency;
+        this.info.latencyMs = hopLatency * Math.max(1, this.info.depth || 1);
+      }
+    }
+    if (now - this.lastMeasure >= MEASURE_EVERY_MS) {
+      this.lastMeasure = now;
+      const delivered = [];
+      for (const [peer, child] of this.children) {
+        try {
+          const stats = await child.pc.getStats();
+          let sent = 0;
+          stats.forEach((s) => { if (s.type === 'outbound-rtp') sent += s.bytesSent || 0; });
+          const t = performance.now();
+          delivered.push([peer, Math.max(0, Math.round(((sent - child.prevBytes) * 8) / Math.max(1, t - child.prevAt)))]);
+          child.prevBytes = sent;
+          child.prevAt = t;
+        } catch { /* closed meanwhile */ }
+      }
+      this.info.delivered = delivered;
+      if (!this.closed) {
+        this.client.measured(this.now(), this.role === 'viewer' ? this.info.loss ?? undefined : undefined,
+          hopLatency, JSON.stringify(delivered));
+      }
+    }
+    if (!this.closed) { this.pump(); this.onStats(this.info); }
+  }
+
+  /** Leaves the room; the broadcaster's leave ends the broadcast for everyone. */
+  leave() {
+    if (this.closed) return;
+    this.client.leave(this.now());
+    this.pump();
+  }
+
+  shutdown() {
+    if (this.closed) return;
+    this.closed = true;
+    clearInterval(this.statsTimer);
+    clearTimeout(this.timer);
+    for (const peer of [...this.children.keys()]) this.closeConn(peer);
+    if (this.parent) this.closeConn(this.parent.peer);
+  }
+}
+
+/** Tells a status in one short sentence for people. */
+export function describe(status) {
+  if (!status) return 'Starting…';
+  switch (status.phase) {
+    case 'joining': return 'Connecting to the server…';
+    case 'reconnecting': return 'Connection to the server lost; reconnecting (the video keeps playing)…';
+    case 'ended': return 'The broadcast has ended.';
+    case 'left': return 'You left.';
+    case 'failed': return status.error ? status.error.message : 'Could not join.';
+  }
+  if (status.depth === 0) return status.live ? 'Live.' : 'Connecting…';
+  if (status.parent == null) return status.live ? 'Waiting for a free place in the relay tree…' : 'Waiting for the broadcaster…';
+  if (status.media === 'receiving') return 'Playing.';
+  if (status.media === 'stalled') return 'The stream stopped upstream; switching to another relay…';
+  return 'Connecting to the stream…';
+}

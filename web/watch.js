@@ -1,0 +1,99 @@
+// The viewer's page (/watch/{room}): plays the stream, relays it to this peer's children,
+// shows where it sits in the tree, and says clearly when the room is unknown or ended.
+import { loadClient, measureUplink, Peer, describe, ClientMissing } from '/assets/client.js';
+
+const $ = (id) => document.getElementById(id);
+const video = $('video');
+const raw = decodeURIComponent(location.pathname.replace(/^\/watch\/?/, '').replace(/\/$/, ''));
+
+function fail(code, html) {
+  document.body.dataset.phase = 'failed';
+  document.body.dataset.error = code;
+  const m = $('message');
+  m.className = 'notice error';
+  m.setAttribute('role', 'alert');
+  m.innerHTML = html;
+  $('player').hidden = true;
+  video.srcObject = null;
+}
+
+const escape = (s) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+function ended(reason) {
+  document.body.dataset.phase = 'ended';
+  const m = $('message');
+  m.className = 'notice';
+  m.innerHTML = '<strong>This broadcast has ended.</strong> ' +
+    (reason === 'broadcaster_lost' ? 'The broadcaster lost their connection.' : 'Thanks for watching.') +
+    ' <a href="/">Start your own</a>.';
+  $('player').hidden = true;
+  video.srcObject = null;
+}
+
+function show(status) {
+  document.body.dataset.phase = status.phase;
+  if (status.phase === 'ended') return ended(status.ended);
+  if (status.phase === 'failed') {
+    const code = status.error ? status.error.code : 'failed';
+    if (code === 'unknown_room') return fail(code, `<strong>There is no broadcast “${escape(raw)}” on this server.</strong> Check the link you were given.`);
+    return fail(code, `<strong>Could not join.</strong> ${escape(describe(status))}`);
+  }
+  $('message').textContent = describe(status);
+  $('o-state').textContent = status.phase === 'joined' ? status.media : status.phase;
+  $('o-depth').textContent = status.depth ?? '–';
+  $('o-parent').textContent = status.parent == null ? '–' : (status.depth === 1 ? 'broadcaster' : `viewer ${status.parent}`);
+  $('o-viewers').textContent = String(status.viewers);
+}
+
+function showStats(info) {
+  $('o-latency').textContent = info.latencyMs == null ? '–' : `~${info.latencyMs} ms`;
+  $('o-bitrate').textContent = info.kbpsIn == null ? '–' : `${info.kbpsIn} kbit/s`;
+}
+
+async function start() {
+  if (!raw) return fail('no_room', '<strong>This link has no room in it.</strong> A watch link looks like <code>/watch/q7Xc-2_kLm</code>; ask the broadcaster for theirs.');
+  if (!/^[A-Za-z0-9_-]{1,64}$/.test(raw)) return fail('bad_room', `<strong>“${escape(raw)}” is not a room id.</strong> Check the link you were given.`);
+  document.title = `Room ${raw} — treecast`;
+  $('title').textContent = `Live: room ${raw}`;
+  let snap;
+  try {
+    const res = await fetch('/api/rooms/' + encodeURIComponent(raw));
+    if (res.status === 404) return show({ phase: 'failed', error: { code: 'unknown_room' } });
+    snap = await res.json();
+  } catch {
+    snap = null; // the WebSocket will tell
+  }
+  if (snap && snap.ended) return ended(snap.ended);
+  let wasm;
+  try {
+    [wasm] = await Promise.all([loadClient()]);
+  } catch (e) {
+    return fail('client_missing', `<strong>The player is not available.</strong> ${escape(e instanceof ClientMissing ? e.message : String(e))}`);
+  }
+  const uplinkKbps = await measureUplink();
+  $('player').hidden = false;
+  const peer = new Peer(wasm, {
+    room: raw, role: 'viewer', uplinkKbps,
+    onStatus: show,
+    onStats: showStats,
+    onMedia: (stream) => {
+      video.srcObject = stream;
+      video.play().catch(() => {});
+    },
+  });
+  window.treecast = { peer, room: raw };
+  // When the first frame is on screen (join-to-first-frame, shown to tests and curious people).
+  const firstFrame = () => { peer.info.firstFrameShownAt ??= performance.now(); };
+  if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(firstFrame);
+  else video.addEventListener('playing', firstFrame, { once: true });
+  addEventListener('pagehide', () => peer.leave());
+}
+
+$('unmute').addEventListener('click', () => {
+  video.muted = !video.muted;
+  if (!video.muted) video.play().catch(() => {});
+  $('unmute').setAttribute('aria-pressed', String(!video.muted));
+  $('unmute').textContent = video.muted ? '🔊 Unmute' : '🔇 Mute';
+});
+
+start();
