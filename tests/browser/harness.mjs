@@ -2,7 +2,7 @@
 // connectOverCDP: no browser download), every page in its own window (background tabs are
 // throttled), and helpers that read media state out of the pages.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, readdirSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, existsSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -43,7 +43,12 @@ export async function waitFor(what, fn, timeoutMs = 30000, everyMs = 200) {
 export async function startServer(args = []) {
   const bin = process.env.TREECAST_BIN || join(repo, 'target', 'debug', 'treecast-signaller');
   if (!existsSync(bin)) throw new Error(`no signaller at ${bin}: build it (scripts/test does)`);
-  const child = spawn(bin, ['--bind', '127.0.0.1:0', ...args], {
+  // No STUN/TURN servers: everything is on loopback, and tests must not send a packet to
+  // any other address (the default list names a public STUN server).
+  const configDir = mkdtempSync(join(tmpdir(), 'treecast-signaller-'));
+  const config = join(configDir, 'test.toml');
+  writeFileSync(config, '[room]\nice_servers = []\n');
+  const child = spawn(bin, ['--bind', '127.0.0.1:0', '--config', config, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, NO_COLOR: '1', TREECAST_LOG: process.env.TREECAST_LOG || 'info' },
   });
@@ -64,10 +69,12 @@ export async function startServer(args = []) {
     base,
     log: () => output,
     stop: async () => {
-      if (child.exitCode !== null) return;
-      child.kill('SIGTERM');
-      await Promise.race([new Promise((r) => child.on('exit', r)), sleep(5000)]);
-      if (child.exitCode === null) child.kill('SIGKILL');
+      if (child.exitCode === null) {
+        child.kill('SIGTERM');
+        await Promise.race([new Promise((r) => child.on('exit', r)), sleep(5000)]);
+        if (child.exitCode === null) child.kill('SIGKILL');
+      }
+      rmSync(configDir, { recursive: true, force: true });
     },
   };
 }
