@@ -48,6 +48,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+pub mod client;
 mod config;
 mod connection;
 mod pages;

@@ -12,7 +12,6 @@ use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
@@ -87,7 +86,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let authority = authority_of(&args.url)?;
+    let authority =
+        treecast_signaller::client::authority_of(&args.url).map_err(|e| e.to_string())?;
     let (room, token) = match &args.room {
         Some(room) => (room.clone(), args.token.clone()),
         None => {
@@ -368,73 +368,11 @@ fn print_latency(what: &str, h: &Histogram<u64>) {
     );
 }
 
-/// `host:port` of a `ws://host:port/path` URL.
-fn authority_of(url: &str) -> Result<String, String> {
-    let rest = url
-        .strip_prefix("ws://")
-        .ok_or_else(|| format!("{url}: only ws:// URLs are supported"))?;
-    let authority = rest.split('/').next().unwrap_or_default();
-    if authority.is_empty() {
-        return Err(format!("{url}: no host"));
-    }
-    Ok(if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    })
-}
-
-/// One HTTP/1.1 request with `Connection: close` to the signaller's host.
+/// One request to the signaller's REST API; status and body.
 async fn http(authority: &str, method: &str, path: &str) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(authority)
-            .await
-            .map_err(|e| format!("{authority}: {e}"))?;
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        );
-        stream
-            .write_all(request.as_bytes())
+    let r =
+        treecast_signaller::client::request(authority, method, path, None, Duration::from_secs(30))
             .await
             .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        stream
-            .read_to_end(&mut raw)
-            .await
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        let (head, body) = text
-            .split_once("\r\n\r\n")
-            .ok_or("incomplete HTTP answer")?;
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or("no HTTP status")?;
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_owned()
-        };
-        Ok::<_, String>((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(30), exchange)
-        .await
-        .map_err(|_| format!("{method} {path}: no answer in time"))?
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if size == 0 || after.len() < size {
-            break;
-        }
-        out.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
-    }
-    out
+    Ok((r.status, r.body))
 }

@@ -1,5 +1,5 @@
-//! Shared helpers for the signaller's end-to-end tests: a server on `127.0.0.1:0`, a tiny
-//! HTTP/1.1 client over `TcpStream`, and a WebSocket client that records what it receives.
+//! Shared helpers for the signaller's end-to-end tests: a server on `127.0.0.1:0`, the
+//! signaller's own REST client, and a WebSocket client that records what it receives.
 //!
 //! Timeouts here only guard liveness (a hung test fails instead of hanging); they are
 //! generous so a slow machine never fails a test.
@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -82,9 +81,9 @@ impl Drop for TestServer {
 pub struct HttpResponse {
     /// Status code.
     pub status: u16,
-    /// Header block, lowercase names, as text.
+    /// Header block as text, `name: value` lines with lowercase names.
     pub headers: String,
-    /// Body (de-chunked).
+    /// Body.
     pub body: String,
 }
 
@@ -95,59 +94,21 @@ impl HttpResponse {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`; reads the whole response.
+/// One HTTP/1.1 request; reads the whole response.
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> HttpResponse {
-    tokio::time::timeout(LIVENESS, async {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let body = body.unwrap_or("");
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.unwrap();
-        parse_response(&raw)
-    })
-    .await
-    .expect("the HTTP request is answered")
-}
-
-fn parse_response(raw: &[u8]) -> HttpResponse {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .expect("a complete header block");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("a status line");
-    let headers = head.to_ascii_lowercase();
-    let body = if headers.contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
+    let r = treecast_signaller::client::request(&addr.to_string(), method, path, body, LIVENESS)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let headers = r
+        .headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {}\r\n", value.to_str().unwrap_or_default()))
+        .collect();
     HttpResponse {
-        status,
+        status: r.status,
         headers,
-        body,
+        body: r.body,
     }
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if size == 0 || after.len() < size {
-            break;
-        }
-        out.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// Creates a room; returns its id and broadcaster token.
