@@ -32,7 +32,7 @@
 //!   itself is gone and is reported sooner, at any depth. A new parent that delivers
 //!   nothing within `connect_timeout` also counts as a stall.
 //! - **Reports.** Every `report_interval`: state, loss, latency estimate (hop latency times
-//!   depth) and delivered kbit/s per child.
+//!   depth), delivered kbit/s per child, and a new uplink estimate when the driver gave one.
 //! - **Resume.** When the WebSocket drops, media connections stay up; the agent reconnects
 //!   with backoff and presents its resume token. The last `room` status is authoritative:
 //!   connections to anyone else are closed, missing ones opened. `bad_resume` closes every
@@ -71,6 +71,12 @@ pub struct AgentConfig {
     /// whose own parent failed still sends something, e.g. its decoder's concealment
     /// audio), so this is reported at once, whatever the depth.
     pub silence_after: Duration,
+    /// After the signaller says the parent's connection dropped (`parent_disconnected`),
+    /// a media sample showing no progress for this long is a stall, whatever the depth: a
+    /// killed relay's socket closes with it, so its children need not wait out the full
+    /// window. Media that keeps flowing means it was only a signalling blip. Keep it above
+    /// the sampling interval (the page samples every 200 ms, the native peer every 50 ms).
+    pub parent_lost_after: Duration,
     /// A new parent that delivers no media for this long counts as stalled.
     pub connect_timeout: Duration,
     /// How often to send a periodic `report`.
@@ -92,6 +98,7 @@ impl AgentConfig {
             stall_after: Duration::from_millis(1000),
             stall_step_per_depth: Duration::from_millis(100),
             silence_after: Duration::from_millis(600),
+            parent_lost_after: Duration::from_millis(400),
             connect_timeout: Duration::from_millis(8000),
             report_interval: Duration::from_millis(2000),
             reconnect_min: Duration::from_millis(250),
@@ -120,6 +127,10 @@ pub enum Input {
     },
     /// Measurements for the next periodic report.
     Measured(Measurements),
+    /// A new uplink estimate in kbit/s, sent once in the next periodic report
+    /// (`uplink_kbps`) and given in later resuming `hello`s. The driver decides when a
+    /// value is worth sending (the browser's rule is in `client-wasm`).
+    UplinkEstimate(u32),
     /// The page wants to send signalling data (SDP, ICE) to a neighbour.
     SendSignal {
         /// The neighbour.
@@ -265,7 +276,11 @@ pub struct Agent {
     advanced_at: Option<Duration>,
     /// Last time any byte arrived from the parent.
     bytes_at: Option<Duration>,
+    /// When the signaller said the current parent's connection dropped.
+    parent_lost_at: Option<Duration>,
     measured: Measurements,
+    /// Uplink estimate waiting for the next periodic report.
+    uplink_estimate: Option<u32>,
     next_report: Option<Duration>,
     last_sent: Duration,
     reconnect_at: Option<Duration>,
@@ -301,7 +316,9 @@ impl Agent {
             progress: None,
             advanced_at: None,
             bytes_at: None,
+            parent_lost_at: None,
             measured: Measurements::default(),
+            uplink_estimate: None,
             next_report: None,
             last_sent: Duration::ZERO,
             reconnect_at: None,
@@ -388,6 +405,7 @@ impl Agent {
                 bytes,
             } => self.on_progress(now, video_frames, bytes),
             Input::Measured(m) => self.measured = m,
+            Input::UplinkEstimate(kbps) => self.uplink_estimate = Some(kbps),
             Input::SendSignal { to, data } => {
                 if self.is_neighbour(to) {
                     self.send(now, ClientMessage::Signal { to, data });
@@ -476,6 +494,12 @@ impl Agent {
             ServerMessage::Parent { peer_id, depth } => {
                 self.depth = Some(depth);
                 self.set_parent(now, Some(peer_id));
+            }
+            ServerMessage::ParentDisconnected { parent } => {
+                if self.parent == Some(parent) {
+                    // Acted on at the next media sample (`on_progress`).
+                    self.parent_lost_at = Some(now);
+                }
             }
             ServerMessage::Child { peer_id } => self.add_child(peer_id),
             ServerMessage::Drop { peer_id } => {
@@ -603,6 +627,7 @@ impl Agent {
         self.progress = None;
         self.advanced_at = None;
         self.bytes_at = None;
+        self.parent_lost_at = None;
         self.parent_since = now;
         self.media = MediaState::Connecting;
         if let Some(peer) = parent {
@@ -644,10 +669,27 @@ impl Agent {
         self.progress = Some((video_frames, bytes));
         if advanced {
             self.advanced_at = Some(now);
+            if self
+                .parent_lost_at
+                .is_some_and(|t| now >= t + self.config.stall_after)
+            {
+                // Media outlived the hint by a whole stall window: the parent is alive.
+                self.parent_lost_at = None;
+            }
             if self.media != MediaState::Receiving {
                 self.media = MediaState::Receiving;
                 self.report_state(now);
             }
+        } else if self.media == MediaState::Receiving
+            && let (Some(lost_at), Some(advanced_at)) = (self.parent_lost_at, self.advanced_at)
+            && now >= advanced_at + self.config.parent_lost_after
+        {
+            // The parent's socket is gone and a fresh sample shows its media has stopped.
+            // Decided on samples only, never on a timer: a page whose sampling is throttled
+            // (a background tab) must not take a late sample for a stall.
+            debug_assert!(now >= lost_at);
+            self.media = MediaState::Stalled;
+            self.report_state(now);
         }
     }
 
@@ -708,11 +750,16 @@ impl Agent {
             (Role::Viewer, Some(hop), Some(depth)) => Some(hop.saturating_mul(depth.max(1))),
             _ => None,
         };
+        let uplink_kbps = self.uplink_estimate.take();
+        if uplink_kbps.is_some() {
+            // A resume recomputes capacity from the hello's uplink: keep the newest one.
+            self.config.uplink_kbps = uplink_kbps;
+        }
         let report = Report {
             state,
             loss: m.loss.filter(|l| (0.0..=1.0).contains(l)),
             latency_ms,
-            uplink_kbps: None,
+            uplink_kbps,
             delivered: m.delivered,
         };
         self.send(now, ClientMessage::Report(report));
@@ -849,6 +896,99 @@ mod tests {
             },
         );
         assert_eq!(sent(&drain(&mut a))[0]["state"], "receiving");
+    }
+
+    #[test]
+    fn a_dropped_parent_whose_media_stopped_is_reported_at_the_next_samples() {
+        let mut a = receiving_viewer();
+        let quiet = |a: &mut Agent, t: u64| {
+            a.handle(
+                ms(t),
+                Input::MediaProgress {
+                    video_frames: Some(3),
+                    bytes: 900,
+                },
+            );
+            a.handle_timeout(ms(t));
+            sent(&drain(a))
+        };
+        // Frames and bytes last advanced at 500 ms; the parent's socket drops at 550 ms.
+        assert!(
+            server(
+                &mut a,
+                550,
+                json!({"type":"parent_disconnected","parent":1})
+            )
+            .is_empty()
+        );
+        // Decided on samples, not on a timer.
+        assert_eq!(
+            a.poll_timeout(),
+            Some(ms(500 + 600)),
+            "the usual silence window"
+        );
+        assert!(quiet(&mut a, 700).is_empty(), "200 ms quiet: not yet");
+        assert_eq!(quiet(&mut a, 900)[0]["state"], "stalled", "400 ms quiet");
+
+        // A throttled page whose first sample after the hint comes late, but shows
+        // progress: no stall.
+        let mut a = receiving_viewer();
+        server(
+            &mut a,
+            550,
+            json!({"type":"parent_disconnected","parent":1}),
+        );
+        a.handle(
+            ms(1050),
+            Input::MediaProgress {
+                video_frames: Some(40),
+                bytes: 9000,
+            },
+        );
+        assert!(sent(&drain(&mut a)).is_empty());
+    }
+
+    #[test]
+    fn a_signalling_blip_of_a_parent_whose_media_flows_changes_nothing() {
+        let mut a = receiving_viewer();
+        server(
+            &mut a,
+            550,
+            json!({"type":"parent_disconnected","parent":1}),
+        );
+        // About someone else: ignored.
+        server(
+            &mut a,
+            560,
+            json!({"type":"parent_disconnected","parent":9}),
+        );
+        for t in (600..=2600).step_by(200) {
+            a.handle(
+                ms(t),
+                Input::MediaProgress {
+                    video_frames: Some(t),
+                    bytes: t,
+                },
+            );
+            a.handle_timeout(ms(t));
+            assert!(sent(&drain(&mut a)).iter().all(|m| m["state"] != "stalled"));
+        }
+        // A whole stall window of media after the hint retired it: a later gap gets the
+        // usual windows again, not the hint's.
+        for t in [2900, 3100] {
+            a.handle(
+                ms(t),
+                Input::MediaProgress {
+                    video_frames: Some(2600),
+                    bytes: t,
+                },
+            );
+            assert!(
+                sent(&drain(&mut a)).is_empty(),
+                "frames quiet {} ms",
+                t - 2600
+            );
+        }
     }
 
     #[test]
@@ -1108,6 +1248,36 @@ mod tests {
         assert!(sent(&drain(&mut c)).is_empty());
         c.handle_timeout(ms(2500));
         assert_eq!(sent(&drain(&mut c)), vec![json!({"type":"ping"})]);
+    }
+
+    #[test]
+    fn an_uplink_estimate_goes_out_once_and_into_later_hellos() {
+        let mut a = receiving_viewer();
+        let flowing = |a: &mut Agent, t: u64| {
+            a.handle(
+                ms(t),
+                Input::MediaProgress {
+                    video_frames: Some(t),
+                    bytes: t,
+                },
+            );
+        };
+        a.handle(ms(600), Input::UplinkEstimate(3200));
+        flowing(&mut a, 2000);
+        a.handle_timeout(ms(2010));
+        let r = sent(&drain(&mut a));
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0]["uplink_kbps"], 3200, "{r:?}");
+        flowing(&mut a, 4000);
+        a.handle_timeout(ms(4010));
+        let r = sent(&drain(&mut a));
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert!(r[0].get("uplink_kbps").is_none(), "sent once: {r:?}");
+        a.handle(ms(4100), Input::SocketClosed);
+        a.handle_timeout(ms(4350));
+        a.handle(ms(4400), Input::SocketOpened);
+        let hello = sent(&drain(&mut a));
+        assert_eq!(hello[0]["uplink_kbps"], 3200);
     }
 
     #[test]

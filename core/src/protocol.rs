@@ -190,6 +190,13 @@ pub enum ServerMessage {
         /// The new child.
         peer_id: PeerId,
     },
+    /// Your parent's signalling connection dropped. It may resume in a moment (a network
+    /// blip: its media keeps flowing) or be dead (a killed relay: media stopped with it).
+    /// Report `stalled` as soon as media from it stops, without the full stall window.
+    ParentDisconnected {
+        /// The parent whose connection dropped.
+        parent: PeerId,
+    },
     /// Close the media connection to this peer (it is no longer your parent or child).
     Drop {
         /// The former neighbour.

@@ -22,7 +22,7 @@ use rand_core::{Rng, SeedableRng};
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::ids::{PeerId, RoomId};
+use crate::ids::{PeerId, PeerIndex, RoomId};
 use crate::protocol::{
     ClientLimits, ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState,
     PROTOCOL_VERSION, Report, Role, ServerMessage,
@@ -323,6 +323,76 @@ struct Peer {
     pending: Vec<ServerMessage>,
 }
 
+/// The room's peers by id. Ids are server-assigned sequential integers, so the id indexes
+/// an array of slots ([`PeerIndex`]) and the peers live in a dense table whose freed slots
+/// are reused: no hashing, and at 10^6 peers one cache miss fewer per lookup.
+#[derive(Debug, Default)]
+struct PeerTable {
+    index: PeerIndex,
+    slots: Vec<Option<(PeerId, Peer)>>,
+    vacant: Vec<u32>,
+}
+
+impl PeerTable {
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn get(&self, id: &PeerId) -> Option<&Peer> {
+        let slot = self.index.get(*id)?;
+        self.slots[slot as usize].as_ref().map(|(_, p)| p)
+    }
+
+    fn get_mut(&mut self, id: &PeerId) -> Option<&mut Peer> {
+        let slot = self.index.get(*id)?;
+        self.slots[slot as usize].as_mut().map(|(_, p)| p)
+    }
+
+    fn contains_key(&self, id: &PeerId) -> bool {
+        self.index.contains(*id)
+    }
+
+    /// Adds a peer under a fresh id.
+    fn insert(&mut self, id: PeerId, peer: Peer) {
+        debug_assert!(!self.contains_key(&id), "ids are never reused");
+        let slot = match self.vacant.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some((id, peer));
+                slot
+            }
+            None => {
+                self.slots.push(Some((id, peer)));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(id, slot);
+    }
+
+    fn remove(&mut self, id: &PeerId) -> Option<Peer> {
+        let slot = self.index.remove(*id)?;
+        self.vacant.push(slot);
+        self.slots[slot as usize].take().map(|(_, p)| p)
+    }
+
+    /// Every peer, in no particular order.
+    fn iter(&self) -> impl Iterator<Item = (&PeerId, &Peer)> {
+        self.slots.iter().flatten().map(|(id, p)| (id, p))
+    }
+
+    /// Every id, in no particular order.
+    fn keys(&self) -> impl Iterator<Item = &PeerId> {
+        self.iter().map(|(id, _)| id)
+    }
+}
+
+impl std::ops::Index<&PeerId> for PeerTable {
+    type Output = Peer;
+
+    fn index(&self, id: &PeerId) -> &Peer {
+        self.get(id).expect("a known peer")
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     /// Check the peer's heartbeat (lazy: re-armed from `last_seen` if it was heard from).
@@ -390,8 +460,7 @@ pub struct Room {
     token: String,
     config: RoomConfig,
     tree: RelayTree,
-    /// Keyed by server-assigned integers: a multiplicative hash is safe and much cheaper.
-    peers: FxHashMap<PeerId, Peer>,
+    peers: PeerTable,
     conns: FxHashMap<ConnId, PeerId>,
     /// Resume secrets. Keys are random server-made 128-bit values (clients can only look
     /// them up, never insert), so a cheap hash cannot be pushed into long chains.
@@ -420,7 +489,7 @@ impl Room {
             token,
             config,
             tree,
-            peers: FxHashMap::default(),
+            peers: PeerTable::default(),
             conns: FxHashMap::default(),
             resumes: FxHashMap::default(),
             broadcaster: None,
@@ -697,7 +766,7 @@ impl Room {
             conn,
             ServerMessage::Welcome {
                 peer_id: id,
-                resume: format!("{resume:032x}"),
+                resume: hex32(resume),
                 role,
                 resumed,
                 ice_servers: self.config.ice_servers.clone(),
@@ -753,11 +822,13 @@ impl Room {
                 "\"loss\" must be a fraction between 0 and 1.",
             );
         }
+        let was_receiving;
         {
             let peer = self
                 .peers
                 .get_mut(&id)
                 .expect("bound connections map to peers");
+            was_receiving = peer.media == MediaState::Receiving;
             peer.media = report.state;
             peer.latency_ms = report.latency_ms.or(peer.latency_ms);
             peer.loss = report.loss.or(peer.loss);
@@ -785,13 +856,14 @@ impl Room {
         if report.state == MediaState::Stalled
             && let Some(parent) = parent
         {
-            self.on_stall(id, parent);
+            self.on_stall(id, parent, was_receiving);
         }
     }
 
     /// `id` says media from `parent` stopped. Called for every stall report: clients
     /// repeat them while stalled, so a report that has to wait here is not lost.
-    fn on_stall(&mut self, id: PeerId, parent: PeerId) {
+    /// `was_receiving`: its previous report about this parent said media flowed.
+    fn on_stall(&mut self, id: PeerId, parent: PeerId, was_receiving: bool) {
         if self.tree.depth(id).is_none() {
             return; // inside a waiting subtree: nothing feeds it anyway
         }
@@ -801,15 +873,20 @@ impl Room {
         let settling = |t: Option<Duration>| {
             t.is_some_and(|t| self.now.saturating_sub(t) < self.config.settle_window)
         };
+        // Its signalling is gone too: the tab or machine died. Repair now rather than wait
+        // out the grace period. Media that flowed from it and stopped proves that even on a
+        // young link (a report about a previous parent cannot say "receiving" first).
+        let parent_gone = self.peers[&parent].conn.is_none();
+        if parent_gone && was_receiving {
+            return self.remove_peer(parent, LeaveCause::Failed);
+        }
         if settling(self.peers[&id].linked_at) {
             return; // still connecting to this parent, or the report predates the link
         }
-        let p = &self.peers[&parent];
-        if p.conn.is_none() {
-            // Its signalling is gone too: the tab or machine died. Repair now rather than
-            // wait out the grace period.
+        if parent_gone {
             return self.remove_peer(parent, LeaveCause::Failed);
         }
+        let p = &self.peers[&parent];
         // The parent is itself reconnecting (new parent), or starves too and can be
         // repaired (not fed by the broadcaster): the fault is further up and its repair
         // heals this peer. Otherwise move this peer.
@@ -842,6 +919,13 @@ impl Room {
         self.event(RoomEvent::Disconnected { peer: id });
         if Some(id) == self.broadcaster {
             self.announce(None);
+        }
+        // A killed relay's socket closes with it: tell its children now, so they report a
+        // stall as soon as its media stops instead of waiting out their watchdog. If it was
+        // only a blip, media keeps flowing and they do nothing.
+        let children: Vec<PeerId> = self.tree.children(id).collect();
+        for child in children {
+            self.send_to_peer(child, ServerMessage::ParentDisconnected { parent: id });
         }
         if grace.is_zero() {
             self.lose(id);
@@ -996,6 +1080,8 @@ impl Room {
                 } => {
                     if let Some(c) = self.peers.get_mut(&child) {
                         c.linked_at = Some(self.now);
+                        // What it said about its old parent does not hold for this one.
+                        c.media = MediaState::Connecting;
                     }
                     self.send_to_peer(
                         child,
@@ -1200,6 +1286,18 @@ fn mark_unchanged_edges(events: &mut [(TreeEvent, bool)]) {
     }
 }
 
+/// A resume token as the room issues it: 32 lowercase hex digits, as `{:032x}` would print
+/// them, without the formatting machinery (this runs on every join; at 10^6 joins the
+/// formatter took a few percent of a simulation).
+fn hex32(value: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, digit) in out.iter_mut().rev().enumerate() {
+        *digit = DIGITS[(value >> (4 * i)) as usize & 0xf];
+    }
+    String::from_utf8(out.to_vec()).expect("hex digits are ASCII")
+}
+
 /// A resume token as the room issued it (32 hex digits), or None.
 fn parse_resume(token: &str) -> Option<u128> {
     if token.len() != 32 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -1229,6 +1327,20 @@ mod tests {
         let mut marked: Vec<(TreeEvent, bool)> = events.iter().map(|&e| (e, false)).collect();
         mark_unchanged_edges(&mut marked);
         marked.into_iter().map(|(_, f)| f).collect()
+    }
+
+    #[test]
+    fn resume_tokens_print_like_the_formatter() {
+        for v in [
+            0,
+            1,
+            0xabc,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
+            assert_eq!(hex32(v), format!("{v:032x}"));
+            assert_eq!(parse_resume(&hex32(v)), Some(v));
+        }
     }
 
     #[test]

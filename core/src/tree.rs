@@ -37,10 +37,9 @@ use crate::buckets::{Buckets, CLASSES, Slot, class_of};
 
 use petgraph::Direction::{Incoming, Outgoing};
 use petgraph::stable_graph::{NodeIndex, StableGraph};
-use rustc_hash::FxHashMap;
 use serde::Serialize;
 
-use crate::ids::PeerId;
+use crate::ids::{PeerId, PeerIndex};
 
 /// Something that changed in the tree; drained by the caller after each operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -152,7 +151,8 @@ pub struct RelayTree {
     graph: Graph,
     /// Peer ids are small integers: a multiplicative hash is enough and several times
     /// cheaper than SipHash on this hot path.
-    nodes: FxHashMap<PeerId, NodeIndex>,
+    /// Peer id → node index, without hashing (ids are small sequential integers).
+    nodes: PeerIndex,
     root: Option<NodeIndex>,
     max_depth: u32,
     /// Attached nodes with spare slots and depth below the limit, by (depth, spare class).
@@ -176,7 +176,7 @@ impl RelayTree {
     pub fn new(max_depth: u32) -> Self {
         Self {
             graph: Graph::default(),
-            nodes: FxHashMap::default(),
+            nodes: PeerIndex::default(),
             root: None,
             max_depth: max_depth.max(1),
             free: Buckets::default(),
@@ -194,7 +194,6 @@ impl RelayTree {
     pub fn with_capacity(max_depth: u32, n: usize) -> Self {
         let mut t = Self::new(max_depth);
         t.graph = Graph::with_capacity(n, n);
-        t.nodes.reserve(n);
         t
     }
 
@@ -210,7 +209,7 @@ impl RelayTree {
 
     /// Whether the tree holds no peer.
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.nodes.len() == 0
     }
 
     /// The depth limit.
@@ -225,18 +224,18 @@ impl RelayTree {
 
     /// Whether the peer is in the tree.
     pub fn contains(&self, peer: PeerId) -> bool {
-        self.nodes.contains_key(&peer)
+        self.nodes.contains(peer)
     }
 
     /// The peer's parent (None for the root, waiting heads and unknown peers).
     pub fn parent(&self, peer: PeerId) -> Option<PeerId> {
-        let n = *self.nodes.get(&peer)?;
+        let n = self.node(peer)?;
         self.parent_of(n).map(|p| self.graph[p].peer)
     }
 
     /// The peer's children.
     pub fn children(&self, peer: PeerId) -> impl Iterator<Item = PeerId> + '_ {
-        let n = self.nodes.get(&peer).copied();
+        let n = self.node(peer);
         n.into_iter()
             .flat_map(move |n| self.graph.neighbors_directed(n, Outgoing))
             .map(move |c| self.graph[c].peer)
@@ -244,24 +243,24 @@ impl RelayTree {
 
     /// The peer's depth, or None if it waits (or is unknown).
     pub fn depth(&self, peer: PeerId) -> Option<u32> {
-        let node = &self.graph[*self.nodes.get(&peer)?];
+        let node = &self.graph[self.node(peer)?];
         (node.status == Status::Attached).then_some(node.depth)
     }
 
     /// The peer's capacity.
     pub fn capacity(&self, peer: PeerId) -> Option<u32> {
-        self.nodes.get(&peer).map(|&n| self.graph[n].capacity)
+        self.node(peer).map(|n| self.graph[n].capacity)
     }
 
     /// The number of children the peer feeds.
     pub fn child_count(&self, peer: PeerId) -> Option<u32> {
-        self.nodes.get(&peer).map(|&n| self.graph[n].children)
+        self.node(peer).map(|n| self.graph[n].children)
     }
 
     /// Whether `a` and `b` are parent and child (either way round).
     pub fn are_neighbours(&self, a: PeerId, b: PeerId) -> bool {
-        match (self.nodes.get(&a), self.nodes.get(&b)) {
-            (Some(&a), Some(&b)) => {
+        match (self.node(a), self.node(b)) {
+            (Some(a), Some(b)) => {
                 self.graph.find_edge(a, b).is_some() || self.graph.find_edge(b, a).is_some()
             }
             _ => false,
@@ -299,7 +298,7 @@ impl RelayTree {
 
     /// A view of one peer.
     pub fn view(&self, peer: PeerId) -> Option<PeerView> {
-        let n = *self.nodes.get(&peer)?;
+        let n = self.node(peer)?;
         let node = &self.graph[n];
         let mut children: Vec<PeerId> = self.children(peer).collect();
         children.sort_unstable();
@@ -321,9 +320,9 @@ impl RelayTree {
             .map(|n| (n.peer, n.depth, n.capacity, n.children))
     }
 
-    /// Every peer, in no particular order.
+    /// Every peer, in storage order.
     pub fn peers(&self) -> impl Iterator<Item = PeerId> + '_ {
-        self.nodes.keys().copied()
+        self.graph.node_weights().map(|n| n.peer)
     }
 
     /// Makes `peer` the root (the broadcaster) and places waiting subtrees under it.
@@ -363,14 +362,14 @@ impl RelayTree {
 
     /// Removes a peer (left or crashed) and repairs the tree around it.
     pub fn remove(&mut self, peer: PeerId) -> Result<(), TreeError> {
-        let n = *self.nodes.get(&peer).ok_or(TreeError::UnknownPeer(peer))?;
+        let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
         if self.replace_with_leaf(n) {
-            self.nodes.remove(&peer);
+            self.nodes.remove(peer);
             self.graph.remove_node(n);
             self.fill_waiting();
             return Ok(());
         }
-        self.nodes.remove(&peer);
+        self.nodes.remove(peer);
         let attached = self.graph[n].status == Status::Attached;
         if attached {
             self.unindex(n);
@@ -406,7 +405,7 @@ impl RelayTree {
     /// Moves `peer` with its subtree to the best slot not under its current parent (the
     /// parent stopped delivering). The old parent may be chosen only if nothing else is free.
     pub fn reparent(&mut self, peer: PeerId) -> Result<(), TreeError> {
-        let n = *self.nodes.get(&peer).ok_or(TreeError::UnknownPeer(peer))?;
+        let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
         if self.root == Some(n) {
             return Err(TreeError::IsRoot);
         }
@@ -429,7 +428,7 @@ impl RelayTree {
     /// Changes a peer's capacity. Children above the new capacity are moved elsewhere
     /// (lowest-capacity children first: they are most likely leaves, cheap to move).
     pub fn set_capacity(&mut self, peer: PeerId, capacity: u32) -> Result<(), TreeError> {
-        let n = *self.nodes.get(&peer).ok_or(TreeError::UnknownPeer(peer))?;
+        let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
         if self.graph[n].capacity == capacity {
             return Ok(());
         }
@@ -458,7 +457,7 @@ impl RelayTree {
     // ---- internals ----
 
     fn add_node(&mut self, peer: PeerId, capacity: u32) -> Result<NodeIndex, TreeError> {
-        if self.nodes.contains_key(&peer) {
+        if self.nodes.contains(peer) {
             return Err(TreeError::DuplicatePeer(peer));
         }
         let n = self.graph.add_node(Node {
@@ -471,8 +470,12 @@ impl RelayTree {
             leaf_slot: None,
             wait_seq: None,
         });
-        self.nodes.insert(peer, n);
+        self.nodes.insert(peer, n.index() as u32);
         Ok(n)
+    }
+
+    fn node(&self, peer: PeerId) -> Option<NodeIndex> {
+        self.nodes.get(peer).map(|i| NodeIndex::new(i as usize))
     }
 
     fn parent_of(&self, n: NodeIndex) -> Option<NodeIndex> {
@@ -803,10 +806,11 @@ impl RelayTree {
                 self.graph.node_count()
             ));
         }
-        for (&peer, &n) in &self.nodes {
+        for n in self.graph.node_indices() {
             let node = &self.graph[n];
-            if node.peer != peer {
-                return fail(format!("id map points {peer} at {}", node.peer));
+            let peer = node.peer;
+            if self.node(peer) != Some(n) {
+                return fail(format!("id map does not point {peer} at its node"));
             }
             let parents: Vec<_> = self.graph.neighbors_directed(n, Incoming).collect();
             if parents.len() > 1 {

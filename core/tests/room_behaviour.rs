@@ -30,6 +30,7 @@ struct View {
     statuses: u32,
     live: Option<bool>,
     capacity: Option<u32>,
+    parent_lost: Vec<PeerId>,
 }
 
 struct Harness {
@@ -119,6 +120,10 @@ impl Harness {
                     "room status children"
                 );
             }
+            ServerMessage::ParentDisconnected { parent } => {
+                assert_eq!(v.parent, Some(parent), "hint about a non-parent");
+                v.parent_lost.push(parent);
+            }
             ServerMessage::Signal { from, data } => v.signals.push((from, data)),
             ServerMessage::Error { code, .. } => v.errors.push(code),
             ServerMessage::Ended { reason } => v.ended = Some(reason),
@@ -151,10 +156,14 @@ impl Harness {
     }
 
     fn stalled(&mut self, conn: ConnId) {
+        self.media(conn, MediaState::Stalled);
+    }
+
+    fn media(&mut self, conn: ConnId, state: MediaState) {
         self.send(
             conn,
             ClientMessage::Report(Report {
-                state: MediaState::Stalled,
+                state,
                 loss: None,
                 latency_ms: None,
                 uplink_kbps: None,
@@ -406,6 +415,47 @@ fn stall_report_moves_the_child_and_caps_the_parent() {
 }
 
 #[test]
+fn children_hear_at_once_that_their_parents_connection_dropped() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
+    let relay = conns[0];
+    let peer = h.peer(relay);
+    let children: Vec<ConnId> = conns
+        .iter()
+        .copied()
+        .filter(|c| h.views[c].parent == Some(peer))
+        .collect();
+    assert!(!children.is_empty(), "the first viewer relays");
+    h.input(Input::Disconnected { conn: relay });
+    for c in &children {
+        assert_eq!(h.views[c].parent_lost, vec![peer], "told, and only once");
+    }
+    let others = conns.iter().filter(|c| !children.contains(c));
+    for c in others {
+        assert!(
+            h.views[c].parent_lost.is_empty(),
+            "only the children are told"
+        );
+    }
+    // A goodbye needs no hint: the children are moved straight away.
+    let leaver = conns[1];
+    let below: Vec<ConnId> = conns
+        .iter()
+        .copied()
+        .filter(|c| h.views[c].parent == Some(h.peer(leaver)))
+        .collect();
+    h.input(Input::Message {
+        conn: leaver,
+        msg: ClientMessage::Leave {},
+    });
+    for c in &below {
+        assert!(h.views[c].parent_lost.is_empty());
+    }
+    h.check();
+}
+
+#[test]
 fn stall_under_a_disconnected_parent_removes_it_at_once() {
     let mut h = Harness::new(config());
     h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
@@ -421,6 +471,32 @@ fn stall_under_a_disconnected_parent_removes_it_at_once() {
         !h.room.tree().contains(parent),
         "no need to wait out the grace period"
     );
+    h.check();
+}
+
+#[test]
+fn a_dead_parent_is_removed_even_on_a_young_link_once_media_had_flowed() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
+    // Two children of the same relay (depth 2).
+    let young = conns[2];
+    let parent = h.views[&young].parent.unwrap();
+    let stale = *conns
+        .iter()
+        .find(|&&c| c != young && h.views[&c].parent == Some(parent))
+        .expect("a sibling");
+    // Well inside the settle window: one child has had media from it, one has not.
+    h.media(young, MediaState::Receiving);
+    h.input(Input::Disconnected {
+        conn: h.conn_of(parent),
+    });
+    // A stall report with nothing received first may predate the link: held.
+    h.stalled(stale);
+    assert!(h.room.tree().contains(parent));
+    // Media that flowed and stopped while the parent's socket is down: it died.
+    h.stalled(young);
+    assert!(!h.room.tree().contains(parent), "removed at once");
     h.check();
 }
 

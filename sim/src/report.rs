@@ -262,14 +262,18 @@ fn plot_depth_histogram(summary: &Summary, path: &Path) -> Result<(), ReportErro
         .y_desc("share of viewers")
         .draw()
         .map_err(|e| err(e.to_string()))?;
-    chart
-        .draw_series(
-            Bars::vertical(&chart)
-                .style(COLOURS[0].filled())
-                .margin(4)
-                .data(shares.iter().enumerate().map(|(d, &s)| (d as u32, s))),
-        )
-        .map_err(|e| err(e.to_string()))?;
+    // One series per bar: a histogram series keeps its bars in a hash map, so bars drawn
+    // together would come out in a different order on every run.
+    for (d, &s) in shares.iter().enumerate() {
+        chart
+            .draw_series(
+                Bars::vertical(&chart)
+                    .style(COLOURS[0].filled())
+                    .margin(4)
+                    .data([(d as u32, s)]),
+            )
+            .map_err(|e| err(e.to_string()))?;
+    }
     root.present().map_err(|e| err(e.to_string()))
 }
 

@@ -268,6 +268,10 @@ pub struct Timing {
     pub stall_step_ms: f64,
     /// How long the signaller takes to notice a crashed peer's socket, ms.
     pub crash_detect_ms: f64,
+    /// Once the signaller says a peer's parent disconnected, media missing for this long
+    /// is reported as a stall at once, whatever the depth (the client's
+    /// `parent_lost_after`), ms.
+    pub parent_lost_ms: f64,
     /// A new parent that delivers no media for this long is reported stalled (the
     /// client's connect watchdog; it is what catches two unreachable peers), ms.
     pub connect_fail_ms: f64,
@@ -281,6 +285,7 @@ impl Default for Timing {
             stall_window_ms: 1_000.0,
             stall_step_ms: 100.0,
             crash_detect_ms: 5_000.0,
+            parent_lost_ms: 400.0,
             connect_fail_ms: 8_000.0,
         }
     }

@@ -108,6 +108,7 @@ fn same_seed_gives_identical_output_and_other_seeds_do_not() {
             "timeseries.csv",
             "latency_by_depth.csv",
             "latency_cdf.svg",
+            "depth_histogram.svg",
         ]
         .map(|f| std::fs::read(out.join(f)).unwrap())
     };
