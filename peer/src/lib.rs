@@ -4,12 +4,18 @@
 //! the browser client drives; [`Peer`] carries its actions out with real WebRTC
 //! connections and a signalling WebSocket.
 //!
+//! Relays pass keyframe requests (PLI) up to the broadcaster, which marks its next frame a
+//! keyframe, and report the bitrate they deliver to each child. [`load`] runs many peers in
+//! one process and measures them (`treecast-peer load`).
+//!
 //! Used by the end-to-end tests in `peer/tests/` and by the `treecast-peer` binary.
 
+pub mod load;
 pub mod media;
+pub mod netem;
 mod peer;
 
 pub use media::Stats;
-pub use peer::{Peer, PeerConfig};
+pub use peer::{KEYFRAME_REQUEST_GAP, Peer, PeerConfig, PeerError};
 pub use treecast_core::agent::{Phase, Status};
 pub use treecast_core::protocol::Role;

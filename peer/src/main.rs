@@ -4,17 +4,25 @@
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use treecast_peer::load::{self, LoadConfig};
 use treecast_peer::{Peer, PeerConfig, Role};
 
 #[derive(Parser)]
-#[command(about = "Native treecast peer: broadcast a synthetic stream, or view and relay it")]
+#[command(
+    about = "Native treecast peer: broadcast a synthetic stream, view and relay it, or load-test"
+)]
 struct Cli {
     /// Signaller WebSocket URL.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     url: String,
-    /// Room id.
+    /// Room id (`load` creates one when absent).
     #[arg(long)]
-    room: String,
+    room: Option<String>,
+    /// Tokio worker threads. More than the cores: a worker busy with one connection's
+    /// crypto would otherwise leave other sockets unread (with 2 workers on 2 cores a
+    /// relay with 50 children lost packets; 4 did not).
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -32,8 +40,9 @@ enum Command {
     },
     /// View (and relay) the stream.
     View,
-    /// Start N viewers in this process; every 2 s, print how many receive and the worst
-    /// median latency (a first load mode: no percentile report yet).
+    /// Start a broadcaster and N viewers in this process, measure join time, latency per
+    /// depth, per-hop delay, interruptions after relay deaths, CPU and memory, and print a
+    /// report. Raise `ulimit -n` and the signaller's `--max-connections-per-ip` for large N.
     Load {
         /// Number of viewers.
         #[arg(long, default_value_t = 50)]
@@ -41,59 +50,129 @@ enum Command {
         /// Delay between joins, in ms.
         #[arg(long, default_value_t = 20)]
         join_every_ms: u64,
+        /// Broadcaster token for `--room` (otherwise no broadcaster is started there).
+        #[arg(long)]
+        token: Option<String>,
+        /// Stream bitrate in kbit/s.
+        #[arg(long, default_value_t = 150)]
+        kbps: u32,
+        /// Stream frames per second.
+        #[arg(long, default_value_t = 25)]
+        fps: u32,
+        /// Uplink the viewers announce, kbit/s (capacity = uplink × 80 % / the signaller's
+        /// stream_kbps, capped by its fan-out limit).
+        #[arg(long)]
+        uplink_kbps: Option<u32>,
+        /// Steady measurement window, s.
+        #[arg(long, default_value_t = 10)]
+        measure_secs: u64,
+        /// Relays to kill abruptly, one after another.
+        #[arg(long, default_value_t = 3)]
+        kills: usize,
+        /// Longest wait for a dead relay's descendants to receive again, s.
+        #[arg(long, default_value_t = 15)]
+        recovery_bound_secs: u64,
+        /// Pause between a recovery and the next death, s.
+        #[arg(long, default_value_t = 4)]
+        kill_gap_secs: u64,
+        /// Longest wait for every viewer's first packet, s.
+        #[arg(long, default_value_t = 120)]
+        join_bound_secs: u64,
+        /// Seed of the victim choice.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Viewers' stall window at depth 1, ms (default: the peer's).
+        #[arg(long)]
+        stall_after_ms: Option<u64>,
+        /// Viewers' extra stall window per level, ms (default: the peer's).
+        #[arg(long)]
+        stall_step_ms: Option<u64>,
+        /// Use the signaller's STUN/TURN servers (off: loopback only).
+        #[arg(long)]
+        ice_servers: bool,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
     },
 }
 
-#[tokio::main]
-async fn main() -> Result<(), String> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let cli = Cli::parse();
-    let mut peers = Vec::new();
-    match cli.command {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.threads.max(1))
+        .enable_all()
+        .build()?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let room = || cli.room.clone().ok_or("--room is required");
+    let peer = match cli.command {
         Command::Broadcast { token, kbps } => {
-            let mut c = PeerConfig::new(&cli.url, &cli.room, Role::Broadcaster);
+            let mut c = PeerConfig::new(&cli.url, room()?, Role::Broadcaster);
             c.token = Some(token);
             c.stream_kbps = kbps;
-            peers.push(Peer::start(c)?);
+            Peer::start(c)?
         }
-        Command::View => peers.push(Peer::start(PeerConfig::new(
-            &cli.url,
-            &cli.room,
-            Role::Viewer,
-        ))?),
+        Command::View => Peer::start(PeerConfig::new(&cli.url, room()?, Role::Viewer))?,
         Command::Load {
-            peers: n,
+            peers,
             join_every_ms,
+            token,
+            kbps,
+            fps,
+            uplink_kbps,
+            measure_secs,
+            kills,
+            recovery_bound_secs,
+            kill_gap_secs,
+            join_bound_secs,
+            seed,
+            stall_after_ms,
+            stall_step_ms,
+            ice_servers,
+            json,
         } => {
-            for _ in 0..n {
-                peers.push(Peer::start(PeerConfig::new(
-                    &cli.url,
-                    &cli.room,
-                    Role::Viewer,
-                ))?);
-                tokio::time::sleep(Duration::from_millis(join_every_ms)).await;
+            let mut c = LoadConfig::new(&cli.url);
+            c.room = cli.room.clone();
+            c.token = token;
+            c.peers = peers;
+            c.join_every = Duration::from_millis(join_every_ms);
+            c.stream_kbps = kbps;
+            c.fps = fps;
+            c.uplink_kbps = uplink_kbps;
+            c.measure = Duration::from_secs(measure_secs);
+            c.kills = kills;
+            c.recovery_bound = Duration::from_secs(recovery_bound_secs);
+            c.kill_gap = Duration::from_secs(kill_gap_secs);
+            c.join_bound = Duration::from_secs(join_bound_secs);
+            c.seed = seed;
+            c.stall_after = stall_after_ms.map(Duration::from_millis);
+            c.stall_step_per_depth = stall_step_ms.map(Duration::from_millis);
+            c.use_ice_servers = ice_servers;
+            let report = load::run(c).await?;
+            print!("{}", report.table());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
             }
+            return Ok(());
         }
-    }
+    };
     let mut every = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             _ = every.tick() => {
-                let receiving = peers
-                    .iter()
-                    .filter(|p| p.stats().packets_received.load(std::sync::atomic::Ordering::Relaxed) > 0)
-                    .count();
-                let p50: Vec<u32> = peers.iter().filter_map(|p| p.stats().latency_quantile(0.5)).collect();
-                let worst = p50.iter().max().copied().unwrap_or(0);
-                println!("peers {} receiving {receiving} worst p50 latency {worst} us", peers.len());
+                let s = peer.status();
+                let received = peer.stats().packets_received.load(std::sync::atomic::Ordering::Relaxed);
+                let p50 = peer.stats().latency_quantile(0.5).unwrap_or(0);
+                println!("depth {:?} children {} received {received} latency p50 {p50} µs", s.depth, s.children.len());
             }
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    for p in peers {
-        p.leave().await;
-    }
+    peer.leave().await;
     Ok(())
 }

@@ -16,29 +16,47 @@
 //! The media watchdog feeds the agent the bytes received from the current parent
 //! connection every tick; the agent reports `stalled` when they stop advancing (and repeats
 //! it with every periodic report while stalled).
+//!
+//! Keyframe requests travel up the tree. An interceptor at the end of every connection's
+//! chain hands inbound PLI/FIR to the application (the default chain stops all inbound
+//! RTCP). Each child leg has a task reading that feedback from its sender track; a request
+//! wakes the peer's `Upstream` task, which sends one PLI to its own parent and then waits
+//! [`KEYFRAME_REQUEST_GAP`]: requests meanwhile collapse into one more PLI at the end of
+//! the gap, so a hundred children asking at once cost the parent two PLIs, and a child
+//! asking late still gets its keyframe. The broadcaster marks its next frame a keyframe
+//! instead. A receiver asks once by itself when its first packet from a new parent
+//! arrives, as browsers do when a track starts.
+//!
+//! Each periodic report carries `delivered`: payload bytes `write_rtp` accepted per child
+//! over the last report interval, in kbit/s.
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use rtc::interceptor::{Attribute, Interceptor, Packet, Slot, StreamInfo, TaggedPacket};
 use rtc::media_stream::MediaStreamTrack;
+use rtc::rtcp;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use treecast_core::agent::{Action, Agent, AgentConfig, Input, Measurements, Phase, Status};
-use treecast_core::protocol::{IceServer, Role};
+use treecast_core::protocol::{ClientMessage, Delivery, IceServer, MediaState, Role};
 use treecast_core::{PeerId, RoomId};
-use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
@@ -47,13 +65,39 @@ use webrtc::peer_connection::{
     register_default_interceptors,
 };
 
-use crate::media::{Source, Stats};
+use crate::media::{Source, Stats, now_us};
+use crate::netem::DelayedRuntime;
 
 /// Payload type the broadcaster stamps (VP8's in the crate's default codec table). Relays
 /// rewrite it to each leg's negotiated one anyway.
 const VP8_PT: u8 = 96;
 /// How often the driver feeds media progress to the agent and checks its timers.
 const TICK: Duration = Duration::from_millis(50);
+/// Least time between two keyframe requests a relay sends its parent. A keyframe takes
+/// about a round trip per level to come back down; asking again sooner only makes the
+/// broadcaster send more keyframes.
+pub const KEYFRAME_REQUEST_GAP: Duration = Duration::from_millis(300);
+/// Where the keyframe-request interceptor sits in the chain: after every default
+/// interceptor (the highest named slot is 13 000), so they all see the RTCP first.
+const KEYFRAME_SLOT: usize = 14_000;
+
+/// What can go wrong inside a peer. None of these end the peer: a failed connection is
+/// logged and the stall watchdog has the signaller repair around it.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The configured room id is not a valid room id.
+    #[error("invalid room id: {0}")]
+    Room(String),
+    /// The webrtc crate refused an operation (building a connection, SDP, ICE).
+    #[error("webrtc: {0}")]
+    WebRtc(#[from] webrtc::error::Error),
+    /// The codec table or interceptor set-up failed.
+    #[error("media set-up: {0}")]
+    Setup(String),
+    /// A neighbour's signalling data was not a valid SDP or ICE candidate.
+    #[error("bad signal from a neighbour: {0}")]
+    BadSignal(#[from] serde_json::Error),
+}
 
 /// Settings of one native peer.
 #[derive(Debug, Clone)]
@@ -84,10 +128,17 @@ pub struct PeerConfig {
     pub report_interval: Duration,
     /// Use the STUN/TURN servers from `welcome` (tests on loopback turn this off).
     pub use_ice_servers: bool,
+    /// One-way delay added to every datagram this peer's media connections send
+    /// (link emulation for tests and measurements; zero: none). See [`crate::netem`].
+    pub link_delay: Duration,
 }
 
 impl PeerConfig {
-    /// Defaults: 127.0.0.1, 500 kbit/s at 25 fps, 1 s stall window, reports every second.
+    /// Defaults: 127.0.0.1, 500 kbit/s at 25 fps, reports every second, and a stall window
+    /// of 0.5 s plus 0.1 s per level below depth 1. The browser waits 1 s because a page's
+    /// main thread can block for that long; a native relay's RTP arrives every frame (40 ms)
+    /// and 300 peers on a loaded 2-core machine showed no gap that long in steady state
+    /// (docs/performance.md, "Native peer"), while the window is most of an interruption.
     pub fn new(url: impl Into<String>, room: impl Into<String>, role: Role) -> Self {
         Self {
             url: url.into(),
@@ -99,10 +150,11 @@ impl PeerConfig {
             fps: 25,
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             child_queue: 256,
-            stall_after: Duration::from_millis(1000),
-            stall_step_per_depth: Duration::from_millis(400),
+            stall_after: Duration::from_millis(500),
+            stall_step_per_depth: Duration::from_millis(100),
             report_interval: Duration::from_millis(1000),
             use_ice_servers: true,
+            link_delay: Duration::ZERO,
         }
     }
 }
@@ -110,6 +162,7 @@ impl PeerConfig {
 /// A handle on a running peer.
 pub struct Peer {
     stats: Arc<Stats>,
+    upstream: Arc<Upstream>,
     status: watch::Receiver<Status>,
     commands: mpsc::UnboundedSender<Command>,
     task: JoinHandle<()>,
@@ -122,8 +175,8 @@ enum Command {
 
 impl Peer {
     /// Starts the peer on the current tokio runtime.
-    pub fn start(config: PeerConfig) -> Result<Self, String> {
-        let room = RoomId::new(config.room.clone()).map_err(|e| e.to_string())?;
+    pub fn start(config: PeerConfig) -> Result<Self, PeerError> {
+        let room = RoomId::new(config.room.clone()).map_err(|e| PeerError::Room(e.to_string()))?;
         let mut agent_config = AgentConfig::new(room, config.role);
         agent_config.token = config.token.clone();
         agent_config.uplink_kbps = config.uplink_kbps;
@@ -134,8 +187,19 @@ impl Peer {
         // window decide rather than the depth-blind silence rule.
         agent_config.silence_after = Duration::from_secs(3600);
         agent_config.report_interval = config.report_interval;
+        // Media is sampled every tick (50 ms), so a short window after
+        // `parent_disconnected` still spans several samples.
+        agent_config.parent_lost_after = Duration::from_millis(200);
         let agent = Agent::new(agent_config);
         let stats = Arc::new(Stats::default());
+        stats.started_us.store(now_us(), Ordering::Relaxed);
+        let upstream = Arc::new(Upstream {
+            is_broadcaster: config.role == Role::Broadcaster,
+            parent: Mutex::new(None),
+            wake: Notify::new(),
+            want_keyframe: AtomicBool::new(true),
+            stats: stats.clone(),
+        });
         let (status_tx, status) = watch::channel(agent.status());
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -156,10 +220,16 @@ impl Peer {
             fanout: Arc::new(Mutex::new(HashMap::new())),
             source: None,
             last_report: (0, 0),
+            upstream: upstream.clone(),
+            keyframe_task: None,
+            delivered_at: Duration::ZERO,
+            delivered_bytes: HashMap::new(),
+            delivered: Vec::new(),
         };
         let task = tokio::spawn(driver.run());
         Ok(Self {
             stats,
+            upstream,
             status,
             commands,
             task,
@@ -179,6 +249,12 @@ impl Peer {
     /// Media counters.
     pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
+    }
+
+    /// Asks for a keyframe as a decoder would after loss: a PLI to the parent (subject to
+    /// the same coalescing as requests from children); the broadcaster marks its next frame.
+    pub fn request_keyframe(&self) {
+        self.upstream.request();
     }
 
     /// Leaves the room (`leave`), closes every connection and waits for the peer to stop.
@@ -209,8 +285,15 @@ enum Event {
     State(PeerId, u64, RTCPeerConnectionState),
 }
 
+/// A packet on its way to a child, with the time the relay read it off its parent's track
+/// (`None` for the broadcaster's own packets).
+struct Forward {
+    packet: rtp::Packet,
+    read_at: Option<Instant>,
+}
+
 struct ChildTx {
-    tx: mpsc::Sender<rtp::Packet>,
+    tx: mpsc::Sender<Forward>,
 }
 
 type Fanout = Arc<Mutex<HashMap<PeerId, ChildTx>>>;
@@ -222,8 +305,75 @@ struct Conn {
     pending: Vec<RTCIceCandidateInit>,
     tasks: Vec<JoinHandle<()>>,
     /// Parent connection: bytes received on it (reset per connection, as the agent wants).
+    /// Child connection: payload bytes `write_rtp` accepted for it.
     bytes: Arc<AtomicU64>,
     is_parent: bool,
+}
+
+/// Where this peer's keyframe requests go: its parent's track (a PLI on the leg's SSRC),
+/// or, for the broadcaster, its own source.
+pub(crate) struct Upstream {
+    is_broadcaster: bool,
+    /// The current parent's track and the SSRC its packets arrive with.
+    parent: Mutex<Option<(Arc<dyn TrackRemote>, u32)>>,
+    wake: Notify,
+    /// Broadcaster: the next frame is a keyframe (the first one is).
+    want_keyframe: AtomicBool,
+    stats: Arc<Stats>,
+}
+
+impl Upstream {
+    /// A keyframe is wanted (by a child, or by this peer's own receiver).
+    fn request(&self) {
+        if self.is_broadcaster {
+            self.want_keyframe.store(true, Ordering::Relaxed);
+        } else {
+            // One stored permit at most: requests during a gap collapse into one.
+            self.wake.notify_one();
+        }
+    }
+
+    fn set_parent(&self, track: Option<(Arc<dyn TrackRemote>, u32)>) {
+        if let Ok(mut p) = self.parent.lock() {
+            *p = track;
+        }
+    }
+
+    /// Sends one PLI per wake-up, paced by `gap`.
+    async fn run(self: Arc<Self>, gap: Duration) {
+        pace(&self.wake, gap, || self.send_pli()).await;
+    }
+
+    async fn send_pli(&self) {
+        let parent = self.parent.lock().ok().and_then(|p| p.clone());
+        // No parent yet: its first packet triggers a request anyway.
+        let Some((track, media_ssrc)) = parent else {
+            return;
+        };
+        let pli: Box<dyn rtcp::Packet> = Box::new(PictureLossIndication {
+            sender_ssrc: 0,
+            media_ssrc,
+        });
+        if track.write_rtcp(vec![pli]).await.is_ok() {
+            self.stats
+                .keyframe_requests_sent
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs `send` once per wake-up, then holds off for `gap`. `Notify` keeps at most one
+/// permit, so any number of wake-ups during the gap cost exactly one more `send` after it.
+async fn pace<F: std::future::Future<Output = ()>>(
+    wake: &Notify,
+    gap: Duration,
+    mut send: impl FnMut() -> F,
+) {
+    loop {
+        wake.notified().await;
+        send().await;
+        tokio::time::sleep(gap).await;
+    }
 }
 
 struct Driver {
@@ -244,6 +394,13 @@ struct Driver {
     source: Option<JoinHandle<()>>,
     /// (next_seq, packets_received) at the last measurement, for loss.
     last_report: (u64, u64),
+    upstream: Arc<Upstream>,
+    keyframe_task: Option<JoinHandle<()>>,
+    /// When `delivered` was last computed, and each child's byte counter then.
+    delivered_at: Duration,
+    delivered_bytes: HashMap<PeerId, u64>,
+    /// kbit/s per child over the last report interval.
+    delivered: Vec<Delivery>,
 }
 
 struct Handler {
@@ -291,7 +448,12 @@ impl Driver {
                 ),
                 self.fanout.clone(),
                 self.stats.clone(),
+                self.upstream.clone(),
             )));
+        } else {
+            self.keyframe_task = Some(tokio::spawn(
+                self.upstream.clone().run(KEYFRAME_REQUEST_GAP),
+            ));
         }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -338,6 +500,10 @@ impl Driver {
         if let Some(t) = self.source.take() {
             t.abort();
         }
+        if let Some(t) = self.keyframe_task.take() {
+            t.abort();
+        }
+        self.upstream.set_parent(None);
         if let Some(t) = self.ws_reader.take() {
             t.abort();
         }
@@ -388,12 +554,35 @@ impl Driver {
         self.last_report = (next_seq, received);
         let depth = self.agent.status().depth.unwrap_or(1).max(1);
         let hop = self.stats.latency_quantile(0.5).map(|us| us / 1000 / depth);
+        // Timeouts other than the report's also land here; recompute the rates only once
+        // about a report interval has passed, so each report covers one interval.
+        let since = now.saturating_sub(self.delivered_at);
+        if since >= self.config.report_interval.mul_f32(0.9) {
+            let secs = since.as_secs_f64().max(1e-3);
+            let mut delivered = Vec::new();
+            let mut bytes_now = HashMap::new();
+            for (&peer, conn) in self.conns.iter().filter(|(_, c)| !c.is_parent) {
+                let bytes = conn.bytes.load(Ordering::Relaxed);
+                // A child opened during the interval counts from zero.
+                let before = self.delivered_bytes.get(&peer).copied().unwrap_or(0);
+                let kbps = (bytes.saturating_sub(before) as f64 * 8.0 / 1000.0 / secs).round();
+                delivered.push(Delivery {
+                    peer,
+                    kbps: kbps.min(u32::MAX as f64) as u32,
+                });
+                bytes_now.insert(peer, bytes);
+            }
+            delivered.sort_by_key(|d| d.peer);
+            self.delivered = delivered;
+            self.delivered_bytes = bytes_now;
+            self.delivered_at = now;
+        }
         self.agent.handle(
             now,
             Input::Measured(Measurements {
                 loss,
                 hop_latency_ms: hop,
-                delivered: Vec::new(),
+                delivered: self.delivered.clone(),
             }),
         );
     }
@@ -411,6 +600,9 @@ impl Driver {
                     self.stats
                         .signalling_bytes_sent
                         .fetch_add(text.len() as u64, Ordering::Relaxed);
+                    if text.starts_with(r#"{"type":"report""#) && text.contains("delivered") {
+                        self.keep_delivered(&text);
+                    }
                     let failed = match self.ws.as_mut() {
                         Some(ws) => ws.send(Message::Text(text.into())).await.is_err(),
                         None => false,
@@ -438,9 +630,33 @@ impl Driver {
                     }
                 }
                 Action::Status(status) => {
+                    self.note_timeline(&status);
                     let _ = self.status.send(status);
                 }
             }
+        }
+    }
+
+    /// Keeps the `delivered` list of an outgoing report, so tests can see what was sent.
+    fn keep_delivered(&self, text: &str) {
+        if let Ok(ClientMessage::Report(report)) = serde_json::from_str::<ClientMessage>(text)
+            && let Ok(mut last) = self.stats.last_delivered.lock()
+        {
+            *last = report.delivered;
+        }
+    }
+
+    /// Timestamps of the repair steps, for the load report's interruption breakdown.
+    fn note_timeline(&self, status: &Status) {
+        let before = self.status.borrow();
+        let now = now_us();
+        if status.media == MediaState::Stalled && before.media != MediaState::Stalled {
+            self.stats.stalled_us.store(now, Ordering::Relaxed);
+            self.stats.stalls.fetch_add(1, Ordering::Relaxed);
+        }
+        if status.parent.is_some() && status.parent != before.parent {
+            self.stats.parent_assigned_us.store(now, Ordering::Relaxed);
+            self.stats.parent_changes.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -514,21 +730,35 @@ impl Driver {
                     conn.bytes.clone(),
                     self.stats.clone(),
                     self.fanout.clone(),
+                    self.upstream.clone(),
                 )));
             }
             Event::State(peer, generation, state) => {
                 tracing::debug!(%peer, generation, %state, "connection state");
+                if state == RTCPeerConnectionState::Connected
+                    && self
+                        .conns
+                        .get(&peer)
+                        .is_some_and(|c| c.generation == generation && c.is_parent)
+                {
+                    self.stats
+                        .parent_connected_us
+                        .store(now_us(), Ordering::Relaxed);
+                }
             }
         }
     }
 
-    async fn build_pc(&mut self, peer: PeerId) -> Result<Conn, String> {
+    async fn build_pc(&mut self, peer: PeerId) -> Result<Conn, PeerError> {
         self.next_gen += 1;
         let generation = self.next_gen;
         let mut media = MediaEngine::default();
-        media.register_default_codecs().map_err(|e| e.to_string())?;
+        media
+            .register_default_codecs()
+            .map_err(|e| PeerError::Setup(e.to_string()))?;
         let registry = register_default_interceptors(Registry::new(), &mut media)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| PeerError::Setup(e.to_string()))?
+            .with(Slot::from(KEYFRAME_SLOT), KeyframeRequestsToApp::default());
         let ice_servers: Vec<RTCIceServer> = if self.config.use_ice_servers {
             self.agent.ice_servers().iter().map(to_rtc_ice).collect()
         } else {
@@ -545,13 +775,21 @@ impl Driver {
                 Some(Duration::from_millis(250)),
             )
             .with_multicast_dns_mode(rtc::ice::mdns::MulticastDnsMode::Disabled)
+            // A peer-reflexive pair (the remote's check arrived before its trickled host
+            // candidate, the usual order when candidates travel through the signaller) is
+            // otherwise nominated only after 1 s: every new link would take a second.
+            .with_prflx_acceptance_min_wait(Some(Duration::ZERO))
             .build();
         let handler = Arc::new(Handler {
             peer,
             generation,
             tx: self.events_tx.clone(),
         });
-        let pc = PeerConnectionBuilder::new()
+        let mut builder = PeerConnectionBuilder::new();
+        if !self.config.link_delay.is_zero() {
+            builder = builder.with_runtime(Arc::new(DelayedRuntime::new(self.config.link_delay)));
+        }
+        let pc = builder
             .with_configuration(rtc_config)
             .with_media_engine(media)
             .with_interceptor_registry(registry)
@@ -559,8 +797,7 @@ impl Driver {
             .with_handler(handler as Arc<dyn PeerConnectionEventHandler>)
             .with_udp_addrs(vec![format!("{}:0", self.config.bind_ip)])
             .build()
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         Ok(Conn {
             generation,
             pc: Arc::new(pc),
@@ -572,7 +809,7 @@ impl Driver {
         })
     }
 
-    async fn open_conn(&mut self, peer: PeerId, is_parent: bool) -> Result<(), String> {
+    async fn open_conn(&mut self, peer: PeerId, is_parent: bool) -> Result<(), PeerError> {
         self.close_conn(peer).await;
         let mut conn = self.build_pc(peer).await?;
         conn.is_parent = is_parent;
@@ -580,7 +817,7 @@ impl Driver {
         Ok(())
     }
 
-    async fn open_child(&mut self, peer: PeerId) -> Result<(), String> {
+    async fn open_child(&mut self, peer: PeerId) -> Result<(), PeerError> {
         self.open_conn(peer, false).await?;
         let generation = self.conns[&peer].generation;
         let pc = self.conns[&peer].pc.clone();
@@ -603,23 +840,28 @@ impl Driver {
                 ..Default::default()
             }],
         )));
-        let sender = pc
-            .add_track(track.clone() as Arc<dyn TrackLocal>)
-            .await
-            .map_err(|e| e.to_string())?;
-        let offer = pc.create_offer(None).await.map_err(|e| e.to_string())?;
-        pc.set_local_description(offer.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+        let sender = pc.add_track(track.clone() as Arc<dyn TrackLocal>).await?;
+        let offer = pc.create_offer(None).await?;
+        pc.set_local_description(offer.clone()).await?;
         let (tx, rx) = mpsc::channel(self.config.child_queue.max(1));
-        let task = tokio::spawn(feed_child(rx, track, sender, ssrc, self.stats.clone()));
+        let written = self.conns[&peer].bytes.clone();
+        let feed = tokio::spawn(feed_child(
+            rx,
+            track.clone(),
+            sender,
+            ssrc,
+            self.stats.clone(),
+            written,
+        ));
+        let feedback = tokio::spawn(read_child_feedback(track, self.upstream.clone()));
         if let Some(c) = self.conns.get_mut(&peer) {
-            c.tasks.push(task);
+            c.tasks.push(feed);
+            c.tasks.push(feedback);
         }
         if let Ok(mut f) = self.fanout.lock() {
             f.insert(peer, ChildTx { tx });
         }
-        let data = serde_json::to_value(&offer).map_err(|e| e.to_string())?;
+        let data = serde_json::to_value(&offer)?;
         let now = self.now();
         self.agent.handle(now, Input::SendSignal { to: peer, data });
         Ok(())
@@ -627,9 +869,9 @@ impl Driver {
 
     async fn close_conn(&mut self, peer: PeerId) {
         if let Some(conn) = self.conns.remove(&peer) {
-            if !conn.is_parent
-                && let Ok(mut f) = self.fanout.lock()
-            {
+            if conn.is_parent {
+                self.upstream.set_parent(None);
+            } else if let Ok(mut f) = self.fanout.lock() {
                 f.remove(&peer);
             }
             for t in &conn.tasks {
@@ -642,7 +884,7 @@ impl Driver {
         }
     }
 
-    async fn on_signal(&mut self, from: PeerId, data: Value) -> Result<(), String> {
+    async fn on_signal(&mut self, from: PeerId, data: Value) -> Result<(), PeerError> {
         let Some(conn) = self.conns.get_mut(&from) else {
             return Ok(());
         };
@@ -652,27 +894,16 @@ impl Driver {
             .unwrap_or("")
             .to_owned();
         if kind == "offer" || kind == "answer" {
-            let desc: RTCSessionDescription =
-                serde_json::from_value(data).map_err(|e| e.to_string())?;
-            conn.pc
-                .set_remote_description(desc)
-                .await
-                .map_err(|e| e.to_string())?;
+            let desc: RTCSessionDescription = serde_json::from_value(data)?;
+            conn.pc.set_remote_description(desc).await?;
             conn.remote_set = true;
             for c in std::mem::take(&mut conn.pending) {
                 let _ = conn.pc.add_ice_candidate(c).await;
             }
             if kind == "offer" {
-                let answer = conn
-                    .pc
-                    .create_answer(None)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                conn.pc
-                    .set_local_description(answer.clone())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let data = serde_json::to_value(&answer).map_err(|e| e.to_string())?;
+                let answer = conn.pc.create_answer(None).await?;
+                conn.pc.set_local_description(answer.clone()).await?;
+                let data = serde_json::to_value(&answer)?;
                 let now = self.now();
                 self.agent.handle(now, Input::SendSignal { to: from, data });
             }
@@ -681,13 +912,9 @@ impl Driver {
             .and_then(Value::as_str)
             .is_some_and(|c| !c.is_empty())
         {
-            let init: RTCIceCandidateInit =
-                serde_json::from_value(data).map_err(|e| e.to_string())?;
+            let init: RTCIceCandidateInit = serde_json::from_value(data)?;
             if conn.remote_set {
-                conn.pc
-                    .add_ice_candidate(init)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                conn.pc.add_ice_candidate(init).await?;
             } else {
                 conn.pending.push(init);
             }
@@ -716,12 +943,16 @@ fn leg_ssrc(me: Option<PeerId>, child: PeerId, generation: u64) -> u32 {
 }
 
 /// Hands a packet to every child's queue; a full queue drops (and counts) for that child only.
-fn fan_out(fanout: &Fanout, packet: &rtp::Packet, stats: &Stats) {
+fn fan_out(fanout: &Fanout, packet: &rtp::Packet, read_at: Option<Instant>, stats: &Stats) {
     let Ok(children) = fanout.lock() else {
         return;
     };
     for child in children.values() {
-        match child.tx.try_send(packet.clone()) {
+        let forward = Forward {
+            packet: packet.clone(),
+            read_at,
+        };
+        match child.tx.try_send(forward) {
             Ok(()) => {
                 stats.packets_forwarded.fetch_add(1, Ordering::Relaxed);
                 stats
@@ -736,14 +967,18 @@ fn fan_out(fanout: &Fanout, packet: &rtp::Packet, stats: &Stats) {
     }
 }
 
-async fn run_source(mut source: Source, fanout: Fanout, stats: Arc<Stats>) {
+async fn run_source(mut source: Source, fanout: Fanout, stats: Arc<Stats>, up: Arc<Upstream>) {
     let mut every = tokio::time::interval(Duration::from_secs(1) / source.fps());
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         every.tick().await;
-        for packet in source.next_frame() {
+        let keyframe = up.want_keyframe.swap(false, Ordering::Relaxed);
+        if keyframe {
+            stats.keyframes_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        for packet in source.next_frame(keyframe) {
             stats.packets_sent.fetch_add(1, Ordering::Relaxed);
-            fan_out(&fanout, &packet, &stats);
+            fan_out(&fanout, &packet, None, &stats);
         }
     }
 }
@@ -753,25 +988,63 @@ async fn read_parent(
     bytes: Arc<AtomicU64>,
     stats: Arc<Stats>,
     fanout: Fanout,
+    up: Arc<Upstream>,
 ) {
+    let mut first = true;
     while let Some(event) = track.poll().await {
         if let TrackRemoteEvent::OnRtpPacket(packet) = event {
+            let read_at = Instant::now();
+            if first {
+                first = false;
+                stats
+                    .parent_first_packet_us
+                    .store(now_us(), Ordering::Relaxed);
+                // The leg's SSRC, as the parent rewrote it: what a PLI must name.
+                up.set_parent(Some((track.clone(), packet.header.ssrc)));
+                up.request();
+            }
             bytes.fetch_add(packet.payload.len() as u64, Ordering::Relaxed);
             stats.on_received(&packet);
-            fan_out(&fanout, &packet, &stats);
+            fan_out(&fanout, &packet, Some(read_at), &stats);
+        }
+    }
+}
+
+/// Reads a child's RTCP feedback (only keyframe requests reach the application) and passes
+/// requests up.
+async fn read_child_feedback(track: Arc<TrackLocalStaticRTP>, up: Arc<Upstream>) {
+    loop {
+        match TrackLocal::poll(track.as_ref()).await {
+            Some(TrackLocalEvent::OnRtcpPacket(packets)) => {
+                if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
+                    up.stats
+                        .keyframe_requests_received
+                        .fetch_add(1, Ordering::Relaxed);
+                    up.request();
+                }
+            }
+            Some(_) => {}
+            // Not bound yet (before negotiation) or unbound: look again later; the task
+            // is aborted with the connection.
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
 
 async fn feed_child(
-    mut rx: mpsc::Receiver<rtp::Packet>,
+    mut rx: mpsc::Receiver<Forward>,
     track: Arc<TrackLocalStaticRTP>,
     sender: Arc<dyn webrtc::rtp_transceiver::RtpSender>,
     ssrc: u32,
     stats: Arc<Stats>,
+    written: Arc<AtomicU64>,
 ) {
     let mut payload_type: Option<u8> = None;
-    while let Some(mut packet) = rx.recv().await {
+    while let Some(Forward {
+        mut packet,
+        read_at,
+    }) = rx.recv().await
+    {
         if payload_type.is_none() {
             payload_type = sender
                 .get_parameters()
@@ -788,8 +1061,122 @@ async fn feed_child(
         packet.header.extension = false;
         packet.header.extensions.clear();
         packet.header.extension_profile = 0;
+        let len = packet.payload.len() as u64;
         if track.write_rtp(packet).await.is_err() {
             stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            continue;
         }
+        written.fetch_add(len, Ordering::Relaxed);
+        stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+        if let Some(t) = read_at {
+            stats.hop.push(t.elapsed().as_micros() as u64);
+        }
+    }
+}
+
+fn is_keyframe_request(packet: &dyn rtcp::Packet) -> bool {
+    let any = packet.as_any();
+    any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>()
+}
+
+/// Marks inbound keyframe requests (PLI, FIR) for the application and lets every other
+/// inbound RTCP end here, as the chain's terminus would: the default interceptors have
+/// already acted on it, and only the application knows where a keyframe comes from.
+#[derive(Default)]
+struct KeyframeRequestsToApp {
+    reads: VecDeque<TaggedPacket>,
+    writes: VecDeque<TaggedPacket>,
+}
+
+impl rtc::sansio::Protocol<TaggedPacket, TaggedPacket, ()> for KeyframeRequestsToApp {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = rtc::shared::error::Error;
+    type Time = std::time::Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Self::Error> {
+        if let Packet::Rtcp(packets) = &msg.message.packet {
+            let requests: Vec<Box<dyn rtcp::Packet>> = packets
+                .iter()
+                .filter(|p| is_keyframe_request(p.as_ref()))
+                .cloned()
+                .collect();
+            if requests.is_empty() {
+                return Ok(());
+            }
+            msg.message.packet = Packet::Rtcp(requests);
+            msg.message.add(Attribute::DeliverToApplication);
+        }
+        self.reads.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.reads.pop_front()
+    }
+
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Self::Error> {
+        self.writes.push_back(msg);
+        Ok(())
+    }
+
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.writes.pop_front()
+    }
+}
+
+impl Interceptor for KeyframeRequestsToApp {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Real time (the workspace's tokio has no test clock); only bounds that hold however
+    /// slow the machine is: a slow machine sends fewer requests, never more.
+    #[tokio::test]
+    async fn keyframe_requests_are_paced() {
+        let wake = Arc::new(Notify::new());
+        let sent = Arc::new(AtomicU64::new(0));
+        let gap = Duration::from_millis(200);
+        let task = {
+            let (wake, sent) = (wake.clone(), sent.clone());
+            tokio::spawn(async move {
+                pace(&wake, gap, || {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    std::future::ready(())
+                })
+                .await
+            })
+        };
+        let count = || sent.load(Ordering::Relaxed);
+        let wait_for = |n: u64| {
+            let sent = sent.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while sent.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        // A hundred children ask at once: one request, plus at most one after the gap.
+        for _ in 0..100 {
+            wake.notify_one();
+        }
+        wait_for(1).await;
+        tokio::time::sleep(gap * 3).await;
+        let after_burst = count();
+        assert!((1..=2).contains(&after_burst), "{after_burst}");
+        // A later ask is served.
+        wake.notify_one();
+        wait_for(after_burst + 1).await;
+        tokio::time::sleep(gap * 3).await;
+        assert!((after_burst + 1..=3).contains(&count()), "{}", count());
+        task.abort();
     }
 }

@@ -7,57 +7,18 @@
 //! (default 30, the size: depths 1 to 4 are populated, so the killed relay has
 //! grandchildren and great-grandchildren).
 
+mod common;
+
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::{LIVENESS, TestSignaller, wait_until};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use treecast_peer::media::now_us;
-use treecast_peer::{Peer, PeerConfig, Role};
+use treecast_peer::{Peer, Role};
 
-const LIVENESS: Duration = Duration::from_secs(60);
 const REPAIR_BOUND: Duration = Duration::from_secs(20);
-
-async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut out = String::new();
-        let mut rest = body;
-        while let Some((size, after)) = rest.split_once("\r\n") {
-            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if size == 0 || after.len() < size {
-                break;
-            }
-            out.push_str(&after[..size]);
-            rest = after[size..].trim_start_matches("\r\n");
-        }
-        out
-    } else {
-        body.to_owned()
-    };
-    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
-}
-
-async fn snapshot(addr: SocketAddr, room: &str) -> Value {
-    let (status, v) = http(addr, "GET", &format!("/api/rooms/{room}")).await;
-    assert_eq!(status, 200, "{v}");
-    v
-}
 
 fn peer_entry(snap: &Value, id: u64) -> &Value {
     snap["peers"]
@@ -68,52 +29,21 @@ fn peer_entry(snap: &Value, id: u64) -> &Value {
         .unwrap_or_else(|| panic!("peer {id} not in {snap}"))
 }
 
-async fn wait_until(what: &str, bound: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + bound;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn received(p: &Peer) -> u64 {
     p.stats().packets_received.load(Ordering::Relaxed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn viewers_receive_at_their_depth_and_a_dead_relay_is_repaired() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
     let n: usize = std::env::var("TREECAST_E2E_VIEWERS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
     let test_start = Instant::now();
 
-    let mut config = treecast_signaller::Config::default();
-    config.limits.max_connections_per_ip = 10_000;
-    config.limits.room_creation_burst = 1_000;
-    config.room.root_fanout = 2;
-    config.room.relay_fanout = 2;
-    config.room.ice_servers = Vec::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(treecast_signaller::serve(listener, config, async move {
-        let _ = stopped.await;
-    }));
-
-    let (status, created) = http(addr, "POST", "/api/rooms").await;
-    assert_eq!(status, 201, "{created}");
-    let room = created["room"].as_str().unwrap().to_owned();
-    let url = format!("ws://{addr}/ws");
-
-    let mut bc = PeerConfig::new(&url, &room, Role::Broadcaster);
-    bc.token = Some(created["token"].as_str().unwrap().to_owned());
+    let signaller = TestSignaller::start(2, 2).await;
+    let mut bc = signaller.peer_config(Role::Broadcaster);
     bc.stream_kbps = 300;
-    bc.use_ice_servers = false;
     let broadcaster = Peer::start(bc).unwrap();
     wait_until("the broadcaster is welcomed", LIVENESS, || {
         broadcaster.status().peer_id.is_some()
@@ -123,9 +53,7 @@ async fn viewers_receive_at_their_depth_and_a_dead_relay_is_repaired() {
     // Viewers join one at a time, each waiting for its place, so the tree fills level by level.
     let mut viewers: Vec<Peer> = Vec::new();
     for _ in 0..n {
-        let mut vc = PeerConfig::new(&url, &room, Role::Viewer);
-        vc.use_ice_servers = false;
-        let v = Peer::start(vc).unwrap();
+        let v = Peer::start(signaller.peer_config(Role::Viewer)).unwrap();
         wait_until("a viewer is placed", LIVENESS, || {
             v.status().depth.is_some()
         })
@@ -139,7 +67,7 @@ async fn viewers_receive_at_their_depth_and_a_dead_relay_is_repaired() {
     let all_receiving = joined.elapsed();
 
     // Depths: what each peer was told matches the signaller's snapshot.
-    let snap = snapshot(addr, &room).await;
+    let snap = signaller.snapshot().await;
     let mut by_id: HashMap<u64, usize> = HashMap::new();
     for (i, v) in viewers.iter().enumerate() {
         let s = v.status();
@@ -229,7 +157,7 @@ async fn viewers_receive_at_their_depth_and_a_dead_relay_is_repaired() {
         assert!(
             Instant::now() < deadline,
             "no media after the kill within {REPAIR_BOUND:?} for {pending:?}: {}",
-            snapshot(addr, &room).await
+            signaller.snapshot().await
         );
         pending.retain(|id| {
             let newest = viewers[by_id[id]]
@@ -249,7 +177,7 @@ async fn viewers_receive_at_their_depth_and_a_dead_relay_is_repaired() {
 
     // The tree settles: the victim is gone, and the grandchildren kept their parents.
     let after = loop {
-        let snap = snapshot(addr, &room).await;
+        let snap = signaller.snapshot().await;
         let gone = snap["peers"]
             .as_array()
             .unwrap()
@@ -314,7 +242,6 @@ async fn viewers_receive_at_their_depth_and_a_dead_relay_is_repaired() {
         v.leave().await;
     }
     broadcaster.leave().await;
-    let _ = stop.send(());
-    let _ = tokio::time::timeout(LIVENESS, server).await;
+    signaller.stop().await;
     eprintln!("test took {:?}", test_start.elapsed());
 }
