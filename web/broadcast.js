@@ -97,6 +97,20 @@ async function preview() {
   return true;
 }
 
+/** The broadcast this tab runs, kept in sessionStorage so that reloading the tab takes
+ *  the room back (the server hands the root to a broadcaster token without a resume token
+ *  while the old session is within its grace period), while a new tab starts afresh. */
+const SAVED = 'treecast.broadcast';
+function saved() {
+  try { return JSON.parse(sessionStorage.getItem(SAVED)) || null; } catch { return null; }
+}
+function save(b) { try { sessionStorage.setItem(SAVED, JSON.stringify(b)); } catch { /* private mode */ } }
+function forget() { try { sessionStorage.removeItem(SAVED); } catch { /* private mode */ } }
+
+function chosenSource() {
+  return { source: document.querySelector('input[name=source]:checked').value, mic: $('mic').checked };
+}
+
 async function goLive() {
   $('go-live').disabled = true;
   $('preview').disabled = true;
@@ -109,28 +123,10 @@ async function goLive() {
       throw new Error(body.message || `The server could not open a room (HTTP ${res.status}).`);
     }
     const room = await res.json();
-    const link = new URL(room.watch_url, location.href).href;
-    $('setup').hidden = true;
-    $('live').hidden = false;
-    $('link').value = link;
-    try { $('qr').innerHTML = wasm.qr_svg(link); } catch { $('qr').hidden = true; }
-    document.body.dataset.room = room.room;
-    peer = new Peer(wasm, {
-      room: room.room, role: 'broadcaster', token: room.token, uplinkKbps, stream,
-      onStatus: (s) => {
-        $('status').textContent = describe(s);
-        document.body.dataset.phase = s.phase;
-        if (s.phase === 'ended' || s.phase === 'left' || s.phase === 'failed') finish(s);
-      },
-    });
-    window.treecast = { peer, room: room.room, link };
-    stopFollowing = followRoom(room.room, {
-      onSnapshot: (snap) => {
-        $('viewers').textContent = String(snap.viewers);
-        $('tree-summary').textContent = describeTree(snap);
-        drawTree($('tree'), snap, snap.broadcaster);
-      },
-    });
+    const b = { room: room.room, token: room.token, link: new URL(room.watch_url, location.href).href,
+      uplinkKbps, ...chosenSource() };
+    save(b);
+    live(wasm, b, false);
   } catch (e) {
     showError(e.message);
     $('go-live').disabled = false;
@@ -138,18 +134,117 @@ async function goLive() {
   }
 }
 
+/** Shows the live view for broadcast `b` and connects (again, when `resuming`). */
+function live(wasm, b, resuming) {
+  $('setup').hidden = true;
+  $('intro').hidden = true;
+  $('title').textContent = 'You are live';
+  $('live').hidden = false;
+  $('link').value = b.link;
+  try { $('qr').innerHTML = wasm.qr_svg(b.link); } catch { $('qr').hidden = true; }
+  document.body.dataset.room = b.room;
+  window.treecast = { peer: null, room: b.room, link: b.link, resumed: resuming };
+  connect(wasm, b, resuming, 0);
+  // Resumed: take the room back at once (within the grace period), and send the picture
+  // as soon as it is captured again.
+  if (!stream) reacquire(b).then(showStatus);
+  stopFollowing = followRoom(b.room, {
+    onSnapshot: (snap) => {
+      $('viewers').textContent = String(snap.viewers);
+      $('tree-summary').textContent = describeTree(snap);
+      drawTree($('tree'), snap, snap.broadcaster);
+    },
+  });
+}
+
+function showStatus() {
+  const s = peer && peer.status;
+  const onAir = !!(s && s.phase === 'joined' && s.live);
+  let text = describe(s);
+  if (onAir) text = stream ? 'On air: whoever opens the link watches.' : 'Back in your room; the picture resumes when your camera or screen is on again.';
+  $('status').textContent = text;
+  $('live-badge').hidden = !onAir;
+}
+
+function connect(wasm, b, resuming, attempt) {
+  peer = new Peer(wasm, {
+    room: b.room, role: 'broadcaster', token: b.token, uplinkKbps: b.uplinkKbps, stream,
+    onStatus: (s) => {
+      document.body.dataset.phase = s.phase;
+      const code = s.error && s.error.code;
+      // Right after a reload the server may not have noticed the old page's socket close
+      // yet; a takeover is refused until it has.
+      if (resuming && code === 'broadcaster_exists' && attempt < 8) {
+        $('status').textContent = 'Taking the broadcast back from the previous page…';
+        setTimeout(() => connect(wasm, b, resuming, attempt + 1), 750);
+        return;
+      }
+      showStatus();
+      if (s.phase === 'ended' || s.phase === 'left' || s.phase === 'failed') finish(s);
+    },
+  });
+  window.treecast.peer = peer;
+}
+
+/** Captures the saved source again after a reload. A test pattern (or sound alone) needs
+ *  no permission; the camera usually has it from before; a screen needs a click. */
+async function reacquire(b) {
+  const attach = () => { for (const t of stream.getTracks()) peer.setTrack(t); };
+  if (b.source !== 'screen' && (await preview())) { attach(); return; }
+  $('resume-text').textContent = b.source === 'screen'
+    ? 'Share your screen again to resume the picture.'
+    : 'Allow the camera and microphone again to resume the picture.';
+  $('resume-media').hidden = false;
+  return new Promise((resolve) => {
+    $('resume-button').onclick = async () => {
+      if (!(await preview())) { $('resume-text').textContent = $('setup-error').textContent; return; }
+      $('resume-media').hidden = true;
+      attach();
+      resolve();
+    };
+  });
+}
+
 function finish(s) {
+  forget();
   if (stopFollowing) stopFollowing();
   stopFollowing = null;
   if (stream) stream.getTracks().forEach((t) => t.stop());
   $('live').hidden = true;
+  $('title').textContent = 'Broadcast over';
   $('over').hidden = false;
-  $('over-text').textContent = s.phase === 'failed' ? describe(s) : 'The broadcast has ended. Viewers were told.';
+  $('over-text').textContent = s.phase === 'failed'
+    ? (s.error && s.error.code === 'broadcaster_exists'
+      ? 'This broadcast is live in another tab or window; carry on there.' : describe(s))
+    : 'The broadcast has ended. Viewers were told.';
+  $('over-text').focus();
+}
+
+/** After a reload: take the room back if it is still open. */
+async function resumeSaved() {
+  const b = saved();
+  if (!b || !b.room || !b.token) return;
+  const radio = document.querySelector(`input[name=source][value="${CSS.escape(String(b.source))}"]`);
+  if (radio) radio.checked = true;
+  $('mic').checked = !!b.mic;
+  let open = false;
+  try {
+    const res = await fetch('/api/rooms/' + encodeURIComponent(b.room));
+    open = res.ok && !(await res.json()).ended;
+  } catch { open = true; /* the WebSocket will tell */ }
+  if (!open) {
+    forget();
+    showError('Your previous broadcast has ended. Go live again to start a new one.');
+    return;
+  }
+  let wasm;
+  try { wasm = await loadClient(); } catch (e) { showError(e.message); return; }
+  live(wasm, b, true);
 }
 
 $('preview').addEventListener('click', preview);
 $('go-live').addEventListener('click', goLive);
-$('end').addEventListener('click', () => { if (peer) peer.leave(); });
+$('end').addEventListener('click', () => { forget(); if (peer) peer.leave(); });
 $('copy').addEventListener('click', async () => {
   try {
     await navigator.clipboard.writeText($('link').value);
@@ -159,3 +254,5 @@ $('copy').addEventListener('click', async () => {
     $('copied').textContent = 'Select the link and copy it (Ctrl+C or long-press).';
   }
 });
+
+resumeSaved();

@@ -168,7 +168,7 @@ export class Peer {
       senders[kind] = pc.addTransceiver(this.tracks[kind] || kind, init).sender;
     }
     const conn = { peer, pc, senders, chain: Promise.resolve(), pending: [], hasRemote: false,
-      prevBytes: 0, prevAt: performance.now() };
+      prevBytes: 0, prevWire: 0, prevAt: performance.now() };
     this.children.set(peer, conn);
     conn.chain = conn.chain.then(async () => {
       const offer = await pc.createOffer();
@@ -282,21 +282,39 @@ export class Peer {
     if (now - this.lastMeasure >= MEASURE_EVERY_MS) {
       this.lastMeasure = now;
       const delivered = [];
+      const estimates = [];
       for (const [peer, child] of this.children) {
         try {
           const stats = await child.pc.getStats();
-          let sent = 0;
-          stats.forEach((s) => { if (s.type === 'outbound-rtp') sent += s.bytesSent || 0; });
+          let sent = 0, onWire = 0, pairId, available;
+          const pairs = new Map();
+          stats.forEach((s) => {
+            if (s.type === 'outbound-rtp') { sent += s.bytesSent || 0; onWire += (s.bytesSent || 0) + (s.headerBytesSent || 0); }
+            else if (s.type === 'transport') pairId = s.selectedCandidatePairId;
+            else if (s.type === 'candidate-pair') pairs.set(s.id, s);
+          });
+          // The congestion controller's estimate lives on the selected candidate pair.
+          const pair = pairs.get(pairId) || [...pairs.values()].find((p) => p.nominated && p.state === 'succeeded');
+          if (pair && pair.availableOutgoingBitrate > 0) available = Math.round(pair.availableOutgoingBitrate / 1000);
           const t = performance.now();
-          delivered.push([peer, Math.max(0, Math.round(((sent - child.prevBytes) * 8) / Math.max(1, t - child.prevAt)))]);
+          const dt = Math.max(1, t - child.prevAt);
+          delivered.push([peer, Math.max(0, Math.round(((sent - child.prevBytes) * 8) / dt))]);
+          estimates.push([peer, available ?? null, Math.max(0, Math.round(((onWire - (child.prevWire || 0)) * 8) / dt))]);
           child.prevBytes = sent;
+          child.prevWire = onWire;
           child.prevAt = t;
         } catch { /* closed meanwhile */ }
       }
       this.info.delivered = delivered;
+      this.info.estimates = estimates;
       if (!this.closed) {
         this.client.measured(this.now(), this.role === 'viewer' ? this.info.loss ?? undefined : undefined,
           hopLatency, JSON.stringify(delivered));
+        // WebRTC's own bandwidth estimate may update the uplink the server knows; the rule
+        // (when it may raise or lower it) is client-wasm's uplink module.
+        const uplink = this.client.uplink(this.now(), JSON.stringify(estimates), VIDEO_MAX_BITRATE / 1000);
+        if (uplink !== undefined && uplink !== null) this.info.uplinkReports = [...(this.info.uplinkReports || []).slice(-9), uplink];
+        this.info.uplinkEstimateKbps = this.client.uplink_estimate() ?? null;
       }
     }
     if (!this.closed) { this.pump(); this.onStats(this.info); }

@@ -37,7 +37,7 @@ function select(room) {
   $('detail').hidden = false;
   $('detail-h').textContent = `Room ${room}`;
   $('repairs').replaceChildren(Object.assign(document.createElement('li'), { className: 'muted', textContent: 'None yet.' }));
-  $('events').replaceChildren();
+  $('events').replaceChildren(Object.assign(document.createElement('li'), { className: 'muted', textContent: 'None since this page opened.' }));
   stop = followRoom(room, {
     onSnapshot: (s) => {
       $('summary').textContent = describeTree(s);

@@ -27,6 +27,8 @@ export function drawTree(svg, snapshot, self) {
 
   svg.replaceChildren();
   svg.setAttribute('viewBox', `0 0 ${width} ${height}`);
+  // Never shrink nodes below ~60 %: a wide tree scrolls inside its box instead.
+  svg.style.minWidth = `${Math.round(width * 0.6)}px`;
   const desc = document.createElementNS(NS, 'desc');
   desc.textContent = describeTree(snapshot);
   svg.append(desc);

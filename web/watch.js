@@ -8,6 +8,8 @@ const raw = decodeURIComponent(location.pathname.replace(/^\/watch\/?/, '').repl
 
 function fail(code, html) {
   document.body.dataset.phase = 'failed';
+  $('title').textContent = code === 'unknown_room' ? 'No such broadcast' : 'Cannot play this link';
+  $('relay-note').hidden = true;
   document.body.dataset.error = code;
   const m = $('message');
   m.className = 'notice error';
@@ -21,6 +23,8 @@ const escape = (s) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
 function ended(reason) {
   document.body.dataset.phase = 'ended';
+  $('title').textContent = `Ended: room ${raw}`;
+  $('relay-note').hidden = true;
   const m = $('message');
   m.className = 'notice';
   m.innerHTML = '<strong>This broadcast has ended.</strong> ' +
@@ -92,8 +96,7 @@ async function start() {
 $('unmute').addEventListener('click', () => {
   video.muted = !video.muted;
   if (!video.muted) video.play().catch(() => {});
-  $('unmute').setAttribute('aria-pressed', String(!video.muted));
-  $('unmute').textContent = video.muted ? '🔊 Unmute' : '🔇 Mute';
+  $('unmute-label').textContent = video.muted ? 'Unmute' : 'Mute';
 });
 
 start();

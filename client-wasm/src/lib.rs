@@ -17,8 +17,12 @@
 //! Times are `performance.now()` milliseconds. Actions are JSON (`{"kind": …}`) so the
 //! page does not depend on wasm-bindgen's object glue.
 //!
-//! [`qr_svg`] draws the room link as a QR code (the `qrcode` crate, built in).
+//! [`Client::uplink`] applies the rule for reporting the browser's own bandwidth estimate
+//! ([`uplink`] module). [`qr_svg`] draws the room link as a QR code (the `qrcode` crate,
+//! built in).
 #![forbid(unsafe_code)]
+
+pub mod uplink;
 
 use std::time::Duration;
 
@@ -26,6 +30,8 @@ use treecast_core::agent::{Agent, AgentConfig, Input, Measurements};
 use treecast_core::protocol::{Delivery, Role};
 use treecast_core::{PeerId, RoomId};
 use wasm_bindgen::prelude::*;
+
+use crate::uplink::{ChildSample, UplinkEstimator};
 
 fn at(now_ms: f64) -> Duration {
     Duration::from_secs_f64(now_ms.max(0.0) / 1000.0)
@@ -35,6 +41,7 @@ fn at(now_ms: f64) -> Duration {
 #[wasm_bindgen]
 pub struct Client {
     agent: Agent,
+    uplink: UplinkEstimator,
 }
 
 #[wasm_bindgen]
@@ -59,6 +66,7 @@ impl Client {
         config.uplink_kbps = uplink_kbps;
         Ok(Client {
             agent: Agent::new(config),
+            uplink: UplinkEstimator::new(uplink_kbps),
         })
     }
 
@@ -113,6 +121,30 @@ impl Client {
                 delivered,
             }),
         );
+    }
+
+    /// The sending connections' numbers over the last interval, as JSON
+    /// `[[peer, available_kbps | null, sending_kbps], …]`, and the bitrate each child is
+    /// meant to get. Returns the new uplink (kbit/s) that the next report will carry, when
+    /// the rule in [`uplink`] says the estimate should change it.
+    pub fn uplink(&mut self, now_ms: f64, children: &str, target_kbps: u32) -> Option<u32> {
+        let rows: Vec<(u64, Option<f64>, f64)> = serde_json::from_str(children).unwrap_or_default();
+        let samples: Vec<ChildSample> = rows
+            .into_iter()
+            .map(|(peer, available, sending)| ChildSample {
+                peer,
+                available_kbps: available.map(|a| a.clamp(0.0, f64::from(u32::MAX)) as u32),
+                sending_kbps: sending.clamp(0.0, f64::from(u32::MAX)) as u32,
+            })
+            .collect();
+        let kbps = self.uplink.sample(at(now_ms), &samples, target_kbps)?;
+        self.agent.handle(at(now_ms), Input::UplinkEstimate(kbps));
+        Some(kbps)
+    }
+
+    /// The smoothed sum of the children's bandwidth estimates (kbit/s), when any count.
+    pub fn uplink_estimate(&self) -> Option<u32> {
+        self.uplink.smoothed()
     }
 
     /// Sends signalling data (JSON) to a neighbour; dropped if `to` is not one.

@@ -2,7 +2,7 @@
 // connectOverCDP: no browser download), every page in its own window (background tabs are
 // throttled), and helpers that read media state out of the pages.
 import { spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, readdirSync, rmSync, existsSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, existsSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -248,4 +248,34 @@ export function percentile(xs, p) {
   if (!xs.length) return NaN;
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
+}
+
+/**
+ * The scaffolding of a live-broadcast suite: a signaller (with `serverArgs`) and a browser
+ * started before the steps, both stopped after them, and what the steps measured written to
+ * `target/<measurementsFile>`. `step` declares a step that builds on the previous ones:
+ * after a failure the later steps are skipped rather than piling up errors, and the pages
+ * `pages()` returns print their console output to explain the failure.
+ */
+export function liveSuite({ it, before, after, serverArgs, measurementsFile, pages }) {
+  const suite = { server: null, browser: null, measured: {} };
+  let broken = false;
+  suite.step = (name, fn) => it(name, async (t) => {
+    if (broken) return t.skip('an earlier step failed');
+    try { await fn(t); } catch (e) { broken = true; throw e; }
+  });
+  before(async () => {
+    suite.server = await startServer(serverArgs);
+    suite.browser = await startBrowser();
+  });
+  after(async () => {
+    if (suite.browser) {
+      if (broken) for (const p of pages()) if (p) console.log(suite.browser.consoleOf(p.page));
+      await suite.browser.close();
+    }
+    if (suite.server) await suite.server.stop();
+    mkdirSync(join(repo, 'target'), { recursive: true });
+    writeFileSync(join(repo, 'target', measurementsFile), JSON.stringify(suite.measured, null, 2));
+  });
+  return suite;
 }

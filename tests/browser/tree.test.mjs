@@ -10,11 +10,8 @@
 // written to target/browser-measurements.json, never asserted tight.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync, mkdirSync } from 'node:fs';
-import { join } from 'node:path';
 import {
-  startServer, startBrowser, waitFor, sleep, media, recordFrames, glassToGlass, percentile,
-  cpuSeconds, repo,
+  liveSuite, waitFor, sleep, media, recordFrames, glassToGlass, percentile, cpuSeconds,
 } from './harness.mjs';
 
 const VIEWERS = 6;
@@ -22,17 +19,17 @@ const LIVE_BOUND_MS = 60000;     // joining and first frames on a loaded box
 const REPAIR_BOUND_MS = 30000;   // "plays again" after a relay goes away
 
 describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, () => {
-  let server, browser, broadcaster, room, link, dashboard;
+  let broadcaster, room, link, dashboard;
   const viewers = [];
-  const measured = {};
 
   const log = (...a) => console.log('   ', ...a);
-  // Each step builds on the previous one: after a failure, skip rather than pile up errors.
-  let broken = false;
-  const step = (name, fn) => it(name, async (t) => {
-    if (broken) return t.skip('an earlier step failed');
-    try { await fn(t); } catch (e) { broken = true; throw e; }
+  const suite = liveSuite({
+    it, before, after,
+    serverArgs: ['--root-fanout', '1', '--relay-fanout', '2'],
+    measurementsFile: 'browser-measurements.json',
+    pages: () => [broadcaster, ...viewers],
   });
+  const { step, measured } = suite;
 
   async function advancing(v, what = 'frames') {
     const a = await media(v.page);
@@ -42,26 +39,12 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
   }
 
   async function snapshot() {
-    return (await fetch(`${server.base}/api/rooms/${room}`)).json();
+    return (await fetch(`${suite.server.base}/api/rooms/${room}`)).json();
   }
 
-  before(async () => {
-    server = await startServer(['--root-fanout', '1', '--relay-fanout', '2']);
-    browser = await startBrowser();
-  });
-
-  after(async () => {
-    if (browser) {
-      if (broken) for (const p of [broadcaster, ...viewers]) if (p) console.log(browser.consoleOf(p.page));
-      await browser.close();
-    }
-    if (server) await server.stop();
-    mkdirSync(join(repo, 'target'), { recursive: true });
-    writeFileSync(join(repo, 'target', 'browser-measurements.json'), JSON.stringify(measured, null, 2));
-  });
 
   step('the broadcaster goes live with a test pattern and gets a link and a QR code', async () => {
-    broadcaster = await browser.open(`${server.base}/?w=320&h=240&fps=15`, 'broadcaster');
+    broadcaster = await suite.browser.open(`${suite.server.base}/?w=320&h=240&fps=15`, 'broadcaster');
     const page = broadcaster.page;
     await page.check('input[name=source][value=pattern]');
     await page.click('#go-live');
@@ -74,7 +57,7 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
 
   step('six viewers by link form a tree of depth 3, each decoding video and receiving audio', async () => {
     for (let i = 0; i < VIEWERS; i++) {
-      const v = await browser.open(link, `viewer${i + 1}`);
+      const v = await suite.browser.open(link, `viewer${i + 1}`);
       v.openedAt = Date.now();
       viewers.push(v);
       // One at a time, so placement (and the join-to-first-frame numbers) are clean.
@@ -100,7 +83,7 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
       document.querySelectorAll('#tree .node').length === n + 1, VIEWERS), 15000);
     assert.equal(await broadcaster.page.textContent('#viewers'), String(VIEWERS));
     // The operator's dashboard follows the room from now on.
-    dashboard = await browser.open(`${server.base}/dashboard?room=${room}`, 'dashboard');
+    dashboard = await suite.browser.open(`${suite.server.base}/dashboard?room=${room}`, 'dashboard');
     await waitFor('the dashboard tree', () => dashboard.page.evaluate((n) =>
       document.querySelectorAll('#tree .node').length === n + 1, VIEWERS), 15000);
 
@@ -205,7 +188,7 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
     await sleep(1000);
     // Crash its renderer: the page vanishes without a word (like a killed tab or a machine
     // that drops off the network), so only the children's stall watchdogs can notice.
-    const session = await browser.context.newCDPSession(relay.page);
+    const session = await suite.browser.context.newCDPSession(relay.page);
     const diedAt = Date.now();
     session.send('Page.crash').catch(() => { /* the session dies with the page */ });
     viewers.splice(viewers.indexOf(relay), 1);
@@ -239,7 +222,7 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
         document.body.dataset.phase === 'ended' && /has ended/.test(document.getElementById('message').textContent)), 15000);
     }
     // A late visitor of the ended room is told too.
-    const late = await browser.open(link, 'late viewer');
+    const late = await suite.browser.open(link, 'late viewer');
     await waitFor('late viewer sees the end', () => late.page.evaluate(() =>
       document.body.dataset.phase === 'ended' && /has ended/.test(document.getElementById('message').textContent)), 15000);
   });
@@ -252,7 +235,7 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
       ['/watch/bad%20id!', 'bad_room', /not a room id/i],
     ];
     for (const [path, code, text] of cases) {
-      const { page } = await browser.open(server.base + path, path);
+      const { page } = await suite.browser.open(suite.server.base + path, path);
       await waitFor(`error for ${path}`, () => page.evaluate(() => document.body.dataset.error), 15000);
       assert.equal(await page.evaluate(() => document.body.dataset.error), code, path);
       const message = await page.textContent('#message');
