@@ -99,6 +99,10 @@ pub(crate) struct SimPeer {
     link_up: bool,
     got_media: bool,
     stall_reported: bool,
+    /// Told a new parent and nothing received from it yet. Like the client agent, it
+    /// reports `connecting` when told and `receiving` at the first media (the room relies
+    /// on the latter to tell a dead parent from a stale report).
+    connecting: bool,
     reachable: bool,
     /// Whether its departure, if any, will be a crash rather than a `leave`.
     crashes: bool,
@@ -433,6 +437,10 @@ impl Engine {
                 // Connecting to a new parent: the frame watchdog restarts; the connect
                 // watchdog below covers this peer until media flows.
                 p.media_gen += 1;
+                p.connecting = q != NONE;
+                if q != NONE {
+                    self.send_up(idx, Up::Report(MediaState::Connecting));
+                }
                 let fail = ms(self.scenario.timing.connect_fail_ms);
                 self.schedule(self.now + fail, Kind::ConnectCheck { peer: idx, epoch });
                 if q != NONE && self.peers[q as usize].children.contains(idx) {
@@ -552,7 +560,8 @@ impl Engine {
             if let Some(since) = p.down_since.take() {
                 self.stats.interrupted(now, now - since);
             }
-            if std::mem::take(&mut self.peers[i as usize].stall_reported) {
+            let p = &mut self.peers[i as usize];
+            if std::mem::take(&mut p.stall_reported) | std::mem::take(&mut p.connecting) {
                 self.send_up(i, Up::Report(MediaState::Receiving));
             }
             for c in self.peers[i as usize].children.iter() {
@@ -753,6 +762,7 @@ impl SimPeer {
             link_up: false,
             got_media: false,
             stall_reported: false,
+            connecting: false,
             reachable,
             crashes: false,
             parent: NONE,
