@@ -153,10 +153,7 @@ async fn message_floods_are_limited_then_cut_off() {
     config.limits.message_burst = 10;
     let server = TestServer::start(config).await;
     let addr = server.addr;
-    let (room, token) = common::create_room(addr).await;
-    let mut broadcaster = Client::join(addr, &room, "broadcaster", Some(&token), None).await;
-    let mut viewer = Client::join(addr, &room, "viewer", None, None).await;
-    viewer.recv_until("parent").await;
+    let (room, mut broadcaster, mut viewer) = common::live_room(addr).await;
 
     // Over the rate: one warning, the excess dropped, the socket kept.
     let mut f = Client::join(addr, &room, "viewer", None, None).await;
@@ -244,10 +241,7 @@ async fn a_slow_consumer_is_cut_off_and_the_room_goes_on() {
     config.limits.outbound_queue = 16;
     let server = TestServer::start(config).await;
     let addr = server.addr;
-    let (room, token) = common::create_room(addr).await;
-    let mut broadcaster = Client::join(addr, &room, "broadcaster", Some(&token), None).await;
-    let mut reader = Client::join(addr, &room, "viewer", None, None).await;
-    reader.recv_until("parent").await;
+    let (room, mut broadcaster, mut reader) = common::live_room(addr).await;
     // This viewer stops reading after its welcome.
     let sleeper = Client::join(addr, &room, "viewer", None, None).await;
     let sleeper_id = sleeper.id();

@@ -19,10 +19,7 @@ async fn health_metrics_and_pages_answer() {
     assert_eq!((r.status, r.body.as_str()), (200, "ok"));
 
     // Something to count first.
-    let (room, token) = common::create_room(addr).await;
-    let _b = Client::join(addr, &room, "broadcaster", Some(&token), None).await;
-    let mut v = Client::join(addr, &room, "viewer", None, None).await;
-    v.recv_until("parent").await;
+    let (_room, _b, _v) = common::live_room(addr).await;
     let r = http(addr, "GET", "/metrics", None).await;
     assert_eq!(r.status, 200);
     assert!(
@@ -225,10 +222,7 @@ async fn dashboards_get_a_snapshot_then_tree_events() {
 async fn shutdown_tells_every_peer_the_room_ended() {
     let server = TestServer::start(common::test_config()).await;
     let addr = server.addr;
-    let (room, token) = common::create_room(addr).await;
-    let mut b = Client::join(addr, &room, "broadcaster", Some(&token), None).await;
-    let mut v = Client::join(addr, &room, "viewer", None, None).await;
-    v.recv_until("parent").await;
+    let (_room, mut b, mut v) = common::live_room(addr).await;
     let mut idle = Client::connect(addr).await;
 
     server.shutdown().await.unwrap();
@@ -248,10 +242,7 @@ async fn shutdown_tells_every_peer_the_room_ended() {
 async fn an_ended_room_tells_late_visitors() {
     let server = TestServer::start(common::test_config()).await;
     let addr = server.addr;
-    let (room, token) = common::create_room(addr).await;
-    let mut b = Client::join(addr, &room, "broadcaster", Some(&token), None).await;
-    let mut v = Client::join(addr, &room, "viewer", None, None).await;
-    v.recv_until("parent").await;
+    let (room, mut b, mut v) = common::live_room(addr).await;
     b.send_json(&json!({"type": "leave"})).await;
     assert_eq!(v.recv_until("ended").await["reason"], "broadcaster_left");
     v.expect_closed().await;

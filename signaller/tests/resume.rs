@@ -10,10 +10,7 @@ use serde_json::json;
 
 /// Broadcaster → relay → leaf: a chain, so the relay has both a parent and a child.
 async fn chain(addr: std::net::SocketAddr) -> (String, Client, Client, Client) {
-    let (room, token) = common::create_room(addr).await;
-    let mut broadcaster = Client::join(addr, &room, "broadcaster", Some(&token), None).await;
-    let mut relay = Client::join(addr, &room, "viewer", None, None).await;
-    relay.recv_until("parent").await;
+    let (room, mut broadcaster, mut relay) = common::live_room(addr).await;
     broadcaster.recv_until("child").await;
     let mut leaf = Client::join(addr, &room, "viewer", None, None).await;
     let parent = leaf.recv_until("parent").await;

@@ -122,6 +122,16 @@ pub async fn create_room(addr: SocketAddr) -> (String, String) {
     )
 }
 
+/// A fresh room with its broadcaster and one viewer that has been given its parent:
+/// (room id, broadcaster, viewer).
+pub async fn live_room(addr: SocketAddr) -> (String, Client, Client) {
+    let (room, token) = create_room(addr).await;
+    let broadcaster = Client::join(addr, &room, "broadcaster", Some(&token), None).await;
+    let mut viewer = Client::join(addr, &room, "viewer", None, None).await;
+    viewer.recv_until("parent").await;
+    (room, broadcaster, viewer)
+}
+
 /// `GET /api/rooms/{room}` as JSON.
 pub async fn snapshot(addr: SocketAddr, room: &str) -> Value {
     let r = http(addr, "GET", &format!("/api/rooms/{room}"), None).await;
