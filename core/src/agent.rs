@@ -681,13 +681,14 @@ impl Agent {
                 self.report_state(now);
             }
         } else if self.media == MediaState::Receiving
-            && let (Some(lost_at), Some(advanced_at)) = (self.parent_lost_at, self.advanced_at)
-            && now >= advanced_at + self.config.parent_lost_after
+            && self.parent_lost_at.is_some()
+            && self
+                .advanced_at
+                .is_some_and(|t| now >= t + self.config.parent_lost_after)
         {
             // The parent's socket is gone and a fresh sample shows its media has stopped.
             // Decided on samples only, never on a timer: a page whose sampling is throttled
             // (a background tab) must not take a late sample for a stall.
-            debug_assert!(now >= lost_at);
             self.media = MediaState::Stalled;
             self.report_state(now);
         }

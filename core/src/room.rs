@@ -873,18 +873,15 @@ impl Room {
         let settling = |t: Option<Duration>| {
             t.is_some_and(|t| self.now.saturating_sub(t) < self.config.settle_window)
         };
+        let young_link = settling(self.peers[&id].linked_at);
         // Its signalling is gone too: the tab or machine died. Repair now rather than wait
-        // out the grace period. Media that flowed from it and stopped proves that even on a
-        // young link (a report about a previous parent cannot say "receiving" first).
-        let parent_gone = self.peers[&parent].conn.is_none();
-        if parent_gone && was_receiving {
+        // out the grace period. On a young link only media that flowed from it and stopped
+        // proves that (a report about a previous parent cannot say "receiving" first).
+        if self.peers[&parent].conn.is_none() && (was_receiving || !young_link) {
             return self.remove_peer(parent, LeaveCause::Failed);
         }
-        if settling(self.peers[&id].linked_at) {
+        if young_link {
             return; // still connecting to this parent, or the report predates the link
-        }
-        if parent_gone {
-            return self.remove_peer(parent, LeaveCause::Failed);
         }
         let p = &self.peers[&parent];
         // The parent is itself reconnecting (new parent), or starves too and can be

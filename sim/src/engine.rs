@@ -480,8 +480,10 @@ impl Engine {
                 // The client's hint rule: if media from that parent has stopped, report
                 // once it has been missing `parent_lost_ms`, not after the full window.
                 let lost = ms(self.scenario.timing.parent_lost_ms);
+                // Only ever sooner than the frame watchdog, as in the agent.
+                let sooner = lost < self.stall_window(idx);
                 let p = &mut self.peers[idx as usize];
-                if q != NONE && p.parent == q && !p.media && !p.stall_reported {
+                if sooner && q != NONE && p.parent == q && !p.media && !p.stall_reported {
                     if let Some(since) = p.down_since {
                         // A new epoch retires the pending full-window check.
                         p.media_gen += 1;

@@ -159,3 +159,32 @@ fn every_session_model_runs_and_churns() {
         assert!(s.join_time_ms.p50 > 0.0);
     }
 }
+
+/// A crashed relay whose socket closes at once (a killed process): the signaller's
+/// `parent_disconnected` lets its children report after `parent_lost_ms` instead of their
+/// depth-stepped watchdog, so interruptions are shorter than with the hint disabled (a
+/// window longer than any watchdog never comes first).
+#[test]
+fn the_parent_disconnected_hint_shortens_interruptions_after_crashes() {
+    let crashes = |parent_lost_ms: f64| {
+        let mut s = churny(7);
+        s.crash_fraction = 1.0;
+        s.timing.crash_detect_ms = 5.0;
+        s.timing.parent_lost_ms = parent_lost_ms;
+        run(s).interruptions.duration_ms
+    };
+    let with_hint = crashes(400.0);
+    let without = crashes(1e9);
+    eprintln!(
+        "interruption mean / p95: {:.0} / {:.0} ms with the hint, {:.0} / {:.0} ms without",
+        with_hint.mean, with_hint.p95, without.mean, without.p95
+    );
+    assert!(
+        with_hint.count > 100,
+        "crashes interrupt someone: {with_hint:?}"
+    );
+    assert!(
+        with_hint.mean < without.mean && with_hint.p95 < without.p95,
+        "with the hint {with_hint:?}, without {without:?}"
+    );
+}
