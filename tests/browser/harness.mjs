@@ -210,6 +210,27 @@ export function recordFrames(page) {
   });
 }
 
+/** Waits until every page has presented 10 frames more than a second after `since`
+ *  (`recordFrames` must have run on it). */
+export function playingAgain(pages, since, boundMs) {
+  return Promise.all(pages.map((v) => waitFor(`${v.name} playing again`, () => v.page.evaluate((t) =>
+    window.__frames.filter((f) => f > t + 1000).length >= 10, since), boundMs)));
+}
+
+/** The longest gap between presented frames that ends after `since`, in ms, and when the
+ *  frame that ended it came (ms after `since`; null without a gap). */
+export function longestGapAfter(page, since) {
+  return page.evaluate((t) => {
+    const f = window.__frames.filter((x) => x > t - 2000);
+    let gap = 0, resumedAt = null;
+    for (let i = 1; i < f.length; i++) {
+      const g = f[i] - Math.max(f[i - 1], t);
+      if (f[i] > t && g > gap) { gap = g; resumedAt = f[i]; }
+    }
+    return { gap, resumed: resumedAt === null ? null : resumedAt - t };
+  }, since);
+}
+
 /**
  * Reads `n` frames of the page's video with MediaStreamTrackProcessor and decodes the
  * clock the test pattern draws (48 blocks): glass-to-glass latencies in ms.

@@ -10,7 +10,7 @@
 // target/browser-reload-measurements.json.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { liveSuite, waitFor, sleep, media, recordFrames } from './harness.mjs';
+import { liveSuite, waitFor, sleep, media, recordFrames, playingAgain, longestGapAfter } from './harness.mjs';
 
 const VIEWERS = 3;
 const LIVE_BOUND_MS = 60000;
@@ -91,20 +91,11 @@ describe('the broadcaster reloads its page', { timeout: 240000 }, () => {
     assert.equal(await broadcaster.page.evaluate(() => window.treecast.room), room, 'same room');
     assert.equal(await broadcaster.page.evaluate(() => document.getElementById('link').value), link, 'same link');
     assert.ok(await broadcaster.page.isVisible('#end'), 'the live controls are back');
-    await Promise.all(viewers.map((v) => waitFor(`${v.name} playing again`, () => v.page.evaluate((t) =>
-      window.__frames.filter((f) => f > t + 1000).length >= 10, reloadedAt), RESUME_BOUND_MS)));
+    await playingAgain(viewers, reloadedAt, RESUME_BOUND_MS);
     const allPlayingMs = Date.now() - reloadedAt;
     // The old page keeps sending until it unloads: the interruption is the longest gap
     // between presented frames, and the frame that ends it is when playing resumed.
-    const gaps = await Promise.all(viewers.map((v) => v.page.evaluate((t) => {
-      const f = window.__frames.filter((x) => x > t - 2000);
-      let gap = 0, resumedAt = null;
-      for (let i = 1; i < f.length; i++) {
-        const g = f[i] - Math.max(f[i - 1], t);
-        if (f[i] > t && g > gap) { gap = g; resumedAt = f[i]; }
-      }
-      return { gap, resumed: resumedAt === null ? null : resumedAt - t };
-    }, reloadedAt)));
+    const gaps = await Promise.all(viewers.map((v) => longestGapAfter(v.page, reloadedAt)));
     const snap = await waitFor('the re-rooted tree', async () => {
       const s = await snapshot();
       return s.live && s.broadcaster !== measured.broadcaster_before && s.viewers === VIEWERS && s.waiting === 0 ? s : null;

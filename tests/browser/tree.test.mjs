@@ -11,7 +11,8 @@
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  liveSuite, waitFor, sleep, media, recordFrames, glassToGlass, percentile, cpuSeconds,
+  liveSuite, waitFor, sleep, media, recordFrames, playingAgain, longestGapAfter, glassToGlass,
+  percentile, cpuSeconds,
 } from './harness.mjs';
 
 const VIEWERS = 6;
@@ -159,14 +160,8 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
     const closedAt = Date.now();
     await relay.page.close();
     viewers.splice(viewers.indexOf(relay), 1);
-    await Promise.all(rest.map((v) => waitFor(`${v.name} playing again`, () => v.page.evaluate((t) =>
-      window.__frames.filter((f) => f > t + 1000).length >= 10, closedAt), REPAIR_BOUND_MS)));
-    const gaps = await Promise.all(rest.map((v) => v.page.evaluate((t) => {
-      const f = window.__frames.filter((x) => x > t - 2000);
-      let gap = 0;
-      for (let i = 1; i < f.length; i++) if (f[i] > t) gap = Math.max(gap, f[i] - Math.max(f[i - 1], t));
-      return gap;
-    }, closedAt)));
+    await playingAgain(rest, closedAt, REPAIR_BOUND_MS);
+    const gaps = (await Promise.all(rest.map((v) => longestGapAfter(v.page, closedAt)))).map((g) => g.gap);
     measured.interruption_after_relay_closes_ms = rest.map((v, i) => ({ viewer: v.name, depth_before: v.depth, gap_ms: gaps[i] }));
     log('interruption after the depth-1 relay closed:', JSON.stringify(measured.interruption_after_relay_closes_ms));
     const snap = await waitFor('the repaired tree', async () => {
@@ -192,14 +187,8 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
     const diedAt = Date.now();
     session.send('Page.crash').catch(() => { /* the session dies with the page */ });
     viewers.splice(viewers.indexOf(relay), 1);
-    await Promise.all(rest.map((v) => waitFor(`${v.name} playing again`, () => v.page.evaluate((t) =>
-      window.__frames.filter((f) => f > t + 1000).length >= 10, diedAt), REPAIR_BOUND_MS)));
-    const gaps = await Promise.all(rest.map((v) => v.page.evaluate((t) => {
-      const f = window.__frames.filter((x) => x > t - 2000);
-      let gap = 0;
-      for (let i = 1; i < f.length; i++) if (f[i] > t) gap = Math.max(gap, f[i] - Math.max(f[i - 1], t));
-      return gap;
-    }, diedAt)));
+    await playingAgain(rest, diedAt, REPAIR_BOUND_MS);
+    const gaps = (await Promise.all(rest.map((v) => longestGapAfter(v.page, diedAt)))).map((g) => g.gap);
     measured.interruption_after_relay_dies_ms = rest.map((v, i) => ({ viewer: v.name, depth_before: v.depth, gap_ms: gaps[i] }));
     log('interruption after a relay died:', JSON.stringify(measured.interruption_after_relay_dies_ms));
   });
