@@ -27,7 +27,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use treecast_core::protocol::{ClientMessage, ErrorCode, Hello, PROTOCOL_VERSION, ServerMessage};
-use treecast_core::room::ConnId;
+use treecast_core::room::{ConnId, Input};
 
 use crate::rate::{Admission, FloodWindow, TokenBucket};
 use crate::room_task::RoomCommand;
@@ -294,7 +294,7 @@ impl Connection {
         if let Some(room) = self.room.take() {
             let _ = room
                 .commands
-                .send(RoomCommand::Disconnected { conn: self.conn })
+                .send(RoomCommand::Input(Input::Disconnected { conn: self.conn }))
                 .await;
         }
         if writer_done {
@@ -369,7 +369,7 @@ impl Connection {
                     // A lost sign of life is harmless: the next pong or message carries one.
                     let _ = room
                         .commands
-                        .try_send(RoomCommand::Alive { conn: self.conn });
+                        .try_send(RoomCommand::Input(Input::Alive { conn: self.conn }));
                 }
                 Flow::Continue
             }
@@ -419,10 +419,10 @@ impl Connection {
     async fn route(&mut self, msg: ClientMessage) -> Flow {
         match (&self.room, msg) {
             (Some(room), msg) => {
-                let cmd = RoomCommand::Message {
+                let cmd = RoomCommand::Input(Input::Message {
                     conn: self.conn,
                     msg,
-                };
+                });
                 if room.commands.send(cmd).await.is_err() {
                     self.room = None;
                     return self.refuse_and_close(

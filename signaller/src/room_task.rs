@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use treecast_core::RoomId;
-use treecast_core::protocol::{ClientMessage, EndReason, ErrorCode, Hello, ServerMessage};
+use treecast_core::protocol::{EndReason, ErrorCode, Hello, ServerMessage};
 use treecast_core::room::{ConnId, Input, Output, Room, RoomEvent, RoomSnapshot};
 
 use crate::connection::{CloseCode, Outbound};
@@ -46,23 +46,9 @@ pub(crate) enum RoomCommand {
         /// Its outbound queue.
         outbound: Outbound,
     },
-    /// Any later message of a connection that joined this room.
-    Message {
-        /// The connection.
-        conn: ConnId,
-        /// The decoded message.
-        msg: ClientMessage,
-    },
-    /// The client answered a WebSocket ping.
-    Alive {
-        /// The connection.
-        conn: ConnId,
-    },
-    /// The socket closed.
-    Disconnected {
-        /// The connection.
-        conn: ConnId,
-    },
+    /// A later message, sign of life or close of a connection that joined this room, as
+    /// the room takes it (`Message`, `Alive`, `Disconnected`).
+    Input(Input),
     /// The whole room, for `GET /api/rooms/{room}`.
     Snapshot(oneshot::Sender<RoomSnapshot>),
     /// A dashboard subscription: the room as it is now, then every event after it.
@@ -189,13 +175,11 @@ impl RoomTask {
                 self.links.insert(conn, outbound);
                 self.input(Input::Hello { conn, hello }, Duration::ZERO)
             }
-            RoomCommand::Message { conn, msg } => {
-                self.input(Input::Message { conn, msg }, Duration::ZERO)
-            }
-            RoomCommand::Alive { conn } => self.input(Input::Alive { conn }, Duration::ZERO),
-            RoomCommand::Disconnected { conn } => {
-                self.links.remove(&conn);
-                self.input(Input::Disconnected { conn }, Duration::ZERO)
+            RoomCommand::Input(input) => {
+                if let Input::Disconnected { conn } = &input {
+                    self.links.remove(conn);
+                }
+                self.input(input, Duration::ZERO)
             }
             RoomCommand::Snapshot(reply) => match self.guarded(|room| room.snapshot()) {
                 Some(snapshot) => {
