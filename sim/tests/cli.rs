@@ -21,17 +21,12 @@ fn run_and_sweep_write_their_outputs() {
     .unwrap();
     let sim = env!("CARGO_BIN_EXE_sim");
     let out = dir.join("run");
-    let status = Command::new(sim)
-        .current_dir(std::env::temp_dir())
-        .args(["run", "--quiet", "--out"])
-        .arg(&out)
-        .arg(dir.join("scenario.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
+    succeeds(
+        Command::new(sim)
+            .current_dir(std::env::temp_dir())
+            .args(["run", "--quiet", "--out"])
+            .arg(&out)
+            .arg(dir.join("scenario.toml")),
     );
     for file in [
         "summary.json",
@@ -49,17 +44,12 @@ fn run_and_sweep_write_their_outputs() {
     assert!(d1["latency_ms"]["max"].as_f64().unwrap() <= 41.0, "{d1}");
 
     let sweep = dir.join("sweep");
-    let status = Command::new(sim)
-        .args(["sweep", "--quiet", "--jobs", "2", "--out"])
-        .arg(&sweep)
-        .arg(dir.join("scenario.toml"))
-        .args(["--set", "room.relay_fanout=1,3"])
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
+    succeeds(
+        Command::new(sim)
+            .args(["sweep", "--quiet", "--jobs", "2", "--out"])
+            .arg(&sweep)
+            .arg(dir.join("scenario.toml"))
+            .args(["--set", "room.relay_fanout=1,3"]),
     );
     let table = std::fs::read_to_string(sweep.join("sweep.csv")).unwrap();
     assert_eq!(
@@ -80,4 +70,14 @@ fn run_and_sweep_write_their_outputs() {
         "the error names the key"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Runs the command; fails the test with its stderr unless it exits successfully.
+fn succeeds(command: &mut Command) {
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
