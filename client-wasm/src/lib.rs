@@ -27,7 +27,7 @@ pub mod uplink;
 use std::time::Duration;
 
 use treecast_core::agent::{Agent, AgentConfig, Input, Measurements};
-use treecast_core::protocol::{Delivery, Role};
+use treecast_core::protocol::{Connectivity, Delivery, Role};
 use treecast_core::{PeerId, RoomId};
 use wasm_bindgen::prelude::*;
 
@@ -97,13 +97,16 @@ impl Client {
         );
     }
 
-    /// Measurements for the next report; `delivered` is `[[peer, kbps], …]` as JSON.
+    /// Measurements for the next report; `delivered` is `[[peer, kbps], …]` as JSON,
+    /// `link` the selected candidate pair's type toward the parent (`host`, `srflx`,
+    /// `prflx`, `relay`), when known.
     pub fn measured(
         &mut self,
         now_ms: f64,
         loss: Option<f32>,
         hop_latency_ms: Option<u32>,
         delivered: &str,
+        link: Option<String>,
     ) {
         let pairs: Vec<(u64, u32)> = serde_json::from_str(delivered).unwrap_or_default();
         let delivered = pairs
@@ -119,7 +122,29 @@ impl Client {
                 loss,
                 hop_latency_ms,
                 delivered,
+                link: link.and_then(|l| serde_json::from_value(serde_json::Value::String(l)).ok()),
             }),
+        );
+    }
+
+    /// What candidate gathering showed about this peer's network: `nat` is a class name
+    /// (`public`, `full_cone`, `cone`, `symmetric`, `blocked`), `relay` whether a TURN
+    /// relay candidate came back. Unknown names are ignored.
+    pub fn connectivity(&mut self, now_ms: f64, nat: &str, relay: bool) {
+        let Ok(nat) = serde_json::from_value(serde_json::Value::String(nat.into())) else {
+            return;
+        };
+        self.agent
+            .handle(at(now_ms), Input::Connectivity(Connectivity { nat, relay }));
+    }
+
+    /// ICE toward this neighbour failed (reported when it is the parent).
+    pub fn link_failed(&mut self, now_ms: f64, peer: f64) {
+        self.agent.handle(
+            at(now_ms),
+            Input::LinkFailed {
+                peer: PeerId(peer as u64),
+            },
         );
     }
 

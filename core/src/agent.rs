@@ -47,8 +47,8 @@ use serde_json::Value;
 
 use crate::ids::{PeerId, RoomId};
 use crate::protocol::{
-    ClientMessage, Delivery, EndReason, ErrorCode, Hello, IceServer, MediaState, PROTOCOL_VERSION,
-    Report, Role, ServerMessage,
+    ClientMessage, Connectivity, Delivery, EndReason, ErrorCode, Hello, IceServer, LinkKind,
+    MediaState, PROTOCOL_VERSION, Report, Role, ServerMessage,
 };
 
 /// Settings of one agent. `Default` gives the values the web client uses.
@@ -138,6 +138,15 @@ pub enum Input {
         /// Opaque data.
         data: Value,
     },
+    /// What the driver learned about the peer's network while gathering candidates. Sent
+    /// to the room now, and again after every fresh (not resumed) join.
+    Connectivity(Connectivity),
+    /// ICE toward this neighbour failed. Reported when it is the parent (the child side
+    /// reports, so one failure is one move).
+    LinkFailed {
+        /// The neighbour.
+        peer: PeerId,
+    },
     /// The user leaves (broadcaster: ends the broadcast).
     Leave,
 }
@@ -151,6 +160,8 @@ pub struct Measurements {
     pub hop_latency_ms: Option<u32>,
     /// Bitrate delivered to each child over the last interval.
     pub delivered: Vec<Delivery>,
+    /// The candidate-pair type of the link to the parent, once ICE selected one.
+    pub link: Option<LinkKind>,
 }
 
 /// What the driver must do, in order.
@@ -259,6 +270,10 @@ pub struct Agent {
     welcomed: bool,
     resume: Option<String>,
     ice_servers: Vec<IceServer>,
+    /// What the driver said about the network, and whether the room has still to hear it
+    /// (not yet sent, or a fresh join since).
+    connectivity: Option<Connectivity>,
+    connectivity_due: bool,
     heartbeat: Duration,
     peer_id: Option<PeerId>,
     parent: Option<PeerId>,
@@ -303,6 +318,8 @@ impl Agent {
             welcomed: false,
             resume: None,
             ice_servers: Vec::new(),
+            connectivity: None,
+            connectivity_due: false,
             heartbeat: Duration::from_secs(5),
             peer_id: None,
             parent: None,
@@ -411,6 +428,18 @@ impl Agent {
                     self.send(now, ClientMessage::Signal { to, data });
                 }
             }
+            Input::Connectivity(c) => {
+                if self.connectivity.as_ref() != Some(&c) {
+                    self.connectivity = Some(c);
+                    self.connectivity_due = true;
+                    self.flush_connectivity(now);
+                }
+            }
+            Input::LinkFailed { peer } => {
+                if self.parent == Some(peer) {
+                    self.send(now, ClientMessage::LinkFailed { peer });
+                }
+            }
             Input::Leave => self.leave(now),
         }
         self.check_watchdog(now);
@@ -487,6 +516,9 @@ impl Agent {
                 while let Some(msg) = self.held.pop_front() {
                     self.send_now(now, &msg);
                 }
+                // A new identity knows nothing of what the old one said.
+                self.connectivity_due |= !resumed && self.connectivity.is_some();
+                self.flush_connectivity(now);
                 if self.parent.is_some() {
                     self.report_state(now);
                 }
@@ -495,6 +527,7 @@ impl Agent {
                 self.depth = Some(depth);
                 self.set_parent(now, Some(peer_id));
             }
+            ServerMessage::IceServers { ice_servers } => self.ice_servers = ice_servers,
             ServerMessage::ParentDisconnected { parent } => {
                 if self.parent == Some(parent) {
                     // Acted on at the next media sample (`on_progress`).
@@ -732,6 +765,7 @@ impl Agent {
                 latency_ms: None,
                 uplink_kbps: None,
                 delivered: Vec::new(),
+                link: None,
             };
             self.send(now, ClientMessage::Report(report));
         }
@@ -762,8 +796,20 @@ impl Agent {
             latency_ms,
             uplink_kbps,
             delivered: m.delivered,
+            link: m.link.filter(|_| self.parent.is_some()),
         };
         self.send(now, ClientMessage::Report(report));
+    }
+
+    fn flush_connectivity(&mut self, now: Duration) {
+        if self.connectivity_due
+            && self.socket_open
+            && self.welcomed
+            && let Some(c) = self.connectivity.clone()
+        {
+            self.connectivity_due = false;
+            self.send_now(now, &ClientMessage::Connectivity(c));
+        }
     }
 
     /// Sends when connected and welcomed; holds signals (not reports or pings) otherwise.
@@ -1214,6 +1260,7 @@ mod tests {
                     peer: PeerId(7),
                     kbps: 480,
                 }],
+                link: Some(LinkKind::Srflx),
             }),
         );
         a.handle(
@@ -1229,7 +1276,7 @@ mod tests {
         assert_eq!(
             r[0],
             json!({"type":"report","state":"receiving","loss":0.01,
-                   "latency_ms":40,"delivered":[{"peer":7,"kbps":480}]})
+                   "latency_ms":40,"delivered":[{"peer":7,"kbps":480}],"link":"srflx"})
         );
         let mut b = Agent::new(AgentConfig::new(
             RoomId::new("r").unwrap(),

@@ -26,5 +26,6 @@ pub mod ids;
 pub mod protocol;
 pub mod room;
 pub mod tree;
+pub mod turn;
 
 pub use ids::{PeerId, RoomId};

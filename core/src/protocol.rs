@@ -71,6 +71,129 @@ pub struct Delivery {
     pub kbps: u32,
 }
 
+/// How other peers can reach this one, as it learned while gathering ICE candidates.
+///
+/// Learned from the reflexive addresses the signaller's STUN server reports on its two
+/// ports (RFC 5780's mapping test): the same mapped port toward both means the NAT maps
+/// endpoint-independently. Filtering can only be tested by clients that can ask the STUN
+/// server to answer from its other port (native peers); browsers report `cone` for any
+/// endpoint-independent NAT.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum NatClass {
+    /// Not reported yet. Placed as `cone`, the most common case.
+    #[default]
+    Unknown,
+    /// No NAT: the reflexive address is a host address.
+    Public,
+    /// Endpoint-independent mapping and filtering that does not depend on the remote port
+    /// ("full cone", or address-restricted): anyone who learns the mapping reaches it.
+    FullCone,
+    /// Endpoint-independent mapping, port-restricted (or unknown) filtering. Connects
+    /// directly to every class but `symmetric`.
+    Cone,
+    /// Endpoint-dependent mapping: a new public port per destination. Connects directly
+    /// only to `public` and `full_cone` peers.
+    Symmetric,
+    /// No reflexive candidate at all (UDP blocked, or STUN unreachable): only TURN reaches it.
+    Blocked,
+}
+
+impl NatClass {
+    /// Every class, for metrics and tests.
+    pub const ALL: [NatClass; 6] = [
+        Self::Unknown,
+        Self::Public,
+        Self::FullCone,
+        Self::Cone,
+        Self::Symmetric,
+        Self::Blocked,
+    ];
+
+    /// The class as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Public => "public",
+            Self::FullCone => "full_cone",
+            Self::Cone => "cone",
+            Self::Symmetric => "symmetric",
+            Self::Blocked => "blocked",
+        }
+    }
+
+    /// Whether two peers of these classes can connect without TURN (UDP hole punching,
+    /// both sides sending checks as ICE does). Symmetric.
+    pub fn direct(self, other: NatClass) -> bool {
+        use NatClass::*;
+        match (self, other) {
+            (Blocked, _) | (_, Blocked) => false,
+            (Public | FullCone, _) | (_, Public | FullCone) => true,
+            (Symmetric, _) | (_, Symmetric) => false,
+            // cone and unknown (presumed cone) with each other
+            _ => true,
+        }
+    }
+}
+
+/// What a peer learned about its network while gathering candidates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Connectivity {
+    /// Its NAT class.
+    pub nat: NatClass,
+    /// Whether it obtained a TURN relay candidate (TURN is configured and works for it).
+    #[serde(default)]
+    pub relay: bool,
+}
+
+/// The type of the candidate pair ICE selected for a link, as the reporting peer sees it:
+/// `relay` if either side is a TURN relay, else `prflx` if either side was learned from a
+/// check, else `srflx` if either side is server-reflexive, else `host`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkKind {
+    /// Both host candidates (same network).
+    Host,
+    /// Through at least one NAT mapping learned from STUN.
+    Srflx,
+    /// Through a mapping learned from a connectivity check.
+    Prflx,
+    /// Through a TURN relay.
+    Relay,
+}
+
+impl LinkKind {
+    /// Every kind, for metrics.
+    pub const ALL: [LinkKind; 4] = [Self::Host, Self::Srflx, Self::Prflx, Self::Relay];
+
+    /// The kind as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Srflx => "srflx",
+            Self::Prflx => "prflx",
+            Self::Relay => "relay",
+        }
+    }
+
+    /// The pair's kind from its two candidates' types (`host`, `srflx`, `prflx`, `relay`
+    /// as ICE names them). `None` for an unknown type name.
+    pub fn of_pair(local: &str, remote: &str) -> Option<Self> {
+        let rank = |t: &str| match t {
+            "host" => Some(0),
+            "srflx" => Some(1),
+            "prflx" => Some(2),
+            "relay" => Some(3),
+            _ => None,
+        };
+        let kinds = [Self::Host, Self::Srflx, Self::Prflx, Self::Relay];
+        Some(kinds[rank(local)?.max(rank(remote)?)])
+    }
+}
+
 /// Periodic (and on-change) media report from a peer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +212,9 @@ pub struct Report {
     /// What this peer delivered to each of its children.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub delivered: Vec<Delivery>,
+    /// The candidate-pair type ICE selected toward the parent, once connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkKind>,
 }
 
 /// Messages a client sends to the signaller.
@@ -106,6 +232,14 @@ pub enum ClientMessage {
     },
     /// Media state and measurements.
     Report(Report),
+    /// What the peer learned about its network (send once candidates are gathered, and
+    /// again if it changes).
+    Connectivity(Connectivity),
+    /// ICE toward this neighbour (the sender's parent) failed: no candidate pair works.
+    LinkFailed {
+        /// The neighbour.
+        peer: PeerId,
+    },
     /// Keep-alive; answered with `pong`. (Braces so unknown fields are refused.)
     Ping {},
     /// Leave the room for good. A broadcaster leaving ends the room.
@@ -189,6 +323,13 @@ pub enum ServerMessage {
     Child {
         /// The new child.
         peer_id: PeerId,
+    },
+    /// Fresh STUN/TURN servers (TURN credentials are renewed before they expire). Use
+    /// them for new connections and ICE restarts; existing relayed connections keep
+    /// working with the credentials they allocated with.
+    IceServers {
+        /// Replaces the list from `welcome`.
+        ice_servers: Vec<IceServer>,
     },
     /// Your parent's signalling connection dropped. It may resume in a moment (a network
     /// blip: its media keeps flowing) or be dead (a killed relay: media stopped with it).
@@ -451,7 +592,15 @@ impl DecodeError {
 }
 
 /// Message type names a client may send, in wire form.
-const CLIENT_TYPES: [&str; 5] = ["hello", "signal", "report", "ping", "leave"];
+const CLIENT_TYPES: [&str; 7] = [
+    "hello",
+    "signal",
+    "report",
+    "connectivity",
+    "link_failed",
+    "ping",
+    "leave",
+];
 
 impl ClientMessage {
     /// Decodes a text frame, classifying every failure with an [`ErrorCode`].
@@ -532,6 +681,44 @@ mod tests {
         );
         let e = ClientMessage::decode(r#"{"type":"hello","role":"viewer"}"#).unwrap_err();
         assert!(e.message.contains("room"), "{}", e.message);
+    }
+
+    #[test]
+    fn nat_classes_connect_as_the_hole_punching_matrix_says() {
+        use NatClass::*;
+        for a in NatClass::ALL {
+            for b in NatClass::ALL {
+                assert_eq!(a.direct(b), b.direct(a), "{a:?} {b:?}");
+            }
+            assert!(!a.direct(Blocked));
+        }
+        assert!(Cone.direct(Cone));
+        assert!(Unknown.direct(Cone));
+        assert!(!Symmetric.direct(Cone));
+        assert!(!Symmetric.direct(Symmetric));
+        assert!(!Symmetric.direct(Unknown));
+        assert!(FullCone.direct(Symmetric));
+        assert!(Public.direct(Symmetric));
+        let m = ClientMessage::decode(r#"{"type":"connectivity","nat":"full_cone","relay":true}"#)
+            .unwrap();
+        assert_eq!(
+            m,
+            ClientMessage::Connectivity(Connectivity {
+                nat: FullCone,
+                relay: true
+            })
+        );
+        let m = ClientMessage::decode(r#"{"type":"link_failed","peer":4}"#).unwrap();
+        assert_eq!(m, ClientMessage::LinkFailed { peer: PeerId(4) });
+    }
+
+    #[test]
+    fn pair_kind_is_the_weakest_candidate() {
+        assert_eq!(LinkKind::of_pair("host", "host"), Some(LinkKind::Host));
+        assert_eq!(LinkKind::of_pair("srflx", "host"), Some(LinkKind::Srflx));
+        assert_eq!(LinkKind::of_pair("srflx", "prflx"), Some(LinkKind::Prflx));
+        assert_eq!(LinkKind::of_pair("relay", "host"), Some(LinkKind::Relay));
+        assert_eq!(LinkKind::of_pair("bogus", "host"), None);
     }
 
     #[test]

@@ -24,10 +24,11 @@ use serde::Serialize;
 
 use crate::ids::{PeerId, PeerIndex, RoomId};
 use crate::protocol::{
-    ClientLimits, ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState,
-    PROTOCOL_VERSION, Report, Role, ServerMessage,
+    ClientLimits, ClientMessage, Connectivity, EndReason, ErrorCode, Hello, IceServer, LinkKind,
+    MediaState, NatClass, PROTOCOL_VERSION, Report, Role, ServerMessage,
 };
 use crate::tree::{RelayTree, TreeEvent};
+use crate::turn::{self, TurnRest};
 
 /// A connection as the driver names it. Unique per driver for the room's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -83,8 +84,13 @@ pub struct RoomConfig {
     pub max_message_bytes: u32,
     /// Told to clients in `welcome`; enforced by the driver.
     pub messages_per_second: u32,
-    /// STUN/TURN servers handed to clients.
+    /// STUN/TURN servers handed to every client as they are (STUN, or TURN with fixed
+    /// credentials).
     pub ice_servers: Vec<IceServer>,
+    /// TURN servers whose credentials are minted per peer (TURN REST scheme), handed out
+    /// after `ice_servers` in `welcome` and renewed before they expire (`ice_servers`
+    /// message). Minting needs the wall clock: see [`Room::set_unix_epoch`].
+    pub turn: Option<TurnRest>,
 }
 
 impl Default for RoomConfig {
@@ -107,11 +113,9 @@ impl Default for RoomConfig {
             max_pending: 256,
             max_message_bytes: 16 * 1024,
             messages_per_second: 50,
-            ice_servers: vec![IceServer {
-                urls: vec!["stun:stun.l.google.com:19302".into()],
-                username: None,
-                credential: None,
-            }],
+            // No third party by default: the signaller adds its own STUN server.
+            ice_servers: Vec::new(),
+            turn: None,
         }
     }
 }
@@ -135,7 +139,7 @@ impl RoomConfig {
     }
 }
 
-mod millis {
+pub(crate) mod millis {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -244,6 +248,20 @@ pub enum RepairCause {
     ParentStalled,
     /// Its parent's capacity dropped below its child count.
     ParentCapacity,
+    /// ICE between it and its parent failed.
+    LinkFailed,
+}
+
+impl RepairCause {
+    /// The cause as it is serialized (and labelled in metrics).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ParentLeft => "parent_left",
+            Self::ParentStalled => "parent_stalled",
+            Self::ParentCapacity => "parent_capacity",
+            Self::LinkFailed => "link_failed",
+        }
+    }
 }
 
 /// Observable happenings, for metrics, logs and the live dashboard stream.
@@ -299,6 +317,28 @@ pub enum RoomEvent {
         /// Why.
         reason: EndReason,
     },
+    /// A peer told the room its NAT class.
+    Connectivity {
+        /// The peer.
+        peer: PeerId,
+        /// Its class.
+        nat: NatClass,
+    },
+    /// A child's link to its parent came up with this candidate-pair type (reported when it
+    /// changes).
+    Link {
+        /// The child.
+        peer: PeerId,
+        /// The selected pair's type.
+        link: LinkKind,
+    },
+    /// ICE between a child and its parent failed; the child is placed elsewhere.
+    LinkFailed {
+        /// The child that reported it.
+        child: PeerId,
+        /// Its parent.
+        parent: PeerId,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -321,6 +361,14 @@ struct Peer {
     loss: Option<f32>,
     /// Messages held while disconnected, delivered on resume.
     pending: Vec<ServerMessage>,
+    /// What it said about its network; `Unknown` until it says.
+    nat: NatClass,
+    /// Whether it obtained a TURN relay candidate.
+    relay_ok: bool,
+    /// The candidate-pair type of its link to its parent, as last reported.
+    link: Option<LinkKind>,
+    /// When its TURN credentials are due for renewal (earlier timers are stale).
+    renew_at: Option<Duration>,
 }
 
 /// The room's peers by id. Ids are server-assigned sequential integers, so the id indexes
@@ -403,6 +451,8 @@ enum Timer {
     Audience,
     /// The broadcaster should have arrived by now.
     Start,
+    /// The peer's TURN credentials are due for renewal.
+    Credentials(PeerId),
 }
 
 /// One peer, as shown in a [`RoomSnapshot`].
@@ -428,6 +478,10 @@ pub struct PeerSnapshot {
     pub latency_ms: Option<u32>,
     /// Its last reported loss.
     pub loss: Option<f32>,
+    /// Its NAT class, as it reported it.
+    pub nat: NatClass,
+    /// The candidate-pair type of its link to its parent, as last reported.
+    pub link: Option<LinkKind>,
 }
 
 /// The whole room at one instant, for the HTTP API and dashboards.
@@ -477,6 +531,8 @@ pub struct Room {
     /// Audience size and liveness last told to everyone, to skip unchanged broadcasts.
     told: (u32, bool),
     now: Duration,
+    /// Unix time at the driver's epoch (`now` = 0), for credential expiry times.
+    unix_epoch: Duration,
 }
 
 impl Room {
@@ -502,12 +558,19 @@ impl Room {
             scratch_status: Vec::new(),
             told: (0, false),
             now,
+            unix_epoch: Duration::ZERO,
         };
         room.arm(now + room.config.start_timeout, Timer::Start);
         if let Some(every) = room.config.audience_interval {
             room.arm(now + every, Timer::Audience);
         }
         room
+    }
+
+    /// Tells the room the wall-clock (Unix) time at the driver's epoch, i.e. when `now`
+    /// was zero. Only TURN credential expiry uses it; simulations may leave it at zero.
+    pub fn set_unix_epoch(&mut self, unix_at_zero: Duration) {
+        self.unix_epoch = unix_at_zero;
     }
 
     /// The room's id.
@@ -593,6 +656,8 @@ impl Room {
                     media: p.media,
                     latency_ms: p.latency_ms,
                     loss: p.loss,
+                    nat: p.nat,
+                    link: p.link,
                 }
             })
             .collect();
@@ -673,6 +738,10 @@ impl Room {
                 latency_ms: None,
                 loss: None,
                 pending: Vec::new(),
+                nat: NatClass::Unknown,
+                relay_ok: false,
+                link: None,
+                renew_at: None,
             },
         );
         self.conns.insert(conn, id);
@@ -762,6 +831,7 @@ impl Room {
             resume_grace_ms: self.config.resume_grace.as_millis() as u64,
             capacity,
         };
+        let ice_servers = self.ice_servers_for(id);
         self.send(
             conn,
             ServerMessage::Welcome {
@@ -769,11 +839,35 @@ impl Room {
                 resume: hex32(resume),
                 role,
                 resumed,
-                ice_servers: self.config.ice_servers.clone(),
+                ice_servers,
                 limits,
                 protocol: PROTOCOL_VERSION,
             },
         );
+    }
+
+    /// The configured servers, then TURN with credentials minted for this peer now; arms
+    /// their renewal a fifth of the lifetime before they expire.
+    fn ice_servers_for(&mut self, id: PeerId) -> Vec<IceServer> {
+        let mut servers = self.config.ice_servers.clone();
+        let Some(rest) = &self.config.turn else {
+            return servers;
+        };
+        let ttl = rest.ttl.max(Duration::from_secs(1));
+        let expires = (self.unix_epoch + self.now + ttl).as_secs();
+        let username = turn::username(expires, &format!("{}.{}", self.id, id));
+        let credential = turn::password(&rest.secret, &username);
+        servers.push(IceServer {
+            urls: rest.urls.clone(),
+            username: Some(username),
+            credential: Some(credential),
+        });
+        let renew_at = self.now + ttl - ttl / 5;
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.renew_at = Some(renew_at);
+        }
+        self.arm(renew_at, Timer::Credentials(id));
+        servers
     }
 
     fn on_message(&mut self, conn: ConnId, msg: ClientMessage) {
@@ -800,6 +894,8 @@ impl Room {
                 self.send_to_peer(to, ServerMessage::Signal { from: id, data });
             }
             ClientMessage::Report(report) => self.on_report(conn, id, report),
+            ClientMessage::Connectivity(c) => self.on_connectivity(id, c),
+            ClientMessage::LinkFailed { peer } => self.on_link_failed(conn, id, peer),
             ClientMessage::Leave {} => {
                 if Some(id) == self.broadcaster {
                     // Ends the room: everyone, the broadcaster included, gets `ended`.
@@ -844,6 +940,15 @@ impl Room {
         }
         if report.uplink_kbps.is_some() {
             self.set_capacity_from_uplink(id);
+        }
+        if let Some(kind) = report.link {
+            let peer = self.peers.get_mut(&id).expect("a known peer");
+            if peer.link.replace(kind) != Some(kind) {
+                self.event(RoomEvent::Link {
+                    peer: id,
+                    link: kind,
+                });
+            }
         }
         let parent = self.tree.parent(id);
         if let (Some(loss), Some(parent)) = (report.loss, parent)
@@ -902,6 +1007,46 @@ impl Room {
         self.lower_capacity(parent, children);
     }
 
+    fn on_connectivity(&mut self, id: PeerId, c: Connectivity) {
+        let peer = self
+            .peers
+            .get_mut(&id)
+            .expect("bound connections map to peers");
+        let changed = peer.nat != c.nat;
+        peer.nat = c.nat;
+        peer.relay_ok = c.relay;
+        if changed {
+            self.event(RoomEvent::Connectivity {
+                peer: id,
+                nat: c.nat,
+            });
+        }
+    }
+
+    /// ICE from `id` to `peer` failed. Only a child's report about its current parent acts:
+    /// the parent's side sees the same failure and says nothing, so one failure is one move.
+    fn on_link_failed(&mut self, conn: ConnId, id: PeerId, peer: PeerId) {
+        if !self.peers.contains_key(&peer) {
+            return self.refuse(conn, ErrorCode::UnknownPeer, false);
+        }
+        if self.tree.parent(id) != Some(peer) {
+            if !self.tree.are_neighbours(id, peer) {
+                self.refuse(conn, ErrorCode::NotNeighbour, false);
+            }
+            return;
+        }
+        self.event(RoomEvent::LinkFailed {
+            child: id,
+            parent: peer,
+        });
+        let _ = self.tree.reparent(id);
+        self.event(RoomEvent::Repaired {
+            subtrees: 1,
+            cause: RepairCause::LinkFailed,
+        });
+        self.flush_tree_events(None);
+    }
+
     fn on_disconnect(&mut self, conn: ConnId) {
         let Some(id) = self.conns.remove(&conn) else {
             return;
@@ -946,6 +1091,7 @@ impl Room {
                     }
                 }
                 Timer::Audience => self.tell_audience(),
+                Timer::Credentials(id) => self.renew_credentials(id),
                 Timer::Start => {
                     if self.broadcaster.is_none() && self.ended.is_none() {
                         self.end(EndReason::Expired);
@@ -953,6 +1099,22 @@ impl Room {
                 }
             }
         }
+    }
+
+    /// Sends a connected peer fresh TURN credentials. A disconnected one gets them in the
+    /// `welcome` of its resume; a departed one is gone.
+    fn renew_credentials(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        let (Some(conn), Some(due)) = (peer.conn, peer.renew_at) else {
+            return;
+        };
+        if due > self.now {
+            return; // a resume re-minted them since this timer was armed
+        }
+        let ice_servers = self.ice_servers_for(id);
+        self.send(conn, ServerMessage::IceServers { ice_servers });
     }
 
     fn check_liveness(&mut self, id: PeerId) {

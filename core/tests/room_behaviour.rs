@@ -7,9 +7,10 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::json;
 use treecast_core::protocol::{
-    ClientMessage, EndReason, ErrorCode, Hello, MediaState, Report, Role, ServerMessage,
+    ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState, Report, Role, ServerMessage,
 };
 use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig};
+use treecast_core::turn::{self, Secret, TurnRest};
 use treecast_core::{PeerId, RoomId};
 
 const TOKEN: &str = "secret-token";
@@ -31,6 +32,10 @@ struct View {
     live: Option<bool>,
     capacity: Option<u32>,
     parent_lost: Vec<PeerId>,
+    /// ICE servers of the last `welcome`.
+    ice: Vec<IceServer>,
+    /// Every `ice_servers` renewal received.
+    ice_renewals: Vec<Vec<IceServer>>,
 }
 
 struct Harness {
@@ -79,10 +84,14 @@ impl Harness {
         );
         match msg {
             ServerMessage::Welcome {
-                peer_id, resume, ..
+                peer_id,
+                resume,
+                ice_servers,
+                ..
             } => {
                 v.peer = Some(peer_id);
                 v.resume = Some(resume);
+                v.ice = ice_servers;
             }
             ServerMessage::Parent { peer_id, .. } => {
                 v.parent = Some(peer_id);
@@ -127,6 +136,7 @@ impl Harness {
             ServerMessage::Signal { from, data } => v.signals.push((from, data)),
             ServerMessage::Error { code, .. } => v.errors.push(code),
             ServerMessage::Ended { reason } => v.ended = Some(reason),
+            ServerMessage::IceServers { ice_servers } => v.ice_renewals.push(ice_servers),
             ServerMessage::Pong => {}
         }
     }
@@ -168,6 +178,7 @@ impl Harness {
                 latency_ms: None,
                 uplink_kbps: None,
                 delivered: vec![],
+                link: None,
             }),
         );
     }
@@ -701,6 +712,7 @@ fn a_loss_ceiling_survives_new_uplink_reports() {
             latency_ms: None,
             uplink_kbps: uplink,
             delivered: vec![],
+            link: None,
         })
     };
     h.send(child, report(Some(0.3), None));
@@ -825,4 +837,89 @@ proptest! {
             h.check();
         }
     }
+}
+
+#[test]
+fn turn_credentials_are_minted_per_peer_and_renewed_before_they_expire() {
+    let secret = Secret::new("s3cret");
+    let mut c = config();
+    c.ice_servers = vec![IceServer {
+        urls: vec!["stun:203.0.113.2:3478".into()],
+        username: None,
+        credential: None,
+    }];
+    c.turn = Some(TurnRest {
+        urls: vec!["turn:203.0.113.2:3478?transport=udp".into()],
+        secret: secret.clone(),
+        ttl: Duration::from_secs(600),
+    });
+    c.heartbeat_timeout = None;
+    let mut h = Harness::new(c);
+    h.room.set_unix_epoch(Duration::from_secs(1_700_000_000));
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let a = h.viewer();
+    let b = h.viewer();
+    let turn_of = |servers: &[IceServer]| -> (String, String) {
+        assert_eq!(servers.len(), 2, "the fixed STUN server, then TURN");
+        assert!(servers[0].username.is_none());
+        let t = &servers[1];
+        (t.username.clone().unwrap(), t.credential.clone().unwrap())
+    };
+    let (user_a, pass_a) = turn_of(&h.views[&a].ice);
+    let (user_b, _) = turn_of(&h.views[&b].ice);
+    let id_a = h.peer(a);
+    assert_eq!(user_a, format!("1700000600:r.{id_a}"));
+    assert_eq!(pass_a, turn::password(&secret, &user_a));
+    assert_ne!(user_a, user_b, "credentials are per peer");
+
+    // Renewed a fifth of the lifetime before expiry, not earlier.
+    h.advance(Duration::from_secs(479));
+    assert!(h.views[&a].ice_renewals.is_empty());
+    h.advance(Duration::from_secs(2));
+    assert_eq!(h.views[&a].ice_renewals.len(), 1);
+    let (renewed, _) = turn_of(&h.views[&a].ice_renewals[0]);
+    // The harness serves due timers at its own clock (481 s), and minting uses the room's.
+    assert_eq!(renewed, format!("1700001081:r.{id_a}"));
+
+    // A resume re-mints in `welcome`; the renewal armed before it is superseded, so the
+    // peer gets one renewal per lifetime, not two.
+    h.advance(Duration::from_secs(19)); // t = 500 s
+    h.input(Input::Disconnected { conn: a });
+    h.advance(Duration::from_secs(1));
+    let token = h.views[&a].resume.clone().unwrap();
+    let a2 = h.resume(a, token);
+    let (resumed, _) = turn_of(&h.views[&a2].ice);
+    assert_eq!(resumed, format!("1700001101:r.{id_a}"));
+    let before = h.views[&a2].ice_renewals.len();
+    h.advance(Duration::from_secs(470)); // t = 971 s: past the stale 961 s timer
+    assert_eq!(
+        h.views[&a2].ice_renewals.len(),
+        before,
+        "stale renewal skipped"
+    );
+    h.advance(Duration::from_secs(20)); // t = 991 s: past 501 + 480
+    assert_eq!(h.views[&a2].ice_renewals.len(), before + 1);
+}
+
+#[test]
+fn a_failed_link_moves_the_child_and_is_counted() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
+    let child = *conns
+        .iter()
+        .find(|c| h.room.tree().depth(h.peer(**c)) == Some(2))
+        .expect("a viewer at depth 2");
+    let parent = h.views[&child].parent.unwrap();
+    h.send(child, ClientMessage::LinkFailed { peer: parent });
+    h.check();
+    assert_ne!(
+        h.views[&child].parent,
+        Some(parent),
+        "moved off the failed link"
+    );
+    // Only a child's report about its parent acts; anything else is refused or ignored.
+    let stranger = PeerId(999);
+    h.send(child, ClientMessage::LinkFailed { peer: stranger });
+    assert_eq!(h.views[&child].errors.last(), Some(&ErrorCode::UnknownPeer));
 }

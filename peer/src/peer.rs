@@ -583,6 +583,7 @@ impl Driver {
                 loss,
                 hop_latency_ms: hop,
                 delivered: self.delivered.clone(),
+                link: None,
             }),
         );
     }

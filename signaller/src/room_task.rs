@@ -109,13 +109,14 @@ impl RoomTask {
     ) -> (Self, RoomHandle) {
         let (tx, commands) = mpsc::channel(state.config.limits.room_queue);
         let stats = Arc::new(RoomStats::default());
-        let room = Room::new(
+        let mut room = Room::new(
             id.clone(),
             token,
             state.config.room.clone(),
             seed,
             state.now(),
         );
+        room.set_unix_epoch(state.start_unix);
         let (dashboard, _) = broadcast::channel(DASHBOARD_BUFFER);
         let task = Self {
             id,
@@ -353,6 +354,9 @@ fn event_name(event: &RoomEvent) -> &'static str {
         RoomEvent::Tree(_) => "tree",
         RoomEvent::Refused { .. } => "refused",
         RoomEvent::Ended { .. } => "ended",
+        RoomEvent::Connectivity { .. } => "connectivity",
+        RoomEvent::Link { .. } => "link",
+        RoomEvent::LinkFailed { .. } => "link_failed",
     }
 }
 

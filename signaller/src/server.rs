@@ -55,6 +55,8 @@ pub(crate) struct ServerState {
     pub rooms: Rooms,
     /// The rooms' clock starts here: a room's `now` is the time elapsed since.
     pub start: Instant,
+    /// Unix time at `start`, for TURN credential expiry times.
+    pub start_unix: Duration,
     /// Live WebSockets per client address.
     pub ip_slots: Arc<IpSlots>,
     /// Turns `true` when the server begins shutting down.
@@ -182,6 +184,9 @@ pub async fn serve(
         config,
         rooms: Rooms::default(),
         start: Instant::now(),
+        start_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
         ip_slots: Arc::default(),
         shutdown: watch::Sender::new(false),
         tasks: Arc::default(),

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use treecast_core::protocol::{EndReason, ErrorCode};
-use treecast_core::room::{LeaveCause, RepairCause, RoomEvent};
+use treecast_core::room::{LeaveCause, RoomEvent};
 use treecast_core::tree::TreeEvent;
 
 /// The process-wide recorder's handle; `None` if another recorder was installed first.
@@ -89,6 +89,18 @@ fn describe() {
         "treecast_room_faults_total",
         "Room tasks that failed on a server bug."
     );
+    describe_counter!(
+        "treecast_links_total",
+        "Links between a child and its parent that came up, by the candidate-pair type ICE selected (host, srflx, prflx, relay), as children report them."
+    );
+    describe_counter!(
+        "treecast_ice_failures_total",
+        "Links whose ICE failed (a child found no working candidate pair to its parent)."
+    );
+    describe_counter!(
+        "treecast_connectivity_reports_total",
+        "NAT classes peers reported (public, full_cone, cone, symmetric, blocked)."
+    );
     describe_histogram!(
         "treecast_peer_depth",
         "Depth of a peer each time it is linked to a parent."
@@ -141,7 +153,7 @@ pub(crate) fn room_event(event: &RoomEvent) {
             counter!("treecast_leaves_total", "cause" => leave_cause(*cause)).increment(1);
         }
         RoomEvent::Repaired { subtrees, cause } => {
-            counter!("treecast_repairs_total", "cause" => repair_cause(*cause))
+            counter!("treecast_repairs_total", "cause" => cause.as_str())
                 .increment(u64::from(*subtrees));
         }
         RoomEvent::Tree(TreeEvent::Linked { depth, .. }) => {
@@ -150,6 +162,13 @@ pub(crate) fn room_event(event: &RoomEvent) {
         RoomEvent::Refused { code } => error_sent(*code),
         RoomEvent::Ended { reason } => {
             counter!("treecast_rooms_ended_total", "reason" => end_reason(*reason)).increment(1);
+        }
+        RoomEvent::Link { link, .. } => {
+            counter!("treecast_links_total", "kind" => link.as_str()).increment(1);
+        }
+        RoomEvent::LinkFailed { .. } => counter!("treecast_ice_failures_total").increment(1),
+        RoomEvent::Connectivity { nat, .. } => {
+            counter!("treecast_connectivity_reports_total", "nat" => nat.as_str()).increment(1);
         }
         RoomEvent::Disconnected { .. } | RoomEvent::Capacity { .. } | RoomEvent::Tree(_) => {}
     }
@@ -181,15 +200,6 @@ fn leave_cause(cause: LeaveCause) -> &'static str {
         LeaveCause::Failed => "failed",
         LeaveCause::Overflow => "overflow",
         LeaveCause::RoomEnded => "room_ended",
-    }
-}
-
-/// The wire name of a repair cause, as a metric label.
-fn repair_cause(cause: RepairCause) -> &'static str {
-    match cause {
-        RepairCause::ParentLeft => "parent_left",
-        RepairCause::ParentStalled => "parent_stalled",
-        RepairCause::ParentCapacity => "parent_capacity",
     }
 }
 

@@ -667,6 +667,7 @@ impl Engine {
                     latency_ms: None,
                     uplink_kbps: None,
                     delivered: Vec::new(),
+                    link: None,
                 }),
             },
             Up::Closed => Input::Disconnected { conn },
@@ -707,6 +708,7 @@ impl Engine {
                         ServerMessage::Room { depth, .. } => Down::Depth(depth),
                         ServerMessage::Ended { .. } => Down::Ended,
                         ServerMessage::Signal { .. }
+                        | ServerMessage::IceServers { .. }
                         | ServerMessage::Pong
                         | ServerMessage::Error { .. } => continue,
                     };

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use treecast_core::room::{RepairCause, Room, RoomEvent};
+use treecast_core::room::{Room, RoomEvent};
 
 use crate::engine::SimPeer;
 use crate::scenario::Scenario;
@@ -334,12 +334,7 @@ impl Stats {
         if let RoomEvent::Repaired { subtrees, cause } = e {
             self.repairs_since_sample += u64::from(*subtrees);
             if now >= self.from {
-                let key = match cause {
-                    RepairCause::ParentLeft => "parent_left",
-                    RepairCause::ParentStalled => "parent_stalled",
-                    RepairCause::ParentCapacity => "parent_capacity",
-                };
-                *self.repairs.entry(key).or_default() += u64::from(*subtrees);
+                *self.repairs.entry(cause.as_str()).or_default() += u64::from(*subtrees);
             }
         }
     }
