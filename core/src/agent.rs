@@ -50,6 +50,7 @@ use crate::protocol::{
     ClientMessage, Connectivity, Delivery, EndReason, ErrorCode, Hello, IceServer, LinkKind,
     MediaState, PROTOCOL_VERSION, Report, Role, ServerMessage,
 };
+use crate::tree::WaitReason;
 
 /// Settings of one agent. `Default` gives the values the web client uses.
 #[derive(Debug, Clone, PartialEq)]
@@ -242,6 +243,8 @@ pub struct Status {
     pub capacity: u32,
     /// Media from the parent.
     pub media: MediaState,
+    /// Why there is no parent, while waiting for one.
+    pub waiting: Option<WaitReason>,
     /// Why the room ended, when it did.
     pub ended: Option<EndReason>,
     /// Why the agent failed, when it did.
@@ -283,6 +286,7 @@ pub struct Agent {
     live: bool,
     capacity: u32,
     media: MediaState,
+    waiting: Option<WaitReason>,
     /// When the current parent was assigned.
     parent_since: Duration,
     /// Last counters seen from the parent's connection.
@@ -329,6 +333,7 @@ impl Agent {
             live: false,
             capacity: 0,
             media: MediaState::Connecting,
+            waiting: None,
             parent_since: Duration::ZERO,
             progress: None,
             advanced_at: None,
@@ -368,6 +373,7 @@ impl Agent {
             live: self.live,
             capacity: self.capacity,
             media: self.media,
+            waiting: self.waiting,
             ended: self.ended,
             error: self.error.clone(),
         }
@@ -524,6 +530,7 @@ impl Agent {
                 }
             }
             ServerMessage::Parent { peer_id, depth } => {
+                self.waiting = None;
                 self.depth = Some(depth);
                 self.set_parent(now, Some(peer_id));
             }
@@ -556,7 +563,9 @@ impl Agent {
                 parent,
                 children,
                 capacity,
+                waiting,
             } => {
+                self.waiting = waiting;
                 self.viewers = viewers;
                 self.live = live;
                 self.capacity = capacity;

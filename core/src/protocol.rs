@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ids::{PeerId, RoomId};
+use crate::tree::WaitReason;
 
 /// Protocol version spoken by this build. A `hello` with another `v` is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -368,6 +369,11 @@ pub enum ServerMessage {
         children: Vec<PeerId>,
         /// Children this peer may feed right now.
         capacity: u32,
+        /// Why this peer has no parent, while it waits: `no_slot` (every place within the
+        /// depth limit is taken) or `no_route` (places are free, but with peers this one
+        /// cannot connect to directly, and the server has no TURN relay).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waiting: Option<WaitReason>,
     },
     /// The room ended; the server closes the connection after this.
     Ended {

@@ -27,7 +27,7 @@ use crate::protocol::{
     ClientLimits, ClientMessage, Connectivity, EndReason, ErrorCode, Hello, IceServer, LinkKind,
     MediaState, NatClass, PROTOCOL_VERSION, Report, Role, ServerMessage,
 };
-use crate::tree::{RelayTree, TreeEvent};
+use crate::tree::{RelayTree, TreeEvent, WaitReason};
 use crate::turn::{self, TurnRest};
 
 /// A connection as the driver names it. Unique per driver for the room's lifetime.
@@ -121,6 +121,17 @@ impl Default for RoomConfig {
 }
 
 impl RoomConfig {
+    /// Whether clients get a TURN server: peers whose NAT classes cannot connect directly
+    /// may then be linked (the relay carries them) when no direct parent is free.
+    pub fn has_relay(&self) -> bool {
+        self.turn.as_ref().is_some_and(|t| !t.urls.is_empty())
+            || self.ice_servers.iter().any(|s| {
+                s.urls
+                    .iter()
+                    .any(|u| u.starts_with("turn:") || u.starts_with("turns:"))
+            })
+    }
+
     /// Children a peer of `role` with this uplink may feed.
     pub fn capacity(&self, role: Role, uplink_kbps: Option<u32>) -> u32 {
         let limit = match role {
@@ -482,6 +493,8 @@ pub struct PeerSnapshot {
     pub nat: NatClass,
     /// The candidate-pair type of its link to its parent, as last reported.
     pub link: Option<LinkKind>,
+    /// Why it has no parent, while it waits.
+    pub waiting: Option<WaitReason>,
 }
 
 /// The whole room at one instant, for the HTTP API and dashboards.
@@ -539,7 +552,8 @@ impl Room {
     /// A new room. `token` authorises the broadcaster; `seed` drives resume tokens, so a
     /// production driver must seed from the OS and a simulation from its scenario seed.
     pub fn new(id: RoomId, token: String, config: RoomConfig, seed: u64, now: Duration) -> Self {
-        let tree = RelayTree::new(config.max_depth);
+        let mut tree = RelayTree::new(config.max_depth);
+        tree.set_relay_allowed(config.has_relay());
         let mut room = Self {
             id,
             token,
@@ -658,6 +672,7 @@ impl Room {
                     loss: p.loss,
                     nat: p.nat,
                     link: p.link,
+                    waiting: self.tree.wait_reason(id),
                 }
             })
             .collect();
@@ -1007,6 +1022,8 @@ impl Room {
         self.lower_capacity(parent, children);
     }
 
+    /// The peer's NAT class: links it cannot make directly move to a parent or children
+    /// it can reach, when any is free; a peer only TURN reaches becomes a leaf.
     fn on_connectivity(&mut self, id: PeerId, c: Connectivity) {
         let peer = self
             .peers
@@ -1015,12 +1032,17 @@ impl Room {
         let changed = peer.nat != c.nat;
         peer.nat = c.nat;
         peer.relay_ok = c.relay;
-        if changed {
-            self.event(RoomEvent::Connectivity {
-                peer: id,
-                nat: c.nat,
-            });
+        if !changed {
+            return;
         }
+        self.event(RoomEvent::Connectivity {
+            peer: id,
+            nat: c.nat,
+        });
+        let _ = self.tree.set_nat(id, c.nat);
+        self.set_capacity_from_uplink(id);
+        // Last, so the status tells the capacity and position after both changes.
+        self.flush_tree_events(Some(id));
     }
 
     /// ICE from `id` to `peer` failed. Only a child's report about its current parent acts:
@@ -1039,7 +1061,8 @@ impl Room {
             child: id,
             parent: peer,
         });
-        let _ = self.tree.reparent(id);
+        // Never offered again, either way round; the child moves with its subtree.
+        let _ = self.tree.link_failed(id, peer);
         self.event(RoomEvent::Repaired {
             subtrees: 1,
             cause: RepairCause::LinkFailed,
@@ -1175,6 +1198,10 @@ impl Room {
         let Some(peer) = self.peers.get(&id) else {
             return 0;
         };
+        if peer.role == Role::Viewer && peer.nat == NatClass::Blocked {
+            // Only TURN reaches it: feeding children would put them all on the relay.
+            return 0;
+        }
         let by_uplink = self.config.capacity(peer.role, peer.uplink_kbps);
         peer.capacity_cap
             .map_or(by_uplink, |cap| by_uplink.min(cap))
@@ -1279,6 +1306,7 @@ impl Room {
             parent: self.tree.parent(id),
             children,
             capacity: self.tree.capacity(id).unwrap_or(0),
+            waiting: self.tree.wait_reason(id),
         }
     }
 

@@ -40,6 +40,45 @@ use petgraph::stable_graph::{NodeIndex, StableGraph};
 use serde::Serialize;
 
 use crate::ids::{PeerId, PeerIndex};
+use crate::protocol::NatClass;
+
+/// Free slots are indexed per NAT group of the feeding peer, so placement finds the
+/// shallowest slot a child can reach directly without scanning past those it cannot.
+const GROUPS: usize = 4;
+
+/// The index group of a peer by NAT class: peers in one group connect directly to the
+/// same children.
+fn group_of(nat: NatClass) -> usize {
+    match nat {
+        NatClass::Public | NatClass::FullCone => 0,
+        NatClass::Cone | NatClass::Unknown => 1,
+        NatClass::Symmetric => 2,
+        NatClass::Blocked => 3,
+    }
+}
+
+/// A class standing for each group in the direct-connection matrix.
+const GROUP_CLASS: [NatClass; GROUPS] = [
+    NatClass::FullCone,
+    NatClass::Cone,
+    NatClass::Symmetric,
+    NatClass::Blocked,
+];
+
+/// Most failed parents remembered per peer. A peer that failed with this many is not
+/// going to connect to the next one either; the oldest failure is forgotten.
+const MAX_AVOIDED: usize = 64;
+
+/// Why a peer has no parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitReason {
+    /// No free slot within the depth limit.
+    NoSlot,
+    /// Slots are free, but none is with a peer this one can reach: their NAT classes
+    /// cannot connect directly (or ICE failed with them) and no TURN relay is configured.
+    NoRoute,
+}
 
 /// Something that changed in the tree; drained by the caller after each operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -120,6 +159,8 @@ struct Node {
     leaf_slot: Option<Slot>,
     /// Position in the waiting queue, if this node heads a waiting subtree.
     wait_seq: Option<u64>,
+    /// How other peers can reach it.
+    nat: NatClass,
 }
 
 impl Node {
@@ -155,8 +196,9 @@ pub struct RelayTree {
     nodes: PeerIndex,
     root: Option<NodeIndex>,
     max_depth: u32,
-    /// Attached nodes with spare slots and depth below the limit, by (depth, spare class).
-    free: Buckets,
+    /// Attached nodes with spare slots and depth below the limit, by (depth, spare class),
+    /// one index per NAT group ([`group_of`]).
+    free: [Buckets; GROUPS],
     /// Attached non-root leaves by (depth, capacity class): the shallowest weak leaf is a
     /// promotion target, the deepest strong leaf a stand-in for a departing relay.
     leaves: Buckets,
@@ -169,6 +211,13 @@ pub struct RelayTree {
     /// Reused work lists, so operations do not allocate in steady state.
     orphans: VecDeque<NodeIndex>,
     stack: Vec<(NodeIndex, u32)>,
+    /// Parents each peer must not be placed under (and children it must not feed): ICE
+    /// between them failed. Both directions are recorded. Only peers with failures have
+    /// an entry, so the common case costs one emptiness check.
+    avoided: rustc_hash::FxHashMap<PeerId, Vec<PeerId>>,
+    /// Whether a TURN relay is available: peers whose NAT classes cannot connect directly
+    /// may then be linked when no direct slot exists (TURN carries the link).
+    relay_allowed: bool,
 }
 
 impl RelayTree {
@@ -179,7 +228,7 @@ impl RelayTree {
             nodes: PeerIndex::default(),
             root: None,
             max_depth: max_depth.max(1),
-            free: Buckets::default(),
+            free: Default::default(),
             leaves: Buckets::default(),
             waiting: BTreeMap::new(),
             next_wait_seq: 0,
@@ -187,7 +236,31 @@ impl RelayTree {
             events: Vec::new(),
             orphans: VecDeque::new(),
             stack: Vec::new(),
+            avoided: Default::default(),
+            relay_allowed: true,
         }
+    }
+
+    /// Whether links between peers that cannot connect directly are allowed as a last
+    /// resort (a TURN relay is configured). Default: allowed. Without it such peers wait
+    /// ([`WaitReason::NoRoute`]) rather than be given a parent they cannot reach.
+    pub fn set_relay_allowed(&mut self, allowed: bool) {
+        let was = std::mem::replace(&mut self.relay_allowed, allowed);
+        if was && !allowed {
+            // Links only a relay could carry must go: O(N), for a configuration change.
+            let relayed: Vec<NodeIndex> = self
+                .graph
+                .edge_indices()
+                .filter_map(|e| self.graph.edge_endpoints(e))
+                .filter(|&(p, c)| !self.graph[c].nat.direct(self.graph[p].nat))
+                .map(|(_, c)| c)
+                .collect();
+            for c in relayed {
+                self.move_off_indirect(c);
+            }
+            self.place_orphans();
+        }
+        self.fill_waiting();
     }
 
     /// Pre-allocates room for `n` peers (simulations and benchmarks).
@@ -291,9 +364,36 @@ impl RelayTree {
     /// Free slots an attached peer could take right now, within the depth limit.
     pub fn free_slots(&self) -> u64 {
         self.free
-            .members()
+            .iter()
+            .flat_map(Buckets::members)
             .map(|(_, _, i)| u64::from(self.graph[NodeIndex::new(i as usize)].spare()))
             .sum()
+    }
+
+    /// The peer's NAT class as the tree knows it.
+    pub fn nat(&self, peer: PeerId) -> Option<NatClass> {
+        self.node(peer).map(|n| self.graph[n].nat)
+    }
+
+    /// Why a peer has no parent: `None` when it is attached (or unknown).
+    pub fn wait_reason(&self, peer: PeerId) -> Option<WaitReason> {
+        if self.depth(peer).is_some() || !self.contains(peer) {
+            return None;
+        }
+        Some(if self.free.iter().all(Buckets::is_empty) {
+            WaitReason::NoSlot
+        } else {
+            WaitReason::NoRoute
+        })
+    }
+
+    /// Whether `child` under `parent` would be a direct link (their NAT classes can
+    /// connect without TURN). False for unknown peers.
+    pub fn is_direct(&self, child: PeerId, parent: PeerId) -> bool {
+        match (self.nat(child), self.nat(parent)) {
+            (Some(a), Some(b)) => a.direct(b),
+            _ => false,
+        }
     }
 
     /// A view of one peer.
@@ -345,8 +445,8 @@ impl RelayTree {
             self.push_waiting(n);
             return Ok(());
         }
-        let slot = self.best_slot();
-        if let Some(leaf) = self.promotion_candidate(capacity, slot.map(|(d, _)| d)) {
+        let slot = self.best_slot(n);
+        if let Some(leaf) = self.promotion_candidate(n, capacity, slot.map(|(d, _)| d)) {
             self.promote(n, leaf);
         } else if let Some((depth, parent)) = slot {
             self.link(parent, n);
@@ -454,7 +554,120 @@ impl RelayTree {
         Ok(())
     }
 
+    /// Records the peer's NAT class. Links it can no longer make directly move to a
+    /// direct slot when one exists; without TURN they must (or wait), with TURN they stay
+    /// when nothing better is free, and the relay carries them.
+    pub fn set_nat(&mut self, peer: PeerId, nat: NatClass) -> Result<(), TreeError> {
+        let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
+        if self.graph[n].nat == nat {
+            return Ok(());
+        }
+        let attached = self.graph[n].status == Status::Attached;
+        if attached {
+            self.unindex(n);
+        }
+        self.graph[n].nat = nat;
+        if attached {
+            self.reindex(n);
+        }
+        if let Some(p) = self.parent_of(n)
+            && !nat.direct(self.graph[p].nat)
+        {
+            self.move_off_indirect(n);
+        }
+        let mut children: Vec<NodeIndex> = self.graph.neighbors_directed(n, Outgoing).collect();
+        children.sort_by_key(|&c| (Reverse(self.graph[c].capacity), c.index()));
+        for c in children {
+            if !nat.direct(self.graph[c].nat) && self.parent_of(c) == Some(n) {
+                self.move_off_indirect(c);
+            }
+        }
+        self.place_orphans();
+        self.fill_waiting();
+        Ok(())
+    }
+
+    /// ICE between `child` and its parent `parent` failed: the pair is never linked again
+    /// (either way round), and `child` moves with its subtree to the best slot it may use,
+    /// or waits.
+    pub fn link_failed(&mut self, child: PeerId, parent: PeerId) -> Result<(), TreeError> {
+        let c = self.node(child).ok_or(TreeError::UnknownPeer(child))?;
+        self.node(parent).ok_or(TreeError::UnknownPeer(parent))?;
+        for (a, b) in [(child, parent), (parent, child)] {
+            let list = self.avoided.entry(a).or_default();
+            if !list.contains(&b) {
+                if list.len() == MAX_AVOIDED {
+                    list.remove(0);
+                }
+                list.push(b);
+            }
+        }
+        if let Some(p) = self.parent_of(c).filter(|&p| self.graph[p].peer == parent) {
+            self.unlink(p, c);
+            // Inside a waiting subtree it is already detached; it now waits on its own.
+            if self.graph[c].status == Status::Attached {
+                self.detach_subtree(c);
+            }
+            self.orphans.push_back(c);
+            self.place_orphans();
+            self.fill_waiting();
+        }
+        Ok(())
+    }
+
+    /// Whether ICE between the two failed before.
+    pub fn is_avoided(&self, a: PeerId, b: PeerId) -> bool {
+        !self.avoided.is_empty() && self.avoided.get(&a).is_some_and(|l| l.contains(&b))
+    }
+
     // ---- internals ----
+
+    /// `n`'s link to its parent needs a relay: attached, it is re-homed; inside a waiting
+    /// subtree it is cut loose to wait on its own when relays are off (it then waits in
+    /// the queue or is placed, orphans being placed by the caller).
+    fn move_off_indirect(&mut self, n: NodeIndex) {
+        if self.graph[n].status == Status::Attached {
+            self.rehome(n);
+        } else if !self.relay_allowed
+            && let Some(p) = self.parent_of(n)
+        {
+            self.unlink(p, n);
+            self.orphans.push_back(n);
+        }
+    }
+
+    /// Moves attached `n` (with its subtree) to a slot it reaches directly, if one exists
+    /// outside its subtree. Otherwise it stays where it is when relays are allowed, or is
+    /// placed like any orphan (which may mean waiting).
+    fn rehome(&mut self, n: NodeIndex) {
+        let Some(p) = self.parent_of(n) else {
+            return;
+        };
+        let depth = self.graph[p].depth;
+        self.unlink(p, n);
+        self.detach_subtree(n);
+        if let Some((d, q)) = self.best_slot_where(n, true) {
+            self.link(q, n);
+            self.attach_subtree(n, d + 1);
+        } else if self.relay_allowed && !self.avoids(n, p) {
+            // Same edge back: the room sees an unchanged link and tells nobody.
+            self.link(p, n);
+            self.attach_subtree(n, depth + 1);
+        } else {
+            self.orphans.push_back(n);
+        }
+        self.place_orphans();
+    }
+
+    /// Whether linking `a` and `b` (either way round) is ruled out by an earlier failure.
+    fn avoids(&self, a: NodeIndex, b: NodeIndex) -> bool {
+        self.is_avoided(self.graph[a].peer, self.graph[b].peer)
+    }
+
+    /// Whether `child` may be linked under `parent` without a relay.
+    fn direct_ok(&self, child: NodeIndex, parent: NodeIndex) -> bool {
+        self.graph[child].nat.direct(self.graph[parent].nat) && !self.avoids(child, parent)
+    }
 
     fn add_node(&mut self, peer: PeerId, capacity: u32) -> Result<NodeIndex, TreeError> {
         if self.nodes.contains(peer) {
@@ -469,6 +682,7 @@ impl RelayTree {
             free_slot: None,
             leaf_slot: None,
             wait_seq: None,
+            nat: NatClass::Unknown,
         });
         self.nodes.insert(peer, n.index() as u32);
         Ok(n)
@@ -538,8 +752,9 @@ impl RelayTree {
         let i = n.index() as u32;
         let node = &self.graph[n];
         let (depth, spare, capacity) = (node.depth, node.spare(), node.capacity);
+        let group = group_of(node.nat);
         let free_slot = (spare > 0 && depth < self.max_depth)
-            .then(|| self.free.insert(depth, class_of(spare), i));
+            .then(|| self.free[group].insert(depth, class_of(spare), i));
         let leaf_slot = (node.children == 0 && depth > 0)
             .then(|| self.leaves.insert(depth, class_of(capacity), i));
         let node = &mut self.graph[n];
@@ -548,8 +763,9 @@ impl RelayTree {
     }
 
     fn unindex(&mut self, n: NodeIndex) {
+        let group = group_of(self.graph[n].nat);
         if let Some(slot) = self.graph[n].free_slot.take()
-            && let Some(moved) = self.free.remove(slot)
+            && let Some(moved) = self.free[group].remove(slot)
         {
             self.graph[NodeIndex::new(moved as usize)].free_slot = Some(slot);
         }
@@ -560,13 +776,54 @@ impl RelayTree {
         }
     }
 
-    /// The best free slot: shallowest, then most spare slots, then longest waiting.
-    fn best_slot(&self) -> Option<(u32, NodeIndex)> {
-        let depth = self.free.min_depth()?;
-        (0..CLASSES)
-            .rev()
-            .find_map(|class| self.free.cell(depth, class).first())
-            .map(|&i| (depth, NodeIndex::new(i as usize)))
+    /// The best free slot for `child`: one it reaches directly if any, else (relays
+    /// allowed) any; never one it failed with. Shallowest, then most spare slots, then
+    /// longest waiting.
+    fn best_slot(&self, child: NodeIndex) -> Option<(u32, NodeIndex)> {
+        self.best_slot_where(child, true).or_else(|| {
+            self.relay_allowed
+                .then(|| self.best_slot_where(child, false))
+                .flatten()
+        })
+    }
+
+    /// The best free slot for `child` among parents it reaches directly (`direct`) or
+    /// among all, skipping parents it failed with.
+    fn best_slot_where(&self, child: NodeIndex, direct: bool) -> Option<(u32, NodeIndex)> {
+        let nat = self.graph[child].nat;
+        let peer = self.graph[child].peer;
+        let avoided: &[PeerId] = match self.avoided.get(&peer) {
+            Some(list) if !self.avoided.is_empty() => list,
+            _ => &[],
+        };
+        let mut best: Option<(u32, Reverse<usize>, NodeIndex)> = None;
+        for (g, free) in self.free.iter().enumerate() {
+            if direct && !nat.direct(GROUP_CLASS[g]) {
+                continue;
+            }
+            let Some(min) = free.min_depth() else {
+                continue;
+            };
+            'depths: for depth in (min..free.depth_bound()).filter(|&d| free.has_depth(d)) {
+                if best.is_some_and(|(d, _, _)| d < depth) {
+                    break;
+                }
+                for class in (0..CLASSES).rev() {
+                    let found = free.cell(depth, class).iter().find(|&&i| {
+                        avoided.is_empty()
+                            || !avoided.contains(&self.graph[NodeIndex::new(i as usize)].peer)
+                    });
+                    if let Some(&i) = found {
+                        let candidate = (depth, Reverse(class), NodeIndex::new(i as usize));
+                        if best.is_none_or(|b| (candidate.0, candidate.1) < (b.0, b.1)) {
+                            best = Some(candidate);
+                        }
+                        break 'depths;
+                    }
+                }
+            }
+        }
+        best.map(|(d, _, n)| (d, n))
     }
 
     /// Marks the subtree under `top` detached and removes it from every index, so placement
@@ -628,7 +885,7 @@ impl RelayTree {
     }
 
     fn place_subtree(&mut self, top: NodeIndex) {
-        match self.best_slot() {
+        match self.best_slot(top) {
             Some((d, parent)) => {
                 self.link(parent, top);
                 self.attach_subtree(top, d + 1);
@@ -647,22 +904,44 @@ impl RelayTree {
         });
     }
 
-    /// Places waiting subtrees, oldest first, while slots are free.
+    /// Places waiting subtrees, oldest first, while slots are free. A subtree with no slot
+    /// it may use (NAT classes, failed links) keeps its place in the queue.
     fn fill_waiting(&mut self) {
-        while !self.free.is_empty() {
-            let Some((_, n)) = self.waiting.pop_first() else {
+        let mut after = None;
+        while self.free.iter().any(|f| !f.is_empty()) {
+            let next = match after {
+                None => self.waiting.first_key_value(),
+                Some(seq) => self
+                    .waiting
+                    .range((std::ops::Bound::Excluded(seq), std::ops::Bound::Unbounded))
+                    .next(),
+            };
+            let Some((&seq, &n)) = next else {
                 return;
             };
+            let Some((d, parent)) = self.best_slot(n) else {
+                after = Some(seq);
+                continue;
+            };
+            self.waiting.remove(&seq);
             self.graph[n].wait_seq = None;
-            self.place_subtree(n);
+            self.link(parent, n);
+            self.attach_subtree(n, d + 1);
             self.place_orphans();
+            // Its subtree brought slots an earlier, skipped subtree may be able to use.
+            after = None;
         }
     }
 
     /// The shallowest leaf worth displacing by a newcomer of `capacity` (at least 2 more
     /// than the leaf's, so the tree gains a slot), no deeper than the newcomer's best free
     /// slot (`slot_depth`; None when the tree is full). Ties go to the weaker leaf.
-    fn promotion_candidate(&self, capacity: u32, slot_depth: Option<u32>) -> Option<NodeIndex> {
+    fn promotion_candidate(
+        &self,
+        newcomer: NodeIndex,
+        capacity: u32,
+        slot_depth: Option<u32>,
+    ) -> Option<NodeIndex> {
         let weakest_allowed = capacity.checked_sub(2)?;
         let deepest = slot_depth
             .unwrap_or(self.max_depth - 1)
@@ -672,8 +951,14 @@ impl RelayTree {
             for class in 0..=class_of(weakest_allowed) {
                 // The top class mixes capacities: check the exact value there.
                 let found = self.leaves.cell(depth, class).iter().take(8).find(|&&i| {
-                    class < CLASSES - 1
-                        || self.graph[NodeIndex::new(i as usize)].capacity <= weakest_allowed
+                    let leaf = NodeIndex::new(i as usize);
+                    (class < CLASSES - 1 || self.graph[leaf].capacity <= weakest_allowed)
+                        // The newcomer takes the leaf's parent and feeds the leaf: both
+                        // links must work without a relay.
+                        && self.direct_ok(leaf, newcomer)
+                        && self
+                            .parent_of(leaf)
+                            .is_some_and(|p| self.direct_ok(newcomer, p))
                 });
                 if let Some(&i) = found {
                     return Some(NodeIndex::new(i as usize));
@@ -690,11 +975,16 @@ impl RelayTree {
     fn stand_in(&self, need: u32, n: NodeIndex) -> Option<NodeIndex> {
         const BUDGET: usize = 64;
         let mut examined = 0;
+        let parent = self.parent_of(n);
         let mut usable = |i: u32, min_capacity: u32| {
             examined += 1;
             let x = NodeIndex::new(i as usize);
-            (examined <= BUDGET && self.graph[x].capacity >= min_capacity && !self.is_within(x, n))
-                .then_some(x)
+            (examined <= BUDGET
+                && self.graph[x].capacity >= min_capacity
+                // It takes the departing relay's parent: that link must work directly.
+                && parent.is_some_and(|p| self.direct_ok(x, p))
+                && !self.is_within(x, n))
+            .then_some(x)
         };
         let need_class = class_of(need);
         let depths = (1..self.leaves.depth_bound()).rev();
@@ -760,18 +1050,21 @@ impl RelayTree {
         for &c in &children {
             self.unlink(n, c);
         }
-        // The leaf stands in: same parent, same depth, as many children as it can feed.
+        // The leaf stands in: same parent, same depth, as many children as it can feed
+        // directly (the strongest first); the others are placed like any orphan.
         self.link(parent, leaf);
         self.set_attached(leaf, depth);
-        let adopt = (self.graph[leaf].capacity as usize).min(children.len());
-        for &c in &children[..adopt] {
-            self.link(leaf, c);
+        let mut room_left = self.graph[leaf].capacity;
+        for &c in &children {
+            if room_left > 0 && self.direct_ok(c, leaf) {
+                room_left -= 1;
+                self.link(leaf, c);
+            } else {
+                self.detach_subtree(c);
+                self.orphans.push_back(c);
+            }
         }
         self.reindex(leaf);
-        for &c in &children[adopt..] {
-            self.detach_subtree(c);
-            self.orphans.push_back(c);
-        }
         self.place_orphans();
         true
     }
@@ -857,12 +1150,23 @@ impl RelayTree {
                     depth_counts[node.depth as usize] += 1;
                     let i = n.index() as u32;
                     if node.spare() > 0 && node.depth < self.max_depth {
-                        free.insert((node.depth, class_of(node.spare()), i));
+                        free.insert((group_of(node.nat), node.depth, class_of(node.spare()), i));
+                    }
+                    if let Some(p) = parent {
+                        if self.avoids(n, p) {
+                            return fail(format!("{peer} is linked to a parent it failed with"));
+                        }
+                        if !self.relay_allowed && !node.nat.direct(self.graph[p].nat) {
+                            return fail(format!(
+                                "{peer} ({:?}) under {} ({:?}) needs a relay, and relays are off",
+                                node.nat, self.graph[p].peer, self.graph[p].nat
+                            ));
+                        }
                     }
                     if node.children == 0 && node.depth > 0 {
                         leaves.insert((node.depth, class_of(node.capacity), i));
                     }
-                    if !slot_ok(&self.free, node.free_slot, i)
+                    if !slot_ok(&self.free[group_of(node.nat)], node.free_slot, i)
                         || !slot_ok(&self.leaves, node.leaf_slot, i)
                     {
                         return fail(format!("{peer}'s recorded index position is stale"));
@@ -881,6 +1185,14 @@ impl RelayTree {
                         }
                         Some(p) if self.graph[p].status != Status::Detached => {
                             return fail(format!("detached {peer} under an attached parent"));
+                        }
+                        Some(p) if self.avoids(n, p) => {
+                            return fail(format!(
+                                "waiting {peer} is linked to a parent it failed with"
+                            ));
+                        }
+                        Some(p) if !self.relay_allowed && !node.nat.direct(self.graph[p].nat) => {
+                            return fail(format!("waiting {peer} needs a relay to its parent"));
                         }
                         Some(_) if node.wait_seq.is_some() => {
                             return fail(format!("{peer} waits but has a parent"));
@@ -908,7 +1220,14 @@ impl RelayTree {
                 return fail("waiting queue out of sync".into());
             }
         }
-        if free.len() != self.free.len() || free != self.free.members().collect() {
+        let indexed: BTreeSet<_> = self
+            .free
+            .iter()
+            .enumerate()
+            .flat_map(|(g, b)| b.members().map(move |(d, c, i)| (g, d, c, i)))
+            .collect();
+        let indexed_len: usize = self.free.iter().map(Buckets::len).sum();
+        if free.len() != indexed_len || free != indexed {
             return fail("free-slot index out of sync".into());
         }
         if leaves.len() != self.leaves.len() || leaves != self.leaves.members().collect() {
@@ -920,8 +1239,15 @@ impl RelayTree {
         {
             return fail("depth counts out of sync".into());
         }
-        if !self.waiting.is_empty() && self.root.is_some() && !self.free.is_empty() {
-            return fail("peers wait although a slot within the depth limit is free".into());
+        if self.root.is_some() {
+            for &n in self.waiting.values() {
+                if let Some((_, p)) = self.best_slot(n) {
+                    return fail(format!(
+                        "{} waits although {} has a slot it may use",
+                        self.graph[n].peer, self.graph[p].peer
+                    ));
+                }
+            }
         }
         if self.root.is_none() && self.attached_len() > 0 {
             return fail("attached peers without a root".into());
@@ -1111,5 +1437,83 @@ mod tests {
         assert_eq!(t.remove(p(9)), Err(TreeError::UnknownPeer(p(9))));
         assert_eq!(t.set_root(p(9), 1), Err(TreeError::RootExists));
         assert_eq!(t.reparent(p(0)), Err(TreeError::IsRoot));
+    }
+
+    #[test]
+    fn a_symmetric_peer_goes_where_it_connects_directly_even_if_deeper() {
+        // Root (public) feeds 1 (cone) and 2 (full cone); 1 has the shallower free slot.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 2).unwrap();
+        t.set_nat(p(0), NatClass::Public).unwrap();
+        t.insert(p(1), 2).unwrap();
+        t.set_nat(p(1), NatClass::Cone).unwrap();
+        t.insert(p(2), 1).unwrap();
+        t.set_nat(p(2), NatClass::FullCone).unwrap();
+        t.insert(p(3), 0).unwrap(); // takes 1's first slot (cone: fine for unknown)
+        t.set_nat(p(3), NatClass::Symmetric).unwrap();
+        t.invariants().unwrap();
+        assert_eq!(t.parent(p(3)), Some(p(2)), "moved to the full-cone relay");
+        // A cone child reported after placement stays with the cone relay.
+        t.insert(p(4), 0).unwrap();
+        t.set_nat(p(4), NatClass::Cone).unwrap();
+        assert_eq!(t.parent(p(4)), Some(p(1)));
+        t.invariants().unwrap();
+    }
+
+    #[test]
+    fn without_relays_an_unreachable_peer_waits_for_a_reachable_parent() {
+        let mut t = RelayTree::new(10);
+        t.set_relay_allowed(false);
+        t.set_root(p(0), 1).unwrap();
+        t.set_nat(p(0), NatClass::Public).unwrap();
+        t.insert(p(1), 2).unwrap();
+        t.set_nat(p(1), NatClass::Symmetric).unwrap();
+        t.insert(p(2), 0).unwrap();
+        t.set_nat(p(2), NatClass::Cone).unwrap();
+        t.invariants().unwrap();
+        assert_eq!(
+            t.parent(p(2)),
+            None,
+            "symmetric relay cannot reach a cone child"
+        );
+        assert_eq!(t.wait_reason(p(2)), Some(WaitReason::NoRoute));
+        // A full-cone relay arrives: 2 is placed under it at once.
+        t.insert(p(3), 2).unwrap();
+        t.set_nat(p(3), NatClass::FullCone).unwrap();
+        t.invariants().unwrap();
+        assert_eq!(t.parent(p(2)), Some(p(3)));
+        assert_eq!(t.wait_reason(p(2)), None);
+        // With TURN, an unreachable pair is linked rather than left waiting.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 1).unwrap();
+        t.set_nat(p(0), NatClass::Symmetric).unwrap();
+        t.insert(p(1), 0).unwrap();
+        t.set_nat(p(1), NatClass::Symmetric).unwrap();
+        t.invariants().unwrap();
+        assert_eq!(t.parent(p(1)), Some(p(0)));
+        assert!(!t.is_direct(p(1), p(0)));
+    }
+
+    #[test]
+    fn a_failed_pair_is_never_linked_again() {
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 1).unwrap();
+        t.insert(p(1), 1).unwrap();
+        t.insert(p(2), 1).unwrap();
+        assert_eq!(t.parent(p(2)), Some(p(1)));
+        t.link_failed(p(2), p(1)).unwrap();
+        t.invariants().unwrap();
+        assert_eq!(
+            t.parent(p(2)),
+            None,
+            "its only possible parent failed: it waits"
+        );
+        assert_eq!(t.wait_reason(p(2)), Some(WaitReason::NoRoute));
+        // 1 leaves: 2 may take its place under the root; the failure is not held against
+        // anyone else.
+        t.remove(p(1)).unwrap();
+        t.invariants().unwrap();
+        assert_eq!(t.parent(p(2)), Some(p(0)));
+        assert!(t.is_avoided(p(2), p(1)) && t.is_avoided(p(1), p(2)));
     }
 }

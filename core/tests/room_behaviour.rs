@@ -10,6 +10,7 @@ use treecast_core::protocol::{
     ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState, Report, Role, ServerMessage,
 };
 use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig};
+use treecast_core::tree::WaitReason;
 use treecast_core::turn::{self, Secret, TurnRest};
 use treecast_core::{PeerId, RoomId};
 
@@ -36,6 +37,8 @@ struct View {
     ice: Vec<IceServer>,
     /// Every `ice_servers` renewal received.
     ice_renewals: Vec<Vec<IceServer>>,
+    /// Why it waits, from the last `room` status.
+    waiting: Option<WaitReason>,
 }
 
 struct Harness {
@@ -94,6 +97,7 @@ impl Harness {
                 v.ice = ice_servers;
             }
             ServerMessage::Parent { peer_id, .. } => {
+                v.waiting = None; // as the agent does: a parent ends the wait
                 v.parent = Some(peer_id);
                 v.parents_received += 1;
             }
@@ -116,8 +120,10 @@ impl Harness {
                 children,
                 live,
                 capacity,
+                waiting,
                 ..
             } => {
+                v.waiting = waiting;
                 v.statuses += 1;
                 v.live = Some(live);
                 v.capacity = Some(capacity);
@@ -922,4 +928,46 @@ fn a_failed_link_moves_the_child_and_is_counted() {
     let stranger = PeerId(999);
     h.send(child, ClientMessage::LinkFailed { peer: stranger });
     assert_eq!(h.views[&child].errors.last(), Some(&ErrorCode::UnknownPeer));
+}
+
+#[test]
+fn nat_classes_steer_placement_and_an_unreachable_viewer_is_told_why() {
+    use treecast_core::protocol::{Connectivity, NatClass};
+    let nat = |nat| ClientMessage::Connectivity(Connectivity { nat, relay: false });
+    // No TURN configured: links that need a relay are never made.
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 1,
+        relay_fanout: 2,
+        ..RoomConfig::default()
+    });
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    h.send(b, nat(NatClass::Public));
+    let relay = h.viewer();
+    let viewer = h.viewer();
+    assert_eq!(
+        h.views[&viewer].parent,
+        Some(h.peer(relay)),
+        "placed before they know"
+    );
+    h.send(relay, nat(NatClass::Symmetric));
+    h.check();
+    assert_eq!(
+        h.views[&viewer].parent, None,
+        "an unknown (presumed cone) viewer cannot reach a symmetric relay"
+    );
+    assert_eq!(h.views[&viewer].waiting, Some(WaitReason::NoRoute));
+    h.send(viewer, nat(NatClass::Cone));
+    assert_eq!(h.views[&viewer].parent, None);
+    // A viewer behind a full-cone NAT joins: it can feed the waiting one.
+    let helper = h.viewer();
+    h.send(helper, nat(NatClass::FullCone));
+    h.check();
+    assert_eq!(h.views[&viewer].parent, Some(h.peer(helper)));
+    assert_eq!(h.views[&viewer].waiting, None);
+    // A viewer only TURN could reach is a leaf: its capacity drops to zero.
+    let blocked = h.viewer();
+    h.send(blocked, nat(NatClass::Blocked));
+    h.check();
+    assert_eq!(h.views[&blocked].capacity, Some(0));
+    assert_eq!(h.views[&blocked].waiting, Some(WaitReason::NoRoute));
 }

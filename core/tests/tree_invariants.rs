@@ -3,16 +3,41 @@
 
 use proptest::prelude::*;
 use treecast_core::PeerId;
+use treecast_core::protocol::NatClass;
 use treecast_core::tree::{RelayTree, TreeEvent};
 
 #[derive(Debug, Clone)]
 enum Op {
-    Join { capacity: u32 },
-    Leave { pick: usize },
-    Stall { pick: usize },
-    Capacity { pick: usize, capacity: u32 },
+    Join {
+        capacity: u32,
+    },
+    Leave {
+        pick: usize,
+    },
+    Stall {
+        pick: usize,
+    },
+    Capacity {
+        pick: usize,
+        capacity: u32,
+    },
     RootLeaves,
-    RootJoins { capacity: u32 },
+    RootJoins {
+        capacity: u32,
+    },
+    /// A peer reports its NAT class.
+    Nat {
+        pick: usize,
+        class: usize,
+    },
+    /// A child's ICE to its parent failed.
+    LinkFailed {
+        pick: usize,
+    },
+    /// TURN comes or goes.
+    Relay {
+        allowed: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -23,6 +48,10 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (any::<usize>(), 0u32..=5).prop_map(|(pick, capacity)| Op::Capacity { pick, capacity }),
         1 => Just(Op::RootLeaves),
         1 => (1u32..=5).prop_map(|capacity| Op::RootJoins { capacity }),
+        4 => (any::<usize>(), 0usize..NatClass::ALL.len())
+            .prop_map(|(pick, class)| Op::Nat { pick, class }),
+        2 => any::<usize>().prop_map(|pick| Op::LinkFailed { pick }),
+        1 => any::<bool>().prop_map(|allowed| Op::Relay { allowed }),
     ]
 }
 
@@ -93,6 +122,21 @@ fn run(max_depth: u32, ops: &[Op]) -> Result<(), TestCaseError> {
                 tree.set_root(r, capacity).unwrap();
                 root = Some(r);
             }
+            Op::Nat { pick, class } => {
+                let all: Vec<PeerId> = live.iter().copied().chain(root).collect();
+                if !all.is_empty() {
+                    let p = all[pick % all.len()];
+                    tree.set_nat(p, NatClass::ALL[class]).unwrap();
+                }
+            }
+            Op::LinkFailed { pick } if !live.is_empty() => {
+                let child = live[pick % live.len()];
+                if let Some(parent) = tree.parent(child) {
+                    tree.link_failed(child, parent).unwrap();
+                    prop_assert_ne!(tree.parent(child), Some(parent), "failed link kept");
+                }
+            }
+            Op::Relay { allowed } => tree.set_relay_allowed(allowed),
             _ => {}
         }
         mirror.apply(tree.drain_events());
