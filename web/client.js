@@ -10,10 +10,14 @@
 // Relaying: tracks received from the parent are sent on to every child. Each child
 // connection keeps its two senders for its whole life; when the parent changes, the new
 // tracks are swapped in with replaceTrack, so children never renegotiate.
+// Networks: once welcomed, the page learns its NAT class from the signaller's two STUN
+// ports (probeNat) and tells the room, which places it under peers it can reach; it
+// reports the candidate-pair type of its parent link and an ICE failure toward the parent.
 
 const STATS_EVERY_MS = 200;      // watchdog sampling of the parent connection
 const MEASURE_EVERY_MS = 2000;   // loss / latency / delivered bitrate for reports
 const VIDEO_MAX_BITRATE = 450_000; // bit/s per child, within the server's stream_kbps (500)
+const PROBE_TIMEOUT_MS = 3000;   // longest wait for the STUN answers of the NAT probe
 
 let wasmModule = null;
 
@@ -88,6 +92,7 @@ export class Peer {
     this.prevIn = null;
     this.lastMeasure = performance.now();
     this.closed = false;
+    this.probed = false;
     this.statsTimer = setInterval(() => this.sample(), STATS_EVERY_MS);
     this.pump();
   }
@@ -120,6 +125,7 @@ export class Peer {
       case 'status':
         this.status = a;
         this.info.depth = a.depth;
+        if (a.phase === 'joined' && !this.probed) { this.probed = true; this.probe(); }
         if (a.phase === 'ended' || a.phase === 'failed' || a.phase === 'left') this.shutdown();
         this.onStatus(a);
         return;
@@ -151,10 +157,26 @@ export class Peer {
     this.pump();
   }
 
+  /** Learns the NAT class once and tells the room (see probeNat). */
+  async probe() {
+    let servers = [];
+    try { servers = JSON.parse(this.client.ice_servers()); } catch { /* none */ }
+    const result = await probeNat(servers);
+    this.info.nat = result;
+    if (result && !this.closed) { this.client.connectivity(this.now(), result, false); this.pump(); }
+  }
+
   openParent(peer) {
     const pc = this.newConnection(peer);
     const conn = { peer, pc, chain: Promise.resolve(), pending: [], hasRemote: false };
     pc.ontrack = (e) => { if (this.parent === conn) this.setTrack(e.track); };
+    // No candidate pair works: tell the room, which never pairs the two again.
+    pc.oniceconnectionstatechange = () => {
+      if (pc.iceConnectionState === 'failed' && this.parent === conn && !this.closed) {
+        this.client.link_failed(this.now(), peer);
+        this.pump();
+      }
+    };
     this.parent = conn;
     this.prevIn = null;
   }
@@ -237,11 +259,12 @@ export class Peer {
   async sampleOnce() {
     const now = this.now();
     const parent = this.parent;
-    let hopLatency, loss, kbpsIn;
+    let hopLatency, loss, kbpsIn, link;
     if (parent) {
       let frames, bytes = 0, lost = 0, received = 0, rtt, jitterMs;
       try {
         const stats = await parent.pc.getStats();
+        link = selectedLinkKind(stats);
         stats.forEach((s) => {
           if (s.type === 'inbound-rtp') {
             bytes += s.bytesReceived || 0;
@@ -308,8 +331,9 @@ export class Peer {
       this.info.delivered = delivered;
       this.info.estimates = estimates;
       if (!this.closed) {
+        this.info.link = link ?? null;
         this.client.measured(this.now(), this.role === 'viewer' ? this.info.loss ?? undefined : undefined,
-          hopLatency, JSON.stringify(delivered));
+          hopLatency, JSON.stringify(delivered), link);
         // WebRTC's own bandwidth estimate may update the uplink the server knows; the rule
         // (when it may raise or lower it) is client-wasm's uplink module.
         const uplink = this.client.uplink(this.now(), JSON.stringify(estimates), VIDEO_MAX_BITRATE / 1000);
@@ -337,6 +361,69 @@ export class Peer {
   }
 }
 
+/**
+ * The type of the candidate pair ICE selected ('host', 'srflx', 'prflx' or 'relay': the
+ * weaker of the two ends), or undefined before one is selected.
+ */
+export function selectedLinkKind(stats) {
+  let pairId;
+  stats.forEach((s) => { if (s.type === 'transport' && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId; });
+  const pair = pairId ? stats.get(pairId)
+    : [...stats.values()].find((s) => s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded');
+  if (!pair) return undefined;
+  const local = stats.get(pair.localCandidateId), remote = stats.get(pair.remoteCandidateId);
+  if (!local || !remote) return undefined;
+  const rank = ['host', 'srflx', 'prflx', 'relay'];
+  const r = Math.max(rank.indexOf(local.candidateType), rank.indexOf(remote.candidateType));
+  return r < 0 ? undefined : rank[r];
+}
+
+/**
+ * RFC 5780's mapping test, as far as a page can run it: gathers candidates against the
+ * signaller's STUN server on its two ports (the ICE server entry with two stun: URLs) and
+ * compares the reflexive ports. Returns 'public' (the reflexive address is a host
+ * address, or equals one so Chromium dropped it), 'cone' (one mapping for both ports;
+ * a page cannot test filtering), 'symmetric' (a mapping per destination), 'blocked' (no
+ * STUN answer at all), or undefined when there is no such server to ask.
+ */
+export async function probeNat(servers) {
+  const stun = (servers || []).find((s) => (s.urls || []).filter((u) => u.startsWith('stun:')).length >= 2);
+  if (!stun || typeof RTCPeerConnection === 'undefined') return undefined;
+  const urls = stun.urls.filter((u) => u.startsWith('stun:'));
+  const pc = new RTCPeerConnection({ iceServers: [{ urls }] });
+  const hosts = new Set(), reflexive = [], failed = new Set();
+  try {
+    pc.createDataChannel('probe');
+    const done = new Promise((resolve) => {
+      const timer = setTimeout(resolve, PROBE_TIMEOUT_MS);
+      pc.onicegatheringstatechange = () => { if (pc.iceGatheringState === 'complete') { clearTimeout(timer); resolve(); } };
+    });
+    pc.onicecandidate = (e) => {
+      const c = e.candidate;
+      if (!c || !c.candidate || (c.protocol && c.protocol !== 'udp')) return;
+      if (c.type === 'host') hosts.add(c.address);
+      if (c.type === 'srflx') reflexive.push(c);
+    };
+    pc.onicecandidateerror = (e) => { if (e.url) failed.add(e.url); };
+    await pc.setLocalDescription(await pc.createOffer());
+    await done;
+  } catch {
+    return undefined;
+  } finally {
+    pc.close();
+  }
+  if (reflexive.length === 0) return failed.size >= urls.length ? 'blocked' : 'public';
+  const ports = new Map();
+  for (const c of reflexive) {
+    const base = `${c.relatedAddress}:${c.relatedPort}`;
+    if (!ports.has(base)) ports.set(base, new Set());
+    ports.get(base).add(c.port);
+  }
+  if ([...ports.values()].some((p) => p.size > 1)) return 'symmetric';
+  if (reflexive.every((c) => hosts.has(c.address))) return 'public';
+  return 'cone';
+}
+
 /** Tells a status in one short sentence for people. */
 export function describe(status) {
   if (!status) return 'Starting…';
@@ -348,6 +435,10 @@ export function describe(status) {
     case 'failed': return status.error ? status.error.message : 'Could not join.';
   }
   if (status.depth === 0) return status.live ? 'Live.' : 'Connecting…';
+  if (status.parent == null && status.live && status.waiting === 'no_route') {
+    return 'Your network cannot connect directly to the viewers who could pass the stream on to you, ' +
+      'and this server has no relay for such networks. Waiting for a viewer you can reach…';
+  }
   if (status.parent == null) return status.live ? 'Waiting for a free place in the relay tree…' : 'Waiting for the broadcaster…';
   if (status.media === 'receiving') return 'Playing.';
   if (status.media === 'stalled') return 'The stream stopped upstream; switching to another relay…';

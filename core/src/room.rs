@@ -30,6 +30,10 @@ use crate::protocol::{
 use crate::tree::{RelayTree, TreeEvent, WaitReason};
 use crate::turn::{self, TurnRest};
 
+/// Two children of one parent reporting loss within this window convict the parent's
+/// uplink (reports come every 2 s by default).
+const LOSS_WINDOW: Duration = Duration::from_secs(5);
+
 /// A connection as the driver names it. Unique per driver for the room's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
@@ -380,6 +384,8 @@ struct Peer {
     link: Option<LinkKind>,
     /// When its TURN credentials are due for renewal (earlier timers are stale).
     renew_at: Option<Duration>,
+    /// When it last reported loss above the threshold.
+    lossy_at: Option<Duration>,
 }
 
 /// The room's peers by id. Ids are server-assigned sequential integers, so the id indexes
@@ -757,6 +763,7 @@ impl Room {
                 relay_ok: false,
                 link: None,
                 renew_at: None,
+                lossy_at: None,
             },
         );
         self.conns.insert(conn, id);
@@ -969,14 +976,44 @@ impl Room {
         if let (Some(loss), Some(parent)) = (report.loss, parent)
             && loss > self.config.loss_threshold
         {
-            // The parent cannot feed what it has: freeze its capacity at its child count.
-            let children = self.tree.child_count(parent).unwrap_or(0);
-            self.lower_capacity(parent, children);
+            self.on_loss(id, parent);
         }
         if report.state == MediaState::Stalled
             && let Some(parent) = parent
         {
             self.on_stall(id, parent, was_receiving);
+        }
+    }
+
+    /// `id` lost more than the threshold from `parent`. The parent is judged by all its
+    /// children: when another of them lost too within [`LOSS_WINDOW`], the parent's uplink
+    /// is the bottleneck, so it sheds a child (its capacity drops by one) and the rest
+    /// recover. A lone child's loss is most likely its own link: the parent only stops
+    /// taking new children while it has just that one, and nobody moves.
+    fn on_loss(&mut self, id: PeerId, parent: PeerId) {
+        let now = self.now;
+        if let Some(peer) = self.peers.get_mut(&id) {
+            peer.lossy_at = Some(now);
+        }
+        let young = |t: Option<Duration>| {
+            t.is_some_and(|t| now.saturating_sub(t) < self.config.settle_window)
+        };
+        if young(self.peers[&id].linked_at) {
+            return; // a new link's first seconds (and a report from before it) prove nothing
+        }
+        let children = self.tree.child_count(parent).unwrap_or(0);
+        let others_lossy = self.tree.children(parent).any(|c| {
+            c != id
+                && self.peers.get(&c).is_some_and(|p| {
+                    p.lossy_at
+                        .is_some_and(|t| now.saturating_sub(t) < LOSS_WINDOW)
+                        && !young(p.linked_at)
+                })
+        });
+        if others_lossy {
+            self.lower_capacity(parent, children.saturating_sub(1));
+        } else if children == 1 {
+            self.lower_capacity(parent, children);
         }
     }
 

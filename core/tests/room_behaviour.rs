@@ -721,6 +721,8 @@ fn a_loss_ceiling_survives_new_uplink_reports() {
             link: None,
         })
     };
+    h.settle();
+    assert_eq!(h.room.tree().child_count(relay), Some(1), "an only child");
     h.send(child, report(Some(0.3), None));
     assert_eq!(h.room.tree().capacity(relay), Some(1));
     // The relay re-measures a big uplink: its ceiling holds.
@@ -970,4 +972,47 @@ fn nat_classes_steer_placement_and_an_unreachable_viewer_is_told_why() {
     h.check();
     assert_eq!(h.views[&blocked].capacity, Some(0));
     assert_eq!(h.views[&blocked].waiting, Some(WaitReason::NoRoute));
+}
+
+#[test]
+fn a_relay_is_judged_by_all_its_children_before_it_sheds_one() {
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 1,
+        relay_fanout: 3,
+        ..RoomConfig::default()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let relay = h.viewer();
+    let kids: Vec<ConnId> = (0..3).map(|_| h.viewer()).collect();
+    let relay_id = h.peer(relay);
+    assert!(kids.iter().all(|k| h.views[k].parent == Some(relay_id)));
+    let lossy = ClientMessage::Report(Report {
+        state: MediaState::Receiving,
+        loss: Some(0.2),
+        latency_ms: None,
+        uplink_kbps: None,
+        delivered: vec![],
+        link: None,
+    });
+    // A fresh link's loss proves nothing; nor does one child's alone (its own link).
+    h.send(kids[0], lossy.clone());
+    h.settle();
+    h.send(kids[0], lossy.clone());
+    assert_eq!(h.room.tree().capacity(relay_id), Some(3));
+    assert_eq!(h.room.tree().child_count(relay_id), Some(3));
+    // A second child loses too within the window: the relay's uplink is the bottleneck.
+    h.advance(Duration::from_secs(2));
+    h.send(kids[1], lossy);
+    h.check();
+    assert_eq!(h.room.tree().capacity(relay_id), Some(2));
+    assert_eq!(
+        h.room.tree().child_count(relay_id),
+        Some(2),
+        "one child moved away"
+    );
+    let moved = kids
+        .iter()
+        .filter(|k| h.views[k].parent != Some(relay_id))
+        .count();
+    assert_eq!(moved, 1);
 }
