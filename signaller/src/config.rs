@@ -3,7 +3,7 @@
 //! Only binaries read files, flags or the environment; the library takes a [`Config`].
 //! Durations are written in milliseconds, like [`RoomConfig`]'s.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use treecast_core::room::RoomConfig;
 /// ```toml
 /// bind = "0.0.0.0:8080"
 /// stun_port = 3478                # and 3479; 0: no STUN server
+/// stun_bind = "203.0.113.5"       # unset: the IP of `bind`
 /// public_host = "live.example.org"
 ///
 /// [room]
@@ -34,11 +35,14 @@ pub struct Config {
     /// Address the binary listens on. Tests pass their own listener to [`crate::serve`]
     /// and ignore this.
     pub bind: SocketAddr,
-    /// UDP port of the embedded STUN server on the bind address; it also uses the next
+    /// UDP port of the embedded STUN server (on `stun_bind`); it also uses the next
     /// port (RFC 5780's alternate port, for clients' NAT mapping test). 0: no STUN server.
     /// Only the binary binds it: [`crate::serve`] runs no STUN server and
     /// [`crate::serve_with_stun`] takes sockets bound by the caller.
     pub stun_port: u16,
+    /// IP address the STUN server listens on. Absent: the IP of `bind`. Set it when the
+    /// HTTP side listens on loopback behind a reverse proxy: UDP does not pass the proxy.
+    pub stun_bind: Option<IpAddr>,
     /// The name or address clients reach this server by, used in the STUN URLs handed to
     /// them. Absent: the bind address, or every non-loopback interface address when the
     /// bind address is a wildcard (`0.0.0.0`, `::`).
@@ -58,6 +62,7 @@ impl Default for Config {
         Self {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
             stun_port: 3478,
+            stun_bind: None,
             public_host: None,
             web_dir: None,
             room: RoomConfig::default(),
@@ -243,6 +248,11 @@ impl Config {
             return fail("limits.max_frame_bytes must not be below room.max_message_bytes");
         }
         Ok(())
+    }
+
+    /// The IP address the STUN server listens on.
+    pub fn stun_ip(&self) -> IpAddr {
+        self.stun_bind.unwrap_or(self.bind.ip())
     }
 
     /// The hard cap on a frame or message, in bytes (see [`Limits::max_frame_bytes`]).

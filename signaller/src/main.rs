@@ -25,7 +25,7 @@ use treecast_signaller::{Config, ServerError, StunSockets};
 #[command(name = "treecast-signaller", version)]
 struct Args {
     /// TOML configuration file (keys as in the `Config` struct: `bind`, `stun_port`,
-    /// `public_host`, `web_dir`, `[room]`, `[limits]`).
+    /// `stun_bind`, `public_host`, `web_dir`, `[room]`, `[limits]`).
     #[arg(long, env = "TREECAST_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -33,11 +33,16 @@ struct Args {
     #[arg(long, env = "TREECAST_BIND", value_name = "ADDR")]
     bind: Option<SocketAddr>,
 
-    /// UDP port of the embedded STUN server on the bind address; the next port is its
+    /// UDP port of the embedded STUN server (on --stun-bind); the next port is its
     /// alternate port (clients' NAT test), so at most 65534. 0: no STUN server
     /// [default: 3478, with 3479].
     #[arg(long, env = "TREECAST_STUN_PORT", value_name = "PORT")]
     stun_port: Option<u16>,
+
+    /// IP address the STUN server listens on [default: the IP of --bind]. Behind a reverse
+    /// proxy (--bind 127.0.0.1:8080), give the host's public address here.
+    #[arg(long, env = "TREECAST_STUN_BIND", value_name = "IP")]
+    stun_bind: Option<std::net::IpAddr>,
 
     /// Name or address clients reach this server by, used in the STUN URLs given to them
     /// [default: the bind address; for 0.0.0.0 or ::, every non-loopback interface address].
@@ -137,6 +142,9 @@ impl Args {
         }
         if let Some(port) = self.stun_port {
             config.stun_port = port;
+        }
+        if self.stun_bind.is_some() {
+            config.stun_bind = self.stun_bind;
         }
         if self.public_host.is_some() {
             config.public_host = self.public_host;
@@ -240,7 +248,7 @@ async fn run(config: Config) -> Result<(), ServerError> {
     if config.stun_port == 0 {
         return treecast_signaller::serve(listener, config, shutdown_signal()).await;
     }
-    let stun = StunSockets::bind(config.bind.ip(), config.stun_port).await?;
+    let stun = StunSockets::bind(config.stun_ip(), config.stun_port).await?;
     treecast_signaller::serve_with_stun(listener, stun, config, shutdown_signal()).await
 }
 

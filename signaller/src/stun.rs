@@ -555,6 +555,8 @@ mod tests {
             (reply.from, reply.kind),
             (StunPort::Primary, ReplyKind::Success)
         );
+        // The size docs/operations.md quotes for the amplification factor.
+        assert_eq!(reply.bytes.len(), 88);
         let m = decode(&reply.bytes);
         assert_eq!(m.typ, BINDING_SUCCESS);
         assert_eq!(m.transaction_id.0, req[8..20]);
@@ -676,6 +678,13 @@ mod tests {
 
     #[test]
     fn ipv4_clients_of_a_dual_stack_socket_see_their_ipv4_address() {
+        let v6 = StunAddrs {
+            primary: "[2001:db8::1]:3478".parse().unwrap(),
+            alternate: "[2001:db8::1]:3479".parse().unwrap(),
+        };
+        let client6: SocketAddr = "[2001:db8::9]:40000".parse().unwrap();
+        let reply = answer(&request(&[], false), client6, StunPort::Primary, v6).unwrap();
+        assert_eq!(reply.bytes.len(), 136);
         let mapped: SocketAddr = "[::ffff:198.51.100.7]:40000".parse().unwrap();
         let reply = answer(&request(&[], true), mapped, StunPort::Primary, addrs()).unwrap();
         let m = decode(&reply.bytes);
