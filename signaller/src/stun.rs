@@ -731,6 +731,24 @@ mod tests {
             }
         }
 
+        /// A well-formed header (Binding request, magic cookie, right length) before random
+        /// attribute bytes: the attribute decoder sees everything.
+        #[test]
+        fn random_attributes_never_panic(
+            words in proptest::collection::vec(any::<[u8; 4]>(), 0..40),
+            tid in any::<[u8; 12]>(),
+        ) {
+            let mut bytes = vec![0x00, 0x01];
+            bytes.extend_from_slice(&((words.len() * 4) as u16).to_be_bytes());
+            bytes.extend_from_slice(&MAGIC_COOKIE.to_be_bytes());
+            bytes.extend_from_slice(&tid);
+            bytes.extend(words.into_iter().flatten());
+            if let Ok(reply) = answer(&bytes, client(), StunPort::Primary, addrs()) {
+                let m = decode(&reply.bytes);
+                prop_assert_eq!(&m.raw[8..20], &tid[..]);
+            }
+        }
+
         /// Valid requests with bytes flipped, cut or appended: no panic; an answer only if
         /// the result is still a Binding request.
         #[test]
