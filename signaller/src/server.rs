@@ -222,32 +222,9 @@ async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.validate()?;
-    let stun = match stun {
-        Some(sockets) => {
-            let addrs = sockets.addrs().map_err(ServerError::StunSockets)?;
-            let hosts = stun::advertised_hosts(config.public_host.as_deref(), addrs.primary.ip());
-            if hosts.is_empty() {
-                tracing::warn!(
-                    "STUN on {} and {}, but no address to tell clients: \
-                     set --public-host",
-                    addrs.primary,
-                    addrs.alternate
-                );
-            } else {
-                tracing::info!(
-                    "STUN on {} and {}, told to clients as {}",
-                    addrs.primary,
-                    addrs.alternate,
-                    hosts.join(", ")
-                );
-            }
-            let mut servers = stun::ice_servers(&hosts, addrs);
-            servers.append(&mut config.room.ice_servers);
-            config.room.ice_servers = servers;
-            Some((sockets, addrs))
-        }
-        None => None,
-    };
+    let stun = stun
+        .map(|sockets| stun::advertise(sockets, &mut config))
+        .transpose()?;
     let grace = config.limits.shutdown_grace;
     let state = Arc::new(ServerState {
         pages: Pages::new(config.web_dir.clone()),

@@ -431,6 +431,35 @@ async fn answer_on(
     }
 }
 
+/// Puts the STUN server first in the rooms' ICE servers (as [`ice_servers`] describes it
+/// for the hosts of [`advertised_hosts`]) and says in the log where it listens and how
+/// clients are told to reach it.
+pub(crate) fn advertise(
+    sockets: StunSockets,
+    config: &mut crate::Config,
+) -> Result<(StunSockets, StunAddrs), ServerError> {
+    let addrs = sockets.addrs().map_err(ServerError::StunSockets)?;
+    let hosts = advertised_hosts(config.public_host.as_deref(), addrs.primary.ip());
+    if hosts.is_empty() {
+        tracing::warn!(
+            "STUN on {} and {}, but no address to tell clients: set --public-host",
+            addrs.primary,
+            addrs.alternate
+        );
+    } else {
+        tracing::info!(
+            "STUN on {} and {}, told to clients as {}",
+            addrs.primary,
+            addrs.alternate,
+            hosts.join(", ")
+        );
+    }
+    let mut servers = ice_servers(&hosts, addrs);
+    servers.append(&mut config.room.ice_servers);
+    config.room.ice_servers = servers;
+    Ok((sockets, addrs))
+}
+
 /// The ICE server entries for this STUN server: one per host name, each with the
 /// primary and the alternate URL (clients probe their NAT's mapping with the two).
 pub fn ice_servers(hosts: &[String], addrs: StunAddrs) -> Vec<IceServer> {
