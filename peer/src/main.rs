@@ -107,6 +107,9 @@ enum Command {
         /// Local address to probe from [default: the wildcard of the server's family].
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
+        /// Local port to probe from (0: any; a NAT test bed may forward one port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
         /// How long each test waits for its answer, ms.
         #[arg(long, default_value_t = 1500)]
         timeout_ms: u64,
@@ -181,8 +184,9 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             server,
             alternate,
             bind,
+            port,
             timeout_ms,
-        } => return nat_probe(server, alternate, bind, timeout_ms).await,
+        } => return nat_probe(server, alternate, bind, port, timeout_ms).await,
     };
     let mut every = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -205,6 +209,7 @@ async fn nat_probe(
     server: std::net::SocketAddr,
     alternate: Option<std::net::SocketAddr>,
     bind: Option<std::net::IpAddr>,
+    port: u16,
     timeout_ms: u64,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let alternate = match alternate {
@@ -223,7 +228,7 @@ async fn nat_probe(
         std::net::Ipv6Addr::UNSPECIFIED.into()
     });
     let probed = treecast_peer::nat::probe(
-        std::net::SocketAddr::new(bind, 0),
+        std::net::SocketAddr::new(bind, port),
         server,
         alternate,
         Duration::from_millis(timeout_ms),

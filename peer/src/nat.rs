@@ -6,12 +6,13 @@
 //! answer only decides a class) until the test's timeout:
 //! 1. to the primary port: no answer at all means [`NatClass::Blocked`]; a mapped address
 //!    equal to the socket's own means [`NatClass::Public`];
-//! 2. to the alternate port: another mapped address (a new port per destination) means
+//! 2. to the primary port with CHANGE-REQUEST (change port): whether the answer, sent from
+//!    the alternate port, gets through the NAT. This runs before anything is sent to the
+//!    alternate port, or the NAT would take its answer for a reply;
+//! 3. to the alternate port: another mapped address (a new port per destination) means
 //!    [`NatClass::Symmetric`]; no answer from that port alone leaves the class
-//!    [`NatClass::Unknown`];
-//! 3. to the primary port with CHANGE-REQUEST (change port): an answer from the other port
-//!    getting through means the NAT does not filter by remote port,
-//!    [`NatClass::FullCone`]; none means [`NatClass::Cone`].
+//!    [`NatClass::Unknown`]; the same one means [`NatClass::FullCone`] if test 2's answer
+//!    got through (the NAT does not filter by remote port), else [`NatClass::Cone`].
 //!
 //! A NAT's mapping behaviour belongs to the NAT, not to the socket, so the result of a
 //! probe from any port of the host holds for the media sockets too.
@@ -86,7 +87,9 @@ pub enum NatProbeError {
 
 /// Probes the NAT class of the host from a socket bound on `local_bind` (port 0 is
 /// fine), against a STUN server's `primary` and `alternate` ports on one IP address.
-/// Each of the (at most three) tests waits up to `timeout` for its answer.
+/// Each of the (at most three) tests waits up to `timeout` for its answer, so a probe
+/// behind a port-restricted or symmetric NAT takes a little over `timeout`, and one with
+/// no answer at all exactly `timeout`.
 pub async fn probe(
     local_bind: SocketAddr,
     primary: SocketAddr,
@@ -119,22 +122,24 @@ pub async fn probe(
         return Ok(result);
     };
     result.mapped_primary = Some(first);
-    let second = match transact(&socket, alternate, None, timeout).await {
+    let public = canonical(first) == canonical(local);
+    // The filtering test comes before the socket ever sends to the alternate port:
+    // afterwards the NAT would let that port's answers in as replies.
+    let unfiltered = !public
+        && matches!(
+            transact(&socket, primary, Some(CHANGE_PORT), timeout).await,
+            Some(Answer::Mapped(_, from)) if from != primary
+        );
+    result.mapped_alternate = match transact(&socket, alternate, None, timeout).await {
         Some(Answer::Mapped(mapped, _)) => Some(mapped),
         _ => None,
     };
-    result.mapped_alternate = second;
-    result.nat = if canonical(first) == canonical(local) {
-        NatClass::Public
-    } else if second.is_none() {
-        NatClass::Unknown
-    } else if second != Some(first) {
-        NatClass::Symmetric
-    } else {
-        match transact(&socket, primary, Some(CHANGE_PORT), timeout).await {
-            Some(Answer::Mapped(_, from)) if from != primary => NatClass::FullCone,
-            _ => NatClass::Cone,
-        }
+    result.nat = match result.mapped_alternate {
+        _ if public => NatClass::Public,
+        None => NatClass::Unknown,
+        Some(second) if second != first => NatClass::Symmetric,
+        Some(_) if unfiltered => NatClass::FullCone,
+        Some(_) => NatClass::Cone,
     };
     Ok(result)
 }
