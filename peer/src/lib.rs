@@ -6,12 +6,14 @@
 //!
 //! Relays pass keyframe requests (PLI) up to the broadcaster, which marks its next frame a
 //! keyframe, and report the bitrate they deliver to each child. [`load`] runs many peers in
-//! one process and measures them (`treecast-peer load`).
+//! one process and measures them (`treecast-peer load`). [`nat`] probes the host's NAT
+//! class against the signaller's STUN server.
 //!
 //! Used by the end-to-end tests in `peer/tests/` and by the `treecast-peer` binary.
 
 pub mod load;
 pub mod media;
+pub mod nat;
 pub mod netem;
 mod peer;
 

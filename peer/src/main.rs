@@ -94,6 +94,26 @@ enum Command {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// Probe this host's NAT class against a STUN server with an alternate port (the
+    /// signaller's) and print it as one JSON line:
+    /// `{"nat":"cone","local":…,"mapped_primary":…,"mapped_alternate":…}`.
+    NatProbe {
+        /// The STUN server's primary address, e.g. 203.0.113.1:3478.
+        #[arg(long)]
+        server: std::net::SocketAddr,
+        /// Its alternate address [default: the next port of the same IP].
+        #[arg(long)]
+        alternate: Option<std::net::SocketAddr>,
+        /// Local address to probe from [default: the wildcard of the server's family].
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
+        /// Local port to probe from (0: any; a NAT test bed may forward one port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// How long each test waits for its answer, ms.
+        #[arg(long, default_value_t = 1500)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -160,6 +180,13 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             return Ok(());
         }
+        Command::NatProbe {
+            server,
+            alternate,
+            bind,
+            port,
+            timeout_ms,
+        } => return nat_probe(server, alternate, bind, port, timeout_ms).await,
     };
     let mut every = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -174,5 +201,48 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     peer.leave().await;
+    Ok(())
+}
+
+/// `nat-probe`: one probe, printed as a JSON line.
+async fn nat_probe(
+    server: std::net::SocketAddr,
+    alternate: Option<std::net::SocketAddr>,
+    bind: Option<std::net::IpAddr>,
+    port: u16,
+    timeout_ms: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let alternate = match alternate {
+        Some(a) => a,
+        None => std::net::SocketAddr::new(
+            server.ip(),
+            server
+                .port()
+                .checked_add(1)
+                .ok_or("no port after --server's")?,
+        ),
+    };
+    let bind = bind.unwrap_or(if server.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    });
+    let probed = treecast_peer::nat::probe(
+        std::net::SocketAddr::new(bind, port),
+        server,
+        alternate,
+        Duration::from_millis(timeout_ms),
+    )
+    .await?;
+    let addr = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string());
+    println!(
+        "{}",
+        serde_json::json!({
+            "nat": probed.nat,
+            "local": probed.local.to_string(),
+            "mapped_primary": addr(probed.mapped_primary),
+            "mapped_alternate": addr(probed.mapped_alternate),
+        })
+    );
     Ok(())
 }

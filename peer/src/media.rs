@@ -257,6 +257,8 @@ pub struct Stats {
     pub recovered_us: AtomicU64,
     /// The `delivered` list of the last periodic report that had one.
     pub last_delivered: Mutex<Vec<treecast_core::protocol::Delivery>>,
+    /// What the NAT probe against the signaller's STUN server found, once it ran.
+    pub nat_probe: Mutex<Option<crate::nat::ProbeResult>>,
     /// Delay behind the broadcaster of each received packet (µs).
     pub latency: Samples,
     /// Time a relay holds a packet: from reading it off the parent's track to `write_rtp`

@@ -53,7 +53,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use treecast_core::agent::{Action, Agent, AgentConfig, Input, Measurements, Phase, Status};
-use treecast_core::protocol::{ClientMessage, Delivery, IceServer, MediaState, Role};
+use treecast_core::protocol::{ClientMessage, Connectivity, Delivery, IceServer, MediaState, Role};
 use treecast_core::{PeerId, RoomId};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
@@ -66,6 +66,7 @@ use webrtc::peer_connection::{
 };
 
 use crate::media::{Source, Stats, now_us};
+use crate::nat;
 use crate::netem::DelayedRuntime;
 
 /// Payload type the broadcaster stamps (VP8's in the crate's default codec table). Relays
@@ -73,6 +74,9 @@ use crate::netem::DelayedRuntime;
 const VP8_PT: u8 = 96;
 /// How often the driver feeds media progress to the agent and checks its timers.
 const TICK: Duration = Duration::from_millis(50);
+/// How long each test of the NAT probe waits for its answer (a port-restricted NAT makes
+/// the last test wait this long once).
+const NAT_PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Least time between two keyframe requests a relay sends its parent. A keyframe takes
 /// about a round trip per level to come back down; asking again sooner only makes the
 /// broadcaster send more keyframes.
@@ -225,6 +229,7 @@ impl Peer {
             delivered_at: Duration::ZERO,
             delivered_bytes: HashMap::new(),
             delivered: Vec::new(),
+            nat_probe: None,
         };
         let task = tokio::spawn(driver.run());
         Ok(Self {
@@ -283,6 +288,7 @@ enum Event {
     Candidate(PeerId, u64, RTCIceCandidateInit),
     Track(PeerId, u64, Arc<dyn TrackRemote>),
     State(PeerId, u64, RTCPeerConnectionState),
+    NatProbed(Result<nat::ProbeResult, nat::NatProbeError>),
 }
 
 /// A packet on its way to a child, with the time the relay read it off its parent's track
@@ -401,6 +407,8 @@ struct Driver {
     delivered_bytes: HashMap<PeerId, u64>,
     /// kbit/s per child over the last report interval.
     delivered: Vec<Delivery>,
+    /// The NAT probe, once started (once per peer: the class belongs to the host).
+    nat_probe: Option<JoinHandle<()>>,
 }
 
 struct Handler {
@@ -501,6 +509,9 @@ impl Driver {
             t.abort();
         }
         if let Some(t) = self.keyframe_task.take() {
+            t.abort();
+        }
+        if let Some(t) = self.nat_probe.take() {
             t.abort();
         }
         self.upstream.set_parent(None);
@@ -632,10 +643,29 @@ impl Driver {
                 }
                 Action::Status(status) => {
                     self.note_timeline(&status);
+                    self.start_nat_probe(&status);
                     let _ = self.status.send(status);
                 }
             }
         }
+    }
+
+    /// Once welcomed, probes the NAT class against the signaller's STUN server (when the
+    /// peer uses the ICE servers and the signaller runs one); the result comes back as
+    /// `Event::NatProbed`.
+    fn start_nat_probe(&mut self, status: &Status) {
+        if self.nat_probe.is_some() || !self.config.use_ice_servers || status.phase != Phase::Joined
+        {
+            return;
+        }
+        let Some(stun) = nat::SignallerStun::find(self.agent.ice_servers()) else {
+            return;
+        };
+        let (bind_ip, tx) = (self.config.bind_ip, self.events_tx.clone());
+        self.nat_probe = Some(tokio::spawn(async move {
+            let probed = stun.probe(bind_ip, NAT_PROBE_TIMEOUT).await;
+            let _ = tx.send(Event::NatProbed(probed));
+        }));
     }
 
     /// Keeps the `delivered` list of an outgoing report, so tests can see what was sent.
@@ -708,6 +738,16 @@ impl Driver {
                 self.agent.handle(now, Input::SocketClosed);
             }
             Event::WsText(..) | Event::WsClosed(_) => {}
+            Event::NatProbed(Ok(probed)) => {
+                tracing::debug!(?probed, "NAT probed");
+                let nat = probed.nat;
+                if let Ok(mut slot) = self.stats.nat_probe.lock() {
+                    *slot = Some(probed);
+                }
+                self.agent
+                    .handle(now, Input::Connectivity(Connectivity { nat, relay: false }));
+            }
+            Event::NatProbed(Err(e)) => tracing::warn!("the NAT probe failed: {e}"),
             Event::Candidate(peer, generation, init) => {
                 if self
                     .conns

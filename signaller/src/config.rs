@@ -3,7 +3,7 @@
 //! Only binaries read files, flags or the environment; the library takes a [`Config`].
 //! Durations are written in milliseconds, like [`RoomConfig`]'s.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,6 +16,9 @@ use treecast_core::room::RoomConfig;
 ///
 /// ```toml
 /// bind = "0.0.0.0:8080"
+/// stun_port = 3478                # and 3479; 0: no STUN server
+/// stun_bind = "203.0.113.5"       # unset: the IP of `bind`
+/// public_host = "live.example.org"
 ///
 /// [room]
 /// root_fanout = 4
@@ -32,6 +35,18 @@ pub struct Config {
     /// Address the binary listens on. Tests pass their own listener to [`crate::serve`]
     /// and ignore this.
     pub bind: SocketAddr,
+    /// UDP port of the embedded STUN server (on `stun_bind`); it also uses the next
+    /// port (RFC 5780's alternate port, for clients' NAT mapping test). 0: no STUN server.
+    /// Only the binary binds it: [`crate::serve`] runs no STUN server and
+    /// [`crate::serve_with_stun`] takes sockets bound by the caller.
+    pub stun_port: u16,
+    /// IP address the STUN server listens on. Absent: the IP of `bind`. Set it when the
+    /// HTTP side listens on loopback behind a reverse proxy: UDP does not pass the proxy.
+    pub stun_bind: Option<IpAddr>,
+    /// The name or address clients reach this server by, used in the STUN URLs handed to
+    /// them. Absent: the bind address, or every non-loopback interface address when the
+    /// bind address is a wildcard (`0.0.0.0`, `::`).
+    pub public_host: Option<String>,
     /// Serve the web pages from this directory instead of the copies built into the
     /// binary (for working on the pages without rebuilding).
     pub web_dir: Option<PathBuf>,
@@ -46,6 +61,9 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            stun_port: 3478,
+            stun_bind: None,
+            public_host: None,
             web_dir: None,
             room: RoomConfig::default(),
             limits: Limits::default(),
@@ -216,10 +234,25 @@ impl Config {
         if self.limits.hello_timeout.is_zero() {
             return fail("limits.hello_timeout must be above zero");
         }
+        if self.stun_port == u16::MAX {
+            return fail("stun_port must be below 65535: the STUN server also uses the next port");
+        }
+        if let Some(host) = &self.public_host
+            && !is_host_name(host)
+        {
+            return fail(
+                "public_host must be a DNS name or an IP address (no scheme, port or path)",
+            );
+        }
         if self.max_frame_bytes() < room.max_message_bytes as usize {
             return fail("limits.max_frame_bytes must not be below room.max_message_bytes");
         }
         Ok(())
+    }
+
+    /// The IP address the STUN server listens on.
+    pub fn stun_ip(&self) -> IpAddr {
+        self.stun_bind.unwrap_or(self.bind.ip())
     }
 
     /// The hard cap on a frame or message, in bytes (see [`Limits::max_frame_bytes`]).
@@ -231,6 +264,27 @@ impl Config {
                 .max(64 * 1024),
         }
     }
+}
+
+/// A DNS name or an IP address (IPv6 with or without brackets), as it may stand in a
+/// `stun:` URL.
+fn is_host_name(host: &str) -> bool {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 mod millis {
@@ -260,6 +314,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.bind.port(), 9000);
+        assert_eq!(c.stun_port, 3478);
+        let off = Config::from_toml("stun_port = 0\npublic_host = \"[2001:db8::1]\"\n").unwrap();
+        assert_eq!(
+            (off.stun_port, off.public_host.as_deref()),
+            (0, Some("[2001:db8::1]"))
+        );
         assert_eq!(c.room.root_fanout, 2);
         assert_eq!(c.room.resume_grace, Duration::ZERO);
         assert_eq!(c.limits.max_rooms, 3);
@@ -281,6 +341,8 @@ mod tests {
             ),
             ("[room]\nloss_threshold = 2.0\n", "loss_threshold"),
             ("[room]\nmax_depth = 0\n", "max_depth"),
+            ("stun_port = 65535\n", "stun_port"),
+            ("public_host = \"stun://x:3478\"\n", "public_host"),
             (
                 "[room]\nice_servers = [{ urls = [\"turn:x\"], credentials = \"c\" }]\n",
                 "credentials",

@@ -32,6 +32,9 @@
 //! [`serve`] runs a server on a listener you bind (tests bind `127.0.0.1:0`) until a
 //! shutdown future completes; [`Config`] holds every setting, with defaults that serve.
 //! The `treecast-signaller` binary adds flags, environment variables and a TOML file.
+//! [`serve_with_stun`] also answers STUN on two UDP sockets you bind ([`StunSockets`]; the
+//! binary binds `stun_port` and the next port) and hands that STUN server to clients first
+//! in their ICE servers; [`serve`] alone binds no UDP port, so parallel tests never collide.
 //!
 //! # Routes
 //! - `GET /ws`: the signalling WebSocket (JSON protocol of [`treecast_core::protocol`]).
@@ -56,9 +59,11 @@ mod rate;
 mod room_task;
 mod rooms;
 mod server;
+pub mod stun;
 mod telemetry;
 mod uplink;
 
 pub use config::{Config, ConfigError, Limits};
-pub use server::{ServerError, bind, serve};
+pub use server::{ServerError, bind, serve, serve_with_stun};
+pub use stun::StunSockets;
 pub use treecast_core::room::RoomConfig;

@@ -2,7 +2,8 @@
 //!
 //! Settings come from, highest first: command-line flags, `TREECAST_*` environment
 //! variables, the TOML file given with `--config`, and built-in defaults. With none of them
-//! it serves on <http://127.0.0.1:8080>; use `--bind 0.0.0.0:8080` to accept other hosts.
+//! it serves on <http://127.0.0.1:8080> and answers STUN on UDP 127.0.0.1:3478 and 3479;
+//! use `--bind 0.0.0.0:8080` to accept other hosts.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use treecast_core::protocol::IceServer;
-use treecast_signaller::{Config, ServerError};
+use treecast_signaller::{Config, ServerError, StunSockets};
 
 /// treecast signalling server: rooms, relay-tree placement over WebSocket, HTTP API,
 /// metrics and the web pages.
@@ -23,14 +24,30 @@ use treecast_signaller::{Config, ServerError};
 #[derive(Debug, Parser)]
 #[command(name = "treecast-signaller", version)]
 struct Args {
-    /// TOML configuration file (keys as in the `Config` struct: `bind`, `web_dir`, `[room]`,
-    /// `[limits]`).
+    /// TOML configuration file (keys as in the `Config` struct: `bind`, `stun_port`,
+    /// `stun_bind`, `public_host`, `web_dir`, `[room]`, `[limits]`).
     #[arg(long, env = "TREECAST_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
     /// Address to listen on [default: 127.0.0.1:8080; use 0.0.0.0:8080 for every interface].
     #[arg(long, env = "TREECAST_BIND", value_name = "ADDR")]
     bind: Option<SocketAddr>,
+
+    /// UDP port of the embedded STUN server (on --stun-bind); the next port is its
+    /// alternate port (clients' NAT test), so at most 65534. 0: no STUN server
+    /// [default: 3478, with 3479].
+    #[arg(long, env = "TREECAST_STUN_PORT", value_name = "PORT")]
+    stun_port: Option<u16>,
+
+    /// IP address the STUN server listens on [default: the IP of --bind]. Behind a reverse
+    /// proxy (--bind 127.0.0.1:8080), give the host's public address here.
+    #[arg(long, env = "TREECAST_STUN_BIND", value_name = "IP")]
+    stun_bind: Option<std::net::IpAddr>,
+
+    /// Name or address clients reach this server by, used in the STUN URLs given to them
+    /// [default: the bind address; for 0.0.0.0 or ::, every non-loopback interface address].
+    #[arg(long, env = "TREECAST_PUBLIC_HOST", value_name = "NAME")]
+    public_host: Option<String>,
 
     /// Log filter, e.g. `info` or `treecast_signaller=debug` [default: RUST_LOG, else info].
     #[arg(long, env = "TREECAST_LOG", value_name = "FILTER")]
@@ -68,7 +85,8 @@ struct Args {
     #[arg(long, env = "TREECAST_RESUME_GRACE_MS", value_name = "MS")]
     resume_grace_ms: Option<u64>,
 
-    /// A STUN/TURN URL handed to clients (repeat for several; replaces the configured list).
+    /// A STUN/TURN URL handed to clients after the signaller's own STUN server (repeat for
+    /// several; replaces the configured list).
     #[arg(
         long = "ice-server",
         env = "TREECAST_ICE_SERVERS",
@@ -121,6 +139,15 @@ impl Args {
         };
         if let Some(bind) = self.bind {
             config.bind = bind;
+        }
+        if let Some(port) = self.stun_port {
+            config.stun_port = port;
+        }
+        if self.stun_bind.is_some() {
+            config.stun_bind = self.stun_bind;
+        }
+        if self.public_host.is_some() {
+            config.public_host = self.public_host;
         }
         if self.web_dir.is_some() {
             config.web_dir = self.web_dir;
@@ -218,7 +245,11 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> Result<(), ServerError> {
     let listener = treecast_signaller::bind(config.bind).await?;
-    treecast_signaller::serve(listener, config, shutdown_signal()).await
+    if config.stun_port == 0 {
+        return treecast_signaller::serve(listener, config, shutdown_signal()).await;
+    }
+    let stun = StunSockets::bind(config.stun_ip(), config.stun_port).await?;
+    treecast_signaller::serve_with_stun(listener, stun, config, shutdown_signal()).await
 }
 
 /// Completes on Ctrl-C, or SIGTERM on Unix.

@@ -18,7 +18,8 @@ use crate::config::{Config, ConfigError};
 use crate::pages::Pages;
 use crate::room_task::RoomCommand;
 use crate::rooms::Rooms;
-use crate::{api, connection, pages, telemetry, uplink};
+use crate::stun::StunSockets;
+use crate::{api, connection, pages, stun, telemetry, uplink};
 
 /// Why the server could not start or stopped on a fault.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,24 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// A STUN port could not be bound.
+    #[error(
+        "cannot listen for STUN on {addr}: {source} (use --stun-port to choose another, 0 for none)"
+    )]
+    StunBind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The STUN port leaves no room for the alternate port after it (or is 0).
+    #[error(
+        "cannot use {0} as the STUN port: it must be 1 to 65534 (the next port is the alternate)"
+    )]
+    StunPort(u16),
+    /// The STUN sockets' addresses could not be read.
+    #[error("the STUN sockets are unusable: {0}")]
+    StunSockets(#[source] std::io::Error),
     /// Accepting or serving connections failed.
     #[error("the server stopped on an I/O error: {0}")]
     Serve(#[source] std::io::Error),
@@ -172,12 +191,40 @@ impl Drop for TaskGuard {
 /// [`EndReason::Shutdown`] (its peers get `ended`, then their sockets close), and the call
 /// returns once every room and connection task is done, or after
 /// [`crate::Limits::shutdown_grace`].
+///
+/// It runs no STUN server and binds nothing but `listener`; see [`serve_with_stun`].
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run(listener, None, config, shutdown).await
+}
+
+/// Like [`serve`], and answers STUN on `stun`'s two sockets until the shutdown begins.
+///
+/// Clients are handed this STUN server first in their ICE servers: one entry per host
+/// name clients reach the server by (see [`Config::public_host`]), each with the primary
+/// and the alternate port's URL, followed by `config.room.ice_servers`.
+pub async fn serve_with_stun(
+    listener: TcpListener,
+    stun: StunSockets,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    run(listener, Some(stun), config, shutdown).await
+}
+
+async fn run(
+    listener: TcpListener,
+    stun: Option<StunSockets>,
+    mut config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     config.validate()?;
+    let stun = stun
+        .map(|sockets| stun::advertise(sockets, &mut config))
+        .transpose()?;
     let grace = config.limits.shutdown_grace;
     let state = Arc::new(ServerState {
         pages: Pages::new(config.web_dir.clone()),
@@ -196,6 +243,9 @@ pub async fn serve(
         tracing::info!("treecast signaller listening on http://{addr}");
     }
     let upkeep = tokio::spawn(upkeep(state.metrics.clone()));
+    let stun_tasks = stun
+        .map(|(sockets, addrs)| stun::spawn(sockets, addrs, &state.shutdown))
+        .unwrap_or_default();
 
     let on_shutdown = {
         let state = Arc::clone(&state);
@@ -214,6 +264,12 @@ pub async fn serve(
     .with_graceful_shutdown(on_shutdown)
     .await;
     upkeep.abort();
+    // They stop at the shutdown signal; this also closes their sockets if `axum::serve`
+    // returned on an error.
+    for task in stun_tasks {
+        task.abort();
+        let _ = task.await;
+    }
     let tasks = Arc::clone(&state.tasks);
     drop(state);
     if tokio::time::timeout(grace, tasks.idle()).await.is_err() {

@@ -101,6 +101,14 @@ fn describe() {
         "treecast_connectivity_reports_total",
         "NAT classes peers reported (public, full_cone, cone, symmetric, blocked)."
     );
+    describe_counter!(
+        "treecast_stun_requests_total",
+        "STUN Binding requests answered, by answer (success, or error for change-IP and unknown attributes)."
+    );
+    describe_counter!(
+        "treecast_stun_malformed_total",
+        "Datagrams on the STUN ports dropped unanswered: not a well-formed Binding request."
+    );
     describe_histogram!(
         "treecast_peer_depth",
         "Depth of a peer each time it is linked to a parent."
@@ -142,6 +150,16 @@ pub(crate) fn room_created() {
 pub(crate) fn room_fault() {
     counter!("treecast_room_faults_total").increment(1);
     error_sent(ErrorCode::Internal);
+}
+
+/// Counts a STUN request answered.
+pub(crate) fn stun_answered(kind: crate::stun::ReplyKind) {
+    counter!("treecast_stun_requests_total", "answer" => kind.as_str()).increment(1);
+}
+
+/// Counts a datagram on a STUN port that was dropped.
+pub(crate) fn stun_malformed() {
+    counter!("treecast_stun_malformed_total").increment(1);
 }
 
 /// Updates counters for something a room reported.

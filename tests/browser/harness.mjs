@@ -43,11 +43,12 @@ export async function waitFor(what, fn, timeoutMs = 30000, everyMs = 200) {
 export async function startServer(args = []) {
   const bin = process.env.TREECAST_BIN || join(repo, 'target', 'debug', 'treecast-signaller');
   if (!existsSync(bin)) throw new Error(`no signaller at ${bin}: build it (scripts/test does)`);
-  // No STUN/TURN servers: everything is on loopback, and tests must not send a packet to
-  // any other address (the default list names a public STUN server).
+  // No STUN/TURN servers: everything is on loopback. The embedded STUN server is off too:
+  // its default port (3478) is fixed, so servers started in parallel would collide; a test
+  // that wants it passes `--stun-port` with ports it knows are free.
   const configDir = mkdtempSync(join(tmpdir(), 'treecast-signaller-'));
   const config = join(configDir, 'test.toml');
-  writeFileSync(config, '[room]\nice_servers = []\n');
+  writeFileSync(config, 'stun_port = 0\n[room]\nice_servers = []\n');
   const child = spawn(bin, ['--bind', '127.0.0.1:0', '--config', config, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, NO_COLOR: '1', TREECAST_LOG: process.env.TREECAST_LOG || 'info' },
