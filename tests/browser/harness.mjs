@@ -2,6 +2,7 @@
 // connectOverCDP: no browser download), every page in its own window (background tabs are
 // throttled), and helpers that read media state out of the pages.
 import { spawn } from 'node:child_process';
+import { createSocket } from 'node:dgram';
 import { mkdtempSync, readFileSync, readdirSync, rmSync, existsSync, writeFileSync, mkdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve, dirname } from 'node:path';
@@ -39,16 +40,46 @@ export async function waitFor(what, fn, timeoutMs = 30000, everyMs = 200) {
   }
 }
 
+/** Two consecutive free UDP ports on loopback (the STUN server's primary and alternate). */
+async function freeUdpPair() {
+  const bind = (port) => new Promise((ok) => {
+    const s = createSocket('udp4');
+    s.once('error', () => ok(null));
+    s.bind(port, '127.0.0.1', () => ok(s));
+  });
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const a = await bind(0);
+    if (!a) continue;
+    const port = a.address().port;
+    const b = port < 65535 ? await bind(port + 1) : null;
+    a.close();
+    if (b) { b.close(); return port; }
+  }
+  throw new Error('no two consecutive free UDP ports on 127.0.0.1');
+}
+
 /** Starts the signaller on a free loopback port; resolves to {base, stop}. */
 export async function startServer(args = []) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startServerOnce(args);
+    } catch (e) {
+      // Another process took the STUN ports between our check and the bind: pick again.
+      if (attempt < 5 && /cannot listen for STUN/.test(e.message)) continue;
+      throw e;
+    }
+  }
+}
+
+async function startServerOnce(args) {
   const bin = process.env.TREECAST_BIN || join(repo, 'target', 'debug', 'treecast-signaller');
   if (!existsSync(bin)) throw new Error(`no signaller at ${bin}: build it (scripts/test does)`);
-  // No STUN/TURN servers: everything is on loopback. The embedded STUN server is off too:
-  // its default port (3478) is fixed, so servers started in parallel would collide; a test
-  // that wants it passes `--stun-port` with ports it knows are free.
+  // No STUN/TURN servers but the signaller's own STUN server, on two free loopback ports
+  // (its default port is fixed, so servers started in parallel would collide): pages probe
+  // their NAT class against it, as on a real network.
   const configDir = mkdtempSync(join(tmpdir(), 'treecast-signaller-'));
   const config = join(configDir, 'test.toml');
-  writeFileSync(config, 'stun_port = 0\n[room]\nice_servers = []\n');
+  writeFileSync(config, `stun_port = ${await freeUdpPair()}\n[room]\nice_servers = []\n`);
   const child = spawn(bin, ['--bind', '127.0.0.1:0', '--config', config, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, NO_COLOR: '1', TREECAST_LOG: process.env.TREECAST_LOG || 'info' },

@@ -79,6 +79,17 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
       assert.equal(m.media, 'receiving', v.name);
       assert.ok(m.audioBytes > 0, `${v.name} receives audio`);
     }
+    // Every page probed its NAT class against the signaller's STUN server (on one machine:
+    // its reflexive address is its own, "public") and reports the type of its parent link.
+    const net = await waitFor('NAT classes and link types reported', async () => {
+      const s = await snapshot();
+      return s.peers.every((p) => p.nat !== 'unknown' && (p.role === 'broadcaster' || p.link)) ? s : null;
+    }, LIVE_BOUND_MS);
+    log('nat/link per peer:', net.peers.map((p) => `${p.id}:${p.nat}/${p.link ?? '-'}`).join(' '));
+    for (const p of net.peers) {
+      assert.equal(p.nat, 'public', `peer ${p.id} on this machine`);
+      if (p.role === 'viewer') assert.equal(p.link, 'host', `peer ${p.id}'s link stays on the machine`);
+    }
     // The tree on the broadcaster's page shows everyone.
     await waitFor('the tree drawing', () => broadcaster.page.evaluate((n) =>
       document.querySelectorAll('#tree .node').length === n + 1, VIEWERS), 15000);
