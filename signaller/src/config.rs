@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use treecast_core::room::RoomConfig;
 
+use crate::tls::TlsConfig;
+
 /// Everything the signaller needs to run.
 ///
 /// A TOML file maps onto it directly; every key is optional:
@@ -25,6 +27,9 @@ use treecast_core::room::RoomConfig;
 /// [limits]
 /// max_rooms = 100
 /// max_connections_per_ip = 64
+///
+/// [tls]
+/// self_signed = true
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,6 +45,8 @@ pub struct Config {
     pub room: RoomConfig,
     /// Limits that protect the server as a whole.
     pub limits: Limits,
+    /// Serving HTTPS and WSS directly; plain HTTP when empty.
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -49,6 +56,7 @@ impl Default for Config {
             web_dir: None,
             room: RoomConfig::default(),
             limits: Limits::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -219,6 +227,7 @@ impl Config {
         if self.max_frame_bytes() < room.max_message_bytes as usize {
             return fail("limits.max_frame_bytes must not be below room.max_message_bytes");
         }
+        self.tls.mode()?;
         Ok(())
     }
 
@@ -233,11 +242,12 @@ impl Config {
     }
 }
 
-mod millis {
+pub(crate) mod millis {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};
 
+    /// Reads a whole number of milliseconds.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
     }

@@ -33,6 +33,11 @@
 //! shutdown future completes; [`Config`] holds every setting, with defaults that serve.
 //! The `treecast-signaller` binary adds flags, environment variables and a TOML file.
 //!
+//! # TLS
+//! With [`Config::tls`] set, the same routes are served over HTTPS and WSS: from PEM files
+//! that are re-read when they change, or from a self-signed certificate for a LAN (see
+//! [`TlsConfig`]). [`serve_with_reload`] also takes a [`TlsReload`] to re-read them on demand.
+//!
 //! # Routes
 //! - `GET /ws`: the signalling WebSocket (JSON protocol of [`treecast_core::protocol`]).
 //! - `POST /api/rooms`: creates a room; 201 `{room, token, watch_url}`.
@@ -57,8 +62,12 @@ mod room_task;
 mod rooms;
 mod server;
 mod telemetry;
+mod tls;
 mod uplink;
 
 pub use config::{Config, ConfigError, Limits};
-pub use server::{ServerError, bind, serve};
+pub use server::{ServerError, bind, serve, serve_with_reload};
+pub use tls::{
+    LETS_ENCRYPT_PRODUCTION, LETS_ENCRYPT_STAGING, TlsConfig, TlsError, TlsReload, fingerprint,
+};
 pub use treecast_core::room::RoomConfig;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -18,7 +19,8 @@ use crate::config::{Config, ConfigError};
 use crate::pages::Pages;
 use crate::room_task::RoomCommand;
 use crate::rooms::Rooms;
-use crate::{api, connection, pages, telemetry, uplink};
+use crate::tls::{TlsError, TlsReload, listener::TlsListener};
+use crate::{api, connection, pages, telemetry, tls, uplink};
 
 /// Why the server could not start or stopped on a fault.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,10 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// TLS could not be set up (certificate or key unusable, self-signed certificate not
+    /// writable).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Accepting or serving connections failed.
     #[error("the server stopped on an I/O error: {0}")]
     Serve(#[source] std::io::Error),
@@ -170,12 +176,31 @@ impl Drop for TaskGuard {
 /// [`EndReason::Shutdown`] (its peers get `ended`, then their sockets close), and the call
 /// returns once every room and connection task is done, or after
 /// [`crate::Limits::shutdown_grace`].
+///
+/// With [`Config::tls`] set it serves HTTPS and WSS; see [`serve_with_reload`] to reload
+/// the certificate on demand as well as when its files change.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    serve_with_reload(listener, config, shutdown, TlsReload::new()).await
+}
+
+/// [`serve`], and every [`TlsReload::trigger`] re-reads the TLS certificate and key (the
+/// binary triggers it on SIGHUP). Without TLS the trigger does nothing.
+pub async fn serve_with_reload(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: TlsReload,
+) -> Result<(), ServerError> {
     config.validate()?;
+    let local = listener.local_addr().ok();
+    let tls = match config.tls.mode()? {
+        Some(mode) => Some(tls::start(mode, &config.tls, local, reload)?),
+        None => None,
+    };
     let grace = config.limits.shutdown_grace;
     let state = Arc::new(ServerState {
         pages: Pages::new(config.web_dir.clone()),
@@ -187,8 +212,9 @@ pub async fn serve(
         tasks: Arc::default(),
         metrics: telemetry::install(),
     });
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!("treecast signaller listening on http://{addr}");
+    if let Some(addr) = local {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!("treecast signaller listening on {scheme}://{addr}");
     }
     let upkeep = tokio::spawn(upkeep(state.metrics.clone()));
 
@@ -201,14 +227,28 @@ pub async fn serve(
             end_all_rooms(&state).await;
         }
     };
-    let app = router(Arc::clone(&state));
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(on_shutdown)
-    .await;
+    let app = router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
+    let served = match &tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(on_shutdown)
+                .await
+        }
+        Some(tls) => {
+            // The no-op tap only lends the listener axum's `ConnectInfo<SocketAddr>`,
+            // which axum implements for tapped listeners of any kind.
+            let listener = TlsListener::new(listener, tls.acceptor.clone())
+                .map_err(ServerError::Serve)?
+                .tap_io(|_| {});
+            axum::serve(listener, app)
+                .with_graceful_shutdown(on_shutdown)
+                .await
+        }
+    };
     upkeep.abort();
+    if let Some(tls) = &tls {
+        tls.upkeep.abort();
+    }
     let tasks = Arc::clone(&state.tasks);
     drop(state);
     if tokio::time::timeout(grace, tasks.idle()).await.is_err() {

@@ -89,6 +89,10 @@ fn describe() {
         "treecast_room_faults_total",
         "Room tasks that failed on a server bug."
     );
+    describe_counter!(
+        "treecast_tls_reloads_total",
+        "TLS certificate reloads, by outcome (ok, failed: the old certificate stays)."
+    );
     describe_histogram!(
         "treecast_peer_depth",
         "Depth of a peer each time it is linked to a parent."
@@ -130,6 +134,12 @@ pub(crate) fn room_created() {
 pub(crate) fn room_fault() {
     counter!("treecast_room_faults_total").increment(1);
     error_sent(ErrorCode::Internal);
+}
+
+/// Counts a TLS certificate reload that worked or failed.
+pub(crate) fn tls_reload(ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    counter!("treecast_tls_reloads_total", "outcome" => outcome).increment(1);
 }
 
 /// Updates counters for something a room reported.
