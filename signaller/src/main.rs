@@ -279,6 +279,11 @@ struct TlsArgs {
     #[arg(long, env = "TREECAST_ACME_DIRECTORY", value_name = "URL")]
     acme_directory: Option<String>,
 
+    /// Trust only the CA in this PEM file for the ACME directory's HTTPS (a private ACME
+    /// server such as step-ca or pebble).
+    #[arg(long, env = "TREECAST_ACME_DIRECTORY_CA", value_name = "FILE")]
+    acme_directory_ca: Option<PathBuf>,
+
     /// Use Let's Encrypt's staging directory (untrusted certificates, for trying things out).
     #[arg(long, env = "TREECAST_ACME_STAGING", conflicts_with = "acme_directory")]
     acme_staging: bool,
@@ -310,6 +315,9 @@ impl TlsArgs {
         }
         if let Some(url) = self.acme_directory {
             tls.acme_directory = url;
+        }
+        if self.acme_directory_ca.is_some() {
+            tls.acme_directory_ca = self.acme_directory_ca;
         }
         if self.acme_staging {
             tls.acme_directory = LETS_ENCRYPT_STAGING.to_owned();

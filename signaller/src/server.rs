@@ -237,7 +237,7 @@ pub async fn serve_with_reload(
         Some(tls) => {
             // The no-op tap only lends the listener axum's `ConnectInfo<SocketAddr>`,
             // which axum implements for tapped listeners of any kind.
-            let listener = TlsListener::new(listener, tls.acceptor.clone())
+            let listener = TlsListener::new(listener, tls.handshakes.clone())
                 .map_err(ServerError::Serve)?
                 .tap_io(|_| {});
             axum::serve(listener, app)

@@ -7,7 +7,8 @@
 //! - **Self-signed** (`self_signed`): for a LAN. A certificate for every address of this
 //!   machine is generated once into `dir` and reused, so its fingerprint stays the same
 //!   across restarts; it is regenerated when the machine's addresses are no longer covered.
-//! - **ACME** (`acme_domains`): see [`acme`](self::acme).
+//! - **ACME** (`acme_domains`): a certificate from Let's Encrypt or another ACME CA,
+//!   renewed automatically; see [`acme`](self::acme).
 //!
 //! For files and self-signed certificates, one [`CertStore`] holds the current certificate
 //! and answers every handshake with it. A reload task re-reads the files when their
@@ -21,6 +22,7 @@
 //! client never holds up the others; axum then serves the decrypted streams exactly as it
 //! serves plain TCP.
 
+pub(crate) mod acme;
 pub(crate) mod listener;
 pub(crate) mod self_signed;
 
@@ -72,6 +74,9 @@ pub struct TlsConfig {
     pub acme_contact: Vec<String>,
     /// The ACME directory URL.
     pub acme_directory: String,
+    /// PEM file of the CA behind the ACME directory's own HTTPS certificate, trusted
+    /// instead of the public roots: for a private ACME server (step-ca, pebble).
+    pub acme_directory_ca: Option<PathBuf>,
 }
 
 /// Let's Encrypt's production ACME directory, the default.
@@ -91,6 +96,7 @@ impl Default for TlsConfig {
             acme_cache: None,
             acme_contact: Vec::new(),
             acme_directory: LETS_ENCRYPT_PRODUCTION.to_owned(),
+            acme_directory_ca: None,
         }
     }
 }
@@ -137,9 +143,14 @@ impl TlsConfig {
                 "tls.reload_interval must be above zero".to_owned(),
             ));
         }
-        if !acme && (self.acme_cache.is_some() || !self.acme_contact.is_empty()) {
+        if !acme
+            && (self.acme_cache.is_some()
+                || !self.acme_contact.is_empty()
+                || self.acme_directory_ca.is_some())
+        {
             return Err(ConfigError::Invalid(
-                "tls.acme_cache and tls.acme_contact need tls.acme_domains (--acme-domain)"
+                "tls.acme_cache, tls.acme_contact and tls.acme_directory_ca need \
+                 tls.acme_domains (--acme-domain)"
                     .to_owned(),
             ));
         }
@@ -377,7 +388,7 @@ pub(crate) fn server_config(
 /// the certificate current (aborted when the server stops).
 pub(crate) struct Serving {
     /// Handshakes with the current certificate.
-    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub handshakes: listener::Handshakes,
     /// Reloads or renews the certificate.
     pub upkeep: tokio::task::JoinHandle<()>,
 }
@@ -411,9 +422,8 @@ pub(crate) fn start(
             made.files
         }
         TlsMode::Acme => {
-            return Err(TlsError::Acme(
-                "this build cannot order certificates yet".to_owned(),
-            ));
+            let (handshakes, upkeep) = acme::start(config)?;
+            return Ok(Serving { handshakes, upkeep });
         }
     };
     let first = load(&files)?;
@@ -426,9 +436,9 @@ pub(crate) fn start(
         announce_lan_links(local, &lan);
     }
     let store = Arc::new(CertStore::new(first));
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(store.clone())?));
+    let handshakes = listener::Handshakes::new(Arc::new(server_config(store.clone())?));
     let upkeep = tokio::spawn(watch_files(files, store, config.reload_interval, reload));
-    Ok(Serving { acceptor, upkeep })
+    Ok(Serving { handshakes, upkeep })
 }
 
 /// Logs the links people on the LAN can open, or warns that nobody else can connect.
