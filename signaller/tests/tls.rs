@@ -7,18 +7,13 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use common::tls::{Leaf, TempDir, TestCa, client_trusting, connect, https};
 use common::{LIVENESS, TestServer, test_config};
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -30,86 +25,6 @@ use treecast_signaller::Config;
 /// How often the tests' servers look at the certificate files: short, so tests are quick;
 /// every wait below still has a [`LIVENESS`] deadline.
 const RELOAD_INTERVAL: Duration = Duration::from_millis(100);
-
-/// A directory of its own under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("treecast-tls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A test certificate authority.
-struct TestCa(CertifiedIssuer<'static, KeyPair>);
-
-/// A server certificate: PEM files' contents and the DER a client sees.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: Vec<u8>,
-}
-
-impl TestCa {
-    fn new() -> Self {
-        // Distinct names, so a client never mistakes one test CA for another.
-        static SERIAL: AtomicU32 = AtomicU32::new(0);
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(
-            DnType::CommonName,
-            format!(
-                "treecast test CA {}",
-                SERIAL.fetch_add(1, Ordering::Relaxed)
-            ),
-        );
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        Self(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
-    }
-
-    /// A certificate for `localhost` and 127.0.0.1 with a fresh key.
-    fn leaf(&self) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        let cert = params.signed_by(&key, &self.0).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
-    }
-
-    /// A client configuration that trusts this CA and nothing else.
-    fn client(&self) -> TlsConnector {
-        client_trusting(self.0.der().clone())
-    }
-}
-
-fn client_trusting(root: CertificateDer<'static>) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
-}
 
 /// Writes a certificate and key where the server reads them.
 fn install(dir: &TempDir, leaf: &Leaf) {
@@ -123,15 +38,6 @@ fn tls_config(dir: &TempDir) -> Config {
     config.tls.key = Some(dir.path("key.pem"));
     config.tls.reload_interval = RELOAD_INTERVAL;
     config
-}
-
-/// Opens a TLS connection to `addr` as `localhost`.
-async fn connect(addr: SocketAddr, client: &TlsConnector) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    let name = ServerName::try_from("localhost").unwrap();
-    tokio::time::timeout(LIVENESS, client.connect(name, tcp))
-        .await
-        .expect("the TLS handshake ends in time")
 }
 
 /// The leaf certificate a new connection is served.
@@ -152,33 +58,6 @@ async fn wait_for_certificate(addr: SocketAddr, client: &TlsConnector, der: &[u8
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// One HTTPS request; returns status and body.
-async fn https(addr: SocketAddr, client: &TlsConnector, method: &str, path: &str) -> (u16, String) {
-    let tls = connect(addr, client)
-        .await
-        .expect("the TLS handshake succeeds");
-    let exchange = async {
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        let driver = tokio::spawn(connection);
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "localhost")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        driver.abort();
-        (status, String::from_utf8_lossy(&body).into_owned())
-    };
-    tokio::time::timeout(LIVENESS, exchange)
-        .await
-        .unwrap_or_else(|_| panic!("{method} {path}: no answer in time"))
 }
 
 /// Creates a room over HTTPS; returns its id.
