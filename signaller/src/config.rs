@@ -275,6 +275,14 @@ mod tests {
         assert_eq!(c.limits.max_rooms, 3);
         assert_eq!(c.limits.hello_timeout, Duration::from_millis(500));
         assert_eq!(c.room.relay_fanout, RoomConfig::default().relay_fanout);
+        assert_eq!(
+            c.tls,
+            TlsConfig::default(),
+            "plain HTTP unless [tls] says otherwise"
+        );
+        let c = Config::from_toml("[tls]\nself_signed = true\ndir = \"/var/lib/t\"\n").unwrap();
+        assert!(c.tls.self_signed);
+        assert_eq!(c.tls.dir, PathBuf::from("/var/lib/t"));
     }
 
     #[test]
@@ -294,6 +302,11 @@ mod tests {
             (
                 "[room]\nice_servers = [{ urls = [\"turn:x\"], credentials = \"c\" }]\n",
                 "credentials",
+            ),
+            ("[tls]\ncert_file = \"c.pem\"\n", "cert_file"),
+            (
+                "[tls]\nself_signed = true\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+                "tls.self_signed",
             ),
         ] {
             let e = Config::from_toml(toml).unwrap_err().to_string();
