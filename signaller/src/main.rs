@@ -227,7 +227,11 @@ fn main() -> ExitCode {
 async fn run(config: Config) -> Result<(), ServerError> {
     let listener = treecast_signaller::bind(config.bind).await?;
     let reload = TlsReload::new();
-    reload_on_sighup(reload.clone());
+    // Only certificate files can be re-read; otherwise SIGHUP keeps its default meaning
+    // (the terminal went away: stop), as before TLS existed.
+    if config.tls.cert.is_some() || config.tls.self_signed {
+        reload_on_sighup(reload.clone());
+    }
     treecast_signaller::serve_with_reload(listener, config, shutdown_signal(), reload).await
 }
 
