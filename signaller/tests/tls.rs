@@ -20,7 +20,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use treecast_signaller::Config;
+use treecast_signaller::{Config, TlsReload};
 
 /// How often the tests' servers look at the certificate files: short, so tests are quick;
 /// every wait below still has a [`LIVENESS`] deadline.
@@ -317,4 +317,58 @@ async fn wait_for_file(path: &Path) -> String {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn a_reload_request_rereads_the_files_at_once() {
+    let dir = TempDir::new("trigger");
+    let ca = TestCa::new();
+    let client = ca.client();
+    install(&dir, &ca.leaf());
+    let mut config = tls_config(&dir);
+    // The file poll would not notice within the test: only the trigger (SIGHUP in the
+    // binary) can explain the new certificate.
+    config.tls.reload_interval = Duration::from_secs(3600);
+    let reload = TlsReload::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(treecast_signaller::serve_with_reload(
+        listener,
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        reload.clone(),
+    ));
+
+    let next = ca.leaf();
+    install(&dir, &next);
+    reload.trigger();
+    wait_for_certificate(addr, &client, &next.der).await;
+    let _ = stop.send(());
+    server.await.unwrap().expect("a clean shutdown");
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_handshake_does_not_hold_up_others() {
+    let dir = TempDir::new("silent");
+    let ca = TestCa::new();
+    let leaf = ca.leaf();
+    install(&dir, &leaf);
+    let server = TestServer::start(tls_config(&dir)).await;
+
+    // Connected, says nothing: its handshake waits in a task of its own.
+    let silent = TcpStream::connect(server.addr).await.unwrap();
+    assert_eq!(
+        served_certificate(server.addr, &ca.client()).await,
+        leaf.der
+    );
+    // Served while the silent one is still waiting (not after the server gave up on it
+    // and closed it, which a read would see as end of stream).
+    let mut byte = [0u8; 1];
+    assert!(
+        matches!(silent.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the silent connection is still open and unanswered"
+    );
 }
