@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use treecast_core::room::RoomConfig;
 
+use crate::tls::TlsConfig;
+
 /// Everything the signaller needs to run.
 ///
 /// A TOML file maps onto it directly; every key is optional:
@@ -28,6 +30,9 @@ use treecast_core::room::RoomConfig;
 /// [limits]
 /// max_rooms = 100
 /// max_connections_per_ip = 64
+///
+/// [tls]
+/// self_signed = true
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -55,6 +60,8 @@ pub struct Config {
     pub room: RoomConfig,
     /// Limits that protect the server as a whole.
     pub limits: Limits,
+    /// Serving HTTPS and WSS directly; plain HTTP when empty.
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -67,6 +74,7 @@ impl Default for Config {
             web_dir: None,
             room: RoomConfig::default(),
             limits: Limits::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -247,6 +255,7 @@ impl Config {
         if self.max_frame_bytes() < room.max_message_bytes as usize {
             return fail("limits.max_frame_bytes must not be below room.max_message_bytes");
         }
+        self.tls.mode()?;
         Ok(())
     }
 
@@ -287,11 +296,12 @@ fn is_host_name(host: &str) -> bool {
         })
 }
 
-mod millis {
+pub(crate) mod millis {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};
 
+    /// Reads a whole number of milliseconds.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
     }
@@ -325,6 +335,14 @@ mod tests {
         assert_eq!(c.limits.max_rooms, 3);
         assert_eq!(c.limits.hello_timeout, Duration::from_millis(500));
         assert_eq!(c.room.relay_fanout, RoomConfig::default().relay_fanout);
+        assert_eq!(
+            c.tls,
+            TlsConfig::default(),
+            "plain HTTP unless [tls] says otherwise"
+        );
+        let c = Config::from_toml("[tls]\nself_signed = true\ndir = \"/var/lib/t\"\n").unwrap();
+        assert!(c.tls.self_signed);
+        assert_eq!(c.tls.dir, PathBuf::from("/var/lib/t"));
     }
 
     #[test]
@@ -346,6 +364,11 @@ mod tests {
             (
                 "[room]\nice_servers = [{ urls = [\"turn:x\"], credentials = \"c\" }]\n",
                 "credentials",
+            ),
+            ("[tls]\ncert_file = \"c.pem\"\n", "cert_file"),
+            (
+                "[tls]\nself_signed = true\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+                "tls.self_signed",
             ),
         ] {
             let e = Config::from_toml(toml).unwrap_err().to_string();

@@ -36,6 +36,11 @@
 //! binary binds `stun_port` and the next port) and hands that STUN server to clients first
 //! in their ICE servers; [`serve`] alone binds no UDP port, so parallel tests never collide.
 //!
+//! # TLS
+//! With [`Config::tls`] set, the same routes are served over HTTPS and WSS: from PEM files
+//! that are re-read when they change, or from a self-signed certificate for a LAN (see
+//! [`TlsConfig`]). [`serve_with`] also takes a [`TlsReload`] to re-read them on demand.
+//!
 //! # Routes
 //! - `GET /ws`: the signalling WebSocket (JSON protocol of [`treecast_core::protocol`]).
 //! - `POST /api/rooms`: creates a room; 201 `{room, token, watch_url}`.
@@ -61,9 +66,13 @@ mod rooms;
 mod server;
 pub mod stun;
 mod telemetry;
+mod tls;
 mod uplink;
 
 pub use config::{Config, ConfigError, Limits};
-pub use server::{ServerError, bind, serve, serve_with_stun};
+pub use server::{Extras, ServerError, bind, serve, serve_with, serve_with_stun};
 pub use stun::StunSockets;
+pub use tls::{
+    LETS_ENCRYPT_PRODUCTION, LETS_ENCRYPT_STAGING, TlsConfig, TlsError, TlsReload, fingerprint,
+};
 pub use treecast_core::room::RoomConfig;

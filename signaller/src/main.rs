@@ -4,6 +4,7 @@
 //! variables, the TOML file given with `--config`, and built-in defaults. With none of them
 //! it serves on <http://127.0.0.1:8080> and answers STUN on UDP 127.0.0.1:3478 and 3479;
 //! use `--bind 0.0.0.0:8080` to accept other hosts.
+//! The `--tls-*` flags serve HTTPS and WSS instead; SIGHUP re-reads the certificate.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,7 +14,9 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use treecast_core::protocol::IceServer;
-use treecast_signaller::{Config, ServerError, StunSockets};
+use treecast_signaller::{
+    Config, Extras, LETS_ENCRYPT_STAGING, ServerError, StunSockets, TlsConfig, TlsReload,
+};
 
 /// treecast signalling server: rooms, relay-tree placement over WebSocket, HTTP API,
 /// metrics and the web pages.
@@ -25,7 +28,7 @@ use treecast_signaller::{Config, ServerError, StunSockets};
 #[command(name = "treecast-signaller", version)]
 struct Args {
     /// TOML configuration file (keys as in the `Config` struct: `bind`, `stun_port`,
-    /// `stun_bind`, `public_host`, `web_dir`, `[room]`, `[limits]`).
+    /// `stun_bind`, `public_host`, `web_dir`, `[room]`, `[limits]`, `[tls]`).
     #[arg(long, env = "TREECAST_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -122,6 +125,12 @@ struct Args {
     /// A connection must send `hello` within this long.
     #[arg(long, env = "TREECAST_HELLO_TIMEOUT_MS", value_name = "MS")]
     hello_timeout_ms: Option<u64>,
+
+    #[command(
+        flatten,
+        next_help_heading = "TLS (HTTPS and WSS without a proxy; plain HTTP without these)"
+    )]
+    tls: TlsArgs,
 }
 
 impl Args {
@@ -192,6 +201,7 @@ impl Args {
         if let Some(v) = self.hello_timeout_ms {
             limits.hello_timeout = ms(v);
         }
+        self.tls.apply(&mut config.tls);
         config.validate()?;
         Ok(config)
     }
@@ -245,11 +255,133 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> Result<(), ServerError> {
     let listener = treecast_signaller::bind(config.bind).await?;
-    if config.stun_port == 0 {
-        return treecast_signaller::serve(listener, config, shutdown_signal()).await;
+    let stun = match config.stun_port {
+        0 => None,
+        port => Some(StunSockets::bind(config.stun_ip(), port).await?),
+    };
+    let tls_reload = TlsReload::new();
+    // Only certificate files can be re-read; otherwise SIGHUP keeps its default meaning
+    // (the terminal went away: stop), as before TLS existed.
+    if config.tls.cert.is_some() || config.tls.self_signed {
+        reload_on_sighup(tls_reload.clone());
     }
-    let stun = StunSockets::bind(config.stun_ip(), config.stun_port).await?;
-    treecast_signaller::serve_with_stun(listener, stun, config, shutdown_signal()).await
+    let extras = Extras { stun, tls_reload };
+    treecast_signaller::serve_with(listener, config, shutdown_signal(), extras).await
+}
+
+/// The TLS flags, grouped so they merge apart from the others.
+#[derive(Debug, clap::Args)]
+struct TlsArgs {
+    /// PEM certificate chain to serve HTTPS and WSS with (needs --tls-key). Re-read when it
+    /// changes, or on SIGHUP.
+    #[arg(long, env = "TREECAST_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "TREECAST_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+
+    /// For a LAN: serve HTTPS with a self-signed certificate for this machine's addresses,
+    /// made once and kept in --tls-dir. Prints the links and the certificate's fingerprint.
+    #[arg(long, env = "TREECAST_TLS_SELF_SIGNED")]
+    tls_self_signed: bool,
+
+    /// Where --tls-self-signed keeps its certificate and key [default: ./treecast-tls].
+    #[arg(long, env = "TREECAST_TLS_DIR", value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+
+    /// Get a certificate for this domain from Let's Encrypt (repeat for several names).
+    /// Needs --acme-cache and port 443 reachable from the internet.
+    #[arg(
+        long = "acme-domain",
+        env = "TREECAST_ACME_DOMAINS",
+        value_name = "DOMAIN",
+        value_delimiter = ','
+    )]
+    acme_domains: Vec<String>,
+
+    /// Directory for the ACME account key and certificates.
+    #[arg(long, env = "TREECAST_ACME_CACHE", value_name = "DIR")]
+    acme_cache: Option<PathBuf>,
+
+    /// Contact for the ACME account, e.g. mailto:ops@example.org (repeatable).
+    #[arg(
+        long = "acme-contact",
+        env = "TREECAST_ACME_CONTACT",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    acme_contact: Vec<String>,
+
+    /// ACME directory URL [default: Let's Encrypt production].
+    #[arg(long, env = "TREECAST_ACME_DIRECTORY", value_name = "URL")]
+    acme_directory: Option<String>,
+
+    /// Trust only the CA in this PEM file for the ACME directory's HTTPS (a private ACME
+    /// server such as step-ca or pebble).
+    #[arg(long, env = "TREECAST_ACME_DIRECTORY_CA", value_name = "FILE")]
+    acme_directory_ca: Option<PathBuf>,
+
+    /// Use Let's Encrypt's staging directory (untrusted certificates, for trying things out).
+    #[arg(long, env = "TREECAST_ACME_STAGING", conflicts_with = "acme_directory")]
+    acme_staging: bool,
+}
+
+impl TlsArgs {
+    /// Lays the flags and environment over the file's `[tls]` section.
+    fn apply(self, tls: &mut TlsConfig) {
+        if self.tls_cert.is_some() {
+            tls.cert = self.tls_cert;
+        }
+        if self.tls_key.is_some() {
+            tls.key = self.tls_key;
+        }
+        if self.tls_self_signed {
+            tls.self_signed = true;
+        }
+        if let Some(dir) = self.tls_dir {
+            tls.dir = dir;
+        }
+        if !self.acme_domains.is_empty() {
+            tls.acme_domains = self.acme_domains;
+        }
+        if self.acme_cache.is_some() {
+            tls.acme_cache = self.acme_cache;
+        }
+        if !self.acme_contact.is_empty() {
+            tls.acme_contact = self.acme_contact;
+        }
+        if let Some(url) = self.acme_directory {
+            tls.acme_directory = url;
+        }
+        if self.acme_directory_ca.is_some() {
+            tls.acme_directory_ca = self.acme_directory_ca;
+        }
+        if self.acme_staging {
+            tls.acme_directory = LETS_ENCRYPT_STAGING.to_owned();
+        }
+    }
+}
+
+/// Re-reads the TLS certificate on every SIGHUP (Unix only).
+fn reload_on_sighup(reload: TlsReload) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGHUP: {e}");
+                return;
+            }
+        };
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the TLS certificate");
+            reload.trigger();
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = reload;
 }
 
 /// Completes on Ctrl-C, or SIGTERM on Unix.

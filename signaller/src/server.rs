@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
@@ -19,7 +20,8 @@ use crate::pages::Pages;
 use crate::room_task::RoomCommand;
 use crate::rooms::Rooms;
 use crate::stun::StunSockets;
-use crate::{api, connection, pages, stun, telemetry, uplink};
+use crate::tls::{TlsError, TlsReload, listener::TlsListener};
+use crate::{api, connection, pages, stun, telemetry, tls, uplink};
 
 /// Why the server could not start or stopped on a fault.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,10 @@ pub enum ServerError {
     /// The STUN sockets' addresses could not be read.
     #[error("the STUN sockets are unusable: {0}")]
     StunSockets(#[source] std::io::Error),
+    /// TLS could not be set up (certificate or key unusable, self-signed certificate not
+    /// writable).
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Accepting or serving connections failed.
     #[error("the server stopped on an I/O error: {0}")]
     Serve(#[source] std::io::Error),
@@ -192,39 +198,60 @@ impl Drop for TaskGuard {
 /// returns once every room and connection task is done, or after
 /// [`crate::Limits::shutdown_grace`].
 ///
-/// It runs no STUN server and binds nothing but `listener`; see [`serve_with_stun`].
+/// With [`Config::tls`] set it serves HTTPS and WSS. It runs no STUN server and binds
+/// nothing but `listener`; see [`serve_with`] for the STUN server and a reload trigger.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    run(listener, None, config, shutdown).await
+    serve_with(listener, config, shutdown, Extras::default()).await
 }
 
-/// Like [`serve`], and answers STUN on `stun`'s two sockets until the shutdown begins.
-///
-/// Clients are handed this STUN server first in their ICE servers: one entry per host
-/// name clients reach the server by (see [`Config::public_host`]), each with the primary
-/// and the alternate port's URL, followed by `config.room.ice_servers`.
+/// What [`serve_with`] runs beside the HTTP server.
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// Answer STUN on these two sockets until the shutdown begins. Clients are handed this
+    /// STUN server first in their ICE servers: one entry per host name clients reach the
+    /// server by (see [`Config::public_host`]), each with the primary and the alternate
+    /// port's URL, followed by `config.room.ice_servers`.
+    pub stun: Option<StunSockets>,
+    /// Every [`TlsReload::trigger`] re-reads the TLS certificate and key (the binary
+    /// triggers it on SIGHUP). Without TLS the trigger does nothing.
+    pub tls_reload: TlsReload,
+}
+
+/// [`serve`] with a STUN server on `stun`'s two sockets.
 pub async fn serve_with_stun(
     listener: TcpListener,
     stun: StunSockets,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    run(listener, Some(stun), config, shutdown).await
+    let extras = Extras {
+        stun: Some(stun),
+        ..Extras::default()
+    };
+    serve_with(listener, config, shutdown, extras).await
 }
 
-async fn run(
+/// [`serve`], with the STUN server and certificate-reload trigger of `extras`.
+pub async fn serve_with(
     listener: TcpListener,
-    stun: Option<StunSockets>,
     mut config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    extras: Extras,
 ) -> Result<(), ServerError> {
     config.validate()?;
-    let stun = stun
+    let stun = extras
+        .stun
         .map(|sockets| stun::advertise(sockets, &mut config))
         .transpose()?;
+    let local = listener.local_addr().ok();
+    let tls = match config.tls.mode()? {
+        Some(mode) => Some(tls::start(mode, &config.tls, local, extras.tls_reload)?),
+        None => None,
+    };
     let grace = config.limits.shutdown_grace;
     let state = Arc::new(ServerState {
         pages: Pages::new(config.web_dir.clone()),
@@ -239,8 +266,9 @@ async fn run(
         tasks: Arc::default(),
         metrics: telemetry::install(),
     });
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!("treecast signaller listening on http://{addr}");
+    if let Some(addr) = local {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!("treecast signaller listening on {scheme}://{addr}");
     }
     let upkeep = tokio::spawn(upkeep(state.metrics.clone()));
     let stun_tasks = stun
@@ -256,19 +284,33 @@ async fn run(
             end_all_rooms(&state).await;
         }
     };
-    let app = router(Arc::clone(&state));
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(on_shutdown)
-    .await;
+    let app = router(Arc::clone(&state)).into_make_service_with_connect_info::<SocketAddr>();
+    let served = match &tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(on_shutdown)
+                .await
+        }
+        Some(tls) => {
+            // The no-op tap only lends the listener axum's `ConnectInfo<SocketAddr>`,
+            // which axum implements for tapped listeners of any kind.
+            let listener = TlsListener::new(listener, tls.handshakes.clone())
+                .map_err(ServerError::Serve)?
+                .tap_io(|_| {});
+            axum::serve(listener, app)
+                .with_graceful_shutdown(on_shutdown)
+                .await
+        }
+    };
     upkeep.abort();
     // They stop at the shutdown signal; this also closes their sockets if `axum::serve`
     // returned on an error.
     for task in stun_tasks {
         task.abort();
         let _ = task.await;
+    }
+    if let Some(tls) = &tls {
+        tls.upkeep.abort();
     }
     let tasks = Arc::clone(&state.tasks);
     drop(state);

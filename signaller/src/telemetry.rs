@@ -109,6 +109,10 @@ fn describe() {
         "treecast_stun_malformed_total",
         "Datagrams on the STUN ports dropped unanswered: not a well-formed Binding request."
     );
+    describe_counter!(
+        "treecast_tls_reloads_total",
+        "TLS certificate reloads, by outcome (ok, failed: the old certificate stays)."
+    );
     describe_histogram!(
         "treecast_peer_depth",
         "Depth of a peer each time it is linked to a parent."
@@ -160,6 +164,12 @@ pub(crate) fn stun_answered(kind: crate::stun::ReplyKind) {
 /// Counts a datagram on a STUN port that was dropped.
 pub(crate) fn stun_malformed() {
     counter!("treecast_stun_malformed_total").increment(1);
+}
+
+/// Counts a TLS certificate reload that worked or failed.
+pub(crate) fn tls_reload(ok: bool) {
+    let outcome = if ok { "ok" } else { "failed" };
+    counter!("treecast_tls_reloads_total", "outcome" => outcome).increment(1);
 }
 
 /// Updates counters for something a room reported.

@@ -5,6 +5,8 @@
 //! generous so a slow machine never fails a test.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
