@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use treecast_core::room::RoomConfig;
 
+use crate::turn_server::{self, TurnServerConfig};
+
 /// Everything the signaller needs to run.
 ///
 /// A TOML file maps onto it directly; every key is optional:
@@ -40,6 +42,9 @@ pub struct Config {
     pub room: RoomConfig,
     /// Limits that protect the server as a whole.
     pub limits: Limits,
+    /// The embedded TURN server, if wanted (`[turn_server]`); it checks the credentials
+    /// of `room.turn` and its URL is added to theirs.
+    pub turn_server: Option<TurnServerConfig>,
 }
 
 impl Default for Config {
@@ -49,6 +54,7 @@ impl Default for Config {
             web_dir: None,
             room: RoomConfig::default(),
             limits: Limits::default(),
+            turn_server: None,
         }
     }
 }
@@ -219,7 +225,7 @@ impl Config {
         if self.max_frame_bytes() < room.max_message_bytes as usize {
             return fail("limits.max_frame_bytes must not be below room.max_message_bytes");
         }
-        Ok(())
+        turn_server::validate(self)
     }
 
     /// The hard cap on a frame or message, in bytes (see [`Limits::max_frame_bytes`]).

@@ -44,6 +44,11 @@
 //! - `GET /healthz`, `GET /metrics` (Prometheus), the pages `/`, `/watch/{room}`,
 //!   `/dashboard`, and their scripts, styles and wasm client under `/assets/`.
 //!
+//! # TURN
+//! With `room.turn` set, every peer gets TURN credentials minted for it (TURN REST scheme,
+//! checked by coturn's `use-auth-secret` or by the embedded TURN server that
+//! [`Config::turn_server`] starts on a UDP port next to the HTTP one).
+//!
 //! Errors are JSON `{code, message}` with the protocol's error codes.
 #![forbid(unsafe_code)]
 
@@ -57,8 +62,10 @@ mod room_task;
 mod rooms;
 mod server;
 mod telemetry;
+mod turn_server;
 mod uplink;
 
 pub use config::{Config, ConfigError, Limits};
 pub use server::{ServerError, bind, serve};
 pub use treecast_core::room::RoomConfig;
+pub use turn_server::{PortRange, TurnServerConfig, TurnServerError};

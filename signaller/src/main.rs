@@ -14,6 +14,8 @@ use tracing_subscriber::EnvFilter;
 use treecast_core::protocol::IceServer;
 use treecast_signaller::{Config, ServerError};
 
+mod turn_flags;
+
 /// treecast signalling server: rooms, relay-tree placement over WebSocket, HTTP API,
 /// metrics and the web pages.
 ///
@@ -24,7 +26,7 @@ use treecast_signaller::{Config, ServerError};
 #[command(name = "treecast-signaller", version)]
 struct Args {
     /// TOML configuration file (keys as in the `Config` struct: `bind`, `web_dir`, `[room]`,
-    /// `[limits]`).
+    /// `[room.turn]`, `[limits]`, `[turn_server]`).
     #[arg(long, env = "TREECAST_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -104,6 +106,9 @@ struct Args {
     /// A connection must send `hello` within this long.
     #[arg(long, env = "TREECAST_HELLO_TIMEOUT_MS", value_name = "MS")]
     hello_timeout_ms: Option<u64>,
+
+    #[command(flatten, next_help_heading = "TURN")]
+    turn: turn_flags::TurnArgs,
 }
 
 impl Args {
@@ -165,6 +170,8 @@ impl Args {
         if let Some(v) = self.hello_timeout_ms {
             limits.hello_timeout = ms(v);
         }
+        let secret = std::env::var(turn_flags::SECRET_ENV).ok();
+        self.turn.apply(&mut config, secret)?;
         config.validate()?;
         Ok(config)
     }

@@ -34,6 +34,9 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The embedded TURN server could not start.
+    #[error(transparent)]
+    Turn(#[from] crate::turn_server::TurnServerError),
     /// Accepting or serving connections failed.
     #[error("the server stopped on an I/O error: {0}")]
     Serve(#[source] std::io::Error),
@@ -171,13 +174,16 @@ impl Drop for TaskGuard {
 /// On shutdown, new connections are refused, every room ends with
 /// [`EndReason::Shutdown`] (its peers get `ended`, then their sockets close), and the call
 /// returns once every room and connection task is done, or after
-/// [`crate::Limits::shutdown_grace`].
+/// [`crate::Limits::shutdown_grace`]. The embedded TURN server, if configured, runs as long
+/// as the HTTP server.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     config.validate()?;
+    let mut config = config;
+    let embedded_turn = crate::turn_server::start_configured(&mut config, &listener).await?;
     let grace = config.limits.shutdown_grace;
     let state = Arc::new(ServerState {
         pages: Pages::new(config.web_dir.clone()),
@@ -214,6 +220,9 @@ pub async fn serve(
     .with_graceful_shutdown(on_shutdown)
     .await;
     upkeep.abort();
+    if let Some(turn) = embedded_turn {
+        turn.stop().await;
+    }
     let tasks = Arc::clone(&state.tasks);
     drop(state);
     if tokio::time::timeout(grace, tasks.idle()).await.is_err() {

@@ -1,0 +1,821 @@
+//! The embedded TURN server (opt-in): a UDP TURN relay inside the signaller, so a small
+//! deployment is one binary. It checks the same TURN REST credentials the rooms mint
+//! (`[room.turn]`, see [`treecast_core::turn`]) and its URL is handed to clients with them.
+//!
+//! The protocol engine is the `turn` crate; this module adds what treecast needs around it:
+//!
+//! - **Credentials** ([`RestAuth`]): the username is `"<unix expiry>:<room>.<peer id>"`; the
+//!   password is recomputed from the shared secret and turned into the long-term key. Expiry
+//!   is enforced only when an allocation is created, never on Refresh, CreatePermission or
+//!   ChannelBind, so a relayed session outlives its credentials (coturn behaves the same).
+//! - **Destinations** ([`PeerPolicy`]): relaying to loopback, private, link-local, CGNAT,
+//!   multicast or unspecified addresses is dropped unless an allow-list permits it, so the
+//!   relay cannot be used to reach the operator's internal network.
+//! - **Quota**: at most `max_allocations_per_peer` live allocations per user part
+//!   (`<room>.<peer id>`), whatever client address they come from.
+//! - **Metrics**: allocations, relayed bytes, authentication failures and denied destinations.
+//!
+//! # How the crate is driven, and why the ledger works
+//! The crate reads the listening socket in one task and handles each datagram to the end
+//! before reading the next. For an Allocate it calls [`AuthHandler::auth_handle`] and then,
+//! on the same task with no other request in between, [`RelayAddressGenerator::allocate_conn`].
+//! [`RestAuth`] therefore notes who it just authenticated ([`Ledger::last_auth`]), and
+//! [`RelayPorts::allocate_conn`] takes that note to learn which client and username the new
+//! relay belongs to. That is how the ledger knows which (client address, username) pairs
+//! hold an allocation: an expired username is accepted only from such a pair, where it can
+//! only refresh, permit or bind (a second Allocate from the same 5-tuple is answered 437
+//! by the crate). Everything hangs on one listening socket per server, which is all this
+//! module creates.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+use serde::Deserialize;
+use tokio::net::UdpSocket;
+use treecast_core::turn::{self as rest, Secret};
+use turn::auth::{AuthHandler, generate_auth_key};
+use turn::relay::RelayAddressGenerator;
+use turn::server::Server;
+use turn::server::config::{ConnConfig, ServerConfig};
+use webrtc_util::Conn;
+
+use crate::config::{Config, ConfigError};
+
+/// Settings of the embedded TURN server (`[turn_server]` in the TOML file). Absent: no
+/// embedded server.
+///
+/// ```toml
+/// [turn_server]
+/// port = 3478
+/// relay_ip = "203.0.113.5"
+/// relay_ports = "49152-65535"
+/// allow_peers = ["10.0.0.0/8"]
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnServerConfig {
+    /// UDP port to listen on (0: any free port, which tests use; the binary's
+    /// `--turn-port 0` means no server instead).
+    pub port: u16,
+    /// The address clients reach the server at: it listens there and relays from there.
+    /// Absent: the signaller's own listening address, which must then be a specific one.
+    pub relay_ip: Option<IpAddr>,
+    /// UDP ports relayed transport addresses are taken from (open them in the firewall).
+    pub relay_ports: PortRange,
+    /// The long-term credential realm clients are told.
+    pub realm: String,
+    /// Peer networks the relay may send to although they are loopback, private, link-local
+    /// or CGNAT (e.g. a LAN test bed). Empty: only public addresses.
+    pub allow_peers: Vec<IpNet>,
+    /// Live allocations one peer (`<room>.<peer id>`) may hold; more are refused.
+    pub max_allocations_per_peer: u32,
+}
+
+impl Default for TurnServerConfig {
+    fn default() -> Self {
+        Self {
+            port: 3478,
+            relay_ip: None,
+            relay_ports: PortRange {
+                first: 49152,
+                last: 65535,
+            },
+            realm: "treecast".to_owned(),
+            allow_peers: Vec::new(),
+            // A relaying viewer has a parent and up to a fan-out of children, one peer
+            // connection each, and ICE may allocate once per connection and interface:
+            // 12 leaves room for that, as LiveKit's limit does.
+            max_allocations_per_peer: 12,
+        }
+    }
+}
+
+/// An inclusive range of UDP ports, written `"first-last"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct PortRange {
+    /// Lowest port.
+    pub first: u16,
+    /// Highest port.
+    pub last: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("\"{s}\" is not a port range like 49152-65535");
+        let (first, last) = s.split_once('-').ok_or_else(bad)?;
+        let first: u16 = first.trim().parse().map_err(|_| bad())?;
+        let last: u16 = last.trim().parse().map_err(|_| bad())?;
+        if first == 0 || last < first {
+            return Err(format!(
+                "\"{s}\": the relay port range must start above 0 and end at or after its start"
+            ));
+        }
+        Ok(Self { first, last })
+    }
+}
+
+impl TryFrom<String> for PortRange {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// Shortest credential lifetime accepted: a peer renews a fifth of it before expiry, over
+/// the signalling channel, so shorter ones would churn for no safety gained.
+pub const MIN_CREDENTIAL_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Checks the TURN parts of a configuration: REST credentials and the embedded server.
+pub(crate) fn validate(config: &Config) -> Result<(), ConfigError> {
+    let fail = |s: String| Err(ConfigError::Invalid(s));
+    let embedded = config.turn_server.as_ref();
+    match &config.room.turn {
+        None if embedded.is_some() => {
+            return fail(
+                "the embedded TURN server needs the shared secret of room.turn \
+                 (--turn-secret-file or TREECAST_TURN_SECRET) to check credentials"
+                    .into(),
+            );
+        }
+        None => {}
+        Some(rest) => {
+            if rest.secret.is_empty() {
+                return fail(
+                    "room.turn has an empty secret: set it with --turn-secret-file or \
+                     TREECAST_TURN_SECRET"
+                        .into(),
+                );
+            }
+            if rest.urls.is_empty() && embedded.is_none() {
+                return fail(
+                    "a TURN secret is configured but no TURN server: add --turn-url \
+                     (room.turn.urls) or start the embedded one with --turn-port"
+                        .into(),
+                );
+            }
+            if let Some(url) = rest
+                .urls
+                .iter()
+                .find(|u| !(u.starts_with("turn:") || u.starts_with("turns:")))
+            {
+                return fail(format!(
+                    "room.turn.urls: \"{url}\" is not a turn: or turns: URL"
+                ));
+            }
+            if rest.ttl < MIN_CREDENTIAL_TTL {
+                return fail(format!(
+                    "room.turn.ttl must be at least {} s: credentials are renewed a fifth \
+                     of their lifetime before they expire",
+                    MIN_CREDENTIAL_TTL.as_secs()
+                ));
+            }
+        }
+    }
+    if let Some(server) = embedded {
+        if let Some(ip) = server.relay_ip {
+            if ip.is_unspecified() || ip.is_multicast() {
+                return fail(format!(
+                    "turn_server.relay_ip {ip} must be one specific address clients can reach"
+                ));
+            }
+        }
+        if server.realm.is_empty() {
+            return fail("turn_server.realm must not be empty".into());
+        }
+        if server.max_allocations_per_peer == 0 {
+            return fail("turn_server.max_allocations_per_peer must be at least 1".into());
+        }
+    }
+    Ok(())
+}
+
+/// Why the embedded TURN server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TurnServerError {
+    /// No relay address was given and the signaller listens on every interface.
+    #[error(
+        "the embedded TURN server needs --turn-relay-ip: the signaller listens on {0}, \
+         which is not an address clients can be told"
+    )]
+    NoRelayAddress(IpAddr),
+    /// The UDP port could not be bound.
+    #[error("cannot listen for TURN on udp {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TURN engine refused its configuration.
+    #[error("cannot start the embedded TURN server: {0}")]
+    Start(String),
+}
+
+/// A running embedded TURN server.
+pub(crate) struct EmbeddedTurn {
+    server: Server,
+    url: String,
+}
+
+impl EmbeddedTurn {
+    /// Binds the UDP port and starts serving. `signaller_ip` is where the signaller
+    /// listens, the relay address when none is configured.
+    pub(crate) async fn start(
+        config: &TurnServerConfig,
+        secret: Secret,
+        signaller_ip: IpAddr,
+    ) -> Result<Self, TurnServerError> {
+        let relay_ip = config.relay_ip.unwrap_or(signaller_ip);
+        if relay_ip.is_unspecified() {
+            return Err(TurnServerError::NoRelayAddress(relay_ip));
+        }
+        let addr = SocketAddr::new(relay_ip, config.port);
+        let socket = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| TurnServerError::Bind { addr, source })?;
+        let local = socket
+            .local_addr()
+            .map_err(|source| TurnServerError::Bind { addr, source })?;
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let auth = RestAuth {
+            secret,
+            realm: config.realm.clone(),
+            ledger: Arc::clone(&ledger),
+        };
+        let ports = RelayPorts {
+            ip: relay_ip,
+            range: config.relay_ports,
+            policy: Arc::new(PeerPolicy::new(config.allow_peers.clone())),
+            max_per_peer: config.max_allocations_per_peer,
+            ledger,
+        };
+        let server = Server::new(ServerConfig {
+            conn_configs: vec![ConnConfig {
+                conn: Arc::new(socket),
+                relay_addr_generator: Box::new(ports),
+            }],
+            realm: config.realm.clone(),
+            auth_handler: Arc::new(auth),
+            channel_bind_timeout: std::time::Duration::ZERO,
+            alloc_close_notify: None,
+        })
+        .await
+        .map_err(|e| TurnServerError::Start(e.to_string()))?;
+        let url = match local.ip() {
+            IpAddr::V6(ip) => format!("turn:[{ip}]:{}?transport=udp", local.port()),
+            IpAddr::V4(ip) => format!("turn:{ip}:{}?transport=udp", local.port()),
+        };
+        tracing::info!(
+            "embedded TURN server on udp {local}, relaying from ports {}",
+            config.relay_ports
+        );
+        Ok(Self { server, url })
+    }
+
+    /// The URL clients are given, `turn:IP:PORT?transport=udp`.
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Closes every allocation and the listening socket.
+    pub(crate) async fn stop(self) {
+        if let Err(e) = self.server.close().await {
+            tracing::warn!("closing the embedded TURN server: {e}");
+        }
+    }
+}
+
+/// Starts the embedded TURN server if `config` asks for one and adds its URL to the
+/// credentials' URLs, so rooms hand it out. `listener` is the signaller's HTTP listener,
+/// whose address is the default relay address.
+pub(crate) async fn start_configured(
+    config: &mut Config,
+    listener: &tokio::net::TcpListener,
+) -> Result<Option<EmbeddedTurn>, TurnServerError> {
+    let (Some(server), Some(rest)) = (&config.turn_server, &mut config.room.turn) else {
+        return Ok(None);
+    };
+    let signaller_ip = listener
+        .local_addr()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    let embedded = EmbeddedTurn::start(server, rest.secret.clone(), signaller_ip).await?;
+    rest.urls.push(embedded.url().to_owned());
+    Ok(Some(embedded))
+}
+
+/// Who holds allocations; shared by the credential check and the relay allocator.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// The request the listener task is handling now, once authenticated (see the module
+    /// docs for why this identifies an Allocate's owner).
+    last_auth: Option<Authenticated>,
+    /// Live allocations per (client address, username).
+    holders: HashMap<(SocketAddr, String), u32>,
+    /// Live allocations per user part (`<room>.<peer id>`).
+    per_peer: HashMap<String, u32>,
+}
+
+#[derive(Debug, Clone)]
+struct Authenticated {
+    client: SocketAddr,
+    username: String,
+    user: String,
+    expired: bool,
+}
+
+impl Ledger {
+    fn release(&mut self, client: SocketAddr, username: &str, user: &str) {
+        let key = (client, username.to_owned());
+        if let Some(n) = self.holders.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.holders.remove(&key);
+            }
+        }
+        if let Some(n) = self.per_peer.get_mut(user) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_peer.remove(user);
+            }
+        }
+    }
+}
+
+fn lock(ledger: &Mutex<Ledger>) -> std::sync::MutexGuard<'_, Ledger> {
+    ledger.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Checks TURN REST credentials (see the module docs).
+struct RestAuth {
+    secret: Secret,
+    realm: String,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl RestAuth {
+    fn check(
+        &self,
+        username: &str,
+        realm: &str,
+        client: SocketAddr,
+        now_unix: u64,
+    ) -> Result<Vec<u8>, AuthFailure> {
+        if realm != self.realm {
+            return Err(AuthFailure::WrongRealm);
+        }
+        let (expiry, user) = rest::parse_username(username).ok_or(AuthFailure::Malformed)?;
+        let expired = expiry <= now_unix;
+        let mut ledger = lock(&self.ledger);
+        // Expiry only bars new allocations: a client that already holds one with this
+        // username keeps refreshing it and its permissions.
+        if expired && !ledger.holders.contains_key(&(client, username.to_owned())) {
+            return Err(AuthFailure::Expired);
+        }
+        ledger.last_auth = Some(Authenticated {
+            client,
+            username: username.to_owned(),
+            user: user.to_owned(),
+            expired,
+        });
+        drop(ledger);
+        let password = rest::password(&self.secret, username);
+        Ok(generate_auth_key(username, realm, &password))
+    }
+}
+
+impl AuthHandler for RestAuth {
+    fn auth_handle(
+        &self,
+        username: &str,
+        realm: &str,
+        src_addr: SocketAddr,
+    ) -> Result<Vec<u8>, turn::Error> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.check(username, realm, src_addr, now).map_err(|why| {
+            counter!("treecast_turn_auth_failures_total", "reason" => why.as_str()).increment(1);
+            tracing::debug!("TURN request from {src_addr} refused: {}", why.as_str());
+            turn::Error::Other(why.as_str().to_owned())
+        })
+    }
+}
+
+/// Why credentials were refused (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthFailure {
+    WrongRealm,
+    Malformed,
+    Expired,
+}
+
+impl AuthFailure {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::WrongRealm => "wrong_realm",
+            Self::Malformed => "malformed_username",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// Creates relay sockets on the relay address, within the port range, after the quota
+/// check; each comes wrapped in a [`FilteredRelay`].
+struct RelayPorts {
+    ip: IpAddr,
+    range: PortRange,
+    policy: Arc<PeerPolicy>,
+    max_per_peer: u32,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl RelayPorts {
+    async fn bind(&self, requested_port: u16) -> Result<UdpSocket, turn::Error> {
+        if requested_port != 0 {
+            return Ok(UdpSocket::bind((self.ip, requested_port)).await?);
+        }
+        let span = u32::from(self.range.last - self.range.first) + 1;
+        let mut seed = [0u8; 4];
+        getrandom::fill(&mut seed).map_err(|e| turn::Error::Other(e.to_string()))?;
+        let start = u32::from_le_bytes(seed) % span;
+        // Probe from a random point: the OS picks no port for us inside a range.
+        for i in 0..span.min(64) {
+            let port = self.range.first + ((start + i * 7919) % span) as u16;
+            if let Ok(socket) = UdpSocket::bind((self.ip, port)).await {
+                return Ok(socket);
+            }
+        }
+        Err(turn::Error::Other(format!(
+            "no free relay port in {}",
+            self.range
+        )))
+    }
+}
+
+#[async_trait]
+impl RelayAddressGenerator for RelayPorts {
+    fn validate(&self) -> Result<(), turn::Error> {
+        Ok(())
+    }
+
+    async fn allocate_conn(
+        &self,
+        use_ipv4: bool,
+        requested_port: u16,
+    ) -> Result<(Arc<dyn Conn + Send + Sync>, SocketAddr), turn::Error> {
+        if use_ipv4 != self.ip.is_ipv4() {
+            return Err(turn::Error::Other("address family not relayed here".into()));
+        }
+        let owner = {
+            let mut ledger = lock(&self.ledger);
+            let Some(owner) = ledger.last_auth.take() else {
+                return Err(turn::Error::Other("allocation without credentials".into()));
+            };
+            if owner.expired {
+                counter!("treecast_turn_auth_failures_total", "reason" => "expired").increment(1);
+                return Err(turn::Error::Other("expired credentials".into()));
+            }
+            let held = ledger.per_peer.get(&owner.user).copied().unwrap_or(0);
+            if held >= self.max_per_peer {
+                counter!("treecast_turn_allocations_refused_total", "reason" => "per_peer_quota")
+                    .increment(1);
+                return Err(turn::Error::Other("allocation quota reached".into()));
+            }
+            // Counted now, before the await, so two Allocates cannot both pass the quota.
+            *ledger
+                .holders
+                .entry((owner.client, owner.username.clone()))
+                .or_default() += 1;
+            *ledger.per_peer.entry(owner.user.clone()).or_default() += 1;
+            owner
+        };
+        let holding = Holding {
+            ledger: Arc::clone(&self.ledger),
+            owner,
+            live: AtomicBool::new(false),
+            released: AtomicBool::new(false),
+        };
+        // On failure `holding` drops and gives the counts back.
+        let socket = self.bind(requested_port).await?;
+        let relay_addr = socket.local_addr()?;
+        holding.go_live();
+        let relay = FilteredRelay {
+            socket,
+            policy: Arc::clone(&self.policy),
+            holding,
+        };
+        Ok((Arc::new(relay), relay_addr))
+    }
+}
+
+/// One allocation's place in the ledger (and in the gauge once it is live); given back
+/// once, on close or drop, whichever comes first.
+struct Holding {
+    ledger: Arc<Mutex<Ledger>>,
+    owner: Authenticated,
+    live: AtomicBool,
+    released: AtomicBool,
+}
+
+impl Holding {
+    /// Marks the allocation as created and counts it in the gauge.
+    fn go_live(&self) {
+        counter!("treecast_turn_allocations_total").increment(1);
+        gauge!("treecast_turn_allocations").increment(1.0);
+        self.live.store(true, Ordering::SeqCst);
+    }
+
+    fn release(&self) {
+        if self.released.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if self.live.load(Ordering::SeqCst) {
+            gauge!("treecast_turn_allocations").decrement(1.0);
+        }
+        lock(&self.ledger).release(self.owner.client, &self.owner.username, &self.owner.user);
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A relay socket that refuses to talk to disallowed peers: datagrams to them are dropped
+/// (and counted), datagrams from them ignored.
+struct FilteredRelay {
+    socket: UdpSocket,
+    policy: Arc<PeerPolicy>,
+    holding: Holding,
+}
+
+#[async_trait]
+impl Conn for FilteredRelay {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Err(webrtc_util::Error::Other(
+            "a relay socket is not connected".into(),
+        ))
+    }
+
+    async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Err(webrtc_util::Error::Other(
+            "a relay socket is not connected".into(),
+        ))
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        loop {
+            let (n, from) = self.socket.recv_from(buf).await?;
+            if self.policy.allows(from.ip()) {
+                counter!("treecast_turn_relayed_bytes_total", "direction" => "from_peer")
+                    .increment(n as u64);
+                return Ok((n, from));
+            }
+            counter!("treecast_turn_denied_peers_total", "direction" => "from_peer").increment(1);
+        }
+    }
+
+    async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
+        Err(webrtc_util::Error::Other(
+            "a relay socket is not connected".into(),
+        ))
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        if !self.policy.allows(target.ip()) {
+            counter!("treecast_turn_denied_peers_total", "direction" => "to_peer").increment(1);
+            // Reported as sent: the client learns nothing about the internal network.
+            return Ok(buf.len());
+        }
+        let n = self.socket.send_to(buf, target).await?;
+        counter!("treecast_turn_relayed_bytes_total", "direction" => "to_peer").increment(n as u64);
+        Ok(n)
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        // The allocation ended (expiry, Refresh with lifetime 0, server shutdown).
+        self.holding.release();
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+/// Which peer addresses the relay may exchange datagrams with.
+#[derive(Debug, Default)]
+pub(crate) struct PeerPolicy {
+    allow: Vec<IpNet>,
+}
+
+impl PeerPolicy {
+    pub(crate) fn new(allow: Vec<IpNet>) -> Self {
+        Self { allow }
+    }
+
+    /// Public unicast addresses, and anything on the allow-list.
+    pub(crate) fn allows(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        if self.allow.iter().any(|net| net.contains(&ip)) {
+            return true;
+        }
+        match ip {
+            IpAddr::V4(v4) => !internal_v4(v4),
+            IpAddr::V6(v6) => !internal_v6(v6),
+        }
+    }
+}
+
+/// Loopback, RFC 1918, link-local, CGNAT (RFC 6598), "this network", multicast, broadcast.
+fn internal_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || a == 0
+        || (a == 100 && (64..128).contains(&b))
+}
+
+/// Loopback, unspecified, unique local (fc00::/7), link-local (fe80::/10), multicast.
+fn internal_v6(ip: Ipv6Addr) -> bool {
+    let first = ip.segments()[0];
+    ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || (first & 0xfe00) == 0xfc00
+        || (first & 0xffc0) == 0xfe80
+}
+
+/// Describes the embedded TURN server's metrics (called once, with the recorder).
+pub(crate) fn describe_metrics() {
+    describe_gauge!(
+        "treecast_turn_allocations",
+        "Live allocations on the embedded TURN server."
+    );
+    describe_counter!(
+        "treecast_turn_allocations_total",
+        "Allocations the embedded TURN server created."
+    );
+    describe_counter!(
+        "treecast_turn_allocations_refused_total",
+        "Allocations refused after authentication, by reason (per_peer_quota)."
+    );
+    describe_counter!(
+        "treecast_turn_relayed_bytes_total",
+        "Bytes relayed by the embedded TURN server, by direction (to_peer, from_peer)."
+    );
+    describe_counter!(
+        "treecast_turn_auth_failures_total",
+        "TURN requests whose credentials were refused, by reason (expired, malformed_username, wrong_realm, bad_password)."
+    );
+    describe_counter!(
+        "treecast_turn_denied_peers_total",
+        "Datagrams the relay dropped because the peer address is loopback, private, link-local, CGNAT or multicast and not allow-listed."
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> RestAuth {
+        RestAuth {
+            secret: Secret::new("north"),
+            realm: "treecast".into(),
+            ledger: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn the_key_is_the_long_term_key_of_the_rest_password() {
+        let a = auth();
+        let client: SocketAddr = "198.51.100.7:5000".parse().unwrap();
+        let key = a.check("2000:r.1", "treecast", client, 1_000).unwrap();
+        let password = rest::password(&Secret::new("north"), "2000:r.1");
+        assert_eq!(key, generate_auth_key("2000:r.1", "treecast", &password));
+    }
+
+    #[test]
+    fn expired_credentials_only_serve_an_allocation_already_held() {
+        let a = auth();
+        let client: SocketAddr = "198.51.100.7:5000".parse().unwrap();
+        let other: SocketAddr = "198.51.100.7:5001".parse().unwrap();
+        assert_eq!(
+            a.check("900:r.1", "treecast", client, 1_000),
+            Err(AuthFailure::Expired)
+        );
+        // The client allocated while the username was valid.
+        lock(&a.ledger)
+            .holders
+            .insert((client, "900:r.1".into()), 1);
+        assert!(a.check("900:r.1", "treecast", client, 1_000).is_ok());
+        assert_eq!(
+            a.check("900:r.1", "treecast", other, 1_000),
+            Err(AuthFailure::Expired)
+        );
+        lock(&a.ledger).release(client, "900:r.1", "r.1");
+        assert_eq!(
+            a.check("900:r.1", "treecast", client, 1_000),
+            Err(AuthFailure::Expired)
+        );
+    }
+
+    #[test]
+    fn garbage_and_foreign_realms_are_refused() {
+        let a = auth();
+        let client: SocketAddr = "198.51.100.7:5000".parse().unwrap();
+        assert_eq!(
+            a.check("alice", "treecast", client, 1),
+            Err(AuthFailure::Malformed)
+        );
+        assert_eq!(
+            a.check("2000:r.1", "elsewhere", client, 1),
+            Err(AuthFailure::WrongRealm)
+        );
+    }
+
+    #[test]
+    fn internal_destinations_are_denied_unless_allow_listed() {
+        let policy = PeerPolicy::default();
+        for denied in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.1.1",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!policy.allows(denied.parse().unwrap()), "{denied}");
+        }
+        for allowed in [
+            "203.0.113.9",
+            "198.51.100.1",
+            "8.8.8.8",
+            "100.128.0.1",
+            "2001:db8::1",
+        ] {
+            assert!(policy.allows(allowed.parse().unwrap()), "{allowed}");
+        }
+        let lab = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        assert!(lab.allows("127.0.0.1".parse().unwrap()));
+        assert!(!lab.allows("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn port_ranges_parse_and_explain_mistakes() {
+        assert_eq!(
+            "49152-65535".parse::<PortRange>(),
+            Ok(PortRange {
+                first: 49152,
+                last: 65535
+            })
+        );
+        for bad in ["", "5000", "0-10", "10-5", "a-b", "1-70000"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! TURN interop: credentials the signaller mints for a peer allocate on coturn and on the
+//! embedded TURN server; forged and expired ones are refused; an allocation outlives its
+//! credentials; the embedded relay refuses loopback peers unless allow-listed.
+//!
+//! Credentials are obtained the way a peer gets them: create a room over HTTP, join over
+//! the WebSocket and read `welcome.ice_servers`. Allocations use the `turn` crate's client.
+//! The coturn tests run Debian's `turnserver` on 127.0.0.1 (scripts/test installs it).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Client, LIVENESS, TestServer, create_room, test_config};
+use tokio::net::UdpSocket;
+use treecast_core::turn::{self as rest, Secret, TurnRest};
+use treecast_signaller::{Config, TurnServerConfig};
+use turn::client::{Client as TurnClient, ClientConfig};
+use webrtc_util::Conn;
+
+const SECRET: &str = "interop-test-secret";
+
+/// Credentials from `welcome`: (TURN server address, username, password).
+struct Minted {
+    server: SocketAddr,
+    username: String,
+    password: String,
+}
+
+/// Joins a fresh room as its broadcaster and returns the TURN entry of `welcome`.
+async fn mint_as_a_peer(signaller: SocketAddr) -> Minted {
+    let (room, token) = create_room(signaller).await;
+    let mut peer = Client::connect(signaller).await;
+    peer.send_json(&serde_json::json!({
+        "type": "hello", "room": room, "role": "broadcaster", "token": token,
+    }))
+    .await;
+    let welcome = peer.expect_welcome().await;
+    let entry = welcome["ice_servers"]
+        .as_array()
+        .expect("welcome lists ICE servers")
+        .iter()
+        .find(|s| s["username"].is_string())
+        .unwrap_or_else(|| panic!("no TURN credentials in {welcome}"))
+        .clone();
+    let url = entry["urls"][0].as_str().unwrap();
+    let host_port = url
+        .strip_prefix("turn:")
+        .and_then(|u| u.split('?').next())
+        .unwrap_or_else(|| panic!("not a turn: URL: {url}"));
+    let username = entry["username"].as_str().unwrap().to_owned();
+    let (_, user) = rest::parse_username(&username).expect("a REST username");
+    assert_eq!(
+        user,
+        format!("{room}.{}", peer.id()),
+        "bound to the room and peer"
+    );
+    Minted {
+        server: host_port.parse().unwrap(),
+        username,
+        password: entry["credential"].as_str().unwrap().to_owned(),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A TURN client on 127.0.0.1 talking to `server`.
+async fn turn_client(server: SocketAddr, username: &str, password: &str) -> TurnClient {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let client = TurnClient::new(ClientConfig {
+        stun_serv_addr: String::new(),
+        turn_serv_addr: server.to_string(),
+        username: username.to_owned(),
+        password: password.to_owned(),
+        realm: String::new(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: Arc::new(socket),
+        vnet: None,
+    })
+    .await
+    .expect("a TURN client");
+    client.listen().await.expect("the client listens");
+    client
+}
+
+/// Allocates a relay; `Err` carries the server's refusal.
+async fn allocate(
+    server: SocketAddr,
+    username: &str,
+    password: &str,
+) -> (TurnClient, Result<impl Conn, String>) {
+    let client = turn_client(server, username, password).await;
+    let relay = tokio::time::timeout(LIVENESS, client.allocate())
+        .await
+        .expect("the TURN server answers the Allocate")
+        .map_err(|e| e.to_string());
+    (client, relay)
+}
+
+/// A signaller whose rooms mint credentials for `urls` with the test secret.
+fn config_with_rest(urls: Vec<String>) -> Config {
+    let mut config = test_config();
+    config.room.turn = Some(TurnRest {
+        urls,
+        secret: Secret::new(SECRET),
+        ttl: TurnRest::DEFAULT_TTL,
+    });
+    config
+}
+
+/// A signaller with the embedded TURN server on a free port of 127.0.0.1.
+fn config_with_embedded(allow_peers: &[&str]) -> Config {
+    let mut config = config_with_rest(Vec::new());
+    config.turn_server = Some(TurnServerConfig {
+        port: 0,
+        relay_ip: Some("127.0.0.1".parse().unwrap()),
+        allow_peers: allow_peers.iter().map(|n| n.parse().unwrap()).collect(),
+        ..TurnServerConfig::default()
+    });
+    config
+}
+
+/// The three checks both servers must pass: minted credentials allocate, a forged
+/// password and an expired username are refused.
+async fn minted_forged_and_expired(signaller: SocketAddr) -> SocketAddr {
+    let minted = mint_as_a_peer(signaller).await;
+    let (_client, relay) = allocate(minted.server, &minted.username, &minted.password).await;
+    let relay = relay.unwrap_or_else(|e| panic!("minted credentials must allocate: {e}"));
+    assert!(relay.local_addr().is_ok());
+
+    let forged = rest::password(&Secret::new("not-the-secret"), &minted.username);
+    let (_client, refused) = allocate(minted.server, &minted.username, &forged).await;
+    let err = refused.err().expect("a forged password is refused");
+    assert!(err.contains("error"), "{err}");
+
+    let (_, user) = rest::parse_username(&minted.username).unwrap();
+    let expired = rest::username(unix_now() - 60, user);
+    let password = rest::password(&Secret::new(SECRET), &expired);
+    let (_client, refused) = allocate(minted.server, &expired, &password).await;
+    let err = refused.err().expect("an expired username is refused");
+    assert!(err.contains("error"), "{err}");
+    minted.server
+}
+
+/// A UDP socket on 127.0.0.1 that sends back whatever it receives.
+async fn echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, task)
+}
+
+/// Sends `payload` through the relay to `peer` until it comes back or `wait` passes;
+/// `true` if it came back.
+async fn round_trip(relay: &impl Conn, peer: SocketAddr, payload: &[u8], wait: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = vec![0u8; 2048];
+    while tokio::time::Instant::now() < deadline {
+        // Each send creates or refreshes the permission for `peer` first.
+        relay
+            .send_to(payload, peer)
+            .await
+            .unwrap_or_else(|e| panic!("sending through the relay: {e}"));
+        if let Ok(Ok((n, from))) =
+            tokio::time::timeout(Duration::from_millis(500), relay.recv_from(&mut buf)).await
+        {
+            if from == peer && &buf[..n] == payload {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn embedded_turn_accepts_minted_credentials_and_refuses_forged_or_expired() {
+    let signaller = TestServer::start(config_with_embedded(&[])).await;
+    let turn = minted_forged_and_expired(signaller.addr).await;
+    assert_eq!(turn.ip().to_string(), "127.0.0.1");
+    signaller.shutdown().await.unwrap();
+    // The embedded server stopped with the signaller: its port is free again.
+    let deadline = tokio::time::Instant::now() + LIVENESS;
+    while UdpSocket::bind(turn).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the TURN port {turn} is still taken after shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn embedded_relay_outlives_its_credentials() {
+    let signaller = TestServer::start(config_with_embedded(&["127.0.0.0/8"])).await;
+    let minted = mint_as_a_peer(signaller.addr).await;
+    let (_, user) = rest::parse_username(&minted.username).unwrap();
+    // Credentials that expire two seconds from now, minted like the room does.
+    let username = rest::username(unix_now() + 2, user);
+    let password = rest::password(&Secret::new(SECRET), &username);
+    let (_client, relay) = allocate(minted.server, &username, &password).await;
+    let relay = relay.unwrap_or_else(|e| panic!("fresh credentials must allocate: {e}"));
+    let (first_peer, _echo1) = echo().await;
+    assert!(
+        round_trip(&relay, first_peer, b"before expiry", LIVENESS).await,
+        "relaying to an allow-listed peer works"
+    );
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(unix_now() > rest::parse_username(&username).unwrap().0);
+    // A new peer needs a CreatePermission, signed with the now expired credentials; the
+    // server accepts it because this client holds an allocation made while they were valid.
+    let (second_peer, _echo2) = echo().await;
+    assert!(
+        round_trip(&relay, second_peer, b"after expiry", LIVENESS).await,
+        "the allocation keeps permitting and relaying after its credentials expired"
+    );
+    assert!(round_trip(&relay, first_peer, b"still", LIVENESS).await);
+
+    // A new allocation with the same expired credentials is refused.
+    let (_client, refused) = allocate(minted.server, &username, &password).await;
+    assert!(refused.is_err(), "expired credentials allocate nothing new");
+    drop(relay);
+    signaller.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn embedded_relay_refuses_loopback_peers_by_default() {
+    let signaller = TestServer::start(config_with_embedded(&[])).await;
+    let minted = mint_as_a_peer(signaller.addr).await;
+    let (_client, relay) = allocate(minted.server, &minted.username, &minted.password).await;
+    let relay = relay.unwrap_or_else(|e| panic!("minted credentials must allocate: {e}"));
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer = socket.local_addr().unwrap();
+    // Absence is only ever shown over a bounded wait: five seconds of sends, none arrive.
+    let came_back = round_trip(&relay, peer, b"to loopback", Duration::from_secs(5)).await;
+    assert!(!came_back);
+    let mut buf = [0u8; 64];
+    assert!(
+        socket.try_recv_from(&mut buf).is_err(),
+        "nothing reached the loopback peer"
+    );
+    drop(relay);
+    signaller.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn embedded_turn_caps_allocations_per_peer() {
+    let mut config = config_with_embedded(&[]);
+    config
+        .turn_server
+        .as_mut()
+        .unwrap()
+        .max_allocations_per_peer = 2;
+    let signaller = TestServer::start(config).await;
+    let minted = mint_as_a_peer(signaller.addr).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (client, relay) = allocate(minted.server, &minted.username, &minted.password).await;
+        held.push((
+            client,
+            relay.unwrap_or_else(|e| panic!("within the cap: {e}")),
+        ));
+    }
+    let (_client, third) = allocate(minted.server, &minted.username, &minted.password).await;
+    assert!(third.is_err(), "a third allocation for one peer is refused");
+    // Another peer has its own quota.
+    let other = mint_as_a_peer(signaller.addr).await;
+    let (_client, relay) = allocate(other.server, &other.username, &other.password).await;
+    assert!(relay.is_ok(), "{:?}", relay.err());
+    signaller.shutdown().await.unwrap();
+}
+
+/// coturn on 127.0.0.1, killed when dropped.
+struct Coturn {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Coturn {
+    /// Starts `turnserver` with the test secret on a free port and waits until it answers.
+    async fn start() -> Self {
+        let binary = which("turnserver").unwrap_or_else(|| {
+            panic!(
+                "turnserver is not installed: install coturn (apt-get install coturn; \
+                 scripts/test does) to run the TURN interop tests"
+            )
+        });
+        // Find a free port by binding and releasing it; retry if coturn loses the race.
+        for attempt in 0..5 {
+            let dir = std::env::temp_dir().join(format!(
+                "treecast-coturn-{}-{}-{attempt}",
+                std::process::id(),
+                unix_now_nanos()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let child = Command::new(&binary)
+                .args([
+                    "-n",
+                    "--listening-ip=127.0.0.1",
+                    "--relay-ip=127.0.0.1",
+                    &format!("--listening-port={port}"),
+                    "--min-port=49152",
+                    "--max-port=65535",
+                    "--realm=treecast.test",
+                    "--use-auth-secret",
+                    &format!("--static-auth-secret={SECRET}"),
+                    "--fingerprint",
+                    "--no-tls",
+                    "--no-dtls",
+                    "--no-cli",
+                    "--no-tcp",
+                    &format!("--userdb={}", dir.join("turndb").display()),
+                    &format!("--pidfile={}", dir.join("turn.pid").display()),
+                    "--log-file=stdout",
+                    "--simple-log",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("turnserver starts");
+            // Owned by the guard from here on, so a failing test still kills it.
+            let mut coturn = Coturn { child, addr, dir };
+            if coturn.answers().await {
+                return coturn;
+            }
+        }
+        panic!("coturn did not start on 127.0.0.1 after five attempts");
+    }
+
+    /// Polls with STUN Binding requests until coturn answers (or it exited).
+    async fn answers(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + LIVENESS;
+        while tokio::time::Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
+            let client = turn_client(self.addr, "", "").await;
+            let answered = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.send_binding_request_to(&self.addr.to_string()),
+            )
+            .await;
+            let _ = client.close().await;
+            if matches!(answered, Ok(Ok(_))) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+}
+
+impl Drop for Coturn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unix_now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/bin".into(), "/usr/sbin".into()])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+#[tokio::test]
+async fn coturn_accepts_minted_credentials_and_refuses_forged_or_expired() {
+    let coturn = Coturn::start().await;
+    let url = format!("turn:{}?transport=udp", coturn.addr);
+    let signaller = TestServer::start(config_with_rest(vec![url])).await;
+    let turn = minted_forged_and_expired(signaller.addr).await;
+    assert_eq!(turn, coturn.addr);
+    signaller.shutdown().await.unwrap();
+    drop(coturn);
+}
