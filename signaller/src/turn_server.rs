@@ -11,6 +11,9 @@
 //! - **Destinations** ([`PeerPolicy`]): relaying to loopback, private, link-local, CGNAT,
 //!   multicast or unspecified addresses is dropped unless an allow-list permits it, so the
 //!   relay cannot be used to reach the operator's internal network.
+//! - **Refusals** ([`RestAuth::screen`]): signed requests are checked on the listening
+//!   socket before the engine sees them, so wrong, forged or expired credentials get 401
+//!   (as from coturn) and are counted by reason.
 //! - **Quota**: at most `max_allocations_per_peer` live allocations per user part
 //!   (`<room>.<peer id>`), whatever client address they come from.
 //! - **Metrics**: allocations, relayed bytes, authentication failures and denied destinations.
@@ -190,6 +193,13 @@ pub(crate) fn validate(config: &Config) -> Result<(), ConfigError> {
         }
     }
     if let Some(server) = embedded {
+        if server.relay_ip.is_none() && config.bind.ip().is_unspecified() {
+            return fail(format!(
+                "the embedded TURN server needs turn_server.relay_ip (--turn-relay-ip): the \
+                 signaller binds {}, which is not an address clients can be told",
+                config.bind.ip()
+            ));
+        }
         if let Some(ip) = server.relay_ip {
             if ip.is_unspecified() || ip.is_multicast() {
                 return fail(format!(
@@ -255,11 +265,11 @@ impl EmbeddedTurn {
             .local_addr()
             .map_err(|source| TurnServerError::Bind { addr, source })?;
         let ledger = Arc::new(Mutex::new(Ledger::default()));
-        let auth = RestAuth {
+        let auth = Arc::new(RestAuth {
             secret,
             realm: config.realm.clone(),
             ledger: Arc::clone(&ledger),
-        };
+        });
         let ports = RelayPorts {
             ip: relay_ip,
             range: config.relay_ports,
@@ -269,11 +279,14 @@ impl EmbeddedTurn {
         };
         let server = Server::new(ServerConfig {
             conn_configs: vec![ConnConfig {
-                conn: Arc::new(socket),
+                conn: Arc::new(Listener {
+                    socket,
+                    auth: Arc::clone(&auth),
+                }),
                 relay_addr_generator: Box::new(ports),
             }],
             realm: config.realm.clone(),
-            auth_handler: Arc::new(auth),
+            auth_handler: auth,
             channel_bind_timeout: std::time::Duration::ZERO,
             alloc_close_notify: None,
         })
@@ -371,6 +384,40 @@ struct RestAuth {
 }
 
 impl RestAuth {
+    /// The long-term key for `username`, if its credentials may be used by `client` now.
+    fn verify(
+        &self,
+        username: &str,
+        realm: &str,
+        client: SocketAddr,
+        now_unix: u64,
+    ) -> Result<(Vec<u8>, Authenticated), AuthFailure> {
+        if realm != self.realm {
+            return Err(AuthFailure::WrongRealm);
+        }
+        let (expiry, user) = rest::parse_username(username).ok_or(AuthFailure::Malformed)?;
+        let expired = expiry <= now_unix;
+        // Expiry only bars new allocations: a client that already holds one with this
+        // username keeps refreshing it and its permissions.
+        if expired
+            && !lock(&self.ledger)
+                .holders
+                .contains_key(&(client, username.to_owned()))
+        {
+            return Err(AuthFailure::Expired);
+        }
+        let password = rest::password(&self.secret, username);
+        let key = generate_auth_key(username, realm, &password);
+        let who = Authenticated {
+            client,
+            username: username.to_owned(),
+            user: user.to_owned(),
+            expired,
+        };
+        Ok((key, who))
+    }
+
+    /// [`RestAuth::verify`], noting who was authenticated for a following allocation.
     fn check(
         &self,
         username: &str,
@@ -378,27 +425,74 @@ impl RestAuth {
         client: SocketAddr,
         now_unix: u64,
     ) -> Result<Vec<u8>, AuthFailure> {
-        if realm != self.realm {
-            return Err(AuthFailure::WrongRealm);
-        }
-        let (expiry, user) = rest::parse_username(username).ok_or(AuthFailure::Malformed)?;
-        let expired = expiry <= now_unix;
-        let mut ledger = lock(&self.ledger);
-        // Expiry only bars new allocations: a client that already holds one with this
-        // username keeps refreshing it and its permissions.
-        if expired && !ledger.holders.contains_key(&(client, username.to_owned())) {
-            return Err(AuthFailure::Expired);
-        }
-        ledger.last_auth = Some(Authenticated {
-            client,
-            username: username.to_owned(),
-            user: user.to_owned(),
-            expired,
-        });
-        drop(ledger);
-        let password = rest::password(&self.secret, username);
-        Ok(generate_auth_key(username, realm, &password))
+        let (key, who) = self.verify(username, realm, client, now_unix)?;
+        lock(&self.ledger).last_auth = Some(who);
+        Ok(key)
     }
+
+    /// Checks the credentials of a signed request before the engine sees it; `Some` is
+    /// the 401 answer to send instead. The engine itself answers a bad signature with 400
+    /// and cannot tell a wrong password from other mistakes; checking here gives clients
+    /// coturn's 401 and the operator a count of wrong passwords (a secret that differs
+    /// between signaller and TURN server shows up there).
+    fn screen(&self, datagram: &[u8], client: SocketAddr, now_unix: u64) -> Option<Vec<u8>> {
+        use stun::attributes::{ATTR_MESSAGE_INTEGRITY, ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+        use stun::message::{CLASS_ERROR_RESPONSE, CLASS_REQUEST, Message, MessageType};
+        use stun::textattrs::TextAttribute;
+
+        if !stun::message::is_message(datagram) {
+            return None; // channel data, or garbage the engine drops
+        }
+        let mut request = Message::new();
+        request.raw = datagram.to_vec();
+        if request.decode().is_err()
+            || request.typ.class != CLASS_REQUEST
+            || !request.contains(ATTR_MESSAGE_INTEGRITY)
+        {
+            return None; // unsigned requests get the engine's 401 challenge
+        }
+        let username = TextAttribute::get_from_as(&request, ATTR_USERNAME).ok()?;
+        let realm = TextAttribute::get_from_as(&request, ATTR_REALM).ok()?;
+        let nonce = TextAttribute::get_from_as(&request, ATTR_NONCE).ok()?;
+        let failure = match self.verify(&username.text, &realm.text, client, now_unix) {
+            Err(why) => why,
+            Ok((key, _)) => {
+                let integrity = stun::integrity::MessageIntegrity(key);
+                if integrity.check(&mut request.clone()).is_ok() {
+                    return None;
+                }
+                AuthFailure::BadPassword
+            }
+        };
+        count_auth_failure(failure, client);
+        let mut answer = Message::new();
+        answer
+            .build(&[
+                Box::new(request.transaction_id),
+                Box::new(MessageType::new(request.typ.method, CLASS_ERROR_RESPONSE)),
+                Box::new(stun::error_code::ErrorCodeAttribute {
+                    code: stun::error_code::CODE_UNAUTHORIZED,
+                    reason: b"Unauthorized".to_vec(),
+                }),
+                Box::new(TextAttribute::new(ATTR_REALM, self.realm.clone())),
+                Box::new(nonce),
+                Box::new(stun::fingerprint::FINGERPRINT),
+            ])
+            .ok()?;
+        Some(answer.raw)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+fn count_auth_failure(why: AuthFailure, client: SocketAddr) {
+    counter!("treecast_turn_auth_failures_total", "reason" => why.as_str()).increment(1);
+    tracing::debug!("TURN request from {client} refused: {}", why.as_str());
 }
 
 impl AuthHandler for RestAuth {
@@ -408,15 +502,72 @@ impl AuthHandler for RestAuth {
         realm: &str,
         src_addr: SocketAddr,
     ) -> Result<Vec<u8>, turn::Error> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        self.check(username, realm, src_addr, now).map_err(|why| {
-            counter!("treecast_turn_auth_failures_total", "reason" => why.as_str()).increment(1);
-            tracing::debug!("TURN request from {src_addr} refused: {}", why.as_str());
-            turn::Error::Other(why.as_str().to_owned())
-        })
+        // Requests reach this only after `screen` let them through; a refusal here is the
+        // rare expiry between the two checks.
+        self.check(username, realm, src_addr, unix_now())
+            .map_err(|why| {
+                count_auth_failure(why, src_addr);
+                turn::Error::Other(why.as_str().to_owned())
+            })
+    }
+}
+
+/// The listening socket, with [`RestAuth::screen`] in front of the engine.
+struct Listener {
+    socket: UdpSocket,
+    auth: Arc<RestAuth>,
+}
+
+#[async_trait]
+impl Conn for Listener {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Err(webrtc_util::Error::Other(
+            "the TURN listener is not connected".into(),
+        ))
+    }
+
+    async fn recv(&self, _buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Err(webrtc_util::Error::Other(
+            "the TURN listener is not connected".into(),
+        ))
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        loop {
+            let (n, from) = self.socket.recv_from(buf).await?;
+            match self.auth.screen(&buf[..n], from, unix_now()) {
+                None => return Ok((n, from)),
+                Some(refusal) => {
+                    let _ = self.socket.send_to(&refusal, from).await;
+                }
+            }
+        }
+    }
+
+    async fn send(&self, _buf: &[u8]) -> webrtc_util::Result<usize> {
+        Err(webrtc_util::Error::Other(
+            "the TURN listener is not connected".into(),
+        ))
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        Ok(self.socket.send_to(buf, target).await?)
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
     }
 }
 
@@ -426,6 +577,7 @@ enum AuthFailure {
     WrongRealm,
     Malformed,
     Expired,
+    BadPassword,
 }
 
 impl AuthFailure {
@@ -434,6 +586,7 @@ impl AuthFailure {
             Self::WrongRealm => "wrong_realm",
             Self::Malformed => "malformed_username",
             Self::Expired => "expired",
+            Self::BadPassword => "bad_password",
         }
     }
 }
@@ -752,6 +905,60 @@ mod tests {
         assert_eq!(
             a.check("900:r.1", "treecast", client, 1_000),
             Err(AuthFailure::Expired)
+        );
+    }
+
+    /// A signed Allocate as a client builds it.
+    fn signed_allocate(username: &str, password: &str) -> Vec<u8> {
+        use stun::agent::TransactionId;
+        use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+        use stun::message::{CLASS_REQUEST, METHOD_ALLOCATE, Message, MessageType};
+        use stun::textattrs::TextAttribute;
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+            Box::new(TextAttribute::new(ATTR_USERNAME, username.into())),
+            Box::new(TextAttribute::new(ATTR_REALM, "treecast".into())),
+            Box::new(TextAttribute::new(ATTR_NONCE, "n0nce".into())),
+            Box::new(stun::integrity::MessageIntegrity::new_long_term_integrity(
+                username.into(),
+                "treecast".into(),
+                password.into(),
+            )),
+        ])
+        .unwrap();
+        m.raw
+    }
+
+    #[test]
+    fn wrong_passwords_are_answered_401_before_the_engine_sees_them() {
+        let a = auth();
+        let client: SocketAddr = "198.51.100.7:5000".parse().unwrap();
+        let good = rest::password(&Secret::new("north"), "2000:r.1");
+        assert_eq!(
+            a.screen(&signed_allocate("2000:r.1", &good), client, 1_000),
+            None
+        );
+        let answer = a
+            .screen(&signed_allocate("2000:r.1", "forged"), client, 1_000)
+            .expect("refused");
+        let mut m = stun::message::Message::new();
+        m.raw = answer;
+        m.decode().unwrap();
+        assert_eq!(m.typ.class, stun::message::CLASS_ERROR_RESPONSE);
+        let mut code = stun::error_code::ErrorCodeAttribute::default();
+        stun::message::Getter::get_from(&mut code, &m).unwrap();
+        assert!(code.code == stun::error_code::CODE_UNAUTHORIZED);
+        // Expired, and not holding an allocation: refused although correctly signed.
+        assert!(
+            a.screen(&signed_allocate("2000:r.1", &good), client, 3_000)
+                .is_some()
+        );
+        // Unsigned requests and channel data pass through to the engine.
+        assert_eq!(
+            a.screen(&[0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4], client, 1_000),
+            None
         );
     }
 

@@ -140,20 +140,20 @@ async fn minted_forged_and_expired(signaller: SocketAddr) -> SocketAddr {
     let forged = rest::password(&Secret::new("not-the-secret"), &minted.username);
     let (_client, refused) = allocate(minted.server, &minted.username, &forged).await;
     let err = refused.err().expect("a forged password is refused");
-    assert!(err.contains("error"), "{err}");
+    assert!(err.contains("401"), "{err}");
 
     let (_, user) = rest::parse_username(&minted.username).unwrap();
     let expired = rest::username(unix_now() - 60, user);
     let password = rest::password(&Secret::new(SECRET), &expired);
     let (_client, refused) = allocate(minted.server, &expired, &password).await;
     let err = refused.err().expect("an expired username is refused");
-    assert!(err.contains("error"), "{err}");
+    assert!(err.contains("401"), "{err}");
     minted.server
 }
 
-/// A UDP socket on 127.0.0.1 that sends back whatever it receives.
-async fn echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+/// A UDP socket on `ip` that sends back whatever it receives.
+async fn echo(ip: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let socket = UdpSocket::bind((ip, 0)).await.unwrap();
     let addr = socket.local_addr().unwrap();
     let task = tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
@@ -191,6 +191,26 @@ async fn embedded_turn_accepts_minted_credentials_and_refuses_forged_or_expired(
     let signaller = TestServer::start(config_with_embedded(&[])).await;
     let turn = minted_forged_and_expired(signaller.addr).await;
     assert_eq!(turn.ip().to_string(), "127.0.0.1");
+    let metrics = common::http(signaller.addr, "GET", "/metrics", None)
+        .await
+        .body;
+    for reason in ["bad_password", "expired"] {
+        let series = format!("treecast_turn_auth_failures_total{{reason=\"{reason}\"}}");
+        assert!(metrics.contains(&series), "{series} missing: {metrics}");
+    }
+    // The secret is in no answer the server gives.
+    let rooms = common::http(signaller.addr, "GET", "/api/rooms", None).await;
+    let room = rooms.json()[0]["id"].as_str().unwrap().to_owned();
+    for path in [
+        "/api/rooms",
+        &format!("/api/rooms/{room}"),
+        "/metrics",
+        "/dashboard",
+        "/healthz",
+    ] {
+        let body = common::http(signaller.addr, "GET", path, None).await.body;
+        assert!(!body.contains(SECRET), "{path} shows the TURN secret");
+    }
     signaller.shutdown().await.unwrap();
     // The embedded server stopped with the signaller: its port is free again.
     let deadline = tokio::time::Instant::now() + LIVENESS;
@@ -205,7 +225,14 @@ async fn embedded_turn_accepts_minted_credentials_and_refuses_forged_or_expired(
 
 #[tokio::test]
 async fn embedded_relay_outlives_its_credentials() {
-    let signaller = TestServer::start(config_with_embedded(&["127.0.0.0/8"])).await;
+    let mut config = config_with_embedded(&["127.0.0.0/8"]);
+    // One allocation per peer, so a freed slot shows that the expired Refresh was honoured.
+    config
+        .turn_server
+        .as_mut()
+        .unwrap()
+        .max_allocations_per_peer = 1;
+    let signaller = TestServer::start(config).await;
     let minted = mint_as_a_peer(signaller.addr).await;
     let (_, user) = rest::parse_username(&minted.username).unwrap();
     // Credentials that expire two seconds from now, minted like the room does.
@@ -213,7 +240,7 @@ async fn embedded_relay_outlives_its_credentials() {
     let password = rest::password(&Secret::new(SECRET), &username);
     let (_client, relay) = allocate(minted.server, &username, &password).await;
     let relay = relay.unwrap_or_else(|e| panic!("fresh credentials must allocate: {e}"));
-    let (first_peer, _echo1) = echo().await;
+    let (first_peer, _echo1) = echo("127.0.0.1").await;
     assert!(
         round_trip(&relay, first_peer, b"before expiry", LIVENESS).await,
         "relaying to an allow-listed peer works"
@@ -221,9 +248,10 @@ async fn embedded_relay_outlives_its_credentials() {
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(unix_now() > rest::parse_username(&username).unwrap().0);
-    // A new peer needs a CreatePermission, signed with the now expired credentials; the
-    // server accepts it because this client holds an allocation made while they were valid.
-    let (second_peer, _echo2) = echo().await;
+    // A peer at another IP address needs a CreatePermission (permissions are per IP),
+    // signed with the now expired credentials; the server accepts it because this client
+    // holds an allocation made while they were valid.
+    let (second_peer, _echo2) = echo("127.0.0.2").await;
     assert!(
         round_trip(&relay, second_peer, b"after expiry", LIVENESS).await,
         "the allocation keeps permitting and relaying after its credentials expired"
@@ -232,8 +260,35 @@ async fn embedded_relay_outlives_its_credentials() {
 
     // A new allocation with the same expired credentials is refused.
     let (_client, refused) = allocate(minted.server, &username, &password).await;
-    assert!(refused.is_err(), "expired credentials allocate nothing new");
-    drop(relay);
+    let err = refused
+        .err()
+        .expect("expired credentials allocate nothing new");
+    assert!(err.contains("401"), "{err}");
+
+    // Closing sends a Refresh with lifetime 0, signed with the expired credentials. Once
+    // the server honours it the peer's only slot is free for fresh credentials.
+    relay.close().await.unwrap();
+    let fresh = rest::username(unix_now() + 600, user);
+    let fresh_password = rest::password(&Secret::new(SECRET), &fresh);
+    let deadline = tokio::time::Instant::now() + LIVENESS;
+    loop {
+        let (_client, relay) = allocate(minted.server, &fresh, &fresh_password).await;
+        match relay {
+            Ok(_) => break,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the expired Refresh never released the allocation: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = common::http(signaller.addr, "GET", "/metrics", None)
+        .await
+        .body;
+    assert!(
+        metrics.contains("treecast_turn_relayed_bytes_total{direction=\"to_peer\"}"),
+        "{metrics}"
+    );
     signaller.shutdown().await.unwrap();
 }
 
@@ -252,6 +307,13 @@ async fn embedded_relay_refuses_loopback_peers_by_default() {
     assert!(
         socket.try_recv_from(&mut buf).is_err(),
         "nothing reached the loopback peer"
+    );
+    let metrics = common::http(signaller.addr, "GET", "/metrics", None)
+        .await
+        .body;
+    assert!(
+        metrics.contains("treecast_turn_denied_peers_total{direction=\"to_peer\"}"),
+        "{metrics}"
     );
     drop(relay);
     signaller.shutdown().await.unwrap();
