@@ -34,7 +34,8 @@ struct Args {
     #[arg(long, env = "TREECAST_BIND", value_name = "ADDR")]
     bind: Option<SocketAddr>,
 
-    /// Log filter, e.g. `info` or `treecast_signaller=debug` [default: RUST_LOG, else info].
+    /// Log filter, e.g. `info` or `treecast_signaller=debug` [default: RUST_LOG, else
+    /// `info,turn=off`: the embedded TURN engine's own messages are off].
     #[arg(long, env = "TREECAST_LOG", value_name = "FILTER")]
     log: Option<String>,
 
@@ -183,7 +184,10 @@ fn main() -> ExitCode {
         .log
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_owned());
+        // The TURN engine logs every malformed or refused client request as an error, which
+        // anyone on the internet could use to flood the log; treecast counts those in its
+        // metrics instead.
+        .unwrap_or_else(|| "info,turn=off".to_owned());
     let filter = match EnvFilter::try_new(&filter) {
         Ok(f) => f,
         Err(e) => {

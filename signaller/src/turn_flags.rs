@@ -156,3 +156,88 @@ fn read_secret(path: &std::path::Path) -> Result<Secret, ConfigError> {
     }
     Ok(Secret::new(secret))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        turn: TurnArgs,
+    }
+
+    fn apply(args: &[&str], env_secret: Option<&str>) -> Result<Config, ConfigError> {
+        let flags = Flags::try_parse_from(std::iter::once("test").chain(args.iter().copied()))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut config = Config::default();
+        flags
+            .turn
+            .apply(&mut config, env_secret.map(str::to_owned))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn the_secret_comes_from_a_file_before_the_environment() {
+        let file =
+            std::env::temp_dir().join(format!("treecast-turn-secret-{}", std::process::id()));
+        std::fs::write(&file, "from-file\n").unwrap();
+        let path = file.to_str().unwrap();
+        let c = apply(
+            &["--turn-url", "turn:x:3478", "--turn-secret-file", path],
+            Some("env"),
+        )
+        .unwrap();
+        let rest = c.room.turn.unwrap();
+        assert_eq!(rest.secret.expose(), b"from-file");
+        assert_eq!(rest.ttl, TurnRest::DEFAULT_TTL);
+        let c = apply(
+            &["--turn-url", "turn:x:3478", "--turn-ttl-secs", "120"],
+            Some("env"),
+        )
+        .unwrap();
+        let rest = c.room.turn.unwrap();
+        assert_eq!(rest.secret.expose(), b"env");
+        assert_eq!(rest.ttl, Duration::from_secs(120));
+        std::fs::write(&file, "\n").unwrap();
+        let e = apply(&["--turn-url", "turn:x", "--turn-secret-file", path], None).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn the_embedded_server_is_opt_in_and_needs_the_secret() {
+        assert!(apply(&[], None).unwrap().turn_server.is_none());
+        let c = apply(
+            &[
+                "--turn-port",
+                "3478",
+                "--turn-allow-peer",
+                "10.0.0.0/8",
+                "--turn-relay-ports",
+                "50000-50010",
+            ],
+            Some("s"),
+        )
+        .unwrap();
+        let server = c.turn_server.unwrap();
+        assert_eq!(server.port, 3478);
+        assert_eq!(server.allow_peers.len(), 1);
+        assert_eq!(server.relay_ports.first, 50000);
+        assert!(
+            apply(&["--turn-port", "0"], Some("s")).is_err(),
+            "a secret with no server"
+        );
+        for (args, says) in [
+            (&["--turn-port", "3478"][..], "shared secret"),
+            (&["--turn-relay-ip", "127.0.0.1"][..], "--turn-port"),
+            (&["--turn-url", "turn:x"][..], "empty secret"),
+        ] {
+            let e = apply(args, None).unwrap_err().to_string();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+    }
+}

@@ -610,9 +610,10 @@ impl RelayPorts {
         let mut seed = [0u8; 4];
         getrandom::fill(&mut seed).map_err(|e| turn::Error::Other(e.to_string()))?;
         let start = u32::from_le_bytes(seed) % span;
-        // Probe from a random point: the OS picks no port for us inside a range.
+        // Probe upwards from a random point (the OS picks no port for us inside a range);
+        // a full range fails after 64 tries instead of scanning thousands of ports.
         for i in 0..span.min(64) {
-            let port = self.range.first + ((start + i * 7919) % span) as u16;
+            let port = self.range.first + ((start + i) % span) as u16;
             if let Ok(socket) = UdpSocket::bind((self.ip, port)).await {
                 return Ok(socket);
             }
