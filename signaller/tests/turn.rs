@@ -97,7 +97,7 @@ async fn allocate(
     server: SocketAddr,
     username: &str,
     password: &str,
-) -> (TurnClient, Result<impl Conn, String>) {
+) -> (TurnClient, Result<impl Conn + use<>, String>) {
     let client = turn_client(server, username, password).await;
     let relay = tokio::time::timeout(LIVENESS, client.allocate())
         .await
@@ -354,8 +354,9 @@ struct Coturn {
 }
 
 impl Coturn {
-    /// Starts `turnserver` with the test secret on a free port and waits until it answers.
-    async fn start() -> Self {
+    /// Starts `turnserver` with the test secret on a free port and waits until it answers;
+    /// `extra` flags are appended.
+    async fn start(extra: &[&str]) -> Self {
         let binary = which("turnserver").unwrap_or_else(|| {
             panic!(
                 "turnserver is not installed: install coturn (apt-get install coturn; \
@@ -397,6 +398,7 @@ impl Coturn {
                     "--log-file=stdout",
                     "--simple-log",
                 ])
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -459,11 +461,95 @@ fn which(name: &str) -> Option<PathBuf> {
 
 #[tokio::test]
 async fn coturn_accepts_minted_credentials_and_refuses_forged_or_expired() {
-    let coturn = Coturn::start().await;
+    let coturn = Coturn::start(&[]).await;
     let url = format!("turn:{}?transport=udp", coturn.addr);
     let signaller = TestServer::start(config_with_rest(vec![url])).await;
     let turn = minted_forged_and_expired(signaller.addr).await;
     assert_eq!(turn, coturn.addr);
     signaller.shutdown().await.unwrap();
     drop(coturn);
+}
+
+/// Allocation time, round-trip time and a burst through a relay to a local echo, on the
+/// embedded server and on coturn. Prints numbers for docs/performance.md; asserts only that
+/// traffic flows. Run: `cargo test --release -p treecast-signaller --test turn -- --ignored
+/// --nocapture measure`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a behaviour check"]
+async fn measure_relay_costs() {
+    let embedded = TestServer::start(config_with_embedded(&["127.0.0.0/8"])).await;
+    measure("embedded", mint_as_a_peer(embedded.addr).await).await;
+    let coturn = Coturn::start(&["--allow-loopback-peers"]).await;
+    let url = format!("turn:{}?transport=udp", coturn.addr);
+    let signaller = TestServer::start(config_with_rest(vec![url])).await;
+    measure("coturn", mint_as_a_peer(signaller.addr).await).await;
+}
+
+async fn measure(name: &str, minted: Minted) {
+    let mut allocations = Vec::new();
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let (client, relay) = allocate(minted.server, &minted.username, &minted.password).await;
+        allocations.push(started.elapsed());
+        let relay = relay.unwrap();
+        relay.close().await.unwrap();
+        client.close().await.unwrap();
+    }
+    let (client, relay) = allocate(minted.server, &minted.username, &minted.password).await;
+    let relay = relay.unwrap();
+    let (peer, _echo) = echo("127.0.0.1").await;
+    assert!(round_trip(&relay, peer, b"warm-up", LIVENESS).await);
+    let payload = vec![7u8; 1_000];
+    let mut rtts = Vec::new();
+    let mut buf = vec![0u8; 2_048];
+    for _ in 0..1_000 {
+        let started = std::time::Instant::now();
+        relay.send_to(&payload, peer).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(1), relay.recv_from(&mut buf)).await;
+        if matches!(got, Ok(Ok((n, _))) if n == payload.len()) {
+            rtts.push(started.elapsed());
+        }
+    }
+    // 5,000 datagrams of 1,000 B paced at 10 per millisecond (80 Mbit/s, what 160 relayed
+    // 500 kbit/s streams carry), read back by a second task.
+    let relay = Arc::new(relay);
+    let reader = {
+        let relay = Arc::clone(&relay);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2_048];
+            let mut n = 0u32;
+            while let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_secs(2), relay.recv_from(&mut buf)).await
+            {
+                n += 1;
+            }
+            n
+        })
+    };
+    let started = std::time::Instant::now();
+    let mut pace = tokio::time::interval(Duration::from_millis(1));
+    for _ in 0..500 {
+        pace.tick().await;
+        for _ in 0..10 {
+            relay.send_to(&payload, peer).await.unwrap();
+        }
+    }
+    let sent_in = started.elapsed();
+    let returned = reader.await.unwrap();
+    allocations.sort();
+    rtts.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{name}: allocate median {:.2} ms (max {:.2}); round trip of 1000 B p50 {:.3} ms, \
+         p99 {:.3} ms ({} of 1000 answered); 5000 x 1000 B paced at 10/ms sent in {:.0} ms, \
+         {returned} came back",
+        ms(allocations[allocations.len() / 2]),
+        ms(allocations[allocations.len() - 1]),
+        ms(rtts[rtts.len() / 2]),
+        ms(rtts[rtts.len() * 99 / 100]),
+        rtts.len(),
+        ms(sent_in),
+    );
+    assert!(!rtts.is_empty());
+    client.close().await.unwrap();
 }
