@@ -297,6 +297,8 @@ mod tests {
         }
     }
 
+    use treecast_core::turn::TurnRest;
+
     #[test]
     fn turn_sections_parse() {
         let c = Config::from_toml(
@@ -359,6 +361,9 @@ mod tests {
             let e = Config::from_toml(toml).unwrap_err().to_string();
             assert!(e.contains(says), "{toml}: {e}");
         }
+        // The lifetime may be left out.
+        let c = Config::from_toml("[room.turn]\nurls = [\"turn:x\"]\nsecret = \"s\"\n").unwrap();
+        assert_eq!(c.room.turn.unwrap().ttl, TurnRest::DEFAULT_TTL);
         // The embedded server supplies the URL itself.
         Config::from_toml("[room.turn]\nurls = []\nsecret = \"s\"\nttl = 600000\n[turn_server]\n")
             .unwrap();

@@ -641,7 +641,10 @@ impl RelayAddressGenerator for RelayPorts {
         }
         let owner = {
             let mut ledger = lock(&self.ledger);
-            let Some(owner) = ledger.last_auth.take() else {
+            // Read, not taken: for an EVEN-PORT request the engine first probes for a port
+            // by allocating and dropping a relay, then allocates the real one, both after
+            // the same authentication.
+            let Some(owner) = ledger.last_auth.clone() else {
                 return Err(turn::Error::Other("allocation without credentials".into()));
             };
             if owner.expired {
