@@ -23,7 +23,7 @@
 //! before reading the next. For an Allocate it calls [`AuthHandler::auth_handle`] and then,
 //! on the same task with no other request in between, [`RelayAddressGenerator::allocate_conn`].
 //! [`RestAuth`] therefore notes who it just authenticated ([`Ledger::last_auth`]), and
-//! [`RelayPorts::allocate_conn`] takes that note to learn which client and username the new
+//! [`RelayPorts::allocate_conn`] reads that note to learn which client and username the new
 //! relay belongs to. That is how the ledger knows which (client address, username) pairs
 //! hold an allocation: an expired username is accepted only from such a pair, where it can
 //! only refresh, permit or bind (a second Allocate from the same 5-tuple is answered 437
