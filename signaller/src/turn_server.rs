@@ -8,9 +8,10 @@
 //!   password is recomputed from the shared secret and turned into the long-term key. Expiry
 //!   is enforced only when an allocation is created, never on Refresh, CreatePermission or
 //!   ChannelBind, so a relayed session outlives its credentials (coturn behaves the same).
-//! - **Destinations** ([`PeerPolicy`]): relaying to loopback, private, link-local, CGNAT,
-//!   multicast or unspecified addresses is dropped unless an allow-list permits it, so the
-//!   relay cannot be used to reach the operator's internal network.
+//! - **Destinations** ([`PeerPolicy`]): permissions for loopback, private, link-local,
+//!   CGNAT, multicast or unspecified peers are refused (403) and datagrams to or from them
+//!   dropped, unless an allow-list permits them, so the relay cannot be used to reach the
+//!   operator's internal network.
 //! - **Refusals** ([`RestAuth::screen`]): signed requests are checked on the listening
 //!   socket before the engine sees them, so wrong, forged or expired credentials get 401
 //!   (as from coturn) and are counted by reason.
@@ -270,10 +271,11 @@ impl EmbeddedTurn {
             realm: config.realm.clone(),
             ledger: Arc::clone(&ledger),
         });
+        let policy = Arc::new(PeerPolicy::new(config.allow_peers.clone()));
         let ports = RelayPorts {
             ip: relay_ip,
             range: config.relay_ports,
-            policy: Arc::new(PeerPolicy::new(config.allow_peers.clone())),
+            policy: Arc::clone(&policy),
             max_per_peer: config.max_allocations_per_peer,
             ledger,
         };
@@ -282,6 +284,7 @@ impl EmbeddedTurn {
                 conn: Arc::new(Listener {
                     socket,
                     auth: Arc::clone(&auth),
+                    policy,
                 }),
                 relay_addr_generator: Box::new(ports),
             }],
@@ -512,10 +515,12 @@ impl AuthHandler for RestAuth {
     }
 }
 
-/// The listening socket, with [`RestAuth::screen`] in front of the engine.
+/// The listening socket, with [`RestAuth::screen`] and [`PeerPolicy::screen`] in front of
+/// the engine.
 struct Listener {
     socket: UdpSocket,
     auth: Arc<RestAuth>,
+    policy: Arc<PeerPolicy>,
 }
 
 #[async_trait]
@@ -535,7 +540,12 @@ impl Conn for Listener {
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         loop {
             let (n, from) = self.socket.recv_from(buf).await?;
-            match self.auth.screen(&buf[..n], from, unix_now()) {
+            let datagram = &buf[..n];
+            let refusal = self
+                .auth
+                .screen(datagram, from, unix_now())
+                .or_else(|| self.policy.screen(datagram));
+            match refusal {
                 None => return Ok((n, from)),
                 Some(refusal) => {
                     let _ = self.socket.send_to(&refusal, from).await;
@@ -815,6 +825,86 @@ impl PeerPolicy {
     }
 }
 
+impl PeerPolicy {
+    /// Answers 403 to a signed CreatePermission or ChannelBind naming a peer the relay may
+    /// not reach (coturn does the same), so the client's ICE agent gives up on it at once
+    /// instead of sending into a relay that drops everything. Unsigned requests pass: the
+    /// engine challenges them first, and the credentials are checked before this.
+    fn screen(&self, datagram: &[u8]) -> Option<Vec<u8>> {
+        use stun::attributes::{ATTR_MESSAGE_INTEGRITY, ATTR_XOR_PEER_ADDRESS};
+        use stun::message::{
+            CLASS_ERROR_RESPONSE, CLASS_REQUEST, METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION,
+            Message, MessageType,
+        };
+
+        if !stun::message::is_message(datagram) {
+            return None;
+        }
+        let mut request = Message::new();
+        request.raw = datagram.to_vec();
+        if request.decode().is_err()
+            || request.typ.class != CLASS_REQUEST
+            || !(request.typ.method == METHOD_CREATE_PERMISSION
+                || request.typ.method == METHOD_CHANNEL_BIND)
+            || !request.contains(ATTR_MESSAGE_INTEGRITY)
+        {
+            return None;
+        }
+        let transaction = request.transaction_id.0;
+        let forbidden = request
+            .attributes
+            .0
+            .iter()
+            .filter(|a| a.typ == ATTR_XOR_PEER_ADDRESS)
+            .filter_map(|a| xor_peer_ip(&a.value, &transaction))
+            .any(|ip| !self.allows(ip));
+        if !forbidden {
+            return None;
+        }
+        counter!("treecast_turn_denied_peers_total", "direction" => "permission").increment(1);
+        let mut answer = Message::new();
+        answer
+            .build(&[
+                Box::new(request.transaction_id),
+                Box::new(MessageType::new(request.typ.method, CLASS_ERROR_RESPONSE)),
+                Box::new(stun::error_code::ErrorCodeAttribute {
+                    code: stun::error_code::CODE_FORBIDDEN,
+                    reason: b"Forbidden IP".to_vec(),
+                }),
+                Box::new(stun::fingerprint::FINGERPRINT),
+            ])
+            .ok()?;
+        Some(answer.raw)
+    }
+}
+
+/// The IP address in an XOR-PEER-ADDRESS value (RFC 5766 14.3, RFC 5389 15.2): family at
+/// byte 1, the address from byte 4 XORed with the magic cookie (and, for IPv6, the
+/// transaction id).
+fn xor_peer_ip(value: &[u8], transaction: &[u8; 12]) -> Option<IpAddr> {
+    const MAGIC_COOKIE: [u8; 4] = 0x2112_A442u32.to_be_bytes();
+    let mut key = [0u8; 16];
+    key[..4].copy_from_slice(&MAGIC_COOKIE);
+    key[4..].copy_from_slice(transaction);
+    match (value.get(1)?, value.get(4..)?) {
+        (1, xored) if xored.len() >= 4 => {
+            let mut octets = [0u8; 4];
+            for (i, o) in octets.iter_mut().enumerate() {
+                *o = xored[i] ^ key[i];
+            }
+            Some(IpAddr::from(octets))
+        }
+        (2, xored) if xored.len() >= 16 => {
+            let mut octets = [0u8; 16];
+            for (i, o) in octets.iter_mut().enumerate() {
+                *o = xored[i] ^ key[i];
+            }
+            Some(IpAddr::from(octets))
+        }
+        _ => None,
+    }
+}
+
 /// Loopback, RFC 1918, link-local, CGNAT (RFC 6598), "this network", multicast, broadcast.
 fn internal_v4(ip: Ipv4Addr) -> bool {
     let [a, b, ..] = ip.octets();
@@ -862,7 +952,7 @@ pub(crate) fn describe_metrics() {
     );
     describe_counter!(
         "treecast_turn_denied_peers_total",
-        "Datagrams the relay dropped because the peer address is loopback, private, link-local, CGNAT or multicast and not allow-listed."
+        "Permissions refused (403) and datagrams dropped because the peer address is loopback, private, link-local, CGNAT or multicast and not allow-listed, by direction (permission, to_peer, from_peer)."
     );
 }
 
@@ -1014,6 +1104,93 @@ mod tests {
         let lab = PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]);
         assert!(lab.allows("127.0.0.1".parse().unwrap()));
         assert!(!lab.allows("10.0.0.1".parse().unwrap()));
+    }
+
+    fn signed_create_permission(peer: SocketAddr) -> Vec<u8> {
+        use stun::agent::TransactionId;
+        use stun::message::{CLASS_REQUEST, METHOD_CREATE_PERMISSION, Message, MessageType};
+        let mut m = Message::new();
+        m.build(&[
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(METHOD_CREATE_PERMISSION, CLASS_REQUEST)),
+            Box::new(turn::proto::peeraddr::PeerAddress {
+                ip: peer.ip(),
+                port: peer.port(),
+            }),
+            Box::new(stun::integrity::MessageIntegrity::new_long_term_integrity(
+                "2000:r.1".into(),
+                "treecast".into(),
+                "p".into(),
+            )),
+        ])
+        .unwrap();
+        m.raw
+    }
+
+    #[test]
+    fn permissions_for_internal_peers_are_forbidden() {
+        let policy = PeerPolicy::default();
+        for denied in ["127.0.0.1:9", "10.0.0.1:9", "[fd00::1]:9", "[::1]:9"] {
+            let answer = policy
+                .screen(&signed_create_permission(denied.parse().unwrap()))
+                .unwrap_or_else(|| panic!("{denied} permitted"));
+            let mut m = stun::message::Message::new();
+            m.raw = answer;
+            m.decode().unwrap();
+            let mut code = stun::error_code::ErrorCodeAttribute::default();
+            stun::message::Getter::get_from(&mut code, &m).unwrap();
+            assert!(code.code == stun::error_code::CODE_FORBIDDEN, "{denied}");
+        }
+        for allowed in ["203.0.113.9:9", "[2001:db8::1]:9"] {
+            assert_eq!(
+                policy.screen(&signed_create_permission(allowed.parse().unwrap())),
+                None,
+                "{allowed}"
+            );
+        }
+    }
+
+    fn relay_with(policy: PeerPolicy, socket: UdpSocket) -> FilteredRelay {
+        FilteredRelay {
+            socket,
+            policy: Arc::new(policy),
+            holding: Holding {
+                ledger: Arc::default(),
+                owner: Authenticated {
+                    client: "198.51.100.7:5000".parse().unwrap(),
+                    username: "2000:r.1".into(),
+                    user: "r.1".into(),
+                    expired: false,
+                },
+                live: AtomicBool::new(false),
+                released: AtomicBool::new(false),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn the_relay_socket_drops_datagrams_to_internal_peers() {
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = peer.local_addr().unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let strict = relay_with(PeerPolicy::default(), socket);
+        // Reported as sent, but dropped.
+        assert_eq!(strict.send_to(b"no", to).await.unwrap(), 2);
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let lab = relay_with(
+            PeerPolicy::new(vec!["127.0.0.0/8".parse().unwrap()]),
+            socket,
+        );
+        lab.send_to(b"yes", to).await.unwrap();
+        let mut buf = [0u8; 16];
+        let (n, _) =
+            tokio::time::timeout(std::time::Duration::from_secs(30), peer.recv_from(&mut buf))
+                .await
+                .expect("the allow-listed datagram arrives")
+                .unwrap();
+        // Datagrams on loopback arrive in order: had the first one been sent, it would be
+        // read first.
+        assert_eq!(&buf[..n], b"yes");
     }
 
     #[test]
