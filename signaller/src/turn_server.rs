@@ -19,10 +19,16 @@
 //!   (`<room>.<peer id>`), whatever client address they come from.
 //! - **Metrics**: allocations, relayed bytes, authentication failures and denied destinations.
 //!
+//! - **Flood guard**: unsigned requests, each of which costs the engine a nonce, are capped
+//!   at [`CHALLENGES_PER_SECOND`] for all clients together, and nonces are forgotten after
+//!   [`NONCE_TTL`] (the engine's own server loop keeps them forever).
+//!
 //! # How the crate is driven, and why the ledger works
-//! The crate reads the listening socket in one task and handles each datagram to the end
-//! before reading the next. For an Allocate it calls [`AuthHandler::auth_handle`] and then,
-//! on the same task with no other request in between, [`RelayAddressGenerator::allocate_conn`].
+//! [`serve_turn`] reads the listening socket in one task and hands each datagram to the
+//! engine's request handler, to the end, before reading the next (as the engine's own server
+//! loop does; driving it here is what lets nonces be pruned). For an Allocate the handler
+//! calls [`AuthHandler::auth_handle`] and then, on the same task with no other request in
+//! between, [`RelayAddressGenerator::allocate_conn`].
 //! [`RestAuth`] therefore notes who it just authenticated ([`Ledger::last_auth`]), and
 //! [`RelayPorts::allocate_conn`] reads that note to learn which client and username the new
 //! relay belongs to. That is how the ledger knows which (client address, username) pairs
@@ -45,10 +51,10 @@ use metrics::{counter, describe_counter, describe_gauge, gauge};
 use serde::Deserialize;
 use tokio::net::UdpSocket;
 use treecast_core::turn::{self as rest, Secret};
+use turn::allocation::allocation_manager::{Manager, ManagerConfig};
 use turn::auth::{AuthHandler, generate_auth_key};
 use turn::relay::RelayAddressGenerator;
-use turn::server::Server;
-use turn::server::config::{ConnConfig, ServerConfig};
+use turn::server::request::Request;
 use webrtc_util::Conn;
 
 use crate::config::{Config, ConfigError};
@@ -240,10 +246,30 @@ pub enum TurnServerError {
     Start(String),
 }
 
+/// How long a nonce the engine handed out stays usable. The engine never forgets nonces
+/// by itself (its own server loop keeps every one it issued, about 100 bytes each, so a
+/// flood of unsigned requests would grow memory without end); this module drives the
+/// engine's request handler itself and prunes them. A client presenting a pruned nonce
+/// gets 438 Stale Nonce with a fresh one and retries, as RFC 5389 clients do.
+const NONCE_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How often nonces older than [`NONCE_TTL`] are pruned.
+const NONCE_PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Unsigned requests (each makes the engine issue a nonce) accepted per second from all
+/// clients together, and the burst above that rate. A browser sends one per allocation;
+/// the cap bounds the nonce table at about `rate × NONCE_TTL × 100 B` (60 MB) under a flood.
+const CHALLENGES_PER_SECOND: u32 = 1_000;
+const CHALLENGE_BURST: u32 = 5_000;
+
+/// Largest datagram read from the listening socket (the engine's own loop reads 1500).
+const MAX_DATAGRAM: usize = 2_048;
+
 /// A running embedded TURN server.
 pub(crate) struct EmbeddedTurn {
-    server: Server,
     url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl EmbeddedTurn {
@@ -279,22 +305,28 @@ impl EmbeddedTurn {
             max_per_peer: config.max_allocations_per_peer,
             ledger,
         };
-        let server = Server::new(ServerConfig {
-            conn_configs: vec![ConnConfig {
-                conn: Arc::new(Listener {
-                    socket,
-                    auth: Arc::clone(&auth),
-                    policy,
-                }),
-                relay_addr_generator: Box::new(ports),
-            }],
-            realm: config.realm.clone(),
-            auth_handler: auth,
-            channel_bind_timeout: std::time::Duration::ZERO,
+        let listener = Arc::new(Listener {
+            socket,
+            auth: Arc::clone(&auth),
+            policy,
+            challenges: Mutex::new(crate::rate::TokenBucket::new(
+                CHALLENGES_PER_SECOND,
+                CHALLENGE_BURST,
+                tokio::time::Instant::now(),
+            )),
+        });
+        let manager = Arc::new(Manager::new(ManagerConfig {
+            relay_addr_generator: Box::new(ports),
             alloc_close_notify: None,
-        })
-        .await
-        .map_err(|e| TurnServerError::Start(e.to_string()))?;
+        }));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(serve_turn(
+            listener,
+            manager,
+            auth,
+            config.realm.clone(),
+            stopped,
+        ));
         let url = match local.ip() {
             IpAddr::V6(ip) => format!("turn:[{ip}]:{}?transport=udp", local.port()),
             IpAddr::V4(ip) => format!("turn:{ip}:{}?transport=udp", local.port()),
@@ -303,7 +335,7 @@ impl EmbeddedTurn {
             "embedded TURN server on udp {local}, relaying from ports {}",
             config.relay_ports
         );
-        Ok(Self { server, url })
+        Ok(Self { url, stop, task })
     }
 
     /// The URL clients are given, `turn:IP:PORT?transport=udp`.
@@ -313,9 +345,58 @@ impl EmbeddedTurn {
 
     /// Closes every allocation and the listening socket.
     pub(crate) async fn stop(self) {
-        if let Err(e) = self.server.close().await {
-            tracing::warn!("closing the embedded TURN server: {e}");
+        let _ = self.stop.send(());
+        if let Err(e) = self.task.await {
+            tracing::warn!("the embedded TURN server failed while stopping: {e}");
         }
+    }
+}
+
+/// The driver loop: one datagram at a time through the engine's request handler (which is
+/// what makes [`Ledger::last_auth`] sound), nonces pruned now and then, until `stopped`.
+async fn serve_turn(
+    listener: Arc<Listener>,
+    manager: Arc<Manager>,
+    auth: Arc<RestAuth>,
+    realm: String,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let nonces: Arc<tokio::sync::Mutex<HashMap<String, tokio::time::Instant>>> = Arc::default();
+    let mut prune = tokio::time::interval(NONCE_PRUNE_EVERY);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, from) = tokio::select! {
+            received = listener.recv_from(&mut buf) => match received {
+                Ok(received) => received,
+                Err(e) => {
+                    tracing::warn!("the embedded TURN server stopped reading: {e}");
+                    break;
+                }
+            },
+            _ = prune.tick() => {
+                nonces.lock().await.retain(|_, issued| issued.elapsed() < NONCE_TTL);
+                continue;
+            }
+            _ = &mut stopped => break,
+        };
+        let mut request = Request {
+            conn: Arc::clone(&listener) as Arc<dyn Conn + Send + Sync>,
+            src_addr: from,
+            buff: buf[..n].to_vec(),
+            allocation_manager: Arc::clone(&manager),
+            nonces: Arc::clone(&nonces),
+            auth_handler: Arc::clone(&auth) as Arc<dyn AuthHandler + Send + Sync>,
+            realm: realm.clone(),
+            channel_bind_timeout: turn::proto::lifetime::DEFAULT_LIFETIME,
+        };
+        // Malformed or refused requests from clients: counted where it matters, not logged
+        // (anyone could fill the log).
+        if let Err(e) = request.handle_request().await {
+            tracing::trace!("TURN datagram from {from} not handled: {e}");
+        }
+    }
+    if let Err(e) = manager.close().await {
+        tracing::warn!("closing the embedded TURN server's allocations: {e}");
     }
 }
 
@@ -521,6 +602,43 @@ struct Listener {
     socket: UdpSocket,
     auth: Arc<RestAuth>,
     policy: Arc<PeerPolicy>,
+    /// Unsigned requests admitted, all clients together (see [`CHALLENGES_PER_SECOND`]).
+    challenges: Mutex<crate::rate::TokenBucket>,
+}
+
+impl Listener {
+    /// Whether an unsigned request (which costs the engine a nonce) may pass now.
+    fn admits_challenge(&self, datagram: &[u8]) -> bool {
+        if !is_unsigned_request(datagram) {
+            return true;
+        }
+        let admitted = self
+            .challenges
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit(tokio::time::Instant::now())
+            == crate::rate::Admission::Pass;
+        if !admitted {
+            counter!("treecast_turn_challenges_dropped_total").increment(1);
+        }
+        admitted
+    }
+}
+
+/// A STUN request other than Binding without MESSAGE-INTEGRITY: the engine answers it with
+/// a 401 and a new nonce.
+fn is_unsigned_request(datagram: &[u8]) -> bool {
+    use stun::attributes::ATTR_MESSAGE_INTEGRITY;
+    use stun::message::{CLASS_REQUEST, METHOD_BINDING, Message};
+    if !stun::message::is_message(datagram) {
+        return false;
+    }
+    let mut m = Message::new();
+    m.raw = datagram.to_vec();
+    m.decode().is_ok()
+        && m.typ.class == CLASS_REQUEST
+        && m.typ.method != METHOD_BINDING
+        && !m.contains(ATTR_MESSAGE_INTEGRITY)
 }
 
 #[async_trait]
@@ -541,6 +659,9 @@ impl Conn for Listener {
         loop {
             let (n, from) = self.socket.recv_from(buf).await?;
             let datagram = &buf[..n];
+            if !self.admits_challenge(datagram) {
+                continue;
+            }
             let refusal = self
                 .auth
                 .screen(datagram, from, unix_now())
@@ -951,6 +1072,10 @@ pub(crate) fn describe_metrics() {
         "TURN requests whose credentials were refused, by reason (expired, malformed_username, wrong_realm, bad_password)."
     );
     describe_counter!(
+        "treecast_turn_challenges_dropped_total",
+        "Unsigned TURN requests dropped because more than 1000 a second arrived (each would cost a nonce)."
+    );
+    describe_counter!(
         "treecast_turn_denied_peers_total",
         "Permissions refused (403) and datagrams dropped because the peer address is loopback, private, link-local, CGNAT or multicast and not allow-listed, by direction (permission, to_peer, from_peer)."
     );
@@ -1054,6 +1179,25 @@ mod tests {
             a.screen(&[0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4], client, 1_000),
             None
         );
+    }
+
+    #[test]
+    fn only_unsigned_requests_cost_a_challenge() {
+        use stun::agent::TransactionId;
+        use stun::message::{CLASS_REQUEST, METHOD_ALLOCATE, METHOD_BINDING, Message, MessageType};
+        let unsigned = |method| {
+            let mut m = Message::new();
+            m.build(&[
+                Box::new(TransactionId::new()),
+                Box::new(MessageType::new(method, CLASS_REQUEST)),
+            ])
+            .unwrap();
+            m.raw
+        };
+        assert!(is_unsigned_request(&unsigned(METHOD_ALLOCATE)));
+        assert!(!is_unsigned_request(&unsigned(METHOD_BINDING)));
+        assert!(!is_unsigned_request(&signed_allocate("2000:r.1", "p")));
+        assert!(!is_unsigned_request(&[0x40, 0x00, 0x00, 0x04, 1, 2, 3, 4]));
     }
 
     #[test]
