@@ -79,7 +79,10 @@ impl TurnArgs {
         let invalid = |s: String| ConfigError::Invalid(s);
         let secret = match &self.turn_secret_file {
             Some(path) => Some(read_secret(path)?),
-            None => secret_from_env.map(|s| Secret::new(s.trim())),
+            // An empty variable (a blank line in an environment file) counts as unset.
+            None => secret_from_env
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| Secret::new(s.trim())),
         };
         if !self.turn_urls.is_empty() || secret.is_some() || self.turn_ttl_secs.is_some() {
             let rest = config.room.turn.get_or_insert_with(|| TurnRest {
@@ -211,6 +214,7 @@ mod tests {
     #[test]
     fn the_embedded_server_is_opt_in_and_needs_the_secret() {
         assert!(apply(&[], None).unwrap().turn_server.is_none());
+        assert!(apply(&[], Some(" ")).unwrap().room.turn.is_none());
         let c = apply(
             &[
                 "--turn-port",
