@@ -184,9 +184,9 @@ fn main() -> ExitCode {
         .log
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
-        // The TURN engine logs every malformed or refused client request as an error, which
-        // anyone on the internet could use to flood the log; treecast counts those in its
-        // metrics instead.
+        // The TURN engine logs a line for every datagram that reaches a relay port without a
+        // permission, and an error for every send to a client that went away: anyone on
+        // the internet could flood the log with them. The metrics count what matters.
         .unwrap_or_else(|| "info,turn=off".to_owned());
     let filter = match EnvFilter::try_new(&filter) {
         Ok(f) => f,
