@@ -16,7 +16,7 @@
 //!   socket before the engine sees them, so wrong, forged or expired credentials get 401
 //!   (as from coturn) and are counted by reason.
 //! - **Quota**: at most `max_allocations_per_peer` live allocations per user part
-//!   (`<room>.<peer id>`), whatever client address they come from.
+//!   (`<room>.<peer id>`), whatever client address they come from; one more gets 486.
 //! - **Metrics**: allocations, relayed bytes, authentication failures and denied destinations.
 //!
 //! - **Flood guard**: unsigned requests, each of which costs the engine a nonce, are capped
@@ -296,6 +296,7 @@ impl EmbeddedTurn {
             secret,
             realm: config.realm.clone(),
             ledger: Arc::clone(&ledger),
+            max_per_peer: config.max_allocations_per_peer,
         });
         let policy = Arc::new(PeerPolicy::new(config.allow_peers.clone()));
         let ports = RelayPorts {
@@ -465,6 +466,8 @@ struct RestAuth {
     secret: Secret,
     realm: String,
     ledger: Arc<Mutex<Ledger>>,
+    /// Live allocations one peer may hold (answered 486 beyond, before the engine runs).
+    max_per_peer: u32,
 }
 
 impl RestAuth {
@@ -514,6 +517,11 @@ impl RestAuth {
         Ok(key)
     }
 
+    /// Whether `user` already holds as many allocations as it may.
+    fn quota_reached(&self, user: &str) -> bool {
+        lock(&self.ledger).per_peer.get(user).copied().unwrap_or(0) >= self.max_per_peer
+    }
+
     /// Checks the credentials of a signed request before the engine sees it; `Some` is
     /// the 401 answer to send instead. The engine itself answers a bad signature with 400
     /// and cannot tell a wrong password from other mistakes; checking here gives clients
@@ -540,12 +548,25 @@ impl RestAuth {
         let nonce = TextAttribute::get_from_as(&request, ATTR_NONCE).ok()?;
         let failure = match self.verify(&username.text, &realm.text, client, now_unix) {
             Err(why) => why,
-            Ok((key, _)) => {
+            Ok((key, who)) => {
                 let integrity = stun::integrity::MessageIntegrity(key);
-                if integrity.check(&mut request.clone()).is_ok() {
+                if integrity.check(&mut request.clone()).is_err() {
+                    AuthFailure::BadPassword
+                } else if request.typ.method == stun::message::METHOD_ALLOCATE
+                    && self.quota_reached(&who.user)
+                {
+                    // Answered here with coturn's 486; the allocator checks again, since
+                    // this is only a forecast.
+                    counter!("treecast_turn_allocations_refused_total", "reason" => "per_peer_quota")
+                        .increment(1);
+                    return error_answer(
+                        &request,
+                        ALLOCATION_QUOTA_REACHED,
+                        b"Allocation Quota Reached",
+                    );
+                } else {
                     return None;
                 }
-                AuthFailure::BadPassword
             }
         };
         count_auth_failure(failure, client);
@@ -565,6 +586,31 @@ impl RestAuth {
             .ok()?;
         Some(answer.raw)
     }
+}
+
+/// 486 Allocation Quota Reached (RFC 5766 15; not among the stun crate's constants).
+const ALLOCATION_QUOTA_REACHED: stun::error_code::ErrorCode = stun::error_code::ErrorCode(486);
+
+/// An error response to `request` carrying only `code` (and a fingerprint).
+fn error_answer(
+    request: &stun::message::Message,
+    code: stun::error_code::ErrorCode,
+    reason: &[u8],
+) -> Option<Vec<u8>> {
+    use stun::message::{CLASS_ERROR_RESPONSE, Message, MessageType};
+    let mut answer = Message::new();
+    answer
+        .build(&[
+            Box::new(request.transaction_id),
+            Box::new(MessageType::new(request.typ.method, CLASS_ERROR_RESPONSE)),
+            Box::new(stun::error_code::ErrorCodeAttribute {
+                code,
+                reason: reason.to_vec(),
+            }),
+            Box::new(stun::fingerprint::FINGERPRINT),
+        ])
+        .ok()?;
+    Some(answer.raw)
 }
 
 fn unix_now() -> u64 {
@@ -954,8 +1000,7 @@ impl PeerPolicy {
     fn screen(&self, datagram: &[u8]) -> Option<Vec<u8>> {
         use stun::attributes::{ATTR_MESSAGE_INTEGRITY, ATTR_XOR_PEER_ADDRESS};
         use stun::message::{
-            CLASS_ERROR_RESPONSE, CLASS_REQUEST, METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION,
-            Message, MessageType,
+            CLASS_REQUEST, METHOD_CHANNEL_BIND, METHOD_CREATE_PERMISSION, Message,
         };
 
         if !stun::message::is_message(datagram) {
@@ -983,19 +1028,7 @@ impl PeerPolicy {
             return None;
         }
         counter!("treecast_turn_denied_peers_total", "direction" => "permission").increment(1);
-        let mut answer = Message::new();
-        answer
-            .build(&[
-                Box::new(request.transaction_id),
-                Box::new(MessageType::new(request.typ.method, CLASS_ERROR_RESPONSE)),
-                Box::new(stun::error_code::ErrorCodeAttribute {
-                    code: stun::error_code::CODE_FORBIDDEN,
-                    reason: b"Forbidden IP".to_vec(),
-                }),
-                Box::new(stun::fingerprint::FINGERPRINT),
-            ])
-            .ok()?;
-        Some(answer.raw)
+        error_answer(&request, stun::error_code::CODE_FORBIDDEN, b"Forbidden IP")
     }
 }
 
@@ -1090,6 +1123,7 @@ mod tests {
             secret: Secret::new("north"),
             realm: "treecast".into(),
             ledger: Arc::default(),
+            max_per_peer: 12,
         }
     }
 

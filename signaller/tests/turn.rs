@@ -343,7 +343,10 @@ async fn embedded_turn_caps_allocations_per_peer() {
         ));
     }
     let (_client, third) = allocate(minted.server, &minted.username, &minted.password).await;
-    assert!(third.is_err(), "a third allocation for one peer is refused");
+    let err = third
+        .err()
+        .expect("a third allocation for one peer is refused");
+    assert!(err.contains("486"), "{err}");
     // Another peer has its own quota.
     let other = mint_as_a_peer(signaller.addr).await;
     let (_client, relay) = allocate(other.server, &other.username, &other.password).await;
