@@ -73,15 +73,20 @@ pub struct TurnRest {
     pub urls: Vec<String>,
     /// The secret shared with the TURN server (coturn: `static-auth-secret`).
     pub secret: Secret,
-    /// How long minted credentials stay valid for new allocations (milliseconds in files).
-    /// Peers get fresh ones over the signalling channel before they expire.
-    #[serde(with = "crate::room::millis")]
+    /// How long minted credentials stay valid for new allocations (milliseconds in files;
+    /// [`TurnRest::DEFAULT_TTL`] when absent). Peers get fresh ones over the signalling
+    /// channel before they expire.
+    #[serde(with = "crate::room::millis", default = "TurnRest::default_ttl")]
     pub ttl: Duration,
 }
 
 impl TurnRest {
     /// Default lifetime of minted credentials: ten minutes.
     pub const DEFAULT_TTL: Duration = Duration::from_secs(600);
+
+    fn default_ttl() -> Duration {
+        Self::DEFAULT_TTL
+    }
 }
 
 /// The username for `user`, valid until `expires_unix` (seconds since 1970).

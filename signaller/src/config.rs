@@ -11,6 +11,7 @@ use serde::Deserialize;
 use treecast_core::room::RoomConfig;
 
 use crate::tls::TlsConfig;
+use crate::turn_server::{self, TurnServerConfig};
 
 /// Everything the signaller needs to run.
 ///
@@ -62,6 +63,9 @@ pub struct Config {
     pub limits: Limits,
     /// Serving HTTPS and WSS directly; plain HTTP when empty.
     pub tls: TlsConfig,
+    /// The embedded TURN server, if wanted (`[turn_server]`); it checks the credentials
+    /// of `room.turn` and its URL is added to theirs.
+    pub turn_server: Option<TurnServerConfig>,
 }
 
 impl Default for Config {
@@ -75,6 +79,7 @@ impl Default for Config {
             room: RoomConfig::default(),
             limits: Limits::default(),
             tls: TlsConfig::default(),
+            turn_server: None,
         }
     }
 }
@@ -256,7 +261,7 @@ impl Config {
             return fail("limits.max_frame_bytes must not be below room.max_message_bytes");
         }
         self.tls.mode()?;
-        Ok(())
+        turn_server::validate(self)
     }
 
     /// The IP address the STUN server listens on.
@@ -374,6 +379,78 @@ mod tests {
             let e = Config::from_toml(toml).unwrap_err().to_string();
             assert!(e.contains(key), "{toml}: {e}");
         }
+    }
+
+    use treecast_core::turn::TurnRest;
+
+    #[test]
+    fn turn_sections_parse() {
+        let c = Config::from_toml(
+            "[room.turn]\nurls = [\"turn:203.0.113.2:3478?transport=udp\"]\n\
+             secret = \"north\"\nttl = 120000\n\
+             [turn_server]\nport = 3479\nrelay_ip = \"203.0.113.2\"\n\
+             relay_ports = \"50000-50100\"\nallow_peers = [\"10.0.0.0/8\"]\n",
+        )
+        .unwrap();
+        let rest = c.room.turn.as_ref().unwrap();
+        assert_eq!(rest.ttl, Duration::from_secs(120));
+        assert_eq!(rest.secret.expose(), b"north");
+        let server = c.turn_server.as_ref().unwrap();
+        assert_eq!(server.port, 3479);
+        assert_eq!(server.relay_ports.to_string(), "50000-50100");
+        assert_eq!(server.allow_peers.len(), 1);
+        assert_eq!(server.realm, "treecast");
+        // The secret never shows in a printed configuration.
+        assert!(!format!("{c:?}").contains("north"));
+    }
+
+    #[test]
+    fn turn_mistakes_are_explained() {
+        let rest = "[room.turn]\nurls = [\"turn:x:3478\"]\nsecret = \"s\"\nttl = 600000\n";
+        for (toml, says) in [
+            (
+                "[room.turn]\nurls = []\nsecret = \"s\"\nttl = 600000\n",
+                "no TURN server",
+            ),
+            (
+                "[room.turn]\nurls = [\"turn:x\"]\nsecret = \"\"\nttl = 600000\n",
+                "empty secret",
+            ),
+            (
+                "[room.turn]\nurls = [\"stun:x\"]\nsecret = \"s\"\nttl = 600000\n",
+                "not a turn",
+            ),
+            (
+                "[room.turn]\nurls = [\"turn:x\"]\nsecret = \"s\"\nttl = 5000\n",
+                "ttl",
+            ),
+            ("[turn_server]\nport = 3478\n", "shared secret"),
+            (
+                &format!("bind = \"0.0.0.0:80\"\n{rest}[turn_server]\n"),
+                "relay_ip",
+            ),
+            (
+                &format!("{rest}[turn_server]\nrelay_ip = \"0.0.0.0\"\n"),
+                "specific address",
+            ),
+            (
+                &format!("{rest}[turn_server]\nrelay_ports = \"9-3\"\n"),
+                "9-3",
+            ),
+            (
+                &format!("{rest}[turn_server]\nmax_allocations_per_peer = 0\n"),
+                "at least 1",
+            ),
+        ] {
+            let e = Config::from_toml(toml).unwrap_err().to_string();
+            assert!(e.contains(says), "{toml}: {e}");
+        }
+        // The lifetime may be left out.
+        let c = Config::from_toml("[room.turn]\nurls = [\"turn:x\"]\nsecret = \"s\"\n").unwrap();
+        assert_eq!(c.room.turn.unwrap().ttl, TurnRest::DEFAULT_TTL);
+        // The embedded server supplies the URL itself.
+        Config::from_toml("[room.turn]\nurls = []\nsecret = \"s\"\nttl = 600000\n[turn_server]\n")
+            .unwrap();
     }
 
     #[test]

@@ -52,6 +52,11 @@
 //! - `GET /healthz`, `GET /metrics` (Prometheus), the pages `/`, `/watch/{room}`,
 //!   `/dashboard`, and their scripts, styles and wasm client under `/assets/`.
 //!
+//! # TURN
+//! With `room.turn` set, every peer gets TURN credentials minted for it (TURN REST scheme,
+//! checked by coturn's `use-auth-secret` or by the embedded TURN server that
+//! [`Config::turn_server`] starts on a UDP port next to the HTTP one).
+//!
 //! Errors are JSON `{code, message}` with the protocol's error codes.
 #![forbid(unsafe_code)]
 
@@ -67,6 +72,7 @@ mod server;
 pub mod stun;
 mod telemetry;
 mod tls;
+mod turn_server;
 mod uplink;
 
 pub use config::{Config, ConfigError, Limits};
@@ -76,3 +82,4 @@ pub use tls::{
     LETS_ENCRYPT_PRODUCTION, LETS_ENCRYPT_STAGING, TlsConfig, TlsError, TlsReload, fingerprint,
 };
 pub use treecast_core::room::RoomConfig;
+pub use turn_server::{PortRange, TurnServerConfig, TurnServerError};

@@ -18,6 +18,8 @@ use treecast_signaller::{
     Config, Extras, LETS_ENCRYPT_STAGING, ServerError, StunSockets, TlsConfig, TlsReload,
 };
 
+mod turn_flags;
+
 /// treecast signalling server: rooms, relay-tree placement over WebSocket, HTTP API,
 /// metrics and the web pages.
 ///
@@ -28,7 +30,8 @@ use treecast_signaller::{
 #[command(name = "treecast-signaller", version)]
 struct Args {
     /// TOML configuration file (keys as in the `Config` struct: `bind`, `stun_port`,
-    /// `stun_bind`, `public_host`, `web_dir`, `[room]`, `[limits]`, `[tls]`).
+    /// `stun_bind`, `public_host`, `web_dir`, `[room]`, `[room.turn]`, `[limits]`, `[tls]`,
+    /// `[turn_server]`).
     #[arg(long, env = "TREECAST_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -52,7 +55,8 @@ struct Args {
     #[arg(long, env = "TREECAST_PUBLIC_HOST", value_name = "NAME")]
     public_host: Option<String>,
 
-    /// Log filter, e.g. `info` or `treecast_signaller=debug` [default: RUST_LOG, else info].
+    /// Log filter, e.g. `info` or `treecast_signaller=debug` [default: RUST_LOG, else
+    /// `info,turn=off`: the embedded TURN engine's own messages are off].
     #[arg(long, env = "TREECAST_LOG", value_name = "FILTER")]
     log: Option<String>,
 
@@ -131,6 +135,9 @@ struct Args {
         next_help_heading = "TLS (HTTPS and WSS without a proxy; plain HTTP without these)"
     )]
     tls: TlsArgs,
+
+    #[command(flatten, next_help_heading = "TURN")]
+    turn: turn_flags::TurnArgs,
 }
 
 impl Args {
@@ -202,6 +209,8 @@ impl Args {
             limits.hello_timeout = ms(v);
         }
         self.tls.apply(&mut config.tls);
+        let secret = std::env::var(turn_flags::SECRET_ENV).ok();
+        self.turn.apply(&mut config, secret)?;
         config.validate()?;
         Ok(config)
     }
@@ -213,7 +222,10 @@ fn main() -> ExitCode {
         .log
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_owned());
+        // The TURN engine logs a line for every datagram that reaches a relay port without a
+        // permission, and an error for every send to a client that went away: anyone on
+        // the internet could flood the log with them. The metrics count what matters.
+        .unwrap_or_else(|| "info,turn=off".to_owned());
     let filter = match EnvFilter::try_new(&filter) {
         Ok(f) => f,
         Err(e) => {

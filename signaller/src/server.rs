@@ -59,6 +59,9 @@ pub enum ServerError {
     /// writable).
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The embedded TURN server could not start.
+    #[error(transparent)]
+    Turn(#[from] crate::turn_server::TurnServerError),
     /// Accepting or serving connections failed.
     #[error("the server stopped on an I/O error: {0}")]
     Serve(#[source] std::io::Error),
@@ -199,7 +202,8 @@ impl Drop for TaskGuard {
 /// [`crate::Limits::shutdown_grace`].
 ///
 /// With [`Config::tls`] set it serves HTTPS and WSS. It runs no STUN server and binds
-/// nothing but `listener`; see [`serve_with`] for the STUN server and a reload trigger.
+/// nothing but `listener`; see [`serve_with`] for the STUN server and a reload trigger. The embedded TURN
+/// server, if configured, runs as long as the HTTP server.
 pub async fn serve(
     listener: TcpListener,
     config: Config,
@@ -252,6 +256,7 @@ pub async fn serve_with(
         Some(mode) => Some(tls::start(mode, &config.tls, local, extras.tls_reload)?),
         None => None,
     };
+    let embedded_turn = crate::turn_server::start_configured(&mut config, &listener).await?;
     let grace = config.limits.shutdown_grace;
     let state = Arc::new(ServerState {
         pages: Pages::new(config.web_dir.clone()),
@@ -311,6 +316,9 @@ pub async fn serve_with(
     }
     if let Some(tls) = &tls {
         tls.upkeep.abort();
+    }
+    if let Some(turn) = embedded_turn {
+        turn.stop().await;
     }
     let tasks = Arc::clone(&state.tasks);
     drop(state);

@@ -117,6 +117,7 @@ fn describe() {
         "treecast_peer_depth",
         "Depth of a peer each time it is linked to a parent."
     );
+    crate::turn_server::describe_metrics();
 }
 
 /// Counts a WebSocket connection accepted.
