@@ -108,8 +108,10 @@ enum Command {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Logs on stderr: stdout carries the status lines and the load report.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     tokio::runtime::Builder::new_multi_thread()

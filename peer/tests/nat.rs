@@ -1,0 +1,353 @@
+//! NAT traversal end to end, in the namespace test bed (`tests/netbed`): native peers as
+//! separate processes behind cone, full-cone and symmetric NATs and on the public network,
+//! coturn as STUN and TURN server, the signaller minting TURN credentials per peer.
+//!
+//! Needs root, network namespaces, iproute2, iptables and coturn, so it is ignored by a
+//! plain `cargo test`; scripts/test runs it as root:
+//! `cargo test -p treecast-peer --test nat -- --ignored --nocapture`.
+
+mod netbed;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use netbed::{FULL_CONE_PORTS, Netbed, SERVER_IP, SIGNALLER_PORT, Site, TURN_PORT};
+use serde_json::Value;
+use treecast_core::protocol::IceServer;
+use treecast_core::turn::{Secret, TurnRest};
+
+/// Longest wait for anything that should happen.
+const LIVENESS: Duration = Duration::from_secs(60);
+const TURN_SECRET: &str = "netbed-shared-secret";
+const STREAM_KBPS: u32 = 150;
+
+/// A room where every link can be punched directly, in join order (broadcaster first).
+/// With a fan-out of 2 the room fills the tree level by level, so this order links cone to
+/// full cone and public, full cone and public to symmetric and cone, symmetric relays to
+/// full cone and public children, and cone to cone. The assertions hold for whatever tree
+/// the room actually builds.
+const DIRECT_ROOM: [(&str, Site); 12] = [
+    ("b-cone", Site::Cone),
+    ("v1-full", Site::FullCone),
+    ("v2-pub", Site::Public),
+    ("v3-sym", Site::Symmetric),
+    ("v4-cone", Site::Cone),
+    ("v5-sym", Site::Symmetric),
+    ("v6-cone", Site::Cone),
+    ("v7-full", Site::FullCone),
+    ("v8-pub", Site::Public),
+    ("v9-cone", Site::Cone),
+    ("v10-full", Site::FullCone),
+    ("v11-pub", Site::Public),
+];
+
+/// A room that needs TURN: cone→symmetric, symmetric→cone and symmetric→symmetric links
+/// besides direct ones.
+const RELAYED_ROOM: [(&str, Site); 12] = [
+    ("b-cone", Site::Cone),
+    ("v1-sym", Site::Symmetric),
+    ("v2-full", Site::FullCone),
+    ("v3-cone", Site::Cone),
+    ("v4-sym", Site::Symmetric),
+    ("v5-pub", Site::Public),
+    ("v6-sym", Site::Symmetric),
+    ("v7-sym", Site::Symmetric),
+    ("v8-cone", Site::Cone),
+    ("v9-pub", Site::Public),
+    ("v10-sym", Site::Symmetric),
+    ("v11-full", Site::FullCone),
+];
+
+struct Member {
+    name: &'static str,
+    site: Site,
+}
+
+/// Every viewer receives, and every link is direct, of a kind the hole-punching matrix
+/// allows, seen from both ends and in the room's snapshot.
+#[test]
+#[ignore = "needs root and network namespaces: scripts/test runs it"]
+fn hole_punching_links_every_viewer_behind_cone_full_cone_and_symmetric_nats() {
+    let relayed = run_room(&DIRECT_ROOM);
+    assert_eq!(relayed, 0, "no link of this room needs TURN");
+}
+
+/// Links the matrix says cannot be punched go through TURN and carry media.
+///
+/// Fails today: the native peer's TURN client (webrtc 0.21.1) and coturn 4.6.1 disagree
+/// after the allocation (coturn answers later requests with 438 "Wrong nonce" and 400), so
+/// relayed connections fail and a viewer that needs one never receives. scripts/test does
+/// not run it; see docs/operations.md, "NAT test bed".
+#[test]
+#[ignore = "needs root and network namespaces; fails until the native TURN client works with coturn"]
+fn turn_relays_what_hole_punching_cannot() {
+    let relayed = run_room(&RELAYED_ROOM);
+    assert!(relayed > 0, "this room needs TURN for some links");
+}
+
+/// Starts the bed, coturn, the signaller and `room` (joined one by one, in order), waits
+/// until every viewer receives and every link's kind is known, checks each link against
+/// the matrix, prints the numbers, and returns how many links go through TURN.
+fn run_room(room_plan: &[(&'static str, Site)]) -> usize {
+    let started = Instant::now();
+    let mut bed = Netbed::new();
+    bed.start_coturn(TURN_SECRET);
+    let signaller = bed.start_signaller(signaller_config());
+    let (room, token) = create_room(&bed, signaller);
+    let url = format!("ws://{signaller}/ws");
+    let peer_bin = Path::new(env!("CARGO_BIN_EXE_treecast-peer"));
+
+    let mut members = Vec::new();
+    for (i, &(name, site)) in room_plan.iter().enumerate() {
+        let host = bed.host(site);
+        let mut args = vec![
+            "--url".to_owned(),
+            url.clone(),
+            "--room".to_owned(),
+            room.clone(),
+            "--threads".to_owned(),
+            "2".to_owned(),
+            "--bind-ip".to_owned(),
+            host.ip.to_string(),
+            "--json".to_owned(),
+        ];
+        if site == Site::FullCone {
+            args.push("--udp-ports".to_owned());
+            args.push(format!(
+                "{}-{}",
+                FULL_CONE_PORTS.start(),
+                FULL_CONE_PORTS.end()
+            ));
+        }
+        if i == 0 {
+            args.extend([
+                "broadcast".to_owned(),
+                "--token".to_owned(),
+                token.clone(),
+                "--kbps".to_owned(),
+                STREAM_KBPS.to_string(),
+            ]);
+        } else {
+            args.push("view".to_owned());
+        }
+        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
+        bed.spawn(name, &host.ns, peer_bin, &args, &[("RUST_LOG", &log)], true);
+        members.push(Member { name, site });
+        // One at a time, so the room places them in this order.
+        let placed = |s: &Value| {
+            if i == 0 {
+                s["peer"].is_u64()
+            } else {
+                s["parent"].is_u64()
+            }
+        };
+        wait_for(&bed, &format!("{name} to join and be placed"), |bed| {
+            bed.process(name)
+                .and_then(|p| p.latest())
+                .is_some_and(|s| placed(&s))
+        });
+    }
+    let joined = started.elapsed();
+
+    // Every viewer receives, and keeps receiving.
+    wait_for(&bed, "every viewer's first packet", |bed| {
+        viewers(&members).all(|m| received(bed, m.name) > 0)
+    });
+    let before: BTreeMap<&str, u64> = viewers(&members)
+        .map(|m| (m.name, received(&bed, m.name)))
+        .collect();
+    wait_for(&bed, "every viewer's packet count to advance", |bed| {
+        viewers(&members).all(|m| received(bed, m.name) > before[m.name])
+    });
+
+    // Every link has a selected pair, seen from both ends and in the room's snapshot.
+    wait_for(&bed, "every link's candidate-pair type", |bed| {
+        let statuses = bed.statuses();
+        let snapshot = snapshot(bed, signaller, &room);
+        viewers(&members).all(|m| {
+            let s = &statuses[m.name];
+            let parent = s["parent"].as_u64();
+            let parent_view = parent.and_then(|p| {
+                let parent_status = statuses.values().find(|v| v["peer"].as_u64() == Some(p))?;
+                parent_status["links"][s["peer"].as_u64()?.to_string()].as_str()
+            });
+            let in_snapshot = snapshot_peer(&snapshot, s["peer"].as_u64())
+                .is_some_and(|p| p["link"].is_string() && p["parent"].as_u64() == parent);
+            s["link"].is_string() && parent_view.is_some() && in_snapshot
+        })
+    });
+    let statuses = bed.statuses();
+    let snapshot = snapshot(&bed, signaller, &room);
+    let site_of_peer: BTreeMap<u64, (&str, Site)> = members
+        .iter()
+        .filter_map(|m| Some((statuses[m.name]["peer"].as_u64()?, (m.name, m.site))))
+        .collect();
+
+    let mut rows = Vec::new();
+    let mut wrong = Vec::new();
+    let mut relayed = 0;
+    for m in viewers(&members) {
+        let s = &statuses[m.name];
+        let me = s["peer"].as_u64().expect("a joined viewer has an id");
+        let parent = s["parent"].as_u64().expect("a placed viewer has a parent");
+        let (parent_name, parent_site) = site_of_peer[&parent];
+        let child_view = s["link"].as_str().unwrap_or("?");
+        let parent_status = &statuses[parent_name];
+        let parent_view = parent_status["links"][me.to_string()]
+            .as_str()
+            .unwrap_or("?");
+        let room_view = snapshot_peer(&snapshot, Some(me))
+            .and_then(|p| p["link"].as_str())
+            .unwrap_or("?");
+        let expect_relay = m.site.needs_relay_with(parent_site);
+        // A relayed link is relayed from both ends' point of view: the end with the relay
+        // candidate knows for sure, the other sees the relay's address.
+        let views = [child_view, parent_view, room_view];
+        let ok = if expect_relay {
+            views.iter().all(|v| *v == "relay")
+        } else {
+            views
+                .iter()
+                .all(|v| matches!(*v, "host" | "srflx" | "prflx"))
+        };
+        if views.contains(&"relay") {
+            relayed += 1;
+        }
+        let row = format!(
+            "{parent_name:>9} ({:>9}) -> {:<9} ({:>9}): child sees {child_view:<5}, parent sees \
+             {parent_view:<5}, room shows {room_view:<5}; expected {}",
+            parent_site.name(),
+            m.name,
+            m.site.name(),
+            if expect_relay { "relay" } else { "direct" }
+        );
+        if !ok {
+            wrong.push(row.clone());
+        }
+        rows.push(row);
+    }
+    println!("links (parent -> child):\n  {}", rows.join("\n  "));
+
+    // Join (process start) to first packet, per kind of site.
+    let mut first_packet: BTreeMap<Site, Vec<u64>> = BTreeMap::new();
+    for m in viewers(&members) {
+        if let Some(ms) = statuses[m.name]["first_packet_ms"].as_u64() {
+            first_packet.entry(m.site).or_default().push(ms);
+        }
+    }
+    println!("join to first packet (ms), per site:");
+    for (site, mut times) in first_packet {
+        times.sort_unstable();
+        println!(
+            "  {:<9}: median {} ms, max {} ms, all {times:?}",
+            site.name(),
+            times[times.len() / 2],
+            times[times.len() - 1]
+        );
+    }
+    let links = members.len() - 1;
+    println!(
+        "links through TURN: {relayed} of {links} ({:.0} %); every peer placed after {:.1} s, \
+         test done after {:.1} s",
+        100.0 * relayed as f64 / links as f64,
+        joined.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        wrong.is_empty(),
+        "links not of the kind the hole-punching matrix predicts:\n  {}",
+        wrong.join("\n  ")
+    );
+    relayed
+}
+
+fn viewers(members: &[Member]) -> impl Iterator<Item = &Member> {
+    members.iter().skip(1)
+}
+
+fn received(bed: &Netbed, name: &str) -> u64 {
+    bed.process(name)
+        .and_then(|p| p.latest())
+        .and_then(|s| s["received"].as_u64())
+        .unwrap_or(0)
+}
+
+fn signaller_config() -> treecast_signaller::Config {
+    let mut config = treecast_signaller::Config::default();
+    config.limits.max_connections_per_ip = 10_000;
+    config.limits.room_creation_burst = 1_000;
+    config.room.root_fanout = 2;
+    config.room.relay_fanout = 2;
+    config.room.stream_kbps = STREAM_KBPS;
+    config.room.ice_servers = vec![IceServer {
+        urls: vec![format!("stun:{SERVER_IP}:{TURN_PORT}")],
+        username: None,
+        credential: None,
+    }];
+    config.room.turn = Some(TurnRest {
+        urls: vec![format!("turn:{SERVER_IP}:{TURN_PORT}?transport=udp")],
+        secret: Secret::new(TURN_SECRET),
+        ttl: Duration::from_secs(600),
+    });
+    config
+}
+
+/// One REST request to the signaller, from inside the public namespace.
+fn request(bed: &Netbed, signaller: std::net::SocketAddr, method: &str, path: &str) -> Value {
+    let (method_owned, path_owned) = (method.to_owned(), path.to_owned());
+    let response = bed.in_public(async move {
+        treecast_signaller::client::request(
+            &signaller.to_string(),
+            &method_owned,
+            &path_owned,
+            None,
+            LIVENESS,
+        )
+        .await
+    });
+    let r = response.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    assert!(
+        (200..300).contains(&r.status),
+        "{method} {path}: {} {}",
+        r.status,
+        r.body
+    );
+    r.json()
+        .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {}", r.body))
+}
+
+fn create_room(bed: &Netbed, signaller: std::net::SocketAddr) -> (String, String) {
+    assert_eq!(signaller.port(), SIGNALLER_PORT);
+    let created = request(bed, signaller, "POST", "/api/rooms");
+    (
+        created["room"].as_str().expect("a room id").to_owned(),
+        created["token"].as_str().expect("a token").to_owned(),
+    )
+}
+
+fn snapshot(bed: &Netbed, signaller: std::net::SocketAddr, room: &str) -> Value {
+    request(bed, signaller, "GET", &format!("/api/rooms/{room}"))
+}
+
+fn snapshot_peer(snapshot: &Value, id: Option<u64>) -> Option<&Value> {
+    let id = id?;
+    snapshot["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["id"].as_u64() == Some(id))
+}
+
+/// Polls `done` until it holds; fails after [`LIVENESS`] with every process's log tail.
+fn wait_for(bed: &Netbed, what: &str, mut done: impl FnMut(&Netbed) -> bool) {
+    let deadline = Instant::now() + LIVENESS;
+    while !done(bed) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {LIVENESS:?} waiting for {what}; statuses: {:#?}{}",
+            bed.statuses(),
+            bed.tails(15)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
