@@ -16,6 +16,12 @@
 //! early packet leaves a conntrack entry that makes the router remap the real flow to
 //! another port, and cone-to-cone fails for the wrong reason.
 //!
+//! Everything on the public network has a default route to [`NOWHERE`], a gateway whose
+//! address resolves (statically) to a MAC nobody has: packets to private addresses leave
+//! and vanish, as on the internet. Without it, sending to a peer's host candidate
+//! (10.201.N.2) fails at once with "network unreachable", and coturn closes the whole
+//! allocation on that error, so no relayed connection ever works.
+//!
 //! One host per router: two hosts behind one router would reach each other over their LAN
 //! (host candidates), which says nothing about NAT traversal.
 //!
@@ -48,6 +54,10 @@ use serde_json::Value;
 
 /// The public network's server address: the signaller and coturn listen here.
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The public network's default gateway, which drops everything (see the module docs).
+pub const NOWHERE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);
+/// The MAC address [`NOWHERE`] resolves to: locally administered, owned by no interface.
+const NOWHERE_MAC: &str = "02:00:00:00:00:fe";
 /// UDP ports a full-cone router forwards to its host.
 pub const FULL_CONE_PORTS: std::ops::RangeInclusive<u16> = 40000..=40063;
 /// coturn's listening port.
@@ -209,6 +219,7 @@ impl Netbed {
             "br0",
         ]);
         ip(&["-n", p, "link", "set", "br0", "up"]);
+        route_to_nowhere(p, "br0");
         bed.public = Some(PublicThread::start(&public_ns));
         bed
     }
@@ -244,6 +255,7 @@ impl Netbed {
         ip(&["-n", &p, "link", "set", bridge_port, "master", "br0", "up"]);
         ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", wan]);
         ip(&["-n", ns, "link", "set", wan, "up"]);
+        route_to_nowhere(ns, wan);
     }
 
     /// A host at `site`: on the public network, or behind a new router of that kind.
@@ -619,6 +631,27 @@ impl PublicThread {
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+}
+
+/// A default route in `ns` through `dev` to [`NOWHERE`].
+fn route_to_nowhere(ns: &str, dev: &str) {
+    let gateway = NOWHERE.to_string();
+    ip(&[
+        "-n",
+        ns,
+        "neigh",
+        "add",
+        &gateway,
+        "lladdr",
+        NOWHERE_MAC,
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ]);
+    ip(&[
+        "-n", ns, "route", "add", "default", "via", &gateway, "dev", dev,
+    ]);
 }
 
 /// Runs `ip ARGS`; panics with its stderr when it fails.
