@@ -329,3 +329,115 @@ fn wait_for(bed: &Netbed, what: &str, mut done: impl FnMut(&Netbed) -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A headless Chromium viewer behind a symmetric NAT receives from a native broadcaster
+/// behind a cone NAT: the link can only go through TURN (coturn, credentials minted by the
+/// room). The synthetic stream does not decode, so it counts RTP packets and bytes from
+/// `getStats`, and reads the selected candidate pair's types there.
+///
+/// Needs what the browser tests need (Chromium, Node.js, `npm ci` in tests/browser, the
+/// client built into `web/pkg` before this crate's signaller dependency was compiled);
+/// scripts/test runs it after the browser tests.
+#[test]
+#[ignore = "needs root, network namespaces, Chromium and the built web client: scripts/test runs it"]
+fn a_browser_behind_a_symmetric_nat_receives_through_turn() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = repo.join("tests/browser/netns-viewer.mjs");
+    for (tool, install) in [("node", "nodejs"), ("chromium", "chromium")] {
+        assert!(
+            netbed::on_path(tool),
+            "this test needs `{tool}`: install the Debian package `{install}`"
+        );
+    }
+    assert!(
+        repo.join("tests/browser/node_modules/playwright-core")
+            .is_dir(),
+        "this test needs playwright-core: run `npm ci` in tests/browser"
+    );
+    let mut bed = Netbed::new();
+    bed.start_coturn(TURN_SECRET);
+    let signaller = bed.start_signaller(signaller_config());
+    let client = get(&bed, signaller, "/assets/pkg/treecast_client_bg.wasm");
+    assert_eq!(
+        client, 200,
+        "the signaller has no browser client: run scripts/build-client, then run this again \
+         (the signaller embeds web/ when it is compiled)"
+    );
+    let (room, token) = create_room(&bed, signaller);
+    let broadcaster = bed.host(Site::Cone);
+    let args = [
+        "--url",
+        &format!("ws://{signaller}/ws"),
+        "--room",
+        &room,
+        "--threads",
+        "2",
+        "--bind-ip",
+        &broadcaster.ip.to_string(),
+        "--json",
+        "broadcast",
+        "--token",
+        &token,
+        "--kbps",
+        &STREAM_KBPS.to_string(),
+    ]
+    .map(str::to_owned);
+    let peer_bin = Path::new(env!("CARGO_BIN_EXE_treecast-peer"));
+    bed.spawn("broadcaster", &broadcaster.ns, peer_bin, &args, &[], true);
+    wait_for(&bed, "the broadcaster to join", |bed| {
+        bed.process("broadcaster")
+            .and_then(|p| p.latest())
+            .is_some_and(|s| s["peer"].is_u64())
+    });
+
+    let viewer = bed.host(Site::Symmetric);
+    let url = format!("http://{signaller}/watch/{room}");
+    let args = [script.display().to_string(), url];
+    // Chromium's profile goes under the bed's directory, which goes with the bed.
+    let tmp = bed.dir.display().to_string();
+    bed.spawn(
+        "browser",
+        &viewer.ns,
+        Path::new("node"),
+        &args,
+        &[("TMPDIR", &tmp)],
+        true,
+    );
+    let status = |bed: &Netbed| bed.process("browser").and_then(|p| p.latest());
+    wait_for(&bed, "the browser's first packets", |bed| {
+        status(bed).is_some_and(|s| s["packets"].as_u64() > Some(0))
+    });
+    let first = status(&bed).expect("a status line");
+    wait_for(&bed, "the browser's packet count to advance", |bed| {
+        status(bed).is_some_and(|s| s["packets"].as_u64() > first["packets"].as_u64())
+    });
+    let last = status(&bed).expect("a status line");
+    println!(
+        "browser behind a symmetric NAT: first packets after {} ms (page start), \
+         selected pair {} / {}, {} packets and {} bytes so far",
+        first["ms"], last["local"], last["remote"], last["packets"], last["bytes"]
+    );
+    let pair = [last["local"].as_str(), last["remote"].as_str()];
+    assert!(
+        pair.contains(&Some("relay")),
+        "a symmetric NAT below a cone NAT can only be reached through TURN, yet the browser \
+         selected {pair:?}"
+    );
+}
+
+/// The status code of a GET to the signaller, from inside the public namespace.
+fn get(bed: &Netbed, signaller: std::net::SocketAddr, path: &str) -> u16 {
+    let path_owned = path.to_owned();
+    bed.in_public(async move {
+        treecast_signaller::client::request(
+            &signaller.to_string(),
+            "GET",
+            &path_owned,
+            None,
+            LIVENESS,
+        )
+        .await
+    })
+    .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    .status
+}

@@ -628,7 +628,8 @@ impl PublicThread {
     }
 }
 
-fn on_path(tool: &str) -> bool {
+/// Whether `tool` is an executable file in a `PATH` directory.
+pub fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
 }
