@@ -2,8 +2,11 @@
 //! separate processes behind cone, full-cone and symmetric NATs and on the public network,
 //! coturn as STUN and TURN server, the signaller minting TURN credentials per peer.
 //!
-//! Needs root, network namespaces, iproute2, iptables and coturn, so it is ignored by a
-//! plain `cargo test`; scripts/test runs it as root:
+//! A second test puts a headless Chromium viewer behind a symmetric NAT.
+//!
+//! Needs root, network namespaces, iproute2, iptables and coturn (the browser test also
+//! Chromium, Node.js and the built client), so these are ignored by a plain `cargo test`;
+//! scripts/test runs them as root:
 //! `cargo test -p treecast-peer --test nat -- --ignored --nocapture`.
 
 mod netbed;
