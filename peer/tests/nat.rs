@@ -240,6 +240,27 @@ fn run_room(room_plan: &[(&'static str, Site)]) -> (usize, usize) {
         "links not of the kind the hole-punching matrix predicts:\n  {}",
         wrong.join("\n  ")
     );
+    // The signaller counts the links its peers report, by kind (the counter is process-wide:
+    // other tests' rooms in this process may add to it, never take away).
+    let (status, metrics) = get(&bed, signaller, "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    let counted = |kind: &str| -> u64 {
+        let series = format!("treecast_links_total{{kind=\"{kind}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    let counted_relayed = counted("relay");
+    let counted_direct: u64 = ["host", "srflx", "prflx"].into_iter().map(counted).sum();
+    println!("treecast_links_total: relay {counted_relayed}, direct {counted_direct}");
+    assert!(
+        counted_relayed >= relayed as u64 && counted_direct >= (links - relayed) as u64,
+        "/metrics counts fewer links than the room has: relay {counted_relayed} (room: \
+         {relayed}), direct {counted_direct} (room: {})",
+        links - relayed
+    );
     (relayed, links)
 }
 
@@ -360,7 +381,7 @@ fn a_browser_behind_a_symmetric_nat_receives_through_turn() {
     let mut bed = Netbed::new();
     bed.start_coturn(TURN_SECRET);
     let signaller = bed.start_signaller(signaller_config());
-    let client = get(&bed, signaller, "/assets/pkg/treecast_client_bg.wasm");
+    let (client, _) = get(&bed, signaller, "/assets/pkg/treecast_client_bg.wasm");
     assert_eq!(
         client, 200,
         "the signaller has no browser client: run scripts/build-client, then run this again \
@@ -428,19 +449,20 @@ fn a_browser_behind_a_symmetric_nat_receives_through_turn() {
     );
 }
 
-/// The status code of a GET to the signaller, from inside the public namespace.
-fn get(bed: &Netbed, signaller: std::net::SocketAddr, path: &str) -> u16 {
+/// A GET to the signaller from inside the public namespace: status and body.
+fn get(bed: &Netbed, signaller: std::net::SocketAddr, path: &str) -> (u16, String) {
     let path_owned = path.to_owned();
-    bed.in_public(async move {
-        treecast_signaller::client::request(
-            &signaller.to_string(),
-            "GET",
-            &path_owned,
-            None,
-            LIVENESS,
-        )
-        .await
-    })
-    .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-    .status
+    let r = bed
+        .in_public(async move {
+            treecast_signaller::client::request(
+                &signaller.to_string(),
+                "GET",
+                &path_owned,
+                None,
+                LIVENESS,
+            )
+            .await
+        })
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    (r.status, r.body)
 }
