@@ -317,6 +317,11 @@ struct Conn {
     /// Child connection: payload bytes `write_rtp` accepted for it.
     bytes: Arc<AtomicU64>,
     is_parent: bool,
+    /// Cleared when the connection closes, so its link watcher (which may be mid-step on
+    /// another worker when it is aborted) cannot write its kind back after the removal.
+    open: Arc<AtomicBool>,
+    /// Whether a link watcher runs (ICE may report `connected` again after a blip).
+    watching_link: bool,
 }
 
 /// Where this peer's keyframe requests go: its parent's track (a PLI on the leg's SSRC),
@@ -761,11 +766,13 @@ impl Driver {
                     if let Some(conn) = self
                         .conns
                         .get_mut(&peer)
-                        .filter(|c| c.generation == generation)
+                        .filter(|c| c.generation == generation && !c.watching_link)
                     {
+                        conn.watching_link = true;
                         conn.tasks.push(tokio::spawn(watch_link(
                             conn.pc.clone(),
                             peer,
+                            conn.open.clone(),
                             turn_ips,
                             stats,
                         )));
@@ -842,6 +849,8 @@ impl Driver {
             tasks: Vec::new(),
             bytes: Arc::new(AtomicU64::new(0)),
             is_parent: false,
+            open: Arc::new(AtomicBool::new(true)),
+            watching_link: false,
         })
     }
 
@@ -928,6 +937,7 @@ impl Driver {
 
     async fn close_conn(&mut self, peer: PeerId) {
         if let Some(conn) = self.conns.remove(&peer) {
+            conn.open.store(false, Ordering::Relaxed);
             if let Ok(mut links) = self.stats.links.lock() {
                 links.remove(&peer.0);
             }
@@ -1013,16 +1023,20 @@ fn turn_server_ips(servers: &[IceServer]) -> Vec<IpAddr> {
 }
 
 /// Keeps `stats.links[peer]` at the candidate-pair type ICE selected on `pc`, checked every
-/// second (ICE may switch pairs). Runs until the connection's tasks are aborted.
+/// second (ICE may switch pairs), while `open`. Runs until the connection's tasks are
+/// aborted.
 async fn watch_link(
     pc: Arc<dyn PeerConnection>,
     peer: PeerId,
+    open: Arc<AtomicBool>,
     turn_ips: Vec<IpAddr>,
     stats: Arc<Stats>,
 ) {
     loop {
         if let Some(kind) = selected_link(pc.as_ref(), &turn_ips).await
             && let Ok(mut links) = stats.links.lock()
+            // Checked under the lock, which the closing side takes after clearing `open`.
+            && open.load(Ordering::Relaxed)
         {
             links.insert(peer.0, kind);
         }
