@@ -15,7 +15,9 @@
 //!
 //! The media watchdog feeds the agent the bytes received from the current parent
 //! connection every tick; the agent reports `stalled` when they stop advancing (and repeats
-//! it with every periodic report while stalled).
+//! it with every periodic report while stalled). When ICE to the parent fails (no path
+//! through the NATs), the agent reports `link_failed` and the room places the peer
+//! elsewhere.
 //!
 //! Keyframe requests travel up the tree. An interceptor at the end of every connection's
 //! chain hands inbound PLI/FIR to the application (the default chain stops all inbound
@@ -756,6 +758,18 @@ impl Driver {
             }
             Event::State(peer, generation, state) => {
                 tracing::debug!(%peer, generation, %state, "connection state");
+                // ICE found no path to the parent (nothing arrives, so the stall watchdog,
+                // which waits for media to stop, never fires): the room must place this
+                // peer elsewhere.
+                if state == RTCPeerConnectionState::Failed
+                    && self
+                        .conns
+                        .get(&peer)
+                        .is_some_and(|c| c.generation == generation && c.is_parent)
+                {
+                    tracing::info!(%peer, "the link to the parent failed");
+                    self.agent.handle(now, Input::LinkFailed { peer });
+                }
                 if state == RTCPeerConnectionState::Connected {
                     let turn_ips = if self.config.use_ice_servers {
                         turn_server_ips(self.agent.ice_servers())

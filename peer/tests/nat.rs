@@ -71,44 +71,10 @@ fn run_room(room_plan: &[(&'static str, Site)]) -> (usize, usize) {
     bed.start_coturn(TURN_SECRET);
     let signaller = bed.start_signaller(signaller_config());
     let (room, token) = create_room(&bed, signaller);
-    let url = format!("ws://{signaller}/ws");
-    let peer_bin = Path::new(env!("CARGO_BIN_EXE_treecast-peer"));
-
     let mut members = Vec::new();
     for (i, &(name, site)) in room_plan.iter().enumerate() {
-        let host = bed.host(site);
-        let mut args = vec![
-            "--url".to_owned(),
-            url.clone(),
-            "--room".to_owned(),
-            room.clone(),
-            "--threads".to_owned(),
-            "2".to_owned(),
-            "--bind-ip".to_owned(),
-            host.ip.to_string(),
-            "--json".to_owned(),
-        ];
-        if site == Site::FullCone {
-            args.push("--udp-ports".to_owned());
-            args.push(format!(
-                "{}-{}",
-                FULL_CONE_PORTS.start(),
-                FULL_CONE_PORTS.end()
-            ));
-        }
-        if i == 0 {
-            args.extend([
-                "broadcast".to_owned(),
-                "--token".to_owned(),
-                token.clone(),
-                "--kbps".to_owned(),
-                STREAM_KBPS.to_string(),
-            ]);
-        } else {
-            args.push("view".to_owned());
-        }
-        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
-        bed.spawn(name, &host.ns, peer_bin, &args, &[("RUST_LOG", &log)], true);
+        let token = (i == 0).then_some(token.as_str());
+        spawn_native(&mut bed, signaller, &room, token, name, site);
         members.push(Member { name, site });
         // One at a time, so the room places them in this order.
         let placed = |s: &Value| {
@@ -275,6 +241,7 @@ fn received(bed: &Netbed, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Root and relay fan-out 2, STUN and TURN on coturn.
 fn signaller_config() -> treecast_signaller::Config {
     let mut config = treecast_signaller::Config::default();
     config.limits.max_connections_per_ip = 10_000;
@@ -388,26 +355,14 @@ fn a_browser_behind_a_symmetric_nat_receives_through_turn() {
          (the signaller embeds web/ when it is compiled)"
     );
     let (room, token) = create_room(&bed, signaller);
-    let broadcaster = bed.host(Site::Cone);
-    let args = [
-        "--url",
-        &format!("ws://{signaller}/ws"),
-        "--room",
+    spawn_native(
+        &mut bed,
+        signaller,
         &room,
-        "--threads",
-        "2",
-        "--bind-ip",
-        &broadcaster.ip.to_string(),
-        "--json",
-        "broadcast",
-        "--token",
-        &token,
-        "--kbps",
-        &STREAM_KBPS.to_string(),
-    ]
-    .map(str::to_owned);
-    let peer_bin = Path::new(env!("CARGO_BIN_EXE_treecast-peer"));
-    bed.spawn("broadcaster", &broadcaster.ns, peer_bin, &args, &[], true);
+        Some(&token),
+        "broadcaster",
+        Site::Cone,
+    );
     wait_for(&bed, "the broadcaster to join", |bed| {
         bed.process("broadcaster")
             .and_then(|p| p.latest())
@@ -465,4 +420,106 @@ fn get(bed: &Netbed, signaller: std::net::SocketAddr, path: &str) -> (u16, Strin
         })
         .unwrap_or_else(|e| panic!("GET {path}: {e}"));
     (r.status, r.body)
+}
+
+/// Without TURN, a viewer behind a symmetric NAT placed below a cone-NAT broadcaster has
+/// no path to it: its ICE fails, it reports `link_failed`, and the room moves it below the
+/// viewer on the public network, which it can reach.
+#[test]
+#[ignore = "needs root and network namespaces: scripts/test runs it"]
+fn without_turn_an_unreachable_parent_is_reported_and_the_viewer_moves() {
+    let mut bed = Netbed::new();
+    bed.start_coturn(TURN_SECRET);
+    let mut config = signaller_config();
+    config.room.turn = None;
+    let signaller = bed.start_signaller(config);
+    let (room, token) = create_room(&bed, signaller);
+    spawn_native(
+        &mut bed,
+        signaller,
+        &room,
+        Some(&token),
+        "b-cone",
+        Site::Cone,
+    );
+    wait_for(&bed, "the broadcaster to join", |bed| {
+        latest(bed, "b-cone").is_some_and(|s| s["peer"].is_u64())
+    });
+    spawn_native(&mut bed, signaller, &room, None, "v1-pub", Site::Public);
+    wait_for(&bed, "v1-pub's first packet", |bed| {
+        latest(bed, "v1-pub").is_some_and(|s| s["received"].as_u64() > Some(0))
+    });
+    let public = latest(&bed, "v1-pub").expect("a status")["peer"].clone();
+    let started = Instant::now();
+    spawn_native(&mut bed, signaller, &room, None, "v2-sym", Site::Symmetric);
+    // It joins below the broadcaster (a free root slot), fails there, and moves.
+    wait_for(&bed, "v2-sym to receive from v1-pub", |bed| {
+        latest(bed, "v2-sym")
+            .is_some_and(|s| s["parent"] == public && s["received"].as_u64() > Some(0))
+    });
+    println!(
+        "without TURN, symmetric below cone: receiving from the public viewer {:.1} s after \
+         joining",
+        started.elapsed().as_secs_f64()
+    );
+    // The room counted the failure (the counter is process-wide: other tests may add).
+    let (status, metrics) = get(&bed, signaller, "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    let failures = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("treecast_ice_failures_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(failures >= 1.0, "no ICE failure counted: {metrics}");
+}
+
+/// Starts a native peer at a new host of `site`; the broadcaster when `token` is given.
+/// Returns the host's namespace.
+fn spawn_native(
+    bed: &mut Netbed,
+    signaller: std::net::SocketAddr,
+    room: &str,
+    token: Option<&str>,
+    name: &str,
+    site: Site,
+) -> String {
+    let host = bed.host(site);
+    let mut args = vec![
+        "--url".to_owned(),
+        format!("ws://{signaller}/ws"),
+        "--room".to_owned(),
+        room.to_owned(),
+        "--threads".to_owned(),
+        "2".to_owned(),
+        "--bind-ip".to_owned(),
+        host.ip.to_string(),
+        "--json".to_owned(),
+    ];
+    if site == Site::FullCone {
+        args.push("--udp-ports".to_owned());
+        args.push(format!(
+            "{}-{}",
+            FULL_CONE_PORTS.start(),
+            FULL_CONE_PORTS.end()
+        ));
+    }
+    match token {
+        Some(token) => args.extend([
+            "broadcast".to_owned(),
+            "--token".to_owned(),
+            token.to_owned(),
+            "--kbps".to_owned(),
+            STREAM_KBPS.to_string(),
+        ]),
+        None => args.push("view".to_owned()),
+    }
+    let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
+    let peer_bin = Path::new(env!("CARGO_BIN_EXE_treecast-peer"));
+    bed.spawn(name, &host.ns, peer_bin, &args, &[("RUST_LOG", &log)], true);
+    host.ns
+}
+
+/// A process's last status line.
+fn latest(bed: &Netbed, name: &str) -> Option<Value> {
+    bed.process(name).and_then(|p| p.latest())
 }
