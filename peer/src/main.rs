@@ -23,6 +23,17 @@ struct Cli {
     /// relay with 50 children lost packets; 4 did not).
     #[arg(long, default_value_t = 4)]
     threads: usize,
+    /// Address the media sockets bind (broadcast, view).
+    #[arg(long, default_value = "127.0.0.1")]
+    bind_ip: std::net::IpAddr,
+    /// UDP ports the media sockets bind, one per connection, as `FIRST-LAST` (broadcast,
+    /// view; default: any). For a host behind a router that forwards exactly these ports.
+    #[arg(long, value_parser = parse_port_range)]
+    udp_ports: Option<std::ops::RangeInclusive<u16>>,
+    /// Print the status as one JSON object per line every second instead of a text line
+    /// every two (broadcast, view).
+    #[arg(long)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -117,8 +128,10 @@ enum Command {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Logs on stderr: stdout carries the status lines and the load report.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     tokio::runtime::Builder::new_multi_thread()
@@ -128,16 +141,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .block_on(run(cli))
 }
 
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (first, last) = s.split_once('-').unwrap_or((s, s));
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|e| format!("{p:?}: {e}"));
+    let (first, last) = (port(first)?, port(last)?);
+    if first == 0 || last < first {
+        return Err(format!(
+            "{s:?} is not a port range FIRST-LAST with 0 < FIRST <= LAST"
+        ));
+    }
+    Ok(first..=last)
+}
+
 async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let room = || cli.room.clone().ok_or("--room is required");
+    let config = |role| -> Result<PeerConfig, Box<dyn std::error::Error>> {
+        let mut c = PeerConfig::new(&cli.url, room()?, role);
+        c.bind_ip = cli.bind_ip;
+        c.udp_ports = cli.udp_ports.clone();
+        Ok(c)
+    };
     let peer = match cli.command {
-        Command::Broadcast { token, kbps } => {
-            let mut c = PeerConfig::new(&cli.url, room()?, Role::Broadcaster);
-            c.token = Some(token);
+        Command::Broadcast { ref token, kbps } => {
+            let mut c = config(Role::Broadcaster)?;
+            c.token = Some(token.clone());
             c.stream_kbps = kbps;
             Peer::start(c)?
         }
-        Command::View => Peer::start(PeerConfig::new(&cli.url, room()?, Role::Viewer))?,
+        Command::View => Peer::start(config(Role::Viewer)?)?,
         Command::Load {
             peers,
             join_every_ms,
@@ -188,10 +219,14 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             timeout_ms,
         } => return nat_probe(server, alternate, bind, port, timeout_ms).await,
     };
-    let mut every = tokio::time::interval(Duration::from_secs(2));
+    let mut every = tokio::time::interval(Duration::from_secs(if cli.json { 1 } else { 2 }));
     loop {
         tokio::select! {
             _ = every.tick() => {
+                if cli.json {
+                    println!("{}", status_json(&peer));
+                    continue;
+                }
                 let s = peer.status();
                 let received = peer.stats().packets_received.load(std::sync::atomic::Ordering::Relaxed);
                 let p50 = peer.stats().latency_quantile(0.5).unwrap_or(0);
@@ -245,4 +280,35 @@ async fn nat_probe(
         })
     );
     Ok(())
+}
+
+/// One machine-readable status line: the agent's view (peer id, phase, depth, parent,
+/// children), media counters, and the candidate-pair type of the link to the parent and of
+/// every open connection.
+fn status_json(peer: &Peer) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = peer.status();
+    let stats = peer.stats();
+    let since_start_ms = |us: u64| {
+        let started = stats.started_us.load(Relaxed);
+        (us > 0).then(|| us.saturating_sub(started) / 1000)
+    };
+    let links: std::collections::BTreeMap<String, &str> = stats
+        .links
+        .lock()
+        .map(|l| l.iter().map(|(p, k)| (p.to_string(), k.as_str())).collect())
+        .unwrap_or_default();
+    let parent_link = s.parent.and_then(|p| links.get(&p.0.to_string()).copied());
+    serde_json::json!({
+        "peer": s.peer_id.map(|p| p.0),
+        "phase": format!("{:?}", s.phase).to_lowercase(),
+        "depth": s.depth,
+        "parent": s.parent.map(|p| p.0),
+        "children": s.children.iter().map(|p| p.0).collect::<Vec<_>>(),
+        "received": stats.packets_received.load(Relaxed),
+        "sent": stats.packets_sent.load(Relaxed),
+        "first_packet_ms": since_start_ms(stats.first_packet_us.load(Relaxed)),
+        "link": parent_link,
+        "links": links,
+    })
 }

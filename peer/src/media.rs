@@ -259,6 +259,9 @@ pub struct Stats {
     pub last_delivered: Mutex<Vec<treecast_core::protocol::Delivery>>,
     /// What the NAT probe against the signaller's STUN server found, once it ran.
     pub nat_probe: Mutex<Option<crate::nat::ProbeResult>>,
+    /// The candidate-pair type ICE selected on each open connection (parent and children),
+    /// by neighbour id; a connection is absent until it has one.
+    pub links: Mutex<std::collections::BTreeMap<u64, treecast_core::protocol::LinkKind>>,
     /// Delay behind the broadcaster of each received packet (µs).
     pub latency: Samples,
     /// Time a relay holds a packet: from reading it off the parent's track to `write_rtp`

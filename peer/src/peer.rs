@@ -15,7 +15,9 @@
 //!
 //! The media watchdog feeds the agent the bytes received from the current parent
 //! connection every tick; the agent reports `stalled` when they stop advancing (and repeats
-//! it with every periodic report while stalled).
+//! it with every periodic report while stalled). When ICE to the parent fails (no path
+//! through the NATs), the agent reports `link_failed` and the room places the peer
+//! elsewhere.
 //!
 //! Keyframe requests travel up the tree. An interceptor at the end of every connection's
 //! chain hands inbound PLI/FIR to the application (the default chain stops all inbound
@@ -28,11 +30,14 @@
 //! arrives, as browsers do when a track starts.
 //!
 //! Each periodic report carries `delivered`: payload bytes `write_rtp` accepted per child
-//! over the last report interval, in kbit/s.
+//! over the last report interval, in kbit/s, and `link`: the type of the candidate pair ICE
+//! selected toward the parent (host, srflx, prflx, relay). Once a connection is up a task
+//! reads its selected pair every second into [`Stats::links`].
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,7 +58,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use treecast_core::agent::{Action, Agent, AgentConfig, Input, Measurements, Phase, Status};
-use treecast_core::protocol::{ClientMessage, Connectivity, Delivery, IceServer, MediaState, Role};
+use treecast_core::protocol::{
+    ClientMessage, Connectivity, Delivery, IceServer, LinkKind, MediaState, Role,
+};
 use treecast_core::{PeerId, RoomId};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
@@ -135,6 +142,10 @@ pub struct PeerConfig {
     /// One-way delay added to every datagram this peer's media connections send
     /// (link emulation for tests and measurements; zero: none). See [`crate::netem`].
     pub link_delay: Duration,
+    /// UDP ports the media sockets bind, one connection per free port, taken in turn
+    /// (`None`: any port). Behind a router that forwards exactly these ports (a full-cone
+    /// mapping), every connection is reachable from anywhere.
+    pub udp_ports: Option<RangeInclusive<u16>>,
 }
 
 impl PeerConfig {
@@ -159,6 +170,7 @@ impl PeerConfig {
             report_interval: Duration::from_millis(1000),
             use_ice_servers: true,
             link_delay: Duration::ZERO,
+            udp_ports: None,
         }
     }
 }
@@ -230,6 +242,7 @@ impl Peer {
             delivered_bytes: HashMap::new(),
             delivered: Vec::new(),
             nat_probe: None,
+            next_udp_port: 0,
         };
         let task = tokio::spawn(driver.run());
         Ok(Self {
@@ -314,6 +327,11 @@ struct Conn {
     /// Child connection: payload bytes `write_rtp` accepted for it.
     bytes: Arc<AtomicU64>,
     is_parent: bool,
+    /// Cleared when the connection closes, so its link watcher (which may be mid-step on
+    /// another worker when it is aborted) cannot write its kind back after the removal.
+    open: Arc<AtomicBool>,
+    /// Whether a link watcher runs (ICE may report `connected` again after a blip).
+    watching_link: bool,
 }
 
 /// Where this peer's keyframe requests go: its parent's track (a PLI on the leg's SSRC),
@@ -409,6 +427,9 @@ struct Driver {
     delivered: Vec<Delivery>,
     /// The NAT probe, once started (once per peer: the class belongs to the host).
     nat_probe: Option<JoinHandle<()>>,
+    /// Offset into `config.udp_ports` where the search for a free port starts next, so a
+    /// port whose closed connection is still letting go is not tried first.
+    next_udp_port: u16,
 }
 
 struct Handler {
@@ -594,7 +615,10 @@ impl Driver {
                 loss,
                 hop_latency_ms: hop,
                 delivered: self.delivered.clone(),
-                link: None,
+                link: self.agent.status().parent.and_then(|p| {
+                    let links = self.stats.links.lock().ok()?;
+                    links.get(&p.0).copied()
+                }),
             }),
         );
     }
@@ -776,6 +800,40 @@ impl Driver {
             }
             Event::State(peer, generation, state) => {
                 tracing::debug!(%peer, generation, %state, "connection state");
+                // ICE found no path to the parent (nothing arrives, so the stall watchdog,
+                // which waits for media to stop, never fires): the room must place this
+                // peer elsewhere.
+                if state == RTCPeerConnectionState::Failed
+                    && self
+                        .conns
+                        .get(&peer)
+                        .is_some_and(|c| c.generation == generation && c.is_parent)
+                {
+                    tracing::info!(%peer, "the link to the parent failed");
+                    self.agent.handle(now, Input::LinkFailed { peer });
+                }
+                if state == RTCPeerConnectionState::Connected {
+                    let turn_ips = if self.config.use_ice_servers {
+                        turn_server_ips(self.agent.ice_servers())
+                    } else {
+                        Vec::new()
+                    };
+                    let stats = self.stats.clone();
+                    if let Some(conn) = self
+                        .conns
+                        .get_mut(&peer)
+                        .filter(|c| c.generation == generation && !c.watching_link)
+                    {
+                        conn.watching_link = true;
+                        conn.tasks.push(tokio::spawn(watch_link(
+                            conn.pc.clone(),
+                            peer,
+                            conn.open.clone(),
+                            turn_ips,
+                            stats,
+                        )));
+                    }
+                }
                 if state == RTCPeerConnectionState::Connected
                     && self
                         .conns
@@ -836,7 +894,7 @@ impl Driver {
             .with_interceptor_registry(registry)
             .with_setting_engine(settings)
             .with_handler(handler as Arc<dyn PeerConnectionEventHandler>)
-            .with_udp_addrs(vec![format!("{}:0", self.config.bind_ip)])
+            .with_udp_addrs(vec![self.media_addr()])
             .build()
             .await?;
         Ok(Conn {
@@ -847,7 +905,32 @@ impl Driver {
             tasks: Vec::new(),
             bytes: Arc::new(AtomicU64::new(0)),
             is_parent: false,
+            open: Arc::new(AtomicBool::new(true)),
+            watching_link: false,
         })
+    }
+
+    /// The address the next connection's media socket binds: any port, or the next free
+    /// one of `udp_ports` (all taken: any port, and that connection is only as reachable
+    /// as the NAT makes it).
+    fn media_addr(&mut self) -> String {
+        let ip = self.config.bind_ip;
+        let Some(ports) = self.config.udp_ports.clone() else {
+            return format!("{ip}:0");
+        };
+        let (first, count) = (*ports.start(), ports.len() as u16);
+        for i in 0..count {
+            let offset = (self.next_udp_port + i) % count;
+            let port = first + offset;
+            // Probing with a bind is racy only against other processes: this driver builds
+            // its connections one at a time.
+            if UdpSocket::bind(SocketAddr::new(ip, port)).is_ok() {
+                self.next_udp_port = (offset + 1) % count;
+                return format!("{ip}:{port}");
+            }
+        }
+        tracing::warn!("every port of {ports:?} is in use; binding any port");
+        format!("{ip}:0")
     }
 
     async fn open_conn(&mut self, peer: PeerId, is_parent: bool) -> Result<(), PeerError> {
@@ -910,6 +993,10 @@ impl Driver {
 
     async fn close_conn(&mut self, peer: PeerId) {
         if let Some(conn) = self.conns.remove(&peer) {
+            conn.open.store(false, Ordering::Relaxed);
+            if let Ok(mut links) = self.stats.links.lock() {
+                links.remove(&peer.0);
+            }
             if conn.is_parent {
                 self.upstream.set_parent(None);
             } else if let Ok(mut f) = self.fanout.lock() {
@@ -970,6 +1057,87 @@ fn to_rtc_ice(s: &IceServer) -> RTCIceServer {
         username: s.username.clone().unwrap_or_default(),
         credential: s.credential.clone().unwrap_or_default(),
     }
+}
+
+/// IP addresses of the TURN servers among `servers` (`turn:HOST:PORT?…` with HOST an IP).
+fn turn_server_ips(servers: &[IceServer]) -> Vec<IpAddr> {
+    servers
+        .iter()
+        .flat_map(|s| &s.urls)
+        .filter_map(|url| {
+            let rest = url
+                .strip_prefix("turn:")
+                .or_else(|| url.strip_prefix("turns:"))?;
+            let authority = rest.split('?').next()?;
+            let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Keeps `stats.links[peer]` at the candidate-pair type ICE selected on `pc`, checked every
+/// second (ICE may switch pairs), while `open`. Runs until the connection's tasks are
+/// aborted.
+async fn watch_link(
+    pc: Arc<dyn PeerConnection>,
+    peer: PeerId,
+    open: Arc<AtomicBool>,
+    turn_ips: Vec<IpAddr>,
+    stats: Arc<Stats>,
+) {
+    loop {
+        if let Some(kind) = selected_link(pc.as_ref(), &turn_ips).await
+            && let Ok(mut links) = stats.links.lock()
+            // Checked under the lock, which the closing side takes after clearing `open`.
+            && open.load(Ordering::Relaxed)
+        {
+            links.insert(peer.0, kind);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The type of the candidate pair ICE selected on `pc`, if it selected one.
+///
+/// A remote candidate that never came through signalling is peer-reflexive, even when it
+/// is the far end's TURN relay whose check arrived before its trickled candidate; a
+/// peer-reflexive address on a TURN server of ours is that server's relay, so it counts as
+/// one.
+async fn selected_link(pc: &dyn PeerConnection, turn_ips: &[IpAddr]) -> Option<LinkKind> {
+    for transceiver in pc.get_transceivers().await {
+        let transport = match transceiver.receiver().await {
+            Ok(Some(receiver)) => receiver.transport().await,
+            _ => match transceiver.sender().await {
+                Ok(Some(sender)) => sender.transport().await,
+                _ => continue,
+            },
+        };
+        let Ok(Some(transport)) = transport else {
+            continue;
+        };
+        let Ok(Some(pair)) = transport
+            .ice_transport()
+            .get_selected_candidate_pair()
+            .await
+        else {
+            continue;
+        };
+        let (local, remote) = (pair.local(), pair.remote());
+        let mut remote_type = remote.typ.to_string();
+        if remote_type == "prflx"
+            && remote
+                .address
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| turn_ips.contains(&ip))
+        {
+            remote_type = "relay".to_owned();
+        }
+        return LinkKind::of_pair(&local.typ.to_string(), &remote_type);
+    }
+    None
 }
 
 /// A distinct SSRC per leg (own id, child id, connection generation).
