@@ -7,9 +7,13 @@
 //! placement, promotion, stand-ins, repair — is the production code; the engine only
 //! models what happens around it:
 //!
+//! - a peer reports its NAT class (`connectivity`) `connectivity.report_ms` after its
+//!   welcome, as a client does once its candidates are gathered;
 //! - a link comes up once both ends know of each other, after the offer/answer round trips
-//!   through the signaller plus ICE/DTLS set-up (`timing.connect_ms`); two unreachable peers
-//!   never connect;
+//!   through the signaller plus ICE/DTLS set-up (`timing.connect_ms`), if the two classes
+//!   connect directly ([`NatClass::direct`]); otherwise through the TURN relay when there is
+//!   one (slower to set up, `connectivity.turn_extra_ms` more delay), and without one ICE
+//!   gives up after `connectivity.ice_fail_ms` and the child sends `link_failed`;
 //! - media flows down links that are up from a peer that receives it; each relay adds
 //!   `timing.hop_ms`, each link its one-way network delay;
 //! - a peer whose media stops reports `stalled` after `timing.stall_window_ms` (its frame
@@ -21,13 +25,16 @@
 use std::time::Duration;
 
 use treecast_core::protocol::{
-    ClientMessage, Hello, MediaState, PROTOCOL_VERSION, Report, Role, ServerMessage,
+    ClientMessage, Connectivity, Hello, IceServer, MediaState, NatClass, PROTOCOL_VERSION, Report,
+    Role, ServerMessage,
 };
 use treecast_core::room::{ConnId, Input, Output, Room};
+use treecast_core::tree::WaitReason;
 use treecast_core::{PeerId, RoomId};
 
 use crate::models::{
-    ArrivalModel, CapacityModel, LatencyModel, MatrixError, Position, SessionModel, Streams, unit,
+    ArrivalModel, CapacityModel, LatencyModel, MatrixError, NatModel, Position, SessionModel,
+    Streams, unit,
 };
 use crate::queue::Calendar;
 use crate::scenario::Scenario;
@@ -50,6 +57,10 @@ enum Up {
     Hello,
     Leave,
     Report(MediaState),
+    /// Its NAT class, once candidates are gathered.
+    Connectivity,
+    /// ICE to this parent (peer index) failed.
+    LinkFailed(u32),
     /// Not a message: the signaller notices the socket closed.
     Closed,
 }
@@ -65,7 +76,8 @@ enum Down {
     Child(u32),
     Drop(u32),
     ParentLost(u32),
-    Depth(Option<u32>),
+    /// A `room` status: depth (`NONE`: none), and whether it waits for want of a route.
+    Status(u32, bool),
     Ended,
 }
 
@@ -76,9 +88,25 @@ enum Kind {
     ToServer(u32, Up),
     ToClient(u32, Down),
     Tick,
-    LinkUp { child: u32, epoch: u32 },
-    MediaCheck { peer: u32, epoch: u32 },
-    ConnectCheck { peer: u32, epoch: u32 },
+    LinkUp {
+        child: u32,
+        epoch: u32,
+    },
+    MediaCheck {
+        peer: u32,
+        epoch: u32,
+    },
+    ConnectCheck {
+        peer: u32,
+        epoch: u32,
+    },
+    /// ICE gives up on a link that cannot be made directly and has no relay.
+    IceFailed {
+        child: u32,
+        epoch: u32,
+    },
+    /// Candidates gathered: the peer reports its NAT class.
+    Gathered(u32),
     Depart(u32),
     Sample,
 }
@@ -103,9 +131,10 @@ pub(crate) struct SimPeer {
     /// reports `connecting` when told and `receiving` at the first media (the room relies
     /// on the latter to tell a dead parent from a stale report).
     connecting: bool,
-    reachable: bool,
-    /// Whether its departure, if any, will be a crash rather than a `leave`.
-    crashes: bool,
+    /// Its NAT class (the truth; the room learns it from its report).
+    nat: NatClass,
+    /// How the link to its current parent is made (or fails).
+    pub(crate) path: LinkPath,
     /// Parent as told by the signaller (peer index).
     parent: u32,
     link_gen: u32,
@@ -124,6 +153,25 @@ pub(crate) struct SimPeer {
     /// When media stopped, while it is interrupted.
     down_since: Option<Micros>,
     pub(crate) capacity: u32,
+    /// Whether its departure, if any, will be a crash rather than a `leave`.
+    crashes: bool,
+    /// Told by its last `room` status that it waits with no route (counted in
+    /// `Engine::no_route`).
+    no_route: bool,
+}
+
+/// How a child's link to its parent is made, from the two NAT classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum LinkPath {
+    /// No parent.
+    None,
+    /// Directly (host, reflexive or hole-punched candidates).
+    Direct,
+    /// Through the TURN relay.
+    Relayed,
+    /// Not at all: no direct route and no relay; ICE will fail.
+    Failing,
 }
 
 // The hot fields end with `children`, inside the first cache line.
@@ -199,11 +247,16 @@ pub struct Engine {
     pub(crate) peers: Vec<SimPeer>,
     /// Peer index by room-assigned id.
     by_id: Vec<u32>,
+    /// Room-assigned id by peer index (`NONE` until its welcome).
+    id_of: Vec<u32>,
+    /// Viewers present, without a parent, last told they wait with no route.
+    no_route: u64,
     next_tick: Option<Micros>,
     streams: Streams,
     arrivals: ArrivalModel,
     sessions: SessionModel,
     capacities: CapacityModel,
+    nats: NatModel,
     latency: LatencyModel,
     flash_left: u64,
     /// Reused work list of the media walks.
@@ -224,10 +277,19 @@ impl Engine {
     /// An engine ready to run `scenario` (validated by the caller).
     pub fn new(scenario: Scenario) -> Result<Self, EngineError> {
         let room_id = RoomId::new("sim").expect("a valid literal");
+        let mut config = scenario.room.clone();
+        if scenario.connectivity.turn {
+            // What makes `has_relay()` true; the address itself is never used.
+            config.ice_servers.push(IceServer {
+                urls: vec!["turn:turn.sim.invalid:3478".into()],
+                username: None,
+                credential: None,
+            });
+        }
         let room = Room::new(
             room_id.clone(),
             TOKEN.into(),
-            scenario.room.clone(),
+            config,
             scenario.seed,
             Duration::ZERO,
         );
@@ -238,6 +300,7 @@ impl Engine {
             arrivals: ArrivalModel::new(&scenario),
             sessions: SessionModel::new(&scenario.session),
             capacities: CapacityModel::new(&scenario.capacity),
+            nats: NatModel::new(&scenario.connectivity),
             latency: LatencyModel::new(&scenario.latency)?,
             streams: Streams::new(scenario.seed),
             flash_left: scenario.arrivals.flash_peers,
@@ -250,6 +313,8 @@ impl Engine {
             // Room for everyone expected, so the peer table does not regrow mid-run.
             peers: Vec::with_capacity(expected),
             by_id: Vec::new(),
+            id_of: Vec::with_capacity(expected),
+            no_route: 0,
             next_tick: None,
             stack: Vec::new(),
             stats,
@@ -299,9 +364,10 @@ impl Engine {
             pos,
             ms(self.latency.to_server(pos)),
             self.scenario.capacity.broadcaster_children,
-            true,
+            self.scenario.connectivity.broadcaster,
             0,
         ));
+        self.id_of.push(NONE);
         self.peers[0].media = true;
         self.peers[0].got_media = true;
         self.schedule(0, Kind::ToServer(0, Up::Hello));
@@ -357,10 +423,28 @@ impl Engine {
                     self.report_stalled(peer);
                 }
             }
+            Kind::IceFailed { child, epoch } => {
+                let c = &self.peers[child as usize];
+                if c.alive && c.link_gen == epoch && c.parent != NONE && !c.link_up {
+                    let parent = c.parent;
+                    self.stats.ice_failed(self.now);
+                    self.send_up(child, Up::LinkFailed(parent));
+                }
+            }
+            Kind::Gathered(peer) => {
+                if self.peers[peer as usize].alive {
+                    self.send_up(peer, Up::Connectivity);
+                }
+            }
             Kind::Depart(peer) => self.depart(peer),
             Kind::Sample => {
-                self.stats
-                    .sample(self.now, &self.peers, &self.by_id, &self.room);
+                self.stats.sample(
+                    self.now,
+                    &self.peers,
+                    &self.by_id,
+                    &self.room,
+                    self.no_route,
+                );
                 let every = ms(self.scenario.sample_interval_s * 1_000.0).max(1);
                 self.schedule(self.now + every, Kind::Sample);
             }
@@ -371,12 +455,14 @@ impl Engine {
 
     fn arrive(&mut self) {
         let idx = self.peers.len() as u32;
-        let (capacity, reachable) = self.capacities.sample(&mut self.streams.capacity);
+        let capacity = self.capacities.sample(&mut self.streams.capacity);
+        let nat = self.nats.sample(&mut self.streams.nat);
         let pos = self.latency.place(&mut self.streams.latency);
         let to_server = ms(self.latency.to_server(pos));
         self.peers
-            .push(SimPeer::new(pos, to_server, capacity, reachable, self.now));
-        self.stats.arrived(self.now);
+            .push(SimPeer::new(pos, to_server, capacity, nat, self.now));
+        self.id_of.push(NONE);
+        self.stats.arrived(self.now, nat);
         self.schedule(self.now + to_server, Kind::ToServer(idx, Up::Hello));
         let session = self.sessions.sample(&mut self.streams.sessions);
         let crash = unit(&mut self.streams.sessions) < self.scenario.crash_fraction;
@@ -396,6 +482,7 @@ impl Engine {
         }
         let crash = peer.crashes;
         peer.alive = false;
+        self.clear_no_route(idx);
         self.stats.departed(self.now, crash);
         // It stops forwarding at once, whatever the signaller learns and when.
         let children = std::mem::take(&mut self.peers[idx as usize].children);
@@ -418,9 +505,19 @@ impl Engine {
             return;
         }
         match down {
-            Down::Welcome => {}
+            Down::Welcome => {
+                let after = self.scenario.connectivity.report_ms;
+                if after >= 0.0 {
+                    self.schedule(self.now + ms(after), Kind::Gathered(idx));
+                }
+            }
             Down::Parent(q, depth) => {
+                if q != NONE {
+                    self.clear_no_route(idx);
+                }
+                let path = self.path_to(idx, q);
                 let p = &mut self.peers[idx as usize];
+                p.path = path;
                 if p.parent != NONE || p.got_media {
                     self.stats.reparented(self.now);
                 }
@@ -466,6 +563,7 @@ impl Engine {
                 }
                 if self.peers[idx as usize].parent == x {
                     self.peers[idx as usize].parent = NONE;
+                    self.peers[idx as usize].path = LinkPath::None;
                     self.peers[idx as usize].link_gen += 1;
                     self.link_down(idx);
                 } else {
@@ -493,8 +591,45 @@ impl Engine {
                     }
                 }
             }
-            Down::Depth(depth) => self.peers[idx as usize].depth = depth.unwrap_or(NONE),
-            Down::Ended => self.peers[idx as usize].alive = false,
+            Down::Status(depth, no_route) => {
+                self.peers[idx as usize].depth = depth;
+                let waits = no_route && depth == NONE;
+                if waits != self.peers[idx as usize].no_route {
+                    self.peers[idx as usize].no_route = waits;
+                    if waits {
+                        self.no_route += 1;
+                    } else {
+                        self.no_route -= 1;
+                    }
+                }
+            }
+            Down::Ended => {
+                self.clear_no_route(idx);
+                self.peers[idx as usize].alive = false;
+            }
+        }
+    }
+
+    /// The peer no longer counts as waiting with no route.
+    fn clear_no_route(&mut self, idx: u32) {
+        let p = &mut self.peers[idx as usize];
+        if std::mem::take(&mut p.no_route) {
+            self.no_route -= 1;
+        }
+    }
+
+    /// How `child`'s link to `parent` (a peer index, or `NONE`) is made.
+    fn path_to(&self, child: u32, parent: u32) -> LinkPath {
+        if parent == NONE {
+            return LinkPath::None;
+        }
+        let a = self.peers[child as usize].nat;
+        if a.direct(self.peers[parent as usize].nat) {
+            LinkPath::Direct
+        } else if self.scenario.connectivity.turn {
+            LinkPath::Relayed
+        } else {
+            LinkPath::Failing
         }
     }
 
@@ -503,17 +638,28 @@ impl Engine {
     }
 
     /// Both ends know of each other: the offer/answer crosses the signaller twice, then
-    /// ICE and DTLS finish. Two unreachable peers never connect.
+    /// ICE and DTLS finish, directly or through the relay. A pair that can do neither
+    /// fails once ICE gives up.
     fn connect(&mut self, child: u32) {
         let c = &self.peers[child as usize];
         let q = &self.peers[c.parent as usize];
-        if !q.alive || (!c.reachable && !q.reachable) {
+        if !q.alive {
             return; // the child's connect watchdog will report it
         }
         let rtts = 2 * (c.to_server + q.to_server);
-        let jitter = 0.75 + 0.5 * unit(&mut self.streams.connect);
-        let setup = ms(self.scenario.timing.connect_ms * jitter);
         let epoch = c.link_gen;
+        let connectivity = &self.scenario.connectivity;
+        let extra = match c.path {
+            LinkPath::Failing => {
+                let at = self.now + rtts + ms(connectivity.ice_fail_ms);
+                self.schedule(at, Kind::IceFailed { child, epoch });
+                return;
+            }
+            LinkPath::Relayed => ms(connectivity.turn_extra_ms),
+            LinkPath::Direct | LinkPath::None => 0,
+        };
+        let jitter = 0.75 + 0.5 * unit(&mut self.streams.connect);
+        let setup = ms(self.scenario.timing.connect_ms * jitter) + extra;
         self.schedule(self.now + rtts + setup, Kind::LinkUp { child, epoch });
     }
 
@@ -543,6 +689,7 @@ impl Engine {
         stack.clear();
         stack.push(top);
         let hop = ms(self.scenario.timing.hop_ms);
+        let turn_extra = ms(self.scenario.connectivity.turn_extra_ms);
         while let Some(i) = stack.pop() {
             let parent = self.peers[i as usize].parent;
             let (ppos, plat) = {
@@ -550,14 +697,17 @@ impl Engine {
                 (p.pos, p.latency)
             };
             let relay_cost = if parent == 0 { 0 } else { hop };
-            let link = ms(self.latency.between(ppos, self.peers[i as usize].pos));
+            let mut link = ms(self.latency.between(ppos, self.peers[i as usize].pos));
             let now = self.now;
             let p = &mut self.peers[i as usize];
+            if p.path == LinkPath::Relayed {
+                link += turn_extra;
+            }
             p.media = true;
             p.latency = plat + relay_cost + link;
             if !p.got_media {
                 p.got_media = true;
-                self.stats.first_media(now, now - p.arrived);
+                self.stats.first_media(now, now - p.arrived, p.nat);
             }
             if let Some(since) = p.down_since.take() {
                 self.stats.interrupted(now, now - since);
@@ -670,6 +820,25 @@ impl Engine {
                     link: None,
                 }),
             },
+            Up::Connectivity => Input::Message {
+                conn,
+                msg: ClientMessage::Connectivity(Connectivity {
+                    nat: self.peers[idx as usize].nat,
+                    relay: self.scenario.connectivity.turn,
+                }),
+            },
+            Up::LinkFailed(parent) => {
+                let id = self.id_of[parent as usize];
+                if id == NONE {
+                    return;
+                }
+                Input::Message {
+                    conn,
+                    msg: ClientMessage::LinkFailed {
+                        peer: PeerId(u64::from(id)),
+                    },
+                }
+            }
             Up::Closed => Input::Disconnected { conn },
         };
         if up != Up::Closed {
@@ -695,6 +864,7 @@ impl Engine {
                                 self.by_id.resize(slot + 1, NONE);
                             }
                             self.by_id[slot] = idx;
+                            self.id_of[idx as usize] = peer_id.0 as u32;
                             Down::Welcome
                         }
                         ServerMessage::Parent { peer_id, depth } => {
@@ -705,7 +875,10 @@ impl Engine {
                         ServerMessage::ParentDisconnected { parent } => {
                             Down::ParentLost(self.index_of(parent))
                         }
-                        ServerMessage::Room { depth, .. } => Down::Depth(depth),
+                        ServerMessage::Room { depth, waiting, .. } => Down::Status(
+                            depth.unwrap_or(NONE),
+                            waiting == Some(WaitReason::NoRoute),
+                        ),
                         ServerMessage::Ended { .. } => Down::Ended,
                         ServerMessage::Signal { .. }
                         | ServerMessage::IceServers { .. }
@@ -727,6 +900,7 @@ impl Engine {
                             .is_some_and(|p| p.alive && p.depth().is_none())
                     {
                         self.peers[idx].alive = false;
+                        self.clear_no_route(idx as u32);
                         self.stats.departed(self.now, false);
                     }
                 }
@@ -759,7 +933,7 @@ impl SimPeer {
         (self.depth != NONE).then_some(self.depth)
     }
 
-    fn new(pos: Position, to_server: Micros, capacity: u32, reachable: bool, now: Micros) -> Self {
+    fn new(pos: Position, to_server: Micros, capacity: u32, nat: NatClass, now: Micros) -> Self {
         Self {
             alive: true,
             media: false,
@@ -767,8 +941,8 @@ impl SimPeer {
             got_media: false,
             stall_reported: false,
             connecting: false,
-            reachable,
-            crashes: false,
+            nat,
+            path: LinkPath::None,
             parent: NONE,
             link_gen: 0,
             media_gen: 0,
@@ -780,6 +954,8 @@ impl SimPeer {
             arrived: now,
             down_since: None,
             capacity,
+            crashes: false,
+            no_route: false,
         }
     }
 }

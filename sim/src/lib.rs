@@ -1,6 +1,6 @@
 //! treecast's discrete-event simulator: the signaller's own room and tree code
 //! ([`treecast_core::room::Room`]) driven with virtual time, modelled network latency,
-//! peer capacities and churn.
+//! peer capacities, NAT classes (direct, relayed or failing links) and churn.
 //!
 //! # Driver loop
 //! [`engine::Engine`] keeps an event queue ordered by virtual time (ties in scheduling
@@ -8,8 +8,9 @@
 //! a client, a link coming up, a watchdog firing, a room timer, or a population sample.
 //! Messages to the signaller become `room.handle(now, input)`; the room's outputs become
 //! client deliveries after the modelled one-way delay; `room.poll_timeout()` schedules the
-//! next room tick. So placement, promotion, stand-in repair and stall handling are exactly
-//! the production code's; only the network, the clients and the media are modelled.
+//! next room tick. So placement (NAT-aware), promotion, stand-in repair, stall and
+//! `link_failed` handling are exactly the production code's; only the network, the
+//! clients and the media are modelled.
 //!
 //! Every random draw comes from one seed ([`models::Streams`]): the same scenario and seed
 //! give byte-identical results.

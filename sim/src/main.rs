@@ -205,6 +205,22 @@ fn print_summary(s: &Summary) {
         s.receiving_fraction * 100.0,
         s.waiting_fraction * 100.0
     );
+    let c = &s.connectivity;
+    println!(
+        "  connectivity TURN {}, {:.1} % of viewers on it; {} ICE failures ({:.3} per viewer-hour); no route {:.2} % (mean {:.1} waiting)",
+        if c.turn { "on" } else { "off" },
+        c.turn_share * 100.0,
+        c.ice_failures,
+        c.ice_failures_per_viewer_hour,
+        c.no_route_fraction * 100.0,
+        c.no_route_mean
+    );
+    let joins: Vec<String> = c
+        .join_time_ms_by_nat
+        .iter()
+        .map(|(class, d)| format!("{class} {:.0}/{:.0}", d.p50, d.p95))
+        .collect();
+    println!("  join by NAT  p50/p95 ms: {}", joins.join(", "));
 }
 
 /// Quotes a CSV cell that holds a comma, quote or newline (swept arrays and tables do).

@@ -1,4 +1,5 @@
-//! Random models: arrivals, session lengths, capacities, positions and latencies.
+//! Random models: arrivals, session lengths, capacities, NAT classes, positions and
+//! latencies.
 //!
 //! Each model draws from its own ChaCha stream derived from the scenario seed, so changing
 //! one model (say, the session distribution) does not reshuffle the others.
@@ -7,7 +8,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, LogNormal, Pareto, Weibull};
 
-use crate::scenario::{Capacity, Latency, Scenario, Session};
+use treecast_core::protocol::NatClass;
+
+use crate::scenario::{Capacity, Connectivity, Latency, Scenario, Session};
 
 /// Independent random streams, one per model.
 #[derive(Debug, Clone)]
@@ -16,12 +19,14 @@ pub struct Streams {
     pub arrivals: ChaCha8Rng,
     /// Session lengths and crash-or-leave.
     pub sessions: ChaCha8Rng,
-    /// Capacity classes and reachability.
+    /// Capacity classes.
     pub capacity: ChaCha8Rng,
     /// Positions on the latency plane.
     pub latency: ChaCha8Rng,
     /// Connection set-up jitter.
     pub connect: ChaCha8Rng,
+    /// NAT classes.
+    pub nat: ChaCha8Rng,
 }
 
 impl Streams {
@@ -38,6 +43,7 @@ impl Streams {
             capacity: stream(3),
             latency: stream(4),
             connect: stream(5),
+            nat: stream(6),
         }
     }
 }
@@ -106,7 +112,6 @@ impl SessionModel {
 pub struct CapacityModel {
     /// Cumulative normalised shares with the class's children.
     cumulative: Vec<(f64, u32)>,
-    unreachable: f64,
 }
 
 impl CapacityModel {
@@ -122,22 +127,55 @@ impl CapacityModel {
                 (acc, c.children)
             })
             .collect();
-        Self {
-            cumulative,
-            unreachable: capacity.unreachable_fraction,
-        }
+        Self { cumulative }
     }
 
-    /// (children it can feed, whether it can accept incoming connections).
-    pub fn sample(&self, rng: &mut ChaCha8Rng) -> (u32, bool) {
+    /// Children it can feed.
+    pub fn sample(&self, rng: &mut ChaCha8Rng) -> u32 {
         let u = unit(rng);
-        let children = self
-            .cumulative
+        self.cumulative
             .iter()
             .find(|(c, _)| u < *c)
             .or(self.cumulative.last())
-            .map_or(0, |&(_, k)| k);
-        (children, unit(rng) >= self.unreachable)
+            .map_or(0, |&(_, k)| k)
+    }
+}
+
+/// Draws a viewer's NAT class.
+#[derive(Debug, Clone)]
+pub struct NatModel {
+    /// Cumulative normalised shares with their class; classes with no share are left out.
+    cumulative: Vec<(f64, NatClass)>,
+}
+
+impl NatModel {
+    /// The model for a scenario's connectivity section.
+    pub fn new(connectivity: &Connectivity) -> Self {
+        let shares = connectivity.shares();
+        let total: f64 = shares.iter().map(|(_, s)| s).sum();
+        let mut acc = 0.0;
+        let cumulative = shares
+            .iter()
+            .filter(|(_, s)| *s > 0.0)
+            .map(|&(class, s)| {
+                acc += s / total;
+                (acc, class)
+            })
+            .collect();
+        Self { cumulative }
+    }
+
+    /// A class. With a single class nothing is drawn, so the stream is left untouched.
+    pub fn sample(&self, rng: &mut ChaCha8Rng) -> NatClass {
+        if let [(_, only)] = self.cumulative[..] {
+            return only;
+        }
+        let u = unit(rng);
+        self.cumulative
+            .iter()
+            .find(|(c, _)| u < *c)
+            .or(self.cumulative.last())
+            .map_or(NatClass::Cone, |&(_, class)| class)
     }
 }
 
@@ -293,9 +331,30 @@ mod tests {
         let model = CapacityModel::new(&Capacity::default());
         let mut rng = Streams::new(3).capacity;
         let n = 100_000;
-        let zeros = (0..n).filter(|_| model.sample(&mut rng).0 == 0).count();
+        let zeros = (0..n).filter(|_| model.sample(&mut rng) == 0).count();
         let share = zeros as f64 / n as f64;
         assert!((share - 0.3).abs() < 0.01, "{share}");
+    }
+
+    #[test]
+    fn nat_shares_are_respected() {
+        let connectivity = Connectivity {
+            public: 2.0,
+            cone: 6.0,
+            symmetric: 2.0,
+            ..Connectivity::default()
+        };
+        let model = NatModel::new(&connectivity);
+        let mut rng = Streams::new(3).nat;
+        let n = 100_000;
+        let draws: Vec<NatClass> = (0..n).map(|_| model.sample(&mut rng)).collect();
+        let share = |c| draws.iter().filter(|&&d| d == c).count() as f64 / n as f64;
+        assert!((share(NatClass::Public) - 0.2).abs() < 0.01);
+        assert!((share(NatClass::Symmetric) - 0.2).abs() < 0.01);
+        assert!((share(NatClass::Cone) - 0.6).abs() < 0.01);
+        assert_eq!(share(NatClass::Blocked), 0.0);
+        // 0.2 symmetric: symmetric pairs 0.04 plus symmetric-cone pairs 2 × 0.2 × 0.6.
+        assert!((connectivity.indirect_pair_share() - 0.28).abs() < 1e-9);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! | file | what |
 //! |---|---|
 //! | `summary.json` | [`crate::stats::Summary`]: every headline number |
-//! | `timeseries.csv` | one row per sample: population, attached, waiting, receiving, depth, repairs |
+//! | `timeseries.csv` | one row per sample: population, attached, waiting, receiving, depth, repairs, relayed, no route |
 //! | `latency_by_depth.csv` | glass-to-glass latency per depth: count, mean, p50, p95, p99, max |
 //! | `depth_histogram.csv` | share of viewer samples at each depth |
 //! | `interruptions.csv` | the interruption-duration CDF |
@@ -68,12 +68,12 @@ pub fn write(stats: &Stats, dir: &Path) -> Result<Summary, ReportError> {
 
 fn timeseries_csv(stats: &Stats) -> String {
     let mut out = String::from(
-        "t_s,population,attached,waiting,receiving,max_depth,mean_depth,repairs,reparents,interruptions\n",
+        "t_s,population,attached,waiting,receiving,max_depth,mean_depth,repairs,reparents,interruptions,relayed,no_route\n",
     );
     for r in &stats.series {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
             r.t_s,
             r.population,
             r.attached,
@@ -83,7 +83,9 @@ fn timeseries_csv(stats: &Stats) -> String {
             r.mean_depth,
             r.repairs,
             r.reparents,
-            r.interruptions
+            r.interruptions,
+            r.relayed,
+            r.no_route
         );
     }
     out

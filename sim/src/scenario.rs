@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use treecast_core::protocol::NatClass;
 use treecast_core::room::RoomConfig;
 
 /// A whole simulation run.
@@ -25,8 +26,10 @@ pub struct Scenario {
     pub arrivals: Arrivals,
     /// How long viewers stay.
     pub session: Session,
-    /// Upload capacity classes and reachability.
+    /// Upload capacity classes.
     pub capacity: Capacity,
+    /// NAT classes, ICE failure and the TURN relay.
+    pub connectivity: Connectivity,
     /// Network latency between peers and to the signaller.
     pub latency: Latency,
     /// Delays of the media path and of failure detection.
@@ -48,6 +51,7 @@ impl Default for Scenario {
             arrivals: Arrivals::default(),
             session: Session::default(),
             capacity: Capacity::default(),
+            connectivity: Connectivity::default(),
             latency: Latency::default(),
             timing: Timing::default(),
             crash_fraction: 0.2,
@@ -188,7 +192,7 @@ pub struct CapacityClass {
     pub fraction: f64,
 }
 
-/// Upload capacity mix and connectivity.
+/// Upload capacity mix.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Capacity {
@@ -196,9 +200,6 @@ pub struct Capacity {
     pub classes: Vec<CapacityClass>,
     /// Children the broadcaster can feed (before the operator's root fan-out limit).
     pub broadcaster_children: u32,
-    /// Share of peers that cannot accept incoming connections (symmetric NAT); a link
-    /// between two such peers fails and the child reports it stalled.
-    pub unreachable_fraction: f64,
 }
 
 impl Default for Capacity {
@@ -223,8 +224,87 @@ impl Default for Capacity {
                 },
             ],
             broadcaster_children: 4,
-            unreachable_fraction: 0.0,
         }
+    }
+}
+
+/// How peers reach each other: their NAT classes (as [`NatClass::direct`] pairs them),
+/// when they report them, how long ICE takes to give up on a pair that cannot connect,
+/// and whether a TURN relay carries such pairs instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Connectivity {
+    /// Share of viewers with no NAT; shares of the five classes are normalised.
+    pub public: f64,
+    /// Share of viewers behind a full-cone (or address-restricted) NAT.
+    pub full_cone: f64,
+    /// Share of viewers behind a port-restricted cone NAT.
+    pub cone: f64,
+    /// Share of viewers behind a symmetric NAT.
+    pub symmetric: f64,
+    /// Share of viewers with UDP blocked: only TURN reaches them.
+    pub blocked: f64,
+    /// The broadcaster's class.
+    pub broadcaster: NatClass,
+    /// A peer reports its class this long after its welcome (candidate gathering), ms;
+    /// negative: never, and the room keeps it as `unknown` (placed as `cone`).
+    pub report_ms: f64,
+    /// ICE gives up on a pair that cannot connect directly, with no relay, this long
+    /// after the offer/answer; the child then sends `link_failed`, ms.
+    pub ice_fail_ms: f64,
+    /// A TURN relay is available: the room is configured with a `turn:` server, and pairs
+    /// that cannot connect directly connect through the relay.
+    pub turn: bool,
+    /// Extra one-way delay of a link through the relay, also added once to its set-up
+    /// (the allocation), ms.
+    pub turn_extra_ms: f64,
+}
+
+impl Default for Connectivity {
+    fn default() -> Self {
+        Self {
+            public: 0.0,
+            full_cone: 0.0,
+            cone: 1.0,
+            symmetric: 0.0,
+            blocked: 0.0,
+            broadcaster: NatClass::Public,
+            report_ms: 200.0,
+            ice_fail_ms: 5_000.0,
+            turn: false,
+            turn_extra_ms: 20.0,
+        }
+    }
+}
+
+impl Connectivity {
+    /// The viewer classes with their shares, as written (not normalised).
+    pub fn shares(&self) -> [(NatClass, f64); 5] {
+        [
+            (NatClass::Public, self.public),
+            (NatClass::FullCone, self.full_cone),
+            (NatClass::Cone, self.cone),
+            (NatClass::Symmetric, self.symmetric),
+            (NatClass::Blocked, self.blocked),
+        ]
+    }
+
+    /// Share of random viewer pairs that cannot connect directly under these shares.
+    pub fn indirect_pair_share(&self) -> f64 {
+        let shares = self.shares();
+        let total: f64 = shares.iter().map(|(_, s)| s).sum();
+        if total <= 0.0 {
+            return 0.0;
+        }
+        let mut indirect = 0.0;
+        for (a, sa) in shares {
+            for (b, sb) in shares {
+                if !a.direct(b) {
+                    indirect += sa * sb;
+                }
+            }
+        }
+        indirect / (total * total)
     }
 }
 
@@ -273,7 +353,7 @@ pub struct Timing {
     /// `parent_lost_after`), ms.
     pub parent_lost_ms: f64,
     /// A new parent that delivers no media for this long is reported stalled (the
-    /// client's connect watchdog; it is what catches two unreachable peers), ms.
+    /// client's connect watchdog; it catches parents that died before the link came up), ms.
     pub connect_fail_ms: f64,
 }
 
@@ -377,8 +457,36 @@ impl Scenario {
         if !(0.0..=1.0).contains(&self.crash_fraction) {
             return bad("crash_fraction must be between 0 and 1");
         }
-        if !(0.0..=1.0).contains(&self.capacity.unreachable_fraction) {
-            return bad("capacity.unreachable_fraction must be between 0 and 1");
+        let c = &self.connectivity;
+        let shares = c.shares();
+        if shares.iter().any(|(_, s)| !(s.is_finite() && *s >= 0.0))
+            || shares.iter().map(|(_, s)| s).sum::<f64>() <= 0.0
+        {
+            return bad(
+                "connectivity shares (public, full_cone, cone, symmetric, blocked) must be \
+                 numbers of at least 0, and at least one must be positive",
+            );
+        }
+        if c.broadcaster == NatClass::Unknown {
+            return bad(
+                "connectivity.broadcaster must be a class (public, full_cone, cone, symmetric \
+                 or blocked); use report_ms < 0 for peers that never report theirs",
+            );
+        }
+        if !c.report_ms.is_finite() {
+            return bad("connectivity.report_ms must be a number of ms (negative: never)");
+        }
+        if !(c.turn_extra_ms.is_finite() && c.turn_extra_ms >= 0.0) {
+            return bad("connectivity.turn_extra_ms must be at least 0");
+        }
+        if !(c.ice_fail_ms.is_finite() && c.ice_fail_ms >= 0.0) {
+            return bad("connectivity.ice_fail_ms must be at least 0");
+        }
+        if c.ice_fail_ms >= self.timing.connect_fail_ms {
+            return bad(
+                "connectivity.ice_fail_ms must be shorter than timing.connect_fail_ms: \
+                 otherwise the connect watchdog reports the parent stalled before ICE gives up",
+            );
         }
         if self.capacity.classes.is_empty()
             || self
@@ -491,6 +599,35 @@ mod tests {
             Scenario::from_value(doc, "x"),
             Err(ScenarioError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn connectivity_is_checked() {
+        let refused = |text: &str| {
+            let doc: toml::Value = toml::from_str(text).unwrap();
+            match Scenario::from_value(doc, "x") {
+                Err(ScenarioError::Invalid(m)) => m,
+                other => panic!("{text}: {other:?}"),
+            }
+        };
+        assert!(refused("[connectivity]\nsymmetric = -0.1").contains("shares"));
+        assert!(refused("[connectivity]\ncone = 0.0").contains("positive"));
+        assert!(refused("[connectivity]\nice_fail_ms = 9000").contains("connect_fail_ms"));
+        assert!(refused("[connectivity]\nbroadcaster = \"unknown\"").contains("report_ms"));
+        let doc: toml::Value =
+            toml::from_str("[connectivity]\nbroadcaster = \"carrier_grade\"").unwrap();
+        assert!(matches!(
+            Scenario::from_value(doc, "x"),
+            Err(ScenarioError::Parse { .. })
+        ));
+        let doc: toml::Value = toml::from_str(
+            "[connectivity]\nsymmetric = 1\nturn = true\nreport_ms = -1\nbroadcaster = \"full_cone\"",
+        )
+        .unwrap();
+        let s = Scenario::from_value(doc, "x").unwrap();
+        assert!(s.connectivity.turn && s.connectivity.broadcaster == NatClass::FullCone);
+        // `cone` keeps its default share of 1: half symmetric, half cone.
+        assert_eq!(s.connectivity.indirect_pair_share(), 0.75);
     }
 
     #[test]

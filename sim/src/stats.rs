@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use treecast_core::protocol::NatClass;
 use treecast_core::room::{Room, RoomEvent};
 
-use crate::engine::SimPeer;
+use crate::engine::{LinkPath, SimPeer};
 use crate::scenario::Scenario;
 
 /// Simulated peers visited together by a population sample.
@@ -19,6 +20,13 @@ struct Acc {
     receiving: u64,
     depth_sum: u64,
     max_depth: u32,
+    /// Attached viewers by the path of their parent link: direct, relayed, failing.
+    paths: [u64; 3],
+}
+
+/// Index of a class in per-class tables (the order of [`NatClass::ALL`]).
+fn class_index(nat: NatClass) -> usize {
+    NatClass::ALL.iter().position(|&c| c == nat).unwrap_or(0)
 }
 
 type Micros = u64;
@@ -32,6 +40,7 @@ fn histogram() -> Histogram<u64> {
 #[derive(Debug, Clone)]
 pub struct Stats {
     from: Micros,
+    turn: bool,
     name: String,
     seed: u64,
     warmup_s: f64,
@@ -47,6 +56,16 @@ pub struct Stats {
     population_area: f64,
     last_change: Micros,
     join: Histogram<u64>,
+    /// Join times per NAT class, in the order of [`NatClass::ALL`].
+    join_by_nat: Vec<Histogram<u64>>,
+    /// Viewers that arrived, per NAT class (whole run).
+    arrivals_by_nat: [u64; 6],
+    /// `link_failed` reports sent after the warm-up.
+    ice_failures: u64,
+    /// Attached viewer samples by the path of their parent link.
+    path_sums: [u64; 3],
+    /// Viewers waiting with no route, summed over samples.
+    no_route_sum: u64,
     interruptions: Histogram<u64>,
     reparents: u64,
     repairs: BTreeMap<&'static str, u64>,
@@ -83,6 +102,10 @@ pub struct SeriesRow {
     pub attached: u64,
     /// Viewers waiting for a slot.
     pub waiting: u64,
+    /// Of them, told they wait for want of a route (no direct parent free, no relay).
+    pub no_route: u64,
+    /// Attached viewers whose parent link goes through the TURN relay.
+    pub relayed: u64,
     /// Viewers receiving media.
     pub receiving: u64,
     /// Deepest attached viewer.
@@ -190,6 +213,31 @@ pub struct LoadSummary {
     pub capacity_use: f64,
 }
 
+/// NAT classes, the relay and ICE failures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConnectivitySummary {
+    /// Whether the room had a TURN relay.
+    pub turn: bool,
+    /// Share of attached viewer samples whose parent link is relayed (media through the
+    /// relay is proportional to this: every link carries the one stream).
+    pub turn_share: f64,
+    /// Shares of attached viewer samples by parent link: `direct`, `relayed`, `failing`
+    /// (no direct route and no relay: waiting for ICE to give up).
+    pub links: BTreeMap<&'static str, f64>,
+    /// Viewers that arrived, by NAT class (whole run).
+    pub arrivals_by_nat: BTreeMap<&'static str, u64>,
+    /// Join time per NAT class, ms (classes with arrivals).
+    pub join_time_ms_by_nat: BTreeMap<&'static str, Dist>,
+    /// `link_failed` reports sent (ICE gave up on a parent).
+    pub ice_failures: u64,
+    /// The same per viewer-hour.
+    pub ice_failures_per_viewer_hour: f64,
+    /// Time-average number of viewers waiting with no route.
+    pub no_route_mean: f64,
+    /// Share of viewer samples spent waiting with no route.
+    pub no_route_fraction: f64,
+}
+
 /// The results of one run, as written to `summary.json`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
@@ -237,6 +285,8 @@ pub struct Summary {
     pub waiting_fraction: f64,
     /// Share of viewer samples receiving media.
     pub receiving_fraction: f64,
+    /// NAT classes, relay use and ICE failures.
+    pub connectivity: ConnectivitySummary,
 }
 
 impl Stats {
@@ -245,6 +295,7 @@ impl Stats {
         let from = (scenario.warmup_s * 1e6) as Micros;
         Self {
             from,
+            turn: scenario.connectivity.turn,
             name: scenario.name.clone(),
             seed: scenario.seed,
             warmup_s: scenario.warmup_s,
@@ -258,6 +309,11 @@ impl Stats {
             population_area: 0.0,
             last_change: from,
             join: histogram(),
+            join_by_nat: NatClass::ALL.iter().map(|_| histogram()).collect(),
+            arrivals_by_nat: [0; 6],
+            ice_failures: 0,
+            path_sums: [0; 3],
+            no_route_sum: 0,
             interruptions: histogram(),
             reparents: 0,
             repairs: BTreeMap::new(),
@@ -291,8 +347,9 @@ impl Stats {
         self.peak_population = self.peak_population.max(population);
     }
 
-    pub(crate) fn arrived(&mut self, now: Micros) {
+    pub(crate) fn arrived(&mut self, now: Micros, nat: NatClass) {
         self.arrivals += 1;
+        self.arrivals_by_nat[class_index(nat)] += 1;
         self.population_to(now, self.population + 1);
     }
 
@@ -302,9 +359,16 @@ impl Stats {
         self.population_to(now, self.population.saturating_sub(1));
     }
 
-    pub(crate) fn first_media(&mut self, now: Micros, took: Micros) {
+    pub(crate) fn first_media(&mut self, now: Micros, took: Micros, nat: NatClass) {
         if now >= self.from {
             let _ = self.join.record(took.max(1));
+            let _ = self.join_by_nat[class_index(nat)].record(took.max(1));
+        }
+    }
+
+    pub(crate) fn ice_failed(&mut self, now: Micros) {
+        if now >= self.from {
+            self.ice_failures += 1;
         }
     }
 
@@ -343,7 +407,14 @@ impl Stats {
     /// storage with array lookups only (at 10^6 peers, hash lookups here dominated a run).
     /// The simulated peers are visited in batches, their state gathered before it is
     /// used, so the cache misses of a batch overlap instead of queueing one by one.
-    pub(crate) fn sample(&mut self, now: Micros, peers: &[SimPeer], by_id: &[u32], room: &Room) {
+    pub(crate) fn sample(
+        &mut self,
+        now: Micros,
+        peers: &[SimPeer],
+        by_id: &[u32],
+        room: &Room,
+        no_route: u64,
+    ) {
         let mut acc = Acc::default();
         let (mut fed, mut feedable, mut relays, mut relay_children) = (0u64, 0u64, 0u64, 0u64);
         let mut root_children = 0;
@@ -376,6 +447,7 @@ impl Stats {
             receiving,
             depth_sum,
             max_depth,
+            paths,
         } = acc;
         let population = self.population;
         // Everyone present who is not attached waits (alone or inside a waiting subtree).
@@ -392,6 +464,10 @@ impl Stats {
                 0.0
             };
             self.waiting_sum += waiting;
+            self.no_route_sum += no_route;
+            for (sum, n) in self.path_sums.iter_mut().zip(paths) {
+                *sum += n;
+            }
             self.receiving_sum += receiving;
             self.viewers_sum += population;
         }
@@ -400,6 +476,8 @@ impl Stats {
             population,
             attached,
             waiting,
+            no_route,
+            relayed: paths[1],
             receiving,
             max_depth,
             mean_depth: if attached > 0 {
@@ -425,9 +503,9 @@ impl Stats {
         // misses are in flight together; the pass below then hits the cache.
         let mut state = [0u8; BATCH];
         for (s, &(idx, _)) in state.iter_mut().zip(batch) {
-            *s = peers
-                .get(idx as usize)
-                .map_or(0, |p| u8::from(p.alive) | (u8::from(p.media) << 1));
+            *s = peers.get(idx as usize).map_or(0, |p| {
+                u8::from(p.alive) | (u8::from(p.media) << 1) | ((p.path as u8) << 2)
+            });
         }
         for (&s, &(idx, depth)) in state.iter().zip(batch) {
             // A crashed peer stays in the tree until the signaller notices: the population
@@ -436,6 +514,12 @@ impl Stats {
                 continue;
             }
             acc.attached += 1;
+            match s >> 2 {
+                x if x == LinkPath::Direct as u8 => acc.paths[0] += 1,
+                x if x == LinkPath::Relayed as u8 => acc.paths[1] += 1,
+                x if x == LinkPath::Failing as u8 => acc.paths[2] += 1,
+                _ => {}
+            }
             acc.depth_sum += u64::from(depth);
             acc.max_depth = acc.max_depth.max(depth);
             let d = depth as usize;
@@ -575,10 +659,62 @@ impl Stats {
             ),
             waiting_fraction: per(self.waiting_sum as f64, self.viewers_sum),
             receiving_fraction: per(self.receiving_sum as f64, self.viewers_sum),
+            connectivity: self.connectivity_summary(viewer_hours),
+        }
+    }
+
+    fn connectivity_summary(&self, viewer_hours: f64) -> ConnectivitySummary {
+        let linked: u64 = self.path_sums.iter().sum();
+        let share = |n: u64| {
+            if linked > 0 {
+                round4(n as f64 / linked as f64)
+            } else {
+                0.0
+            }
+        };
+        let classes = NatClass::ALL
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| self.arrivals_by_nat[i] > 0);
+        ConnectivitySummary {
+            turn: self.turn,
+            turn_share: share(self.path_sums[1]),
+            links: ["direct", "relayed", "failing"]
+                .into_iter()
+                .zip(self.path_sums)
+                .map(|(k, n)| (k, share(n)))
+                .collect(),
+            arrivals_by_nat: classes
+                .clone()
+                .map(|(i, c)| (c.as_str(), self.arrivals_by_nat[i]))
+                .collect(),
+            join_time_ms_by_nat: classes
+                .map(|(i, c)| (c.as_str(), Dist::of(&self.join_by_nat[i])))
+                .collect(),
+            ice_failures: self.ice_failures,
+            ice_failures_per_viewer_hour: if viewer_hours > 0.0 {
+                round3(self.ice_failures as f64 / viewer_hours)
+            } else {
+                0.0
+            },
+            no_route_mean: if self.samples > 0 {
+                round3(self.no_route_sum as f64 / self.samples as f64)
+            } else {
+                0.0
+            },
+            no_route_fraction: if self.viewers_sum > 0 {
+                round4(self.no_route_sum as f64 / self.viewers_sum as f64)
+            } else {
+                0.0
+            },
         }
     }
 }
 
 fn round3(x: f64) -> f64 {
     (x * 1_000.0).round() / 1_000.0
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
 }

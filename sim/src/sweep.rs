@@ -223,6 +223,8 @@ pub fn table(results: &[RunResult]) -> Vec<Vec<String>> {
             "interruption_p95_ms",
             "receiving",
             "waiting",
+            "turn_share",
+            "no_route",
         ]
         .map(String::from),
     );
@@ -241,6 +243,8 @@ pub fn table(results: &[RunResult]) -> Vec<Vec<String>> {
             format!("{:.0}", s.interruptions.duration_ms.p95),
             format!("{:.3}", s.receiving_fraction),
             format!("{:.3}", s.waiting_fraction),
+            format!("{:.3}", s.connectivity.turn_share),
+            format!("{:.3}", s.connectivity.no_route_fraction),
         ]);
         rows.push(row);
     }

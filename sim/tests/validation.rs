@@ -61,7 +61,6 @@ fn depth_without_churn_is_the_minimum() {
                     fraction: 1.0,
                 }],
                 broadcaster_children: k,
-                unreachable_fraction: 0.0,
             },
             crash_fraction: 0.0,
             room: treecast_sim::scenario::sim_room_config_with(k, k, 64),
