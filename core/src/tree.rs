@@ -57,6 +57,17 @@ fn group_of(nat: NatClass) -> usize {
     }
 }
 
+/// NAT classes, for per-class tables.
+const NAT_CLASSES: usize = NatClass::ALL.len();
+
+/// The position of a class in [`NatClass::ALL`].
+fn nat_index(nat: NatClass) -> usize {
+    NatClass::ALL
+        .iter()
+        .position(|&c| c == nat)
+        .expect("ALL lists every class")
+}
+
 /// A class standing for each group in the direct-connection matrix.
 const GROUP_CLASS: [NatClass; GROUPS] = [
     NatClass::FullCone,
@@ -204,6 +215,10 @@ pub struct RelayTree {
     leaves: Buckets,
     /// Heads of detached subtrees in arrival order.
     waiting: BTreeMap<u64, NodeIndex>,
+    /// The same queue split by the heads' NAT classes (index in [`NatClass::ALL`]), so a
+    /// fill only looks at heads that could use a free slot: peers nobody can reach (no
+    /// relay) may wait for long, and must not cost every operation a scan.
+    waiting_by_nat: [BTreeSet<u64>; NAT_CLASSES],
     next_wait_seq: u64,
     /// Attached peers per depth, for max depth and histograms without a scan.
     depth_counts: Vec<u64>,
@@ -231,6 +246,7 @@ impl RelayTree {
             free: Default::default(),
             leaves: Buckets::default(),
             waiting: BTreeMap::new(),
+            waiting_by_nat: Default::default(),
             next_wait_seq: 0,
             depth_counts: Vec::new(),
             events: Vec::new(),
@@ -479,6 +495,7 @@ impl RelayTree {
         }
         if let Some(seq) = self.graph[n].wait_seq.take() {
             self.waiting.remove(&seq);
+            self.waiting_by_nat[nat_index(self.graph[n].nat)].remove(&seq);
         }
         if let Some(p) = self.parent_of(n) {
             self.unlink(p, n);
@@ -565,6 +582,10 @@ impl RelayTree {
         let attached = self.graph[n].status == Status::Attached;
         if attached {
             self.unindex(n);
+        }
+        if let Some(seq) = self.graph[n].wait_seq {
+            self.waiting_by_nat[nat_index(self.graph[n].nat)].remove(&seq);
+            self.waiting_by_nat[nat_index(nat)].insert(seq);
         }
         self.graph[n].nat = nat;
         if attached {
@@ -796,7 +817,10 @@ impl RelayTree {
             Some(list) if !self.avoided.is_empty() => list,
             _ => &[],
         };
-        let mut best: Option<(u32, Reverse<usize>, NodeIndex)> = None;
+        // At equal depth a slot only few children can use goes first (a public child takes
+        // a symmetric relay's slot before a cone one's), leaving the widely usable slots
+        // for the children that need them; then the most spare slots.
+        let mut best: Option<((u32, Reverse<usize>, Reverse<usize>), NodeIndex)> = None;
         for (g, free) in self.free.iter().enumerate() {
             if direct && !nat.direct(GROUP_CLASS[g]) {
                 continue;
@@ -805,7 +829,7 @@ impl RelayTree {
                 continue;
             };
             'depths: for depth in (min..free.depth_bound()).filter(|&d| free.has_depth(d)) {
-                if best.is_some_and(|(d, _, _)| d < depth) {
+                if best.is_some_and(|((d, _, _), _)| d < depth) {
                     break;
                 }
                 for class in (0..CLASSES).rev() {
@@ -814,16 +838,16 @@ impl RelayTree {
                             || !avoided.contains(&self.graph[NodeIndex::new(i as usize)].peer)
                     });
                     if let Some(&i) = found {
-                        let candidate = (depth, Reverse(class), NodeIndex::new(i as usize));
-                        if best.is_none_or(|b| (candidate.0, candidate.1) < (b.0, b.1)) {
-                            best = Some(candidate);
+                        let key = (depth, Reverse(g), Reverse(class));
+                        if best.is_none_or(|(b, _)| key < b) {
+                            best = Some((key, NodeIndex::new(i as usize)));
                         }
                         break 'depths;
                     }
                 }
             }
         }
-        best.map(|(d, _, n)| (d, n))
+        best.map(|((d, _, _), n)| (d, n))
     }
 
     /// Marks the subtree under `top` detached and removes it from every index, so placement
@@ -899,38 +923,53 @@ impl RelayTree {
         self.next_wait_seq += 1;
         self.graph[n].wait_seq = Some(seq);
         self.waiting.insert(seq, n);
+        self.waiting_by_nat[nat_index(self.graph[n].nat)].insert(seq);
         self.events.push(TreeEvent::Waiting {
             peer: self.graph[n].peer,
         });
     }
 
-    /// Places waiting subtrees, oldest first, while slots are free. A subtree with no slot
-    /// it may use (NAT classes, failed links) keeps its place in the queue.
+    /// Places waiting subtrees, oldest first, while slots are free. Only heads whose NAT
+    /// class may use some free slot are looked at; one whose failed links rule out every
+    /// such slot keeps its place in the queue.
     fn fill_waiting(&mut self) {
-        let mut after = None;
+        let mut skipped: Vec<u64> = Vec::new();
         while self.free.iter().any(|f| !f.is_empty()) {
-            let next = match after {
-                None => self.waiting.first_key_value(),
-                Some(seq) => self
-                    .waiting
-                    .range((std::ops::Bound::Excluded(seq), std::ops::Bound::Unbounded))
-                    .next(),
-            };
-            let Some((&seq, &n)) = next else {
+            let mut next: Option<u64> = None;
+            for (i, queue) in self.waiting_by_nat.iter().enumerate() {
+                if queue.is_empty() || !self.has_slot_for(NatClass::ALL[i]) {
+                    continue;
+                }
+                if let Some(&seq) = queue.iter().find(|seq| !skipped.contains(seq)) {
+                    next = Some(next.map_or(seq, |n: u64| n.min(seq)));
+                }
+            }
+            let Some(seq) = next else {
                 return;
             };
+            let n = self.waiting[&seq];
             let Some((d, parent)) = self.best_slot(n) else {
-                after = Some(seq);
+                skipped.push(seq);
                 continue;
             };
             self.waiting.remove(&seq);
+            self.waiting_by_nat[nat_index(self.graph[n].nat)].remove(&seq);
             self.graph[n].wait_seq = None;
             self.link(parent, n);
             self.attach_subtree(n, d + 1);
             self.place_orphans();
             // Its subtree brought slots an earlier, skipped subtree may be able to use.
-            after = None;
+            skipped.clear();
         }
+    }
+
+    /// Whether a peer of this class may use some free slot: one it reaches directly, or
+    /// any when relays are allowed. Failed links are not considered.
+    fn has_slot_for(&self, nat: NatClass) -> bool {
+        self.free
+            .iter()
+            .enumerate()
+            .any(|(g, free)| !free.is_empty() && (self.relay_allowed || nat.direct(GROUP_CLASS[g])))
     }
 
     /// The shallowest leaf worth displacing by a newcomer of `capacity` (at least 2 more
@@ -1219,6 +1258,12 @@ impl RelayTree {
             if self.graph.node_weight(n).and_then(|w| w.wait_seq) != Some(seq) {
                 return fail("waiting queue out of sync".into());
             }
+            if !self.waiting_by_nat[nat_index(self.graph[n].nat)].contains(&seq) {
+                return fail("waiting queue by NAT class out of sync".into());
+            }
+        }
+        if self.waiting_by_nat.iter().map(BTreeSet::len).sum::<usize>() != self.waiting.len() {
+            return fail("waiting queue by NAT class has stale entries".into());
         }
         let indexed: BTreeSet<_> = self
             .free
