@@ -57,6 +57,10 @@ fn group_of(nat: NatClass) -> usize {
     }
 }
 
+/// How good a free slot is, smallest best: depth, then the NAT group of the parent
+/// (restrictive first), then its spare slots (most first).
+type SlotRank = (u32, Reverse<usize>, Reverse<usize>);
+
 /// NAT classes, for per-class tables.
 const NAT_CLASSES: usize = NatClass::ALL.len();
 
@@ -820,7 +824,7 @@ impl RelayTree {
         // At equal depth a slot only few children can use goes first (a public child takes
         // a symmetric relay's slot before a cone one's), leaving the widely usable slots
         // for the children that need them; then the most spare slots.
-        let mut best: Option<((u32, Reverse<usize>, Reverse<usize>), NodeIndex)> = None;
+        let mut best: Option<(SlotRank, NodeIndex)> = None;
         for (g, free) in self.free.iter().enumerate() {
             if direct && !nat.direct(GROUP_CLASS[g]) {
                 continue;
