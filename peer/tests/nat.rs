@@ -271,13 +271,17 @@ fn kill_a_relay_behind_a_nat(bed: &mut Netbed, members: &[Member]) {
     bed.kill(relay.name);
     // A status line is printed every second: first one naming a new parent over a link
     // with a selected pair, then packets counted after that line.
-    wait_for(bed, "the dead relay's children to get a new parent", |bed| {
-        children.iter().all(|m| {
-            latest(bed, m.name).is_some_and(|s| {
-                s["parent"] != dead && s["parent"].is_u64() && s["link"].is_string()
+    wait_for(
+        bed,
+        "the dead relay's children to get a new parent",
+        |bed| {
+            children.iter().all(|m| {
+                latest(bed, m.name).is_some_and(|s| {
+                    s["parent"] != dead && s["parent"].is_u64() && s["link"].is_string()
+                })
             })
-        })
-    });
+        },
+    );
     let moved: BTreeMap<&str, u64> = children
         .iter()
         .map(|m| (m.name, received(bed, m.name)))
@@ -648,7 +652,6 @@ fn room_peer(snapshot: &Value, bed: &Netbed, name: &str) -> Option<Value> {
 /// class it found against the host's router, and waits until the room knows the class and
 /// has either placed the peer or told it why it waits. Returns the host and how long the
 /// probe took from the process's start (to its first status line showing the class).
-#[allow(clippy::too_many_arguments)]
 fn join_and_probe(
     bed: &mut Netbed,
     signaller: std::net::SocketAddr,
@@ -715,15 +718,27 @@ fn without_turn_placement_serves_every_reachable_viewer_and_tells_the_others_why
     for (i, &(name, site, uplink)) in plan.iter().enumerate() {
         let token = (i == 0).then_some(token.as_str());
         let (_, probed) = join_and_probe(&mut bed, signaller, &room, token, name, site, uplink);
-        probes.push(format!("{name}: {} in {} ms", site.nat_class(), probed.as_millis()));
+        probes.push(format!(
+            "{name}: {} in {} ms",
+            site.nat_class(),
+            probed.as_millis()
+        ));
     }
     let id = |bed: &Netbed, name: &str| latest(bed, name).expect("a status")["peer"].clone();
     let parent_of = |snapshot: &Value, bed: &Netbed, name: &str| {
         room_peer(snapshot, bed, name).map_or(Value::Null, |p| p["parent"].clone())
     };
     let snap = snapshot(&bed, signaller, &room);
-    assert_eq!(parent_of(&snap, &bed, "r1-sym"), id(&bed, "b-pub"), "{snap:#}");
-    assert_eq!(parent_of(&snap, &bed, "r2-cone"), id(&bed, "b-pub"), "{snap:#}");
+    assert_eq!(
+        parent_of(&snap, &bed, "r1-sym"),
+        id(&bed, "b-pub"),
+        "{snap:#}"
+    );
+    assert_eq!(
+        parent_of(&snap, &bed, "r2-cone"),
+        id(&bed, "b-pub"),
+        "{snap:#}"
+    );
     assert_eq!(
         parent_of(&snap, &bed, "v3-cone"),
         id(&bed, "r2-cone"),
@@ -734,9 +749,11 @@ fn without_turn_placement_serves_every_reachable_viewer_and_tells_the_others_why
         reachable.iter().all(|n| received(bed, n) > 0)
     });
     let before: BTreeMap<&str, u64> = reachable.iter().map(|n| (*n, received(&bed, n))).collect();
-    wait_for(&bed, "every reachable viewer's packet count to advance", |bed| {
-        reachable.iter().all(|n| received(bed, n) > before[n])
-    });
+    wait_for(
+        &bed,
+        "every reachable viewer's packet count to advance",
+        |bed| reachable.iter().all(|n| received(bed, n) > before[n]),
+    );
     // The unreachable ones wait, and keep waiting (three status lines later, nothing came).
     std::thread::sleep(Duration::from_secs(3));
     let snap = snapshot(&bed, signaller, &room);
@@ -746,7 +763,11 @@ fn without_turn_placement_serves_every_reachable_viewer_and_tells_the_others_why
             p["parent"].is_null() && p["waiting"] == "no_route",
             "{name} has no parent it can reach, so it should wait with no_route: {p:#}"
         );
-        assert_eq!(received(&bed, name), 0, "{name} received media with no parent");
+        assert_eq!(
+            received(&bed, name),
+            0,
+            "{name} received media with no parent"
+        );
     }
 
     // A full-cone relay: it reaches the symmetric relay's free slot, and the symmetric
@@ -764,13 +785,16 @@ fn without_turn_placement_serves_every_reachable_viewer_and_tells_the_others_why
     probes.push(format!("r6-full: full_cone in {} ms", probed.as_millis()));
     wait_for(&bed, "v4-sym to receive below the full-cone relay", |bed| {
         let r6 = latest(bed, "r6-full").map(|s| s["peer"].clone());
-        latest(bed, "v4-sym").is_some_and(|s| {
-            Some(&s["parent"]) == r6.as_ref() && s["received"].as_u64() > Some(0)
-        })
+        latest(bed, "v4-sym")
+            .is_some_and(|s| Some(&s["parent"]) == r6.as_ref() && s["received"].as_u64() > Some(0))
     });
     let unblocked = relay_joined.elapsed();
     let snap = snapshot(&bed, signaller, &room);
-    assert_eq!(parent_of(&snap, &bed, "r6-full"), id(&bed, "r1-sym"), "{snap:#}");
+    assert_eq!(
+        parent_of(&snap, &bed, "r6-full"),
+        id(&bed, "r1-sym"),
+        "{snap:#}"
+    );
     let blocked = room_peer(&snap, &bed, "v5-blocked").expect("in the room");
     assert!(
         blocked["parent"].is_null() && blocked["waiting"] == "no_route",
@@ -779,15 +803,20 @@ fn without_turn_placement_serves_every_reachable_viewer_and_tells_the_others_why
     assert_eq!(received(&bed, "v5-blocked"), 0);
     let receiving = ["r1-sym", "r2-cone", "v3-cone", "r6-full", "v4-sym"];
     let before: BTreeMap<&str, u64> = receiving.iter().map(|n| (*n, received(&bed, n))).collect();
-    wait_for(&bed, "every placed viewer's packet count to advance", |bed| {
-        receiving.iter().all(|n| received(bed, n) > before[n])
-    });
+    wait_for(
+        &bed,
+        "every placed viewer's packet count to advance",
+        |bed| receiving.iter().all(|n| received(bed, n) > before[n]),
+    );
     let failed: u64 = bed
         .statuses()
         .values()
         .filter_map(|s| s["links_failed"].as_u64())
         .sum();
-    assert_eq!(failed, 0, "placement alone should need no failed ICE attempt");
+    assert_eq!(
+        failed, 0,
+        "placement alone should need no failed ICE attempt"
+    );
     println!(
         "NAT probes (process start to class known): {}",
         probes.join(", ")
@@ -878,7 +907,12 @@ fn a_relay_with_a_capped_uplink_sheds_a_child_and_media_recovers() {
     }
     let gaps_before: Vec<String> = children
         .iter()
-        .map(|n| format!("{n} {} ms", latest(&bed, n).expect("a status")["longest_gap_ms"]))
+        .map(|n| {
+            format!(
+                "{n} {} ms",
+                latest(&bed, n).expect("a status")["longest_gap_ms"]
+            )
+        })
         .collect();
 
     // Two streams need ~2 × 160 kbit/s with packet overhead; 260 fits one and a half.
@@ -886,26 +920,30 @@ fn a_relay_with_a_capped_uplink_sheds_a_child_and_media_recovers() {
     bed.cap_uplink(&relay_host, CAP_KBIT);
     let capped = Instant::now();
     let (mut loss_seen, mut moved) = (None, None);
-    wait_for(&bed, "a child's loss report and the relay's lower capacity", |bed| {
-        let snap = snapshot(bed, signaller, &room);
-        if loss_seen.is_none()
-            && children
+    wait_for(
+        &bed,
+        "a child's loss report and the relay's lower capacity",
+        |bed| {
+            let snap = snapshot(bed, signaller, &room);
+            if loss_seen.is_none()
+                && children
+                    .iter()
+                    .any(|n| loss_of(&snap, bed, n).is_some_and(|l| l > LOSS_THRESHOLD))
+            {
+                loss_seen = Some(capped.elapsed());
+            }
+            let capacity = room_peer(&snap, bed, "r1-cone").and_then(|p| p["capacity"].as_u64());
+            let parents: Vec<Value> = children
                 .iter()
-                .any(|n| loss_of(&snap, bed, n).is_some_and(|l| l > LOSS_THRESHOLD))
-        {
-            loss_seen = Some(capped.elapsed());
-        }
-        let capacity = room_peer(&snap, bed, "r1-cone").and_then(|p| p["capacity"].as_u64());
-        let parents: Vec<Value> = children
-            .iter()
-            .map(|n| room_peer(&snap, bed, n).map_or(Value::Null, |p| p["parent"].clone()))
-            .collect();
-        let done = capacity.is_some_and(|c| c < 2) && parents.contains(&r2);
-        if done {
-            moved = Some(capped.elapsed());
-        }
-        done
-    });
+                .map(|n| room_peer(&snap, bed, n).map_or(Value::Null, |p| p["parent"].clone()))
+                .collect();
+            let done = capacity.is_some_and(|c| c < 2) && parents.contains(&r2);
+            if done {
+                moved = Some(capped.elapsed());
+            }
+            done
+        },
+    );
     let moved = moved.expect("set when the wait ended");
     let loss_seen = loss_seen.unwrap_or(moved);
     let snap = snapshot(&bed, signaller, &room);
@@ -966,7 +1004,12 @@ fn a_relay_with_a_capped_uplink_sheds_a_child_and_media_recovers() {
     assert_eq!(after, parents, "the children moved again: {snap:#}");
     let gaps_after: Vec<String> = children
         .iter()
-        .map(|n| format!("{n} {} ms", latest(&bed, n).expect("a status")["longest_gap_ms"]))
+        .map(|n| {
+            format!(
+                "{n} {} ms",
+                latest(&bed, n).expect("a status")["longest_gap_ms"]
+            )
+        })
         .collect();
     println!(
         "relay uplink capped at {CAP_KBIT} kbit/s (two children of {STREAM_KBPS} kbit/s): \

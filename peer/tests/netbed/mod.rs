@@ -374,7 +374,11 @@ impl Netbed {
             ],
         );
         if site == Site::Blocked {
-            in_ns(&router, "iptables", &["-A", "FORWARD", "-p", "udp", "-j", "DROP"]);
+            in_ns(
+                &router,
+                "iptables",
+                &["-A", "FORWARD", "-p", "udp", "-j", "DROP"],
+            );
         }
         if site == Site::FullCone {
             let ports = format!("{}:{}", FULL_CONE_PORTS.start(), FULL_CONE_PORTS.end());
@@ -571,13 +575,9 @@ impl Netbed {
             .as_ref()
             .expect("the public thread runs until drop");
         public.runtime.spawn(async move {
-            if let Err(e) = treecast_signaller::serve_with_stun(
-                listener,
-                stun,
-                config,
-                std::future::pending(),
-            )
-            .await
+            if let Err(e) =
+                treecast_signaller::serve_with_stun(listener, stun, config, std::future::pending())
+                    .await
             {
                 eprintln!("the signaller stopped: {e}");
             }
