@@ -2,9 +2,14 @@
 //! separate processes behind cone, full-cone and symmetric NATs and on the public network,
 //! coturn as STUN and TURN server, the signaller minting TURN credentials per peer.
 //!
-//! A second test puts a headless Chromium viewer behind a symmetric NAT.
+//! A second test puts a headless Chromium viewer behind a symmetric NAT; a third runs
+//! without TURN and checks that a failed link moves the viewer. Two more use the
+//! signaller's embedded STUN server (so peers probe their NAT class) and no TURN: one checks
+//! that placement alone serves every viewer some free parent can reach and tells the
+//! others `no_route`, one caps a relay's uplink with `tc` and checks that the room sheds a
+//! child and media recovers.
 //!
-//! Needs root, network namespaces, iproute2, iptables and coturn (the browser test also
+//! Needs root, network namespaces, iproute2 (`ip`, `tc`), iptables and coturn (the browser test also
 //! Chromium, Node.js and the built client), so these are ignored by a plain `cargo test`;
 //! scripts/test runs them as root:
 //! `cargo test -p treecast-peer --test nat -- --ignored --nocapture`.
