@@ -9,9 +9,9 @@
 //! others `no_route`, one caps a relay's uplink with `tc` and checks that the room sheds a
 //! child and media recovers.
 //!
-//! Needs root, network namespaces, iproute2 (`ip`, `tc`), iptables and coturn (the browser test also
-//! Chromium, Node.js and the built client), so these are ignored by a plain `cargo test`;
-//! scripts/test runs them as root:
+//! Needs root, network namespaces, iproute2 (`ip`, `tc`), iptables and coturn (the
+//! browser test also Chromium, Node.js and the built client), so these are ignored by a
+//! plain `cargo test`; scripts/test runs them as root:
 //! `cargo test -p treecast-peer --test nat -- --ignored --nocapture`.
 
 mod netbed;
