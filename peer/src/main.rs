@@ -30,6 +30,10 @@ struct Cli {
     /// view; default: any). For a host behind a router that forwards exactly these ports.
     #[arg(long, value_parser = parse_port_range)]
     udp_ports: Option<std::ops::RangeInclusive<u16>>,
+    /// Uplink announced in `hello`, kbit/s (broadcast, view): the room gives the peer
+    /// capacity = uplink × 80 % / its stream_kbps children, capped by its fan-out limit.
+    #[arg(long)]
+    uplink_kbps: Option<u32>,
     /// Print the status as one JSON object per line every second instead of a text line
     /// every two (broadcast, view).
     #[arg(long)]
@@ -159,6 +163,7 @@ async fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         let mut c = PeerConfig::new(&cli.url, room()?, role);
         c.bind_ip = cli.bind_ip;
         c.udp_ports = cli.udp_ports.clone();
+        c.uplink_kbps = cli.uplink_kbps;
         Ok(c)
     };
     let peer = match cli.command {
@@ -283,7 +288,7 @@ async fn nat_probe(
 }
 
 /// One machine-readable status line: the agent's view (peer id, phase, depth, parent,
-/// children), media counters, and the candidate-pair type of the link to the parent and of
+/// children), media counters, failed parent links, the NAT probe's class, and the candidate-pair type of the link to the parent and of
 /// every open connection.
 fn status_json(peer: &Peer) -> serde_json::Value {
     use std::sync::atomic::Ordering::Relaxed;
@@ -306,8 +311,12 @@ fn status_json(peer: &Peer) -> serde_json::Value {
         "parent": s.parent.map(|p| p.0),
         "children": s.children.iter().map(|p| p.0).collect::<Vec<_>>(),
         "received": stats.packets_received.load(Relaxed),
+        "bytes": stats.bytes_received.load(Relaxed),
+        "links_failed": stats.links_failed.load(Relaxed),
+        "nat": stats.nat_probe.lock().ok().and_then(|p| p.as_ref().map(|p| p.nat)),
         "sent": stats.packets_sent.load(Relaxed),
         "first_packet_ms": since_start_ms(stats.first_packet_us.load(Relaxed)),
+        "longest_gap_ms": stats.longest_gap_us.load(Relaxed) / 1000,
         "link": parent_link,
         "links": links,
     })

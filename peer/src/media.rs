@@ -239,6 +239,11 @@ pub struct Stats {
     pub started_us: AtomicU64,
     /// When the first RTP packet of this peer's life arrived.
     pub first_packet_us: AtomicU64,
+    /// When the latest RTP packet arrived.
+    pub last_packet_us: AtomicU64,
+    /// The longest time between two consecutive RTP packets so far, µs: how long the
+    /// worst interruption (a parent's death, a move) lasted, to the packet.
+    pub longest_gap_us: AtomicU64,
     /// Times the agent reported its parent stalled.
     pub stalls: AtomicU64,
     /// Times the agent got a new parent (the first one included).
@@ -257,6 +262,8 @@ pub struct Stats {
     pub recovered_us: AtomicU64,
     /// The `delivered` list of the last periodic report that had one.
     pub last_delivered: Mutex<Vec<treecast_core::protocol::Delivery>>,
+    /// Links to a parent whose ICE failed (each reported to the room as `link_failed`).
+    pub links_failed: AtomicU64,
     /// What the NAT probe against the signaller's STUN server found, once it ran.
     pub nat_probe: Mutex<Option<crate::nat::ProbeResult>>,
     /// The candidate-pair type ICE selected on each open connection (parent and children),
@@ -279,6 +286,11 @@ impl Stats {
         let _ = self
             .first_packet_us
             .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        let previous = self.last_packet_us.swap(now, Ordering::Relaxed);
+        if previous != 0 {
+            self.longest_gap_us
+                .fetch_max(now.saturating_sub(previous), Ordering::Relaxed);
+        }
         if starts_keyframe(&packet.payload) {
             self.keyframes_received.fetch_add(1, Ordering::Relaxed);
         }
@@ -373,6 +385,26 @@ mod tests {
             stats.on_received(p);
         }
         assert!(stats.recovered_us.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn the_longest_gap_between_packets_is_kept() {
+        let mut src = Source::new(200, 25, 7, 96);
+        let stats = Stats::default();
+        for p in &src.next_frame(false) {
+            stats.on_received(p);
+        }
+        assert!(stats.longest_gap_us.load(Ordering::Relaxed) < 20_000);
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        for p in &src.next_frame(false) {
+            stats.on_received(p);
+        }
+        let gap = stats.longest_gap_us.load(Ordering::Relaxed);
+        assert!(gap >= 30_000, "{gap} µs");
+        for p in &src.next_frame(false) {
+            stats.on_received(p);
+        }
+        assert_eq!(stats.longest_gap_us.load(Ordering::Relaxed), gap);
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! (see [`SignallerStun`]) and tells the room with a `connectivity` message.
 
 use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use rtc::stun::addr::MappedAddress;
@@ -290,10 +291,14 @@ impl SignallerStun {
         Ok((primary, SocketAddr::new(primary.ip(), self.alternate_port)))
     }
 
-    /// Resolves and probes from `bind_ip` (any port), waiting up to `timeout` per test.
+    /// Resolves and probes from `bind_ip`, waiting up to `timeout` per test: from any
+    /// port, or from the first free one of `ports` when the media sockets are confined to
+    /// them. A router may treat those ports differently from the rest (one that forwards
+    /// exactly them is a full cone for them only), so the class that counts is theirs.
     pub async fn probe(
         &self,
         bind_ip: IpAddr,
+        ports: Option<RangeInclusive<u16>>,
         timeout: Duration,
     ) -> Result<ProbeResult, NatProbeError> {
         let (primary, alternate) = self.resolve(bind_ip).await?;
@@ -302,7 +307,21 @@ impl SignallerStun {
             (true, IpAddr::V6(_)) => IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
             (false, _) => bind_ip,
         };
-        probe(SocketAddr::new(bind_ip, 0), primary, alternate, timeout).await
+        let Some(ports) = ports else {
+            return probe(SocketAddr::new(bind_ip, 0), primary, alternate, timeout).await;
+        };
+        // Media connections hold some of the ports: a port in use only means "try the next".
+        let mut last = None;
+        for port in ports {
+            match probe(SocketAddr::new(bind_ip, port), primary, alternate, timeout).await {
+                Err(e @ NatProbeError::Bind { .. }) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or(NatProbeError::Bind {
+            addr: SocketAddr::new(bind_ip, 0),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no port in the range"),
+        }))
     }
 }
 

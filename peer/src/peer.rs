@@ -686,8 +686,9 @@ impl Driver {
             return;
         };
         let (bind_ip, tx) = (self.config.bind_ip, self.events_tx.clone());
+        let ports = self.config.udp_ports.clone();
         self.nat_probe = Some(tokio::spawn(async move {
-            let probed = stun.probe(bind_ip, NAT_PROBE_TIMEOUT).await;
+            let probed = stun.probe(bind_ip, ports, NAT_PROBE_TIMEOUT).await;
             let _ = tx.send(Event::NatProbed(probed));
         }));
     }
@@ -810,6 +811,7 @@ impl Driver {
                         .is_some_and(|c| c.generation == generation && c.is_parent)
                 {
                     tracing::info!(%peer, "the link to the parent failed");
+                    self.stats.links_failed.fetch_add(1, Ordering::Relaxed);
                     self.agent.handle(now, Input::LinkFailed { peer });
                 }
                 if state == RTCPeerConnectionState::Connected {

@@ -2,11 +2,16 @@
 //! separate processes behind cone, full-cone and symmetric NATs and on the public network,
 //! coturn as STUN and TURN server, the signaller minting TURN credentials per peer.
 //!
-//! A second test puts a headless Chromium viewer behind a symmetric NAT.
+//! A second test puts a headless Chromium viewer behind a symmetric NAT; a third runs
+//! without TURN and checks that a failed link moves the viewer. Two more use the
+//! signaller's embedded STUN server (so peers probe their NAT class) and no TURN: one checks
+//! that placement alone serves every viewer some free parent can reach and tells the
+//! others `no_route`, one caps a relay's uplink with `tc` and checks that the room sheds a
+//! child and media recovers.
 //!
-//! Needs root, network namespaces, iproute2, iptables and coturn (the browser test also
-//! Chromium, Node.js and the built client), so these are ignored by a plain `cargo test`;
-//! scripts/test runs them as root:
+//! Needs root, network namespaces, iproute2 (`ip`, `tc`), iptables and coturn (the
+//! browser test also Chromium, Node.js and the built client), so these are ignored by a
+//! plain `cargo test`; scripts/test runs them as root:
 //! `cargo test -p treecast-peer --test nat -- --ignored --nocapture`.
 
 mod netbed;
@@ -15,7 +20,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use netbed::{FULL_CONE_PORTS, Netbed, SERVER_IP, SIGNALLER_PORT, Site, TURN_PORT};
+use netbed::{FULL_CONE_PORTS, Host, Netbed, SERVER_IP, SIGNALLER_PORT, Site, TURN_PORT};
 use serde_json::Value;
 use treecast_core::protocol::IceServer;
 use treecast_core::turn::{Secret, TurnRest};
@@ -227,7 +232,91 @@ fn run_room(room_plan: &[(&'static str, Site)]) -> (usize, usize) {
          {relayed}), direct {counted_direct} (room: {})",
         links - relayed
     );
+
+    // Media bytes by kind of link: what each viewer received from its parent (payload
+    // bytes; no viewer has moved yet, so each one's total came over its one link).
+    let statuses = bed.statuses();
+    let (mut relayed_bytes, mut all_bytes) = (0u64, 0u64);
+    for m in viewers(&members) {
+        let s = &statuses[m.name];
+        let bytes = s["bytes"].as_u64().unwrap_or(0);
+        all_bytes += bytes;
+        if s["link"].as_str() == Some("relay") {
+            relayed_bytes += bytes;
+        }
+    }
+    println!(
+        "media bytes through TURN: {relayed_bytes} of {all_bytes} ({:.0} %)",
+        100.0 * relayed_bytes as f64 / all_bytes.max(1) as f64
+    );
+
+    kill_a_relay_behind_a_nat(&mut bed, &members);
     (relayed, links)
+}
+
+/// SIGKILLs a relay behind a NAT (a symmetric one if any) and measures how long each of
+/// its children goes without packets: its longest gap between two packets, which the
+/// death makes (steady state has gaps of a frame or two).
+fn kill_a_relay_behind_a_nat(bed: &mut Netbed, members: &[Member]) {
+    let statuses = bed.statuses();
+    let relay = viewers(members)
+        .filter(|m| m.site != Site::Public)
+        .filter(|m| {
+            statuses[m.name]["children"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty())
+        })
+        .max_by_key(|m| m.site == Site::Symmetric)
+        .expect("the room has a relay behind a NAT");
+    let dead = statuses[relay.name]["peer"].clone();
+    let children: Vec<&Member> = viewers(members)
+        .filter(|m| statuses[m.name]["parent"] == dead)
+        .collect();
+    let started = Instant::now();
+    bed.kill(relay.name);
+    // A status line is printed every second: first one naming a new parent over a link
+    // with a selected pair, then packets counted after that line.
+    wait_for(
+        bed,
+        "the dead relay's children to get a new parent",
+        |bed| {
+            children.iter().all(|m| {
+                latest(bed, m.name).is_some_and(|s| {
+                    s["parent"] != dead && s["parent"].is_u64() && s["link"].is_string()
+                })
+            })
+        },
+    );
+    let moved: BTreeMap<&str, u64> = children
+        .iter()
+        .map(|m| (m.name, received(bed, m.name)))
+        .collect();
+    wait_for(bed, "the dead relay's children to receive again", |bed| {
+        children
+            .iter()
+            .all(|m| received(bed, m.name) > moved[m.name] + 5)
+    });
+    let waited = started.elapsed();
+    let rows: Vec<String> = children
+        .iter()
+        .map(|m| {
+            let s = latest(bed, m.name).expect("a status");
+            format!(
+                "{} ({}): {} ms without packets, now on a {} link",
+                m.name,
+                m.site.name(),
+                s["longest_gap_ms"],
+                s["link"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    println!(
+        "killed relay {} ({}); its children receive again within {:.1} s (polled):\n  {}",
+        relay.name,
+        relay.site.name(),
+        waited.as_secs_f64(),
+        rows.join("\n  ")
+    );
 }
 
 fn viewers(members: &[Member]) -> impl Iterator<Item = &Member> {
@@ -483,6 +572,20 @@ fn spawn_native(
     name: &str,
     site: Site,
 ) -> String {
+    spawn_peer(bed, signaller, room, token, name, site, None).ns
+}
+
+/// [`spawn_native`], announcing `uplink_kbps` when given (which sets the capacity the
+/// room gives the peer). Returns the host.
+fn spawn_peer(
+    bed: &mut Netbed,
+    signaller: std::net::SocketAddr,
+    room: &str,
+    token: Option<&str>,
+    name: &str,
+    site: Site,
+    uplink_kbps: Option<u32>,
+) -> Host {
     let host = bed.host(site);
     let mut args = vec![
         "--url".to_owned(),
@@ -495,6 +598,10 @@ fn spawn_native(
         host.ip.to_string(),
         "--json".to_owned(),
     ];
+    if let Some(kbps) = uplink_kbps {
+        args.push("--uplink-kbps".to_owned());
+        args.push(kbps.to_string());
+    }
     if site == Site::FullCone {
         args.push("--udp-ports".to_owned());
         args.push(format!(
@@ -516,10 +623,408 @@ fn spawn_native(
     let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
     let peer_bin = Path::new(env!("CARGO_BIN_EXE_treecast-peer"));
     bed.spawn(name, &host.ns, peer_bin, &args, &[("RUST_LOG", &log)], true);
-    host.ns
+    host
 }
 
 /// A process's last status line.
 fn latest(bed: &Netbed, name: &str) -> Option<Value> {
     bed.process(name).and_then(|p| p.latest())
+}
+
+/// Capacity from the uplink a peer announces, at [`STREAM_KBPS`] and the room's 80 %
+/// usable share: 100 kbit/s → 0 children, 200 → 1, 400 → 2.
+const UPLINK_LEAF: u32 = 100;
+const UPLINK_ONE_CHILD: u32 = 200;
+const UPLINK_TWO_CHILDREN: u32 = 400;
+
+/// Root and relay fan-out 2, no TURN at all; with [`Netbed::start_signaller_with_stun`]
+/// the only ICE server is the signaller's own STUN server, against which peers probe
+/// their NAT class.
+fn no_turn_config() -> treecast_signaller::Config {
+    let mut config = signaller_config();
+    config.room.turn = None;
+    config.room.ice_servers = Vec::new();
+    config
+}
+
+/// A process's peer in the room's snapshot.
+fn room_peer(snapshot: &Value, bed: &Netbed, name: &str) -> Option<Value> {
+    let id = latest(bed, name)?["peer"].as_u64();
+    snapshot_peer(snapshot, id).cloned()
+}
+
+/// Joins `name` at a new host of `site` and waits until its NAT probe has run, checks the
+/// class it found against the host's router, and waits until the room knows the class and
+/// has either placed the peer or told it why it waits. Returns the host and how long the
+/// probe took from the process's start (to its first status line showing the class).
+fn join_and_probe(
+    bed: &mut Netbed,
+    signaller: std::net::SocketAddr,
+    room: &str,
+    token: Option<&str>,
+    name: &str,
+    site: Site,
+    uplink_kbps: u32,
+) -> (Host, Duration) {
+    let started = Instant::now();
+    let host = spawn_peer(bed, signaller, room, token, name, site, Some(uplink_kbps));
+    wait_for(bed, &format!("{name}'s NAT probe"), |bed| {
+        latest(bed, name).is_some_and(|s| s["nat"].is_string())
+    });
+    let probed = started.elapsed();
+    let found = latest(bed, name).expect("a status")["nat"].clone();
+    assert_eq!(
+        found.as_str(),
+        Some(site.nat_class()),
+        "{name} sits behind a {} router, yet its NAT probe found {found}",
+        site.name()
+    );
+    let broadcaster = token.is_some();
+    wait_for(
+        bed,
+        &format!("the room to know {name}'s class and place it or say why not"),
+        |bed| {
+            let snapshot = snapshot(bed, signaller, room);
+            room_peer(&snapshot, bed, name).is_some_and(|p| {
+                p["nat"] == found
+                    && (broadcaster || p["parent"].is_u64() || p["waiting"].is_string())
+            })
+        },
+    );
+    (host, probed)
+}
+
+/// Without TURN, placement alone decides who can receive: every viewer that some parent
+/// with a free slot can reach directly (by the hole-punching matrix) is placed there and
+/// receives, without a single failed ICE attempt; the others wait, and the room says why
+/// (`waiting: "no_route"`). A full-cone relay joining later gives the waiting symmetric
+/// viewer a parent it can reach; the blocked viewer (no UDP at all) keeps waiting. Every
+/// peer's NAT probe against the signaller's STUN server finds its router's kind.
+#[test]
+#[ignore = "needs root and network namespaces: scripts/test runs it"]
+fn without_turn_placement_serves_every_reachable_viewer_and_tells_the_others_why() {
+    let started = Instant::now();
+    let mut bed = Netbed::new();
+    let signaller = bed.start_signaller_with_stun(no_turn_config());
+    let (room, token) = create_room(&bed, signaller);
+    // The broadcaster's two slots go to two relays; the symmetric relay's slots are of no
+    // use to a cone or symmetric viewer, the cone relay's one slot only to a cone viewer.
+    // v3-cone's best slots are equal in depth, and the symmetric relay's has more room:
+    // only NAT-aware placement puts it below the cone relay.
+    let plan = [
+        ("b-pub", Site::Public, UPLINK_TWO_CHILDREN),
+        ("r1-sym", Site::Symmetric, UPLINK_TWO_CHILDREN),
+        ("r2-cone", Site::Cone, UPLINK_ONE_CHILD),
+        ("v3-cone", Site::Cone, UPLINK_LEAF),
+        ("v4-sym", Site::Symmetric, UPLINK_LEAF),
+        ("v5-blocked", Site::Blocked, UPLINK_LEAF),
+    ];
+    let mut probes = Vec::new();
+    for (i, &(name, site, uplink)) in plan.iter().enumerate() {
+        let token = (i == 0).then_some(token.as_str());
+        let (_, probed) = join_and_probe(&mut bed, signaller, &room, token, name, site, uplink);
+        probes.push(format!(
+            "{name}: {} in {} ms",
+            site.nat_class(),
+            probed.as_millis()
+        ));
+    }
+    let id = |bed: &Netbed, name: &str| latest(bed, name).expect("a status")["peer"].clone();
+    let parent_of = |snapshot: &Value, bed: &Netbed, name: &str| {
+        room_peer(snapshot, bed, name).map_or(Value::Null, |p| p["parent"].clone())
+    };
+    let snap = snapshot(&bed, signaller, &room);
+    assert_eq!(
+        parent_of(&snap, &bed, "r1-sym"),
+        id(&bed, "b-pub"),
+        "{snap:#}"
+    );
+    assert_eq!(
+        parent_of(&snap, &bed, "r2-cone"),
+        id(&bed, "b-pub"),
+        "{snap:#}"
+    );
+    assert_eq!(
+        parent_of(&snap, &bed, "v3-cone"),
+        id(&bed, "r2-cone"),
+        "the cone viewer can reach the cone relay, not the symmetric one: {snap:#}"
+    );
+    let reachable = ["r1-sym", "r2-cone", "v3-cone"];
+    wait_for(&bed, "every reachable viewer's first packet", |bed| {
+        reachable.iter().all(|n| received(bed, n) > 0)
+    });
+    let before: BTreeMap<&str, u64> = reachable.iter().map(|n| (*n, received(&bed, n))).collect();
+    wait_for(
+        &bed,
+        "every reachable viewer's packet count to advance",
+        |bed| reachable.iter().all(|n| received(bed, n) > before[n]),
+    );
+    // The unreachable ones wait, and keep waiting (three status lines later, nothing came).
+    std::thread::sleep(Duration::from_secs(3));
+    let snap = snapshot(&bed, signaller, &room);
+    for name in ["v4-sym", "v5-blocked"] {
+        let p = room_peer(&snap, &bed, name).expect("in the room");
+        assert!(
+            p["parent"].is_null() && p["waiting"] == "no_route",
+            "{name} has no parent it can reach, so it should wait with no_route: {p:#}"
+        );
+        assert_eq!(
+            received(&bed, name),
+            0,
+            "{name} received media with no parent"
+        );
+    }
+
+    // A full-cone relay: it reaches the symmetric relay's free slot, and the symmetric
+    // viewer reaches it.
+    let relay_joined = Instant::now();
+    let (_, probed) = join_and_probe(
+        &mut bed,
+        signaller,
+        &room,
+        None,
+        "r6-full",
+        Site::FullCone,
+        UPLINK_ONE_CHILD,
+    );
+    probes.push(format!("r6-full: full_cone in {} ms", probed.as_millis()));
+    wait_for(&bed, "v4-sym to receive below the full-cone relay", |bed| {
+        let r6 = latest(bed, "r6-full").map(|s| s["peer"].clone());
+        latest(bed, "v4-sym")
+            .is_some_and(|s| Some(&s["parent"]) == r6.as_ref() && s["received"].as_u64() > Some(0))
+    });
+    let unblocked = relay_joined.elapsed();
+    let snap = snapshot(&bed, signaller, &room);
+    assert_eq!(
+        parent_of(&snap, &bed, "r6-full"),
+        id(&bed, "r1-sym"),
+        "{snap:#}"
+    );
+    let blocked = room_peer(&snap, &bed, "v5-blocked").expect("in the room");
+    assert!(
+        blocked["parent"].is_null() && blocked["waiting"] == "no_route",
+        "nobody can reach a host without UDP: {blocked:#}"
+    );
+    assert_eq!(received(&bed, "v5-blocked"), 0);
+    let receiving = ["r1-sym", "r2-cone", "v3-cone", "r6-full", "v4-sym"];
+    let before: BTreeMap<&str, u64> = receiving.iter().map(|n| (*n, received(&bed, n))).collect();
+    wait_for(
+        &bed,
+        "every placed viewer's packet count to advance",
+        |bed| receiving.iter().all(|n| received(bed, n) > before[n]),
+    );
+    let failed: u64 = bed
+        .statuses()
+        .values()
+        .filter_map(|s| s["links_failed"].as_u64())
+        .sum();
+    assert_eq!(
+        failed, 0,
+        "placement alone should need no failed ICE attempt"
+    );
+    println!(
+        "NAT probes (process start to class known): {}",
+        probes.join(", ")
+    );
+    println!(
+        "without TURN: v4-sym waited with no_route, then received {:.1} s after a full-cone \
+         relay joined; v5-blocked waits; no ICE failure; test done after {:.1} s",
+        unblocked.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Loss above this share of packets, in a child's report, counts against its parent
+/// (the room's `loss_threshold`).
+const LOSS_THRESHOLD: f64 = 0.05;
+
+/// A relay whose uplink is capped (a token bucket on its host's egress) below what its two
+/// children need: both report loss, the room lowers the relay's capacity to one and moves
+/// one child to another parent, and both children then receive steadily with loss back
+/// under the threshold.
+#[test]
+#[ignore = "needs root and network namespaces: scripts/test runs it"]
+fn a_relay_with_a_capped_uplink_sheds_a_child_and_media_recovers() {
+    let mut bed = Netbed::new();
+    let signaller = bed.start_signaller_with_stun(no_turn_config());
+    let (room, token) = create_room(&bed, signaller);
+    // Both of the relay's children below it: the broadcaster's other slot is held by a
+    // leaf while they join, and freed for the second relay afterwards.
+    let plan = [
+        ("b-pub", Site::Public, UPLINK_TWO_CHILDREN),
+        ("r1-cone", Site::Cone, UPLINK_TWO_CHILDREN),
+        ("filler", Site::Public, UPLINK_LEAF),
+        ("v1-pub", Site::Public, UPLINK_LEAF),
+        ("v2-pub", Site::Public, UPLINK_LEAF),
+    ];
+    let mut relay_host = None;
+    for (i, &(name, site, uplink)) in plan.iter().enumerate() {
+        let token = (i == 0).then_some(token.as_str());
+        let (host, _) = join_and_probe(&mut bed, signaller, &room, token, name, site, uplink);
+        if name == "r1-cone" {
+            relay_host = Some(host);
+        }
+    }
+    let relay_host = relay_host.expect("the relay joined");
+    let id = |bed: &Netbed, name: &str| latest(bed, name).expect("a status")["peer"].clone();
+    let r1 = id(&bed, "r1-cone");
+    let children = ["v1-pub", "v2-pub"];
+    let snap = snapshot(&bed, signaller, &room);
+    for name in children {
+        assert_eq!(
+            room_peer(&snap, &bed, name).map(|p| p["parent"].clone()),
+            Some(r1.clone()),
+            "{name} should be below the relay: {snap:#}"
+        );
+    }
+    bed.interrupt("filler");
+    join_and_probe(
+        &mut bed,
+        signaller,
+        &room,
+        None,
+        "r2-pub",
+        Site::Public,
+        UPLINK_ONE_CHILD,
+    );
+    let r2 = id(&bed, "r2-pub");
+    let snap = snapshot(&bed, signaller, &room);
+    assert_eq!(
+        room_peer(&snap, &bed, "r2-pub").map(|p| p["parent"].clone()),
+        Some(id(&bed, "b-pub")),
+        "the second relay takes the freed slot: {snap:#}"
+    );
+    // Steady and clean before the cap: links older than the room's 3 s settle window.
+    wait_for(&bed, "the relay's children to receive", |bed| {
+        children.iter().all(|n| received(bed, n) > 0)
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let loss_of = |snap: &Value, bed: &Netbed, name: &str| {
+        room_peer(snap, bed, name).and_then(|p| p["loss"].as_f64())
+    };
+    let snap = snapshot(&bed, signaller, &room);
+    for name in children {
+        let loss = loss_of(&snap, &bed, name);
+        assert!(
+            loss.is_some_and(|l| l <= LOSS_THRESHOLD),
+            "{name} should receive cleanly before the cap, reports loss {loss:?}"
+        );
+    }
+    let gaps_before: Vec<String> = children
+        .iter()
+        .map(|n| {
+            format!(
+                "{n} {} ms",
+                latest(&bed, n).expect("a status")["longest_gap_ms"]
+            )
+        })
+        .collect();
+
+    // Two streams need ~2 × 160 kbit/s with packet overhead; 260 fits one and a half.
+    const CAP_KBIT: u32 = 260;
+    bed.cap_uplink(&relay_host, CAP_KBIT);
+    let capped = Instant::now();
+    let (mut loss_seen, mut moved) = (None, None);
+    wait_for(
+        &bed,
+        "a child's loss report and the relay's lower capacity",
+        |bed| {
+            let snap = snapshot(bed, signaller, &room);
+            if loss_seen.is_none()
+                && children
+                    .iter()
+                    .any(|n| loss_of(&snap, bed, n).is_some_and(|l| l > LOSS_THRESHOLD))
+            {
+                loss_seen = Some(capped.elapsed());
+            }
+            let capacity = room_peer(&snap, bed, "r1-cone").and_then(|p| p["capacity"].as_u64());
+            let parents: Vec<Value> = children
+                .iter()
+                .map(|n| room_peer(&snap, bed, n).map_or(Value::Null, |p| p["parent"].clone()))
+                .collect();
+            let done = capacity.is_some_and(|c| c < 2) && parents.contains(&r2);
+            if done {
+                moved = Some(capped.elapsed());
+            }
+            done
+        },
+    );
+    let moved = moved.expect("set when the wait ended");
+    let loss_seen = loss_seen.unwrap_or(moved);
+    let snap = snapshot(&bed, signaller, &room);
+    let parents: Vec<Value> = children
+        .iter()
+        .map(|n| room_peer(&snap, &bed, n).map_or(Value::Null, |p| p["parent"].clone()))
+        .collect();
+    assert!(
+        parents.contains(&r1) && parents.contains(&r2),
+        "one child should stay below the capped relay and one move to the other: {snap:#}"
+    );
+    assert_eq!(
+        room_peer(&snap, &bed, "r1-cone").and_then(|p| p["capacity"].as_u64()),
+        Some(1),
+        "the capped relay's capacity drops to one below its two children: {snap:#}"
+    );
+
+    // Recovered: both children's latest reports under the threshold, packets advancing.
+    let mut recovered = None;
+    wait_for(&bed, "both children to receive cleanly again", |bed| {
+        let snap = snapshot(bed, signaller, &room);
+        let clean = children
+            .iter()
+            .all(|n| loss_of(&snap, bed, n).is_some_and(|l| l <= LOSS_THRESHOLD));
+        if clean && recovered.is_none() {
+            recovered = Some((capped.elapsed(), children.map(|n| received(bed, n))));
+        }
+        if !clean {
+            recovered = None;
+        }
+        // Clean for two seconds in a row, with packets arriving.
+        recovered.as_ref().is_some_and(|(at, counts)| {
+            capped.elapsed() > *at + Duration::from_secs(2)
+                && children
+                    .iter()
+                    .zip(counts)
+                    .all(|(n, c)| received(bed, n) > *c + 25)
+        })
+    });
+    let (recovered_at, _) = recovered.expect("set when the wait ended");
+    // And it stays so: steady for three more seconds, no further move.
+    let counts = children.map(|n| received(&bed, n));
+    std::thread::sleep(Duration::from_secs(3));
+    let snap = snapshot(&bed, signaller, &room);
+    for (n, c) in children.iter().zip(counts) {
+        let now = received(&bed, n);
+        assert!(now > c + 50, "{n} received {} packets in 3 s", now - c);
+        let loss = loss_of(&snap, &bed, n);
+        assert!(
+            loss.is_some_and(|l| l <= LOSS_THRESHOLD),
+            "{n} reports loss {loss:?} after the repair"
+        );
+    }
+    let after: Vec<Value> = children
+        .iter()
+        .map(|n| room_peer(&snap, &bed, n).map_or(Value::Null, |p| p["parent"].clone()))
+        .collect();
+    assert_eq!(after, parents, "the children moved again: {snap:#}");
+    let gaps_after: Vec<String> = children
+        .iter()
+        .map(|n| {
+            format!(
+                "{n} {} ms",
+                latest(&bed, n).expect("a status")["longest_gap_ms"]
+            )
+        })
+        .collect();
+    println!(
+        "relay uplink capped at {CAP_KBIT} kbit/s (two children of {STREAM_KBPS} kbit/s): \
+         loss > 5 % in the room after {:.1} s, capacity lowered and a child moved after \
+         {:.1} s, both children clean again after {:.1} s; longest packet gap per child \
+         before: {}, after: {}",
+        loss_seen.as_secs_f64(),
+        moved.as_secs_f64(),
+        recovered_at.as_secs_f64(),
+        gaps_before.join(", "),
+        gaps_after.join(", ")
+    );
 }

@@ -10,7 +10,9 @@
 //! - cone: `MASQUERADE` (endpoint-independent mapping, port-restricted filtering);
 //! - symmetric: `MASQUERADE --random-fully` (a new public port per destination);
 //! - full cone: cone plus a DNAT of [`FULL_CONE_PORTS`] to the host, which must bind its
-//!   media sockets there (`treecast-peer --udp-ports`).
+//!   media sockets there (`treecast-peer --udp-ports`);
+//! - blocked: cone plus a FORWARD rule dropping all UDP, so only TCP (the signaller)
+//!   gets through, as behind a firewall that allows nothing but web traffic.
 //!
 //! Every router drops unsolicited new inbound packets on its WAN. Without that, a peer's
 //! early packet leaves a conntrack entry that makes the router remap the real flow to
@@ -62,6 +64,9 @@ const NOWHERE_MAC: &str = "02:00:00:00:00:fe";
 pub const FULL_CONE_PORTS: std::ops::RangeInclusive<u16> = 40000..=40063;
 /// coturn's listening port.
 pub const TURN_PORT: u16 = 3478;
+/// The signaller's embedded STUN server's primary port (the alternate is the next one).
+/// A test runs either this or coturn, which also listens on 3478.
+pub const STUN_PORT: u16 = 3478;
 /// The signaller's port (inside the bed's own namespace, so a fixed one is safe).
 pub const SIGNALLER_PORT: u16 = 8080;
 
@@ -76,6 +81,8 @@ pub enum Site {
     FullCone,
     /// Behind a router with a new mapping per destination.
     Symmetric,
+    /// Behind a router that forwards no UDP at all.
+    Blocked,
 }
 
 impl Site {
@@ -86,12 +93,29 @@ impl Site {
             Self::Cone => "cone",
             Self::FullCone => "full cone",
             Self::Symmetric => "symmetric",
+            Self::Blocked => "blocked",
+        }
+    }
+
+    /// The NAT class the signaller's STUN probe should find for a host here (as the
+    /// protocol spells it).
+    pub fn nat_class(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Cone => "cone",
+            Self::FullCone => "full_cone",
+            Self::Symmetric => "symmetric",
+            Self::Blocked => "blocked",
         }
     }
 
     /// Whether ICE between hosts at `self` and `other` needs a TURN relay: the hole-punching
-    /// matrix (port-restricted cone or symmetric on both ends, at least one symmetric).
+    /// matrix (port-restricted cone or symmetric on both ends, at least one symmetric), or
+    /// a blocked end (no UDP at all, only TURN over TCP could help).
     pub fn needs_relay_with(self, other: Site) -> bool {
+        if self == Site::Blocked || other == Site::Blocked {
+            return true;
+        }
         let restricted = |s: Site| matches!(s, Site::Cone | Site::Symmetric);
         restricted(self)
             && restricted(other)
@@ -165,8 +189,9 @@ pub struct Netbed {
 }
 
 /// Tools the bed runs, and the Debian package that has each.
-const TOOLS: [(&str, &str); 3] = [
+const TOOLS: [(&str, &str); 4] = [
     ("ip", "iproute2"),
+    ("tc", "iproute2"),
     ("iptables", "iptables"),
     ("turnserver", "coturn"),
 ];
@@ -348,6 +373,13 @@ impl Netbed {
                 "DROP",
             ],
         );
+        if site == Site::Blocked {
+            in_ns(
+                &router,
+                "iptables",
+                &["-A", "FORWARD", "-p", "udp", "-j", "DROP"],
+            );
+        }
         if site == Site::FullCone {
             let ports = format!("{}:{}", FULL_CONE_PORTS.start(), FULL_CONE_PORTS.end());
             in_ns(
@@ -520,6 +552,73 @@ impl Netbed {
             }
         });
         addr
+    }
+
+    /// Starts a signaller as [`Netbed::start_signaller`] does, with its embedded STUN
+    /// server on [`SERVER_IP`]:[`STUN_PORT`] and the next port (the alternate one the NAT
+    /// probe needs), which it hands to clients first in their ICE servers.
+    pub fn start_signaller_with_stun(&self, config: treecast_signaller::Config) -> SocketAddr {
+        let addr = SocketAddr::from((SERVER_IP, SIGNALLER_PORT));
+        let (listener, stun) = self
+            .in_public(async move {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("binding the signaller to {addr}: {e}"))?;
+                let stun = treecast_signaller::StunSockets::bind(SERVER_IP.into(), STUN_PORT)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((listener, stun))
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let public = self
+            .public
+            .as_ref()
+            .expect("the public thread runs until drop");
+        public.runtime.spawn(async move {
+            if let Err(e) =
+                treecast_signaller::serve_with_stun(listener, stun, config, std::future::pending())
+                    .await
+            {
+                eprintln!("the signaller stopped: {e}");
+            }
+        });
+        addr
+    }
+
+    /// Caps what `host` sends (its LAN interface's egress, toward its router or the public
+    /// bridge) with a token bucket: `rate_kbit` kbit/s, a 4 kB burst, and a queue of at most
+    /// 100 ms; what does not fit is dropped, as at a saturated home uplink.
+    pub fn cap_uplink(&self, host: &Host, rate_kbit: u32) {
+        let rate = format!("{rate_kbit}kbit");
+        in_ns(
+            &host.ns,
+            "tc",
+            &[
+                "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", &rate, "burst", "4kb",
+                "latency", "100ms",
+            ],
+        );
+    }
+
+    /// Asks a process to stop (SIGINT: a native peer leaves the room and exits) and waits
+    /// up to 10 s for it, then kills it.
+    pub fn interrupt(&mut self, name: &str) {
+        let Some(p) = self.processes.iter_mut().find(|p| p.name == name) else {
+            return;
+        };
+        let _ = nix::sys::signal::kill(Pid::from_raw(p.child.id() as i32), Signal::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while p.running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p.kill();
+    }
+
+    /// Kills a process (SIGKILL to its whole process group) and waits for it.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(p) = self.processes.iter_mut().find(|p| p.name == name) {
+            p.kill();
+        }
     }
 
     /// The last `lines` lines of a process's log.
