@@ -388,7 +388,7 @@ mod tests {
         let c = Config::from_toml(
             "[room.turn]\nurls = [\"turn:203.0.113.2:3478?transport=udp\"]\n\
              secret = \"north\"\nttl = 120000\n\
-             [turn_server]\nport = 3479\nrelay_ip = \"203.0.113.2\"\n\
+             [turn_server]\nport = 3481\nrelay_ip = \"203.0.113.2\"\n\
              relay_ports = \"50000-50100\"\nallow_peers = [\"10.0.0.0/8\"]\n",
         )
         .unwrap();
@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(rest.ttl, Duration::from_secs(120));
         assert_eq!(rest.secret.expose(), b"north");
         let server = c.turn_server.as_ref().unwrap();
-        assert_eq!(server.port, 3479);
+        assert_eq!(server.port, 3481);
         assert_eq!(server.relay_ports.to_string(), "50000-50100");
         assert_eq!(server.allow_peers.len(), 1);
         assert_eq!(server.realm, "treecast");
@@ -440,6 +440,10 @@ mod tests {
             (
                 &format!("{rest}[turn_server]\nmax_allocations_per_peer = 0\n"),
                 "at least 1",
+            ),
+            (
+                &format!("{rest}[turn_server]\nport = 3479\nrelay_ip = \"203.0.113.2\"\n"),
+                "taken by the STUN server",
             ),
         ] {
             let e = Config::from_toml(toml).unwrap_err().to_string();

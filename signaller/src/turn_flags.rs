@@ -218,7 +218,7 @@ mod tests {
         let c = apply(
             &[
                 "--turn-port",
-                "3478",
+                "3480",
                 "--turn-allow-peer",
                 "10.0.0.0/8",
                 "--turn-relay-ports",
@@ -228,7 +228,7 @@ mod tests {
         )
         .unwrap();
         let server = c.turn_server.unwrap();
-        assert_eq!(server.port, 3478);
+        assert_eq!(server.port, 3480);
         assert_eq!(server.allow_peers.len(), 1);
         assert_eq!(server.relay_ports.first, 50000);
         assert!(
@@ -236,7 +236,7 @@ mod tests {
             "a secret with no server"
         );
         for (args, says) in [
-            (&["--turn-port", "3478"][..], "shared secret"),
+            (&["--turn-port", "3480"][..], "shared secret"),
             (&["--turn-relay-ip", "127.0.0.1"][..], "--turn-port"),
             (&["--turn-url", "turn:x"][..], "empty secret"),
         ] {

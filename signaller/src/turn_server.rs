@@ -64,7 +64,7 @@ use crate::config::{Config, ConfigError};
 ///
 /// ```toml
 /// [turn_server]
-/// port = 3478
+/// port = 3480
 /// relay_ip = "203.0.113.5"
 /// relay_ports = "49152-65535"
 /// allow_peers = ["10.0.0.0/8"]
@@ -92,7 +92,8 @@ pub struct TurnServerConfig {
 impl Default for TurnServerConfig {
     fn default() -> Self {
         Self {
-            port: 3478,
+            // Not 3478 or 3479: the signaller's own STUN server answers there.
+            port: 3480,
             relay_ip: None,
             relay_ports: PortRange {
                 first: 49152,
