@@ -378,8 +378,6 @@ struct Peer {
     pending: Vec<ServerMessage>,
     /// What it said about its network; `Unknown` until it says.
     nat: NatClass,
-    /// Whether it obtained a TURN relay candidate.
-    relay_ok: bool,
     /// The candidate-pair type of its link to its parent, as last reported.
     link: Option<LinkKind>,
     /// When its TURN credentials are due for renewal (earlier timers are stale).
@@ -760,7 +758,6 @@ impl Room {
                 loss: None,
                 pending: Vec::new(),
                 nat: NatClass::Unknown,
-                relay_ok: false,
                 link: None,
                 renew_at: None,
                 lossy_at: None,
@@ -1068,7 +1065,6 @@ impl Room {
             .expect("bound connections map to peers");
         let changed = peer.nat != c.nat;
         peer.nat = c.nat;
-        peer.relay_ok = c.relay;
         if !changed {
             return;
         }
