@@ -5,72 +5,22 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{LIVENESS, http, wait_until};
+use common::{LIVENESS, TestSignaller, wait_until};
 use tokio::net::UdpSocket;
 use treecast_core::protocol::NatClass;
 use treecast_peer::nat::{self, SignallerStun};
-use treecast_peer::{Peer, PeerConfig, Role};
-
-/// A signaller with STUN on two ephemeral ports of 127.0.0.1, and one room.
-struct StunSignaller {
-    addr: SocketAddr,
-    primary: SocketAddr,
-    alternate: SocketAddr,
-    room: String,
-    token: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl StunSignaller {
-    async fn start() -> Self {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-        let mut config = treecast_signaller::Config::default();
-        config.limits.max_connections_per_ip = 10_000;
-        config.limits.room_creation_burst = 1_000;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let primary = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let alternate = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let (p, a) = (
-            primary.local_addr().unwrap(),
-            alternate.local_addr().unwrap(),
-        );
-        let sockets = treecast_signaller::StunSockets::new(primary, alternate).unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(treecast_signaller::serve_with_stun(
-            listener,
-            sockets,
-            config,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        let (status, created) = http(addr, "POST", "/api/rooms").await;
-        assert_eq!(status, 201, "{created}");
-        Self {
-            addr,
-            primary: p,
-            alternate: a,
-            room: created["room"].as_str().unwrap().to_owned(),
-            token: created["token"].as_str().unwrap().to_owned(),
-            _stop: stop,
-        }
-    }
-}
+use treecast_peer::{Peer, Role};
 
 #[tokio::test]
 async fn loopback_has_no_nat() {
-    let server = StunSignaller::start().await;
+    let server = TestSignaller::start_with_stun().await;
+    let (primary, alternate) = server.stun.unwrap();
     let probed = nat::probe(
         "127.0.0.1:0".parse().unwrap(),
-        server.primary,
-        server.alternate,
+        primary,
+        alternate,
         Duration::from_secs(5),
     )
     .await
@@ -86,7 +36,7 @@ async fn loopback_has_no_nat() {
     let probed = nat::probe(
         "127.0.0.1:0".parse().unwrap(),
         nowhere,
-        server.alternate,
+        alternate,
         Duration::from_millis(500),
     )
     .await
@@ -96,12 +46,14 @@ async fn loopback_has_no_nat() {
 
 #[tokio::test]
 async fn peers_probe_after_welcome_and_tell_the_room() {
-    let server = StunSignaller::start().await;
-    let url = format!("ws://{}/ws", server.addr);
-    let mut broadcaster = PeerConfig::new(&url, &server.room, Role::Broadcaster);
-    broadcaster.token = Some(server.token.clone());
-    let broadcaster = Peer::start(broadcaster).unwrap();
-    let viewer = Peer::start(PeerConfig::new(&url, &server.room, Role::Viewer)).unwrap();
+    let server = TestSignaller::start_with_stun().await;
+    let with_ice_servers = |role| {
+        let mut c = server.peer_config(role);
+        c.use_ice_servers = true;
+        c
+    };
+    let broadcaster = Peer::start(with_ice_servers(Role::Broadcaster)).unwrap();
+    let viewer = Peer::start(with_ice_servers(Role::Viewer)).unwrap();
 
     for (who, peer) in [("broadcaster", &broadcaster), ("viewer", &viewer)] {
         wait_until(&format!("the {who}'s NAT probe"), LIVENESS, || {
@@ -114,7 +66,7 @@ async fn peers_probe_after_welcome_and_tell_the_room() {
     // The room heard it, and media flows with the STUN server among the ICE servers.
     let deadline = tokio::time::Instant::now() + LIVENESS;
     loop {
-        let (_, snap) = http(server.addr, "GET", &format!("/api/rooms/{}", server.room)).await;
+        let snap = server.snapshot().await;
         let peers = snap["peers"].as_array().unwrap();
         if peers.len() == 2 && peers.iter().all(|p| p["nat"] == "public") {
             break;
@@ -135,6 +87,7 @@ async fn peers_probe_after_welcome_and_tell_the_room() {
     .await;
     viewer.leave().await;
     broadcaster.leave().await;
+    server.stop().await;
 }
 
 #[tokio::test]

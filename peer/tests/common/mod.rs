@@ -22,6 +22,8 @@ pub struct TestSignaller {
     pub room: String,
     /// That room's broadcaster token.
     pub token: String,
+    /// The STUN server's primary and alternate addresses, when it runs one.
+    pub stun: Option<(SocketAddr, SocketAddr)>,
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<Result<(), treecast_signaller::ServerError>>,
 }
@@ -31,6 +33,16 @@ impl TestSignaller {
     /// packet leaves loopback) and limits high enough for every peer of a test, and creates
     /// a room.
     pub async fn start(root_fanout: u32, relay_fanout: u32) -> Self {
+        Self::launch(root_fanout, relay_fanout, false).await
+    }
+
+    /// Like [`TestSignaller::start`] (root and relay fan-out 4), with the embedded STUN
+    /// server on two ephemeral loopback ports: it leads the ICE servers in `welcome`.
+    pub async fn start_with_stun() -> Self {
+        Self::launch(4, 4, true).await
+    }
+
+    async fn launch(root_fanout: u32, relay_fanout: u32, with_stun: bool) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -43,10 +55,24 @@ impl TestSignaller {
         config.room.ice_servers = Vec::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let mut extras = treecast_signaller::Extras::default();
+        let mut stun = None;
+        if with_stun {
+            let primary = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let alternate = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            stun = Some((
+                primary.local_addr().unwrap(),
+                alternate.local_addr().unwrap(),
+            ));
+            extras.stun = Some(treecast_signaller::StunSockets::new(primary, alternate).unwrap());
+        }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(treecast_signaller::serve(listener, config, async move {
+        let shutdown = async move {
             let _ = stopped.await;
-        }));
+        };
+        let server = tokio::spawn(treecast_signaller::serve_with(
+            listener, config, shutdown, extras,
+        ));
         let (status, created) = http(addr, "POST", "/api/rooms").await;
         assert_eq!(status, 201, "{created}");
         Self {
@@ -54,6 +80,7 @@ impl TestSignaller {
             url: format!("ws://{addr}/ws"),
             room: created["room"].as_str().unwrap().to_owned(),
             token: created["token"].as_str().unwrap().to_owned(),
+            stun,
             stop,
             server,
         }
