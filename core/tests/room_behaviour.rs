@@ -9,7 +9,7 @@ use serde_json::json;
 use treecast_core::protocol::{
     ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState, Report, Role, ServerMessage,
 };
-use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig};
+use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig, RoomEvent};
 use treecast_core::tree::WaitReason;
 use treecast_core::turn::{self, Secret, TurnRest};
 use treecast_core::{PeerId, RoomId};
@@ -413,22 +413,219 @@ fn lost_relay_is_replaced_after_the_grace_period() {
 }
 
 #[test]
-fn stall_report_moves_the_child_and_caps_the_parent() {
+fn a_lone_stall_moves_the_child_and_leaves_the_parent_its_capacity() {
     let mut h = Harness::new(config());
     h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
     let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
     let child = conns[2]; // depth 2
     let parent = h.views[&child].parent.unwrap();
+    let capacity = h.room.tree().capacity(parent);
     h.settle();
     h.stalled(child);
     h.check();
     assert_ne!(h.views[&child].parent, Some(parent));
-    let p = parent;
     assert_eq!(
-        h.room.tree().capacity(p),
-        h.room.tree().child_count(p),
-        "a parent that failed a child takes no more"
+        h.room.tree().capacity(parent),
+        capacity,
+        "one child's stall may be its own machine's fault"
     );
+}
+
+/// Every room event of the last input.
+fn events_of(h: &mut Harness, conn: ConnId, msg: ClientMessage) -> Vec<RoomEvent> {
+    h.room.handle(h.now, Input::Message { conn, msg });
+    let mut events = Vec::new();
+    while let Some(out) = h.room.poll_output() {
+        match out {
+            Output::Send { conn, msg } => h.deliver(conn, msg),
+            Output::Close { conn } => h.views.entry(conn).or_default().closed = true,
+            Output::Event(e) => events.push(e),
+        }
+    }
+    events
+}
+
+fn report(state: MediaState) -> ClientMessage {
+    ClientMessage::Report(Report {
+        state,
+        loss: None,
+        latency_ms: None,
+        uplink_kbps: None,
+        delivered: vec![],
+        link: None,
+    })
+}
+
+#[test]
+fn a_stall_with_no_other_slot_moves_nothing_and_tells_nobody() {
+    // Broadcaster → relay → two leaves; the tree is full, so the only free slot a stalled
+    // leaf could take is the one it leaves behind.
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 1,
+        relay_fanout: 2,
+        heartbeat_timeout: None,
+        ..RoomConfig::default()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let relay = h.viewer();
+    let leaf = h.connect(Role::Viewer, None, 100);
+    let other = h.connect(Role::Viewer, None, 100);
+    let relay_id = h.peer(relay);
+    assert_eq!(h.views[&leaf].parent, Some(relay_id));
+    assert_eq!(h.views[&other].parent, Some(relay_id));
+    h.settle();
+    h.media(relay, MediaState::Receiving);
+    h.media(other, MediaState::Stalled);
+    let before = h.views[&leaf].clone();
+    let events = events_of(&mut h, leaf, report(MediaState::Stalled));
+    assert!(events.is_empty(), "no move, no events: {events:?}");
+    let after = &h.views[&leaf];
+    assert_eq!(after.parent, Some(relay_id));
+    assert_eq!(
+        (after.parents_received, after.drops_received, after.statuses),
+        (
+            before.parents_received,
+            before.drops_received,
+            before.statuses
+        ),
+        "the leaf is told nothing"
+    );
+    assert_eq!(h.room.tree().capacity(relay_id), Some(2), "nothing lowered");
+    h.check();
+}
+
+#[test]
+fn a_lone_staller_next_to_receiving_siblings_moves_after_the_settle_window() {
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 1,
+        relay_fanout: 3,
+        heartbeat_timeout: None,
+        ..RoomConfig::default()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let relay = h.viewer();
+    // The middle sibling can feed one child: the only slot the staller may move to.
+    let kids: Vec<ConnId> = [100, 700, 100]
+        .into_iter()
+        .map(|uplink| h.connect(Role::Viewer, None, uplink))
+        .collect();
+    let relay_id = h.peer(relay);
+    assert!(kids.iter().all(|k| h.views[k].parent == Some(relay_id)));
+    h.settle();
+    h.media(relay, MediaState::Receiving);
+    for &k in &kids[1..] {
+        h.media(k, MediaState::Receiving);
+    }
+    let staller = kids[0];
+    h.stalled(staller);
+    assert_eq!(
+        h.views[&staller].parent,
+        Some(relay_id),
+        "its siblings receive: a fresh stall is its own"
+    );
+    h.advance(Duration::from_secs(2));
+    h.stalled(staller);
+    assert_eq!(h.views[&staller].parent, Some(relay_id));
+    h.advance(h.room.config().settle_window);
+    h.stalled(staller);
+    assert_eq!(
+        h.views[&staller].parent,
+        Some(h.peer(kids[1])),
+        "a stall that lasts moves it"
+    );
+    assert_eq!(h.room.tree().capacity(relay_id), Some(3), "no ceiling");
+    h.check();
+}
+
+#[test]
+fn two_children_stalling_cap_the_parent_and_the_cap_decays_back() {
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 2,
+        relay_fanout: 4,
+        heartbeat_timeout: None,
+        ..RoomConfig::default()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let relay = h.viewer(); // capacity 4: the leaves join it, having the most spare slots
+    h.connect(Role::Viewer, None, 1_250); // capacity 2: where the movers go
+    let kids: Vec<ConnId> = (0..2).map(|_| h.connect(Role::Viewer, None, 100)).collect();
+    let relay_id = h.peer(relay);
+    assert!(kids.iter().all(|k| h.views[k].parent == Some(relay_id)));
+    h.settle();
+    h.media(relay, MediaState::Receiving);
+    h.stalled(kids[0]);
+    assert_ne!(h.views[&kids[0]].parent, Some(relay_id), "moved");
+    assert_eq!(h.room.tree().capacity(relay_id), Some(4), "one stall: no cap");
+    h.advance(Duration::from_secs(2));
+    h.stalled(kids[1]);
+    assert_ne!(h.views[&kids[1]].parent, Some(relay_id), "moved");
+    assert_eq!(
+        h.room.tree().capacity(relay_id),
+        Some(0),
+        "two children failed by a parent that receives: capped"
+    );
+    // A waiting newcomer shows the relay's slots coming back: it cannot go elsewhere.
+    let waiter = h.connect(Role::Viewer, None, 100);
+    assert_eq!(h.views[&waiter].parent, None, "the tree is full");
+    // First strike: one slot back after 30 s, the next after another 30 s, then no cap.
+    h.advance(Duration::from_secs(29));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(0), "still held");
+    h.advance(Duration::from_secs(2));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(1), "raised by one");
+    assert_eq!(
+        h.views[&waiter].parent,
+        Some(relay_id),
+        "the freed slot is used at once"
+    );
+    h.advance(Duration::from_secs(30));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(2));
+    h.advance(Duration::from_secs(30));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(3));
+    h.advance(Duration::from_secs(30));
+    assert_eq!(
+        h.room.tree().capacity(relay_id),
+        Some(4),
+        "back to its uplink's capacity, the ceiling gone"
+    );
+    h.check();
+}
+
+#[test]
+fn repeated_strikes_hold_the_cap_longer() {
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 1,
+        relay_fanout: 3,
+        heartbeat_timeout: None,
+        ..RoomConfig::default()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let relay = h.viewer();
+    let kid = h.viewer();
+    let relay_id = h.peer(relay);
+    h.settle();
+    let lossy = ClientMessage::Report(Report {
+        state: MediaState::Receiving,
+        loss: Some(0.2),
+        latency_ms: None,
+        uplink_kbps: None,
+        delivered: vec![],
+        link: None,
+    });
+    // An only child's loss caps the relay at one (first strike, 30 s hold).
+    h.send(kid, lossy.clone());
+    assert_eq!(h.room.tree().capacity(relay_id), Some(1));
+    h.advance(Duration::from_secs(31));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(2), "re-probed");
+    // Loss again: second strike, held twice as long.
+    h.send(kid, lossy);
+    assert_eq!(h.room.tree().capacity(relay_id), Some(1));
+    h.advance(Duration::from_secs(31));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(1), "held longer");
+    h.advance(Duration::from_secs(30));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(2));
+    h.advance(Duration::from_secs(60));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(3), "cap gone");
+    h.check();
 }
 
 #[test]
