@@ -1213,3 +1213,94 @@ fn a_relay_is_judged_by_all_its_children_before_it_sheds_one() {
         .count();
     assert_eq!(moved, 1);
 }
+
+#[derive(Debug, Clone)]
+enum Nudge {
+    /// The staller reports again after this many milliseconds.
+    Stall { after_ms: u64 },
+    /// Another viewer (picked at random) says it receives.
+    Receiving { pick: usize },
+    /// Time passes without a word.
+    Wait { ms: u64 },
+}
+
+fn nudge() -> impl Strategy<Value = Nudge> {
+    prop_oneof![
+        4 => (0u64..4_000).prop_map(|after_ms| Nudge::Stall { after_ms }),
+        3 => any::<usize>().prop_map(|pick| Nudge::Receiving { pick }),
+        1 => (0u64..40_000).prop_map(|ms| Nudge::Wait { ms }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// One viewer stalling alone, however often and whoever else receives, never lowers a
+    /// capacity, and it is the only peer whose parent changes.
+    #[test]
+    fn a_peer_stalling_alone_never_lowers_its_parents_capacity(
+        // Uplinks giving capacities 0, 1, 2 and 4; the first two viewers relay for sure.
+        uplinks in proptest::collection::vec(prop_oneof![Just(100u32), Just(700), Just(1_300), Just(10_000)], 3..40),
+        staller in any::<usize>(),
+        nudges in proptest::collection::vec(nudge(), 1..60),
+    ) {
+        let mut h = Harness::new(RoomConfig {
+            root_fanout: 2,
+            relay_fanout: 4,
+            max_depth: 64, // no subtree is cut at the depth limit when the staller moves
+            heartbeat_timeout: None,
+            ..RoomConfig::default()
+        });
+        h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+        let viewers: Vec<ConnId> = [10_000, 10_000]
+            .into_iter()
+            .chain(uplinks)
+            .map(|uplink| h.connect(Role::Viewer, None, uplink))
+            .collect();
+        h.settle();
+        let root = h.room.tree().root();
+        let candidates: Vec<ConnId> = viewers
+            .iter()
+            .copied()
+            .filter(|&c| h.views[&c].parent.is_some_and(|p| Some(p) != root))
+            .collect();
+        prop_assert!(!candidates.is_empty(), "two relays at depth 1 feed someone");
+        let staller = candidates[staller % candidates.len()];
+        let staller_id = h.peer(staller);
+        let capacities = |h: &Harness| -> HashMap<PeerId, u32> {
+            h.room.tree().peers().map(|p| (p, h.room.tree().capacity(p).unwrap())).collect()
+        };
+        let parents = |h: &Harness| -> HashMap<PeerId, PeerId> {
+            h.room.tree().peers().filter_map(|p| Some((p, h.room.tree().parent(p)?))).collect()
+        };
+        for n in nudges {
+            let (caps_before, parents_before) = (capacities(&h), parents(&h));
+            match n {
+                Nudge::Stall { after_ms } => {
+                    h.advance(Duration::from_millis(after_ms));
+                    h.stalled(staller);
+                }
+                Nudge::Receiving { pick } => {
+                    let c = viewers[pick % viewers.len()];
+                    if c != staller {
+                        h.media(c, MediaState::Receiving);
+                    }
+                }
+                Nudge::Wait { ms } => h.advance(Duration::from_millis(ms)),
+            }
+            for (peer, cap) in capacities(&h) {
+                prop_assert!(
+                    cap >= caps_before[&peer],
+                    "{} lost capacity ({} → {}) to a lone staller", peer, caps_before[&peer], cap
+                );
+            }
+            let parents_after = parents(&h);
+            for (peer, parent) in parents_before {
+                if peer != staller_id {
+                    prop_assert_eq!(parents_after.get(&peer), Some(&parent), "{} moved", peer);
+                }
+            }
+            h.check();
+        }
+    }
+}
