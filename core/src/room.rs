@@ -392,6 +392,8 @@ struct Peer {
     last_seen: Duration,
     disconnected_at: Option<Duration>,
     media: MediaState,
+    /// When it last sent a report (`media` is as of then).
+    reported_at: Option<Duration>,
     stalled_since: Option<Duration>,
     /// When it last got a new parent.
     linked_at: Option<Duration>,
@@ -780,6 +782,7 @@ impl Room {
                 last_seen: self.now,
                 disconnected_at: None,
                 media: MediaState::Connecting,
+                reported_at: None,
                 stalled_since: None,
                 linked_at: None,
                 latency_ms: None,
@@ -973,6 +976,7 @@ impl Room {
                 .expect("bound connections map to peers");
             was_receiving = peer.media == MediaState::Receiving;
             peer.media = report.state;
+            peer.reported_at = Some(self.now);
             peer.latency_ms = report.latency_ms.or(peer.latency_ms);
             peer.loss = report.loss.or(peer.loss);
             match report.state {
@@ -1076,12 +1080,16 @@ impl Room {
         }
         let now = self.now;
         let parent_receives = p.media == MediaState::Receiving;
-        // Judged by its other children: one that settled on it and receives shows that the
-        // parent delivers, so the reporter's own link or machine is at fault.
+        let stalled_since = self.peers[&id].stalled_since.unwrap_or(now);
+        // Judged by its other children: one that settled on it and said it receives since
+        // this stall began shows that the parent delivers, so the reporter's own link or
+        // machine is at fault. An older "receiving" proves nothing: when a relay dies, its
+        // children's watchdogs fire one after the other.
         let delivering = self.tree.children(parent).any(|c| {
             c != id
                 && self.peers.get(&c).is_some_and(|s| {
                     s.media == MediaState::Receiving
+                        && s.reported_at.is_some_and(|t| t >= stalled_since)
                         && s.linked_at
                             .is_some_and(|t| now.saturating_sub(t) >= self.config.settle_window)
                 })
@@ -1096,10 +1104,7 @@ impl Room {
         if delivering {
             // A lone staller: moved (its link to this parent may be bad) once the stall has
             // lasted, never held against the parent.
-            let stalled_for = self.peers[&id]
-                .stalled_since
-                .map_or(Duration::ZERO, |t| now.saturating_sub(t));
-            if stalled_for >= self.config.settle_window {
+            if now.saturating_sub(stalled_since) >= self.config.settle_window {
                 self.move_stalled(id);
             }
             return;
