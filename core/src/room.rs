@@ -12,6 +12,11 @@
 //! Connections are named by the driver ([`ConnId`]); peers by the room ([`PeerId`]).
 //! A peer outlives its connection for the resume grace period, so a signalling blip costs
 //! no tree position and no media connection.
+//!
+//! Repairs act on clients' reports: a child whose media stalled moves to another parent
+//! (never back to the same one), and a parent that failed several children, or whose
+//! children lose packets, gets a capacity ceiling that is raised again slot by slot after
+//! a hold (timers, like every other delay here).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -1049,6 +1054,11 @@ impl Room {
     /// `id` says media from `parent` stopped. Called for every stall report: clients
     /// repeat them while stalled, so a report that has to wait here is not lost.
     /// `was_receiving`: its previous report about this parent said media flowed.
+    ///
+    /// The parent is judged by all its children: a sibling that receives clears it (the
+    /// reporter moves, late, and the parent keeps its capacity); a ceiling needs two
+    /// children stalled within [`STALL_WINDOW`] while the parent itself receives. A peer
+    /// stalling alone never lowers its parent's capacity.
     fn on_stall(&mut self, id: PeerId, parent: PeerId, was_receiving: bool) {
         if self.tree.depth(id).is_none() {
             return; // inside a waiting subtree: nothing feeds it anyway

@@ -176,17 +176,7 @@ impl Harness {
     }
 
     fn media(&mut self, conn: ConnId, state: MediaState) {
-        self.send(
-            conn,
-            ClientMessage::Report(Report {
-                state,
-                loss: None,
-                latency_ms: None,
-                uplink_kbps: None,
-                delivered: vec![],
-                link: None,
-            }),
-        );
+        self.send(conn, report(state));
     }
 
     /// Reconnects a dropped client with its resume token; the client keeps what it knew.
@@ -456,17 +446,23 @@ fn report(state: MediaState) -> ClientMessage {
     })
 }
 
-#[test]
-fn a_stall_with_no_other_slot_moves_nothing_and_tells_nobody() {
-    // Broadcaster → relay → two leaves; the tree is full, so the only free slot a stalled
-    // leaf could take is the one it leaves behind.
+/// A live room without heartbeat checks (time is advanced in big steps).
+fn quiet_room(root_fanout: u32, relay_fanout: u32) -> Harness {
     let mut h = Harness::new(RoomConfig {
-        root_fanout: 1,
-        relay_fanout: 2,
+        root_fanout,
+        relay_fanout,
         heartbeat_timeout: None,
         ..RoomConfig::default()
     });
     h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    h
+}
+
+#[test]
+fn a_stall_with_no_other_slot_moves_nothing_and_tells_nobody() {
+    // Broadcaster → relay → two leaves; the tree is full, so the only free slot a stalled
+    // leaf could take is the one it leaves behind.
+    let mut h = quiet_room(1, 2);
     let relay = h.viewer();
     let leaf = h.connect(Role::Viewer, None, 100);
     let other = h.connect(Role::Viewer, None, 100);
@@ -496,13 +492,7 @@ fn a_stall_with_no_other_slot_moves_nothing_and_tells_nobody() {
 
 #[test]
 fn a_lone_staller_next_to_receiving_siblings_moves_after_the_settle_window() {
-    let mut h = Harness::new(RoomConfig {
-        root_fanout: 1,
-        relay_fanout: 3,
-        heartbeat_timeout: None,
-        ..RoomConfig::default()
-    });
-    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let mut h = quiet_room(1, 3);
     let relay = h.viewer();
     // The middle sibling can feed one child: the only slot the staller may move to.
     let kids: Vec<ConnId> = [100, 700, 100]
@@ -539,13 +529,7 @@ fn a_lone_staller_next_to_receiving_siblings_moves_after_the_settle_window() {
 
 #[test]
 fn two_children_stalling_cap_the_parent_and_the_cap_decays_back() {
-    let mut h = Harness::new(RoomConfig {
-        root_fanout: 2,
-        relay_fanout: 4,
-        heartbeat_timeout: None,
-        ..RoomConfig::default()
-    });
-    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let mut h = quiet_room(2, 4);
     let relay = h.viewer(); // capacity 4: the leaves join it, having the most spare slots
     h.connect(Role::Viewer, None, 1_250); // capacity 2: where the movers go
     let kids: Vec<ConnId> = (0..2).map(|_| h.connect(Role::Viewer, None, 100)).collect();
@@ -555,7 +539,11 @@ fn two_children_stalling_cap_the_parent_and_the_cap_decays_back() {
     h.media(relay, MediaState::Receiving);
     h.stalled(kids[0]);
     assert_ne!(h.views[&kids[0]].parent, Some(relay_id), "moved");
-    assert_eq!(h.room.tree().capacity(relay_id), Some(4), "one stall: no cap");
+    assert_eq!(
+        h.room.tree().capacity(relay_id),
+        Some(4),
+        "one stall: no cap"
+    );
     h.advance(Duration::from_secs(2));
     h.stalled(kids[1]);
     assert_ne!(h.views[&kids[1]].parent, Some(relay_id), "moved");
@@ -592,25 +580,16 @@ fn two_children_stalling_cap_the_parent_and_the_cap_decays_back() {
 
 #[test]
 fn repeated_strikes_hold_the_cap_longer() {
-    let mut h = Harness::new(RoomConfig {
-        root_fanout: 1,
-        relay_fanout: 3,
-        heartbeat_timeout: None,
-        ..RoomConfig::default()
-    });
-    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let mut h = quiet_room(1, 3);
     let relay = h.viewer();
     let kid = h.viewer();
     let relay_id = h.peer(relay);
     h.settle();
-    let lossy = ClientMessage::Report(Report {
-        state: MediaState::Receiving,
-        loss: Some(0.2),
-        latency_ms: None,
-        uplink_kbps: None,
-        delivered: vec![],
-        link: None,
-    });
+    let ClientMessage::Report(mut lossy) = report(MediaState::Receiving) else {
+        unreachable!()
+    };
+    lossy.loss = Some(0.2);
+    let lossy = ClientMessage::Report(lossy);
     // An only child's loss caps the relay at one (first strike, 30 s hold).
     h.send(kid, lossy.clone());
     assert_eq!(h.room.tree().capacity(relay_id), Some(1));
