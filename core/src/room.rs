@@ -12,6 +12,11 @@
 //! Connections are named by the driver ([`ConnId`]); peers by the room ([`PeerId`]).
 //! A peer outlives its connection for the resume grace period, so a signalling blip costs
 //! no tree position and no media connection.
+//!
+//! Repairs act on clients' reports: a child whose media stalled moves to another parent
+//! (never back to the same one), and a parent that failed several children, or whose
+//! children lose packets, gets a capacity ceiling that is raised again slot by slot after
+//! a hold (timers, like every other delay here).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -33,6 +38,21 @@ use crate::turn::{self, TurnRest};
 /// Two children of one parent reporting loss within this window convict the parent's
 /// uplink (reports come every 2 s by default).
 const LOSS_WINDOW: Duration = Duration::from_secs(5);
+
+/// Two children of one parent stalling within this window convict the parent (one child
+/// alone may be starving on its own machine: a busy page reports a stall on a healthy
+/// link). Clients repeat stall reports every 2 s, so overlapping stalls fall well inside.
+const STALL_WINDOW: Duration = Duration::from_secs(30);
+
+/// How long a capacity ceiling holds before it is raised by one, on its first strike. Each
+/// further strike doubles it, up to [`CAP_HOLD_MAX`]: a parent convicted by a passing
+/// congestion gets its slots back within minutes, a parent that fails again whenever it is
+/// trusted stays capped longer. The ceiling is re-probed one slot at a time until it
+/// reaches the capacity the uplink allows, and then removed.
+const CAP_HOLD: Duration = Duration::from_secs(30);
+
+/// The longest a ceiling holds between two raises (30 s doubled four times).
+const CAP_HOLD_MAX: Duration = Duration::from_secs(480);
 
 /// A connection as the driver names it. Unique per driver for the room's lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -364,11 +384,21 @@ struct Peer {
     resume: u128,
     uplink_kbps: Option<u32>,
     /// Ceiling set when children reported this peer failing them; survives new uplink
-    /// measurements, so a relay that over-promised cannot talk its way back up.
+    /// measurements, so a relay that over-promised cannot talk its way back up. Raised by
+    /// one every hold time (see [`CAP_HOLD`]) until the uplink's capacity is reached.
     capacity_cap: Option<u32>,
+    /// How many times a ceiling was set or lowered: the hold grows with it.
+    cap_strikes: u32,
+    /// When the ceiling is next raised (earlier timers are stale).
+    cap_raise_at: Option<Duration>,
+    /// Its children that reported it stalled lately, with the time of their last report
+    /// (kept within [`STALL_WINDOW`]).
+    stalled_children: Vec<(PeerId, Duration)>,
     last_seen: Duration,
     disconnected_at: Option<Duration>,
     media: MediaState,
+    /// When it last sent a report (`media` is as of then).
+    reported_at: Option<Duration>,
     stalled_since: Option<Duration>,
     /// When it last got a new parent.
     linked_at: Option<Duration>,
@@ -468,6 +498,8 @@ enum Timer {
     Start,
     /// The peer's TURN credentials are due for renewal.
     Credentials(PeerId),
+    /// The peer's capacity ceiling may be due to rise (lazy: `cap_raise_at` decides).
+    CapRaise(PeerId),
 }
 
 /// One peer, as shown in a [`RoomSnapshot`].
@@ -749,9 +781,13 @@ impl Room {
                 resume,
                 uplink_kbps: hello.uplink_kbps,
                 capacity_cap: None,
+                cap_strikes: 0,
+                cap_raise_at: None,
+                stalled_children: Vec::new(),
                 last_seen: self.now,
                 disconnected_at: None,
                 media: MediaState::Connecting,
+                reported_at: None,
                 stalled_since: None,
                 linked_at: None,
                 latency_ms: None,
@@ -945,6 +981,7 @@ impl Room {
                 .expect("bound connections map to peers");
             was_receiving = peer.media == MediaState::Receiving;
             peer.media = report.state;
+            peer.reported_at = Some(self.now);
             peer.latency_ms = report.latency_ms.or(peer.latency_ms);
             peer.loss = report.loss.or(peer.loss);
             match report.state {
@@ -1017,6 +1054,11 @@ impl Room {
     /// `id` says media from `parent` stopped. Called for every stall report: clients
     /// repeat them while stalled, so a report that has to wait here is not lost.
     /// `was_receiving`: its previous report about this parent said media flowed.
+    ///
+    /// The parent is judged by all its children: a sibling that receives clears it (the
+    /// reporter moves, late, and the parent keeps its capacity); a ceiling needs two
+    /// children stalled within [`STALL_WINDOW`] while the parent itself receives. A peer
+    /// stalling alone never lowers its parent's capacity.
     fn on_stall(&mut self, id: PeerId, parent: PeerId, was_receiving: bool) {
         if self.tree.depth(id).is_none() {
             return; // inside a waiting subtree: nothing feeds it anyway
@@ -1046,14 +1088,59 @@ impl Room {
         if upstream_repair {
             return;
         }
-        let _ = self.tree.reparent(id);
+        let now = self.now;
+        let parent_receives = p.media == MediaState::Receiving;
+        let stalled_since = self.peers[&id].stalled_since.unwrap_or(now);
+        // Judged by its other children: one that settled on it and said it receives since
+        // this stall began shows that the parent delivers, so the reporter's own link or
+        // machine is at fault. An older "receiving" proves nothing: when a relay dies, its
+        // children's watchdogs fire one after the other.
+        let delivering = self.tree.children(parent).any(|c| {
+            c != id
+                && self.peers.get(&c).is_some_and(|s| {
+                    s.media == MediaState::Receiving
+                        && s.reported_at.is_some_and(|t| t >= stalled_since)
+                        && s.linked_at
+                            .is_some_and(|t| now.saturating_sub(t) >= self.config.settle_window)
+                })
+        });
+        let stalled_children = {
+            let p = self.peers.get_mut(&parent).expect("a known peer");
+            p.stalled_children
+                .retain(|&(c, t)| c != id && now.saturating_sub(t) < STALL_WINDOW);
+            p.stalled_children.push((id, now));
+            p.stalled_children.len()
+        };
+        if delivering {
+            // A lone staller: moved (its link to this parent may be bad) once the stall has
+            // lasted, never held against the parent.
+            if now.saturating_sub(stalled_since) >= self.config.settle_window {
+                self.move_stalled(id);
+            }
+            return;
+        }
+        if !self.move_stalled(id) {
+            return; // nowhere else to go; the repeated report tries again
+        }
+        // Only two children failed by a parent that receives itself convict its uplink.
+        if stalled_children >= 2 && parent_receives {
+            let children = self.tree.child_count(parent).unwrap_or(0);
+            self.lower_capacity(parent, children);
+        }
+    }
+
+    /// Moves a stalled peer (with its subtree) away from its parent, if a slot is free
+    /// elsewhere. Returns whether it moved; if not, nothing happened and nobody is told.
+    fn move_stalled(&mut self, id: PeerId) -> bool {
+        if !self.tree.reparent(id).unwrap_or(false) {
+            return false;
+        }
         self.event(RoomEvent::Repaired {
             subtrees: 1,
             cause: RepairCause::ParentStalled,
         });
         self.flush_tree_events(None);
-        let children = self.tree.child_count(parent).unwrap_or(0);
-        self.lower_capacity(parent, children);
+        true
     }
 
     /// The peer's NAT class: links it cannot make directly move to a parent or children
@@ -1148,6 +1235,7 @@ impl Room {
                 }
                 Timer::Audience => self.tell_audience(),
                 Timer::Credentials(id) => self.renew_credentials(id),
+                Timer::CapRaise(id) => self.raise_capacity(id),
                 Timer::Start => {
                     if self.broadcaster.is_none() && self.ended.is_none() {
                         self.end(EndReason::Expired);
@@ -1245,16 +1333,51 @@ impl Room {
         self.apply_capacity(id, capacity);
     }
 
-    /// Sets a ceiling on the peer's capacity (never raises it).
+    /// Sets a ceiling on the peer's capacity (never raises it). A new or lower ceiling is a
+    /// strike: it holds for a time that grows with the strikes, then rises one by one.
     fn lower_capacity(&mut self, id: PeerId, capacity: u32) {
+        let now = self.now;
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        let cap = peer.capacity_cap.map_or(capacity, |c| c.min(capacity));
-        peer.capacity_cap = Some(cap);
-        if self.tree.capacity(id).is_some_and(|c| cap < c) {
-            self.apply_capacity(id, cap);
+        if peer.capacity_cap.is_some_and(|c| c <= capacity) {
+            return; // the ceiling already holds it there; its timer runs on
         }
+        peer.capacity_cap = Some(capacity);
+        peer.cap_strikes = peer.cap_strikes.saturating_add(1);
+        let at = now + cap_hold(peer.cap_strikes);
+        peer.cap_raise_at = Some(at);
+        self.arm(at, Timer::CapRaise(id));
+        if self.tree.capacity(id).is_some_and(|c| capacity < c) {
+            self.apply_capacity(id, capacity);
+        }
+    }
+
+    /// The hold ran out: the ceiling rises by one (placing waiting peers under the peer if
+    /// that frees a slot), or goes once it no longer limits the uplink's capacity.
+    fn raise_capacity(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        let (Some(cap), Some(due)) = (peer.capacity_cap, peer.cap_raise_at) else {
+            return;
+        };
+        if due > self.now {
+            return; // a later strike re-armed it
+        }
+        let by_uplink = self.config.capacity(peer.role, peer.uplink_kbps);
+        let hold = cap_hold(peer.cap_strikes);
+        let next = cap + 1;
+        let peer = self.peers.get_mut(&id).expect("looked up above");
+        if next >= by_uplink {
+            peer.capacity_cap = None;
+            peer.cap_raise_at = None;
+        } else {
+            peer.capacity_cap = Some(next);
+            peer.cap_raise_at = Some(self.now + hold);
+            self.arm(self.now + hold, Timer::CapRaise(id));
+        }
+        self.set_capacity_from_uplink(id);
     }
 
     fn apply_capacity(&mut self, id: PeerId, capacity: u32) {
@@ -1301,6 +1424,7 @@ impl Room {
                         c.linked_at = Some(self.now);
                         // What it said about its old parent does not hold for this one.
                         c.media = MediaState::Connecting;
+                        c.stalled_since = None;
                     }
                     self.send_to_peer(
                         child,
@@ -1453,6 +1577,13 @@ impl Room {
     fn event(&mut self, e: RoomEvent) {
         self.outputs.push_back(Output::Event(e));
     }
+}
+
+/// How long a ceiling holds after its `strikes`-th strike: [`CAP_HOLD`], doubled per
+/// further strike, at most [`CAP_HOLD_MAX`].
+fn cap_hold(strikes: u32) -> Duration {
+    let doublings = strikes.saturating_sub(1).min(16);
+    (CAP_HOLD * (1u32 << doublings)).min(CAP_HOLD_MAX)
 }
 
 /// Marks edges cut and re-made in one batch (a sibling standing in for its departed

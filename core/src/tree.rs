@@ -523,27 +523,38 @@ impl RelayTree {
         Ok(())
     }
 
-    /// Moves `peer` with its subtree to the best slot not under its current parent (the
-    /// parent stopped delivering). The old parent may be chosen only if nothing else is free.
-    pub fn reparent(&mut self, peer: PeerId) -> Result<(), TreeError> {
+    /// Moves `peer` with its subtree to the best slot neither under its current parent nor
+    /// inside its own subtree (the parent stopped delivering). Returns whether it moved.
+    /// When no such slot is free it stays exactly where it is and no event is recorded: a
+    /// move back to the same parent would cost the child its media connection for nothing.
+    pub fn reparent(&mut self, peer: PeerId) -> Result<bool, TreeError> {
         let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
         if self.root == Some(n) {
             return Err(TreeError::IsRoot);
         }
         let Some(p) = self.parent_of(n) else {
-            return Ok(()); // waiting: nothing to move away from
+            return Ok(false); // waiting: nothing to move away from
         };
         if self.graph[n].status == Status::Detached {
-            return Ok(()); // inside a waiting subtree: it moves with its head
+            return Ok(false); // inside a waiting subtree: it moves with its head
         }
-        self.unlink(p, n);
-        self.detach_subtree(n);
+        // Look before cutting: with the parent and the subtree out of the indexes, the
+        // placement query can only pick a slot elsewhere.
+        let depth = self.graph[n].depth;
         self.unindex(p);
-        self.orphans.push_back(n);
+        self.detach_subtree(n);
+        let Some((d, q)) = self.best_slot(n) else {
+            // Same depths as before, so re-attaching records no event.
+            self.attach_subtree(n, depth);
+            self.reindex(p);
+            return Ok(false);
+        };
+        self.unlink(p, n); // re-indexes the parent: its slot is free again
+        self.link(q, n);
+        self.attach_subtree(n, d + 1);
         self.place_orphans();
-        self.reindex(p);
         self.fill_waiting();
-        Ok(())
+        Ok(true)
     }
 
     /// Changes a peer's capacity. Children above the new capacity are moved elsewhere

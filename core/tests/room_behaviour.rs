@@ -9,7 +9,7 @@ use serde_json::json;
 use treecast_core::protocol::{
     ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState, Report, Role, ServerMessage,
 };
-use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig};
+use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig, RoomEvent};
 use treecast_core::tree::WaitReason;
 use treecast_core::turn::{self, Secret, TurnRest};
 use treecast_core::{PeerId, RoomId};
@@ -176,17 +176,7 @@ impl Harness {
     }
 
     fn media(&mut self, conn: ConnId, state: MediaState) {
-        self.send(
-            conn,
-            ClientMessage::Report(Report {
-                state,
-                loss: None,
-                latency_ms: None,
-                uplink_kbps: None,
-                delivered: vec![],
-                link: None,
-            }),
-        );
+        self.send(conn, report(state));
     }
 
     /// Reconnects a dropped client with its resume token; the client keeps what it knew.
@@ -413,22 +403,208 @@ fn lost_relay_is_replaced_after_the_grace_period() {
 }
 
 #[test]
-fn stall_report_moves_the_child_and_caps_the_parent() {
+fn a_lone_stall_moves_the_child_and_leaves_the_parent_its_capacity() {
     let mut h = Harness::new(config());
     h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
     let conns: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
     let child = conns[2]; // depth 2
     let parent = h.views[&child].parent.unwrap();
+    let capacity = h.room.tree().capacity(parent);
     h.settle();
     h.stalled(child);
     h.check();
     assert_ne!(h.views[&child].parent, Some(parent));
-    let p = parent;
     assert_eq!(
-        h.room.tree().capacity(p),
-        h.room.tree().child_count(p),
-        "a parent that failed a child takes no more"
+        h.room.tree().capacity(parent),
+        capacity,
+        "one child's stall may be its own machine's fault"
     );
+}
+
+/// Every room event of the last input.
+fn events_of(h: &mut Harness, conn: ConnId, msg: ClientMessage) -> Vec<RoomEvent> {
+    h.room.handle(h.now, Input::Message { conn, msg });
+    let mut events = Vec::new();
+    while let Some(out) = h.room.poll_output() {
+        match out {
+            Output::Send { conn, msg } => h.deliver(conn, msg),
+            Output::Close { conn } => h.views.entry(conn).or_default().closed = true,
+            Output::Event(e) => events.push(e),
+        }
+    }
+    events
+}
+
+fn report(state: MediaState) -> ClientMessage {
+    ClientMessage::Report(Report {
+        state,
+        loss: None,
+        latency_ms: None,
+        uplink_kbps: None,
+        delivered: vec![],
+        link: None,
+    })
+}
+
+/// A live room without heartbeat checks (time is advanced in big steps).
+fn quiet_room(root_fanout: u32, relay_fanout: u32) -> Harness {
+    let mut h = Harness::new(RoomConfig {
+        root_fanout,
+        relay_fanout,
+        heartbeat_timeout: None,
+        ..RoomConfig::default()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    h
+}
+
+#[test]
+fn a_stall_with_no_other_slot_moves_nothing_and_tells_nobody() {
+    // Broadcaster → relay → two leaves; the tree is full, so the only free slot a stalled
+    // leaf could take is the one it leaves behind.
+    let mut h = quiet_room(1, 2);
+    let relay = h.viewer();
+    let leaf = h.connect(Role::Viewer, None, 100);
+    let other = h.connect(Role::Viewer, None, 100);
+    let relay_id = h.peer(relay);
+    assert_eq!(h.views[&leaf].parent, Some(relay_id));
+    assert_eq!(h.views[&other].parent, Some(relay_id));
+    h.settle();
+    h.media(relay, MediaState::Receiving);
+    h.media(other, MediaState::Stalled);
+    let before = h.views[&leaf].clone();
+    let events = events_of(&mut h, leaf, report(MediaState::Stalled));
+    assert!(events.is_empty(), "no move, no events: {events:?}");
+    let after = &h.views[&leaf];
+    assert_eq!(after.parent, Some(relay_id));
+    assert_eq!(
+        (after.parents_received, after.drops_received, after.statuses),
+        (
+            before.parents_received,
+            before.drops_received,
+            before.statuses
+        ),
+        "the leaf is told nothing"
+    );
+    assert_eq!(h.room.tree().capacity(relay_id), Some(2), "nothing lowered");
+    h.check();
+}
+
+#[test]
+fn a_lone_staller_next_to_receiving_siblings_moves_after_the_settle_window() {
+    let mut h = quiet_room(1, 3);
+    let relay = h.viewer();
+    // The middle sibling can feed one child: the only slot the staller may move to.
+    let kids: Vec<ConnId> = [100, 700, 100]
+        .into_iter()
+        .map(|uplink| h.connect(Role::Viewer, None, uplink))
+        .collect();
+    let relay_id = h.peer(relay);
+    assert!(kids.iter().all(|k| h.views[k].parent == Some(relay_id)));
+    h.settle();
+    h.media(relay, MediaState::Receiving);
+    for &k in &kids[1..] {
+        h.media(k, MediaState::Receiving);
+    }
+    let staller = kids[0];
+    h.stalled(staller);
+    assert_eq!(
+        h.views[&staller].parent,
+        Some(relay_id),
+        "its siblings receive: a fresh stall is its own"
+    );
+    h.advance(Duration::from_secs(2));
+    h.stalled(staller);
+    assert_eq!(h.views[&staller].parent, Some(relay_id));
+    h.advance(h.room.config().settle_window);
+    h.stalled(staller);
+    assert_eq!(
+        h.views[&staller].parent,
+        Some(h.peer(kids[1])),
+        "a stall that lasts moves it"
+    );
+    assert_eq!(h.room.tree().capacity(relay_id), Some(3), "no ceiling");
+    h.check();
+}
+
+#[test]
+fn two_children_stalling_cap_the_parent_and_the_cap_decays_back() {
+    let mut h = quiet_room(2, 4);
+    let relay = h.viewer(); // capacity 4: the leaves join it, having the most spare slots
+    h.connect(Role::Viewer, None, 1_250); // capacity 2: where the movers go
+    let kids: Vec<ConnId> = (0..2).map(|_| h.connect(Role::Viewer, None, 100)).collect();
+    let relay_id = h.peer(relay);
+    assert!(kids.iter().all(|k| h.views[k].parent == Some(relay_id)));
+    h.settle();
+    h.media(relay, MediaState::Receiving);
+    h.stalled(kids[0]);
+    assert_ne!(h.views[&kids[0]].parent, Some(relay_id), "moved");
+    assert_eq!(
+        h.room.tree().capacity(relay_id),
+        Some(4),
+        "one stall: no cap"
+    );
+    h.advance(Duration::from_secs(2));
+    h.stalled(kids[1]);
+    assert_ne!(h.views[&kids[1]].parent, Some(relay_id), "moved");
+    assert_eq!(
+        h.room.tree().capacity(relay_id),
+        Some(0),
+        "two children failed by a parent that receives: capped"
+    );
+    // A waiting newcomer shows the relay's slots coming back: it cannot go elsewhere.
+    let waiter = h.connect(Role::Viewer, None, 100);
+    assert_eq!(h.views[&waiter].parent, None, "the tree is full");
+    // First strike: one slot back after 30 s, the next after another 30 s, then no cap.
+    h.advance(Duration::from_secs(29));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(0), "still held");
+    h.advance(Duration::from_secs(2));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(1), "raised by one");
+    assert_eq!(
+        h.views[&waiter].parent,
+        Some(relay_id),
+        "the freed slot is used at once"
+    );
+    h.advance(Duration::from_secs(30));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(2));
+    h.advance(Duration::from_secs(30));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(3));
+    h.advance(Duration::from_secs(30));
+    assert_eq!(
+        h.room.tree().capacity(relay_id),
+        Some(4),
+        "back to its uplink's capacity, the ceiling gone"
+    );
+    h.check();
+}
+
+#[test]
+fn repeated_strikes_hold_the_cap_longer() {
+    let mut h = quiet_room(1, 3);
+    let relay = h.viewer();
+    let kid = h.viewer();
+    let relay_id = h.peer(relay);
+    h.settle();
+    let ClientMessage::Report(mut lossy) = report(MediaState::Receiving) else {
+        unreachable!()
+    };
+    lossy.loss = Some(0.2);
+    let lossy = ClientMessage::Report(lossy);
+    // An only child's loss caps the relay at one (first strike, 30 s hold).
+    h.send(kid, lossy.clone());
+    assert_eq!(h.room.tree().capacity(relay_id), Some(1));
+    h.advance(Duration::from_secs(31));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(2), "re-probed");
+    // Loss again: second strike, held twice as long.
+    h.send(kid, lossy);
+    assert_eq!(h.room.tree().capacity(relay_id), Some(1));
+    h.advance(Duration::from_secs(31));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(1), "held longer");
+    h.advance(Duration::from_secs(30));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(2));
+    h.advance(Duration::from_secs(60));
+    assert_eq!(h.room.tree().capacity(relay_id), Some(3), "cap gone");
+    h.check();
 }
 
 #[test]
@@ -1015,4 +1191,95 @@ fn a_relay_is_judged_by_all_its_children_before_it_sheds_one() {
         .filter(|k| h.views[k].parent != Some(relay_id))
         .count();
     assert_eq!(moved, 1);
+}
+
+#[derive(Debug, Clone)]
+enum Nudge {
+    /// The staller reports again after this many milliseconds.
+    Stall { after_ms: u64 },
+    /// Another viewer (picked at random) says it receives.
+    Receiving { pick: usize },
+    /// Time passes without a word.
+    Wait { ms: u64 },
+}
+
+fn nudge() -> impl Strategy<Value = Nudge> {
+    prop_oneof![
+        4 => (0u64..4_000).prop_map(|after_ms| Nudge::Stall { after_ms }),
+        3 => any::<usize>().prop_map(|pick| Nudge::Receiving { pick }),
+        1 => (0u64..40_000).prop_map(|ms| Nudge::Wait { ms }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// One viewer stalling alone, however often and whoever else receives, never lowers a
+    /// capacity, and it is the only peer whose parent changes.
+    #[test]
+    fn a_peer_stalling_alone_never_lowers_its_parents_capacity(
+        // Uplinks giving capacities 0, 1, 2 and 4; the first two viewers relay for sure.
+        uplinks in proptest::collection::vec(prop_oneof![Just(100u32), Just(700), Just(1_300), Just(10_000)], 3..40),
+        staller in any::<usize>(),
+        nudges in proptest::collection::vec(nudge(), 1..60),
+    ) {
+        let mut h = Harness::new(RoomConfig {
+            root_fanout: 2,
+            relay_fanout: 4,
+            max_depth: 64, // no subtree is cut at the depth limit when the staller moves
+            heartbeat_timeout: None,
+            ..RoomConfig::default()
+        });
+        h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+        let viewers: Vec<ConnId> = [10_000, 10_000]
+            .into_iter()
+            .chain(uplinks)
+            .map(|uplink| h.connect(Role::Viewer, None, uplink))
+            .collect();
+        h.settle();
+        let root = h.room.tree().root();
+        let candidates: Vec<ConnId> = viewers
+            .iter()
+            .copied()
+            .filter(|&c| h.views[&c].parent.is_some_and(|p| Some(p) != root))
+            .collect();
+        prop_assert!(!candidates.is_empty(), "two relays at depth 1 feed someone");
+        let staller = candidates[staller % candidates.len()];
+        let staller_id = h.peer(staller);
+        let capacities = |h: &Harness| -> HashMap<PeerId, u32> {
+            h.room.tree().peers().map(|p| (p, h.room.tree().capacity(p).unwrap())).collect()
+        };
+        let parents = |h: &Harness| -> HashMap<PeerId, PeerId> {
+            h.room.tree().peers().filter_map(|p| Some((p, h.room.tree().parent(p)?))).collect()
+        };
+        for n in nudges {
+            let (caps_before, parents_before) = (capacities(&h), parents(&h));
+            match n {
+                Nudge::Stall { after_ms } => {
+                    h.advance(Duration::from_millis(after_ms));
+                    h.stalled(staller);
+                }
+                Nudge::Receiving { pick } => {
+                    let c = viewers[pick % viewers.len()];
+                    if c != staller {
+                        h.media(c, MediaState::Receiving);
+                    }
+                }
+                Nudge::Wait { ms } => h.advance(Duration::from_millis(ms)),
+            }
+            for (peer, cap) in capacities(&h) {
+                prop_assert!(
+                    cap >= caps_before[&peer],
+                    "{} lost capacity ({} → {}) to a lone staller", peer, caps_before[&peer], cap
+                );
+            }
+            let parents_after = parents(&h);
+            for (peer, parent) in parents_before {
+                if peer != staller_id {
+                    prop_assert_eq!(parents_after.get(&peer), Some(&parent), "{} moved", peer);
+                }
+            }
+            h.check();
+        }
+    }
 }

@@ -106,7 +106,17 @@ fn run(max_depth: u32, ops: &[Op]) -> Result<(), TestCaseError> {
                 tree.remove(p).unwrap();
             }
             Op::Stall { pick } if !live.is_empty() => {
-                tree.reparent(live[pick % live.len()]).unwrap();
+                let p = live[pick % live.len()];
+                let before = tree.parent(p);
+                let moved = tree.reparent(p).unwrap();
+                if moved {
+                    prop_assert_ne!(tree.parent(p), before, "a move lands elsewhere");
+                    prop_assert!(tree.parent(p).is_some(), "a move lands on a slot");
+                } else {
+                    prop_assert_eq!(tree.parent(p), before, "no move, no change");
+                    let events: Vec<TreeEvent> = tree.drain_events().collect();
+                    prop_assert!(events.is_empty(), "no move, no events: {:?}", events);
+                }
             }
             Op::Capacity { pick, capacity } if !live.is_empty() => {
                 tree.set_capacity(live[pick % live.len()], capacity)
@@ -165,6 +175,29 @@ proptest! {
     ) {
         run(max_depth, &ops)?;
     }
+}
+
+/// A stalled child with no slot left but its parent's stays put: no unlink and re-link of the
+/// same edge, nothing for the room to tell anyone.
+#[test]
+fn a_reparent_with_nowhere_else_to_go_changes_nothing() {
+    let mut tree = RelayTree::new(10);
+    tree.set_root(PeerId(0), 1).unwrap();
+    tree.insert(PeerId(1), 2).unwrap(); // depth 1, the root's only slot
+    tree.insert(PeerId(2), 0).unwrap(); // depth 2
+    tree.insert(PeerId(3), 0).unwrap(); // depth 2: PeerId(1) is full
+    tree.drain_events().for_each(drop);
+    assert_eq!(tree.reparent(PeerId(2)), Ok(false));
+    assert_eq!(tree.parent(PeerId(2)), Some(PeerId(1)));
+    assert_eq!(tree.drain_events().count(), 0);
+    tree.invariants().unwrap();
+    // A slot opens elsewhere (inside the stalled child's own subtree does not count).
+    tree.insert(PeerId(4), 1).unwrap(); // waits: no slot
+    tree.set_capacity(PeerId(0), 2).unwrap(); // PeerId(4) is placed under the root
+    tree.drain_events().for_each(drop);
+    assert_eq!(tree.reparent(PeerId(2)), Ok(true));
+    assert_eq!(tree.parent(PeerId(2)), Some(PeerId(4)));
+    tree.invariants().unwrap();
 }
 
 /// A long deterministic run at a larger size, where subtrees are deep and repairs big.
