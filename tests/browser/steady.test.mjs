@@ -116,6 +116,13 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     };
   }
 
+  /** Prints the first room events of a window (all of them go to the measurements file). */
+  function logEvents(all, start) {
+    if (!all.length) return;
+    const shown = all.slice(0, 30).map(({ at, kind, ...e }) => ({ t: at - start, ...e }));
+    log(`room events (${all.length}${all.length > 30 ? ', first 30' : ''}):`, JSON.stringify(shown));
+  }
+
   /** The events of a window that move a peer, repair, or lower a capacity. */
   function changesSince(t, capsBefore) {
     const evs = events.since(t);
@@ -273,7 +280,7 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     log('per viewer:', JSON.stringify(perViewer));
     log('tree before:', treeLine(before));
     log('tree after: ', treeLine(afterSnap));
-    if (all.length) log('room events:', JSON.stringify(all.map(({ at, ...e }) => ({ t: at - start, ...e }))));
+    logEvents(all, start);
 
     // Every viewer still plays, whatever happened to the tree.
     await allDecoding();
@@ -345,7 +352,7 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     log('gaps (slowed page and its descendants):', JSON.stringify(gaps));
     log('tree before:', treeLine(before));
     log('tree after: ', treeLine(afterSnap));
-    if (all.length) log('room events:', JSON.stringify(all.map(({ at, ...e }) => ({ t: at - start, ...e }))));
+    logEvents(all, start);
 
     await allDecoding();
     assert.deepEqual(changed, [], 'every other peer keeps its parent');
