@@ -26,7 +26,7 @@ const THROTTLE_MS = 15000;
 const PAUSE_MS = 3000;           // SIGSTOP of the renderer
 const SETTLE_MS = 8000;          // stall reports repeat every 2 s; the room may hold them 3 s
 
-describe('a steady tree in Chromium: load and one slow page move nobody', { timeout: 300000 }, () => {
+describe('a steady tree in Chromium: load and one slow page move nobody', { timeout: 420000 }, () => {
   let broadcaster, room, link, events;
   const viewers = [];
   const burners = new Set();
@@ -116,8 +116,10 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     };
   }
 
-  /** Prints the first room events of a window (all of them go to the measurements file). */
-  function logEvents(all, start) {
+  /** Prints the tree around a window and its first room events (all go to the measurements file). */
+  function logWindow(before, afterSnap, all, start) {
+    log('tree before:', treeLine(before));
+    log('tree after: ', treeLine(afterSnap));
     if (!all.length) return;
     const shown = all.slice(0, 30).map(({ at, kind, ...e }) => ({ t: at - start, ...e }));
     log(`room events (${all.length}${all.length > 30 ? ', first 30' : ''}):`, JSON.stringify(shown));
@@ -142,7 +144,9 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
   function startBurners() {
     const n = availableParallelism();
     for (let i = 0; i < n; i++) {
-      const p = spawn(process.execPath, ['-e', 'for(;;){}'], { stdio: 'ignore' });
+      // Spins, and quits once its parent is gone (a test killed before its hooks ran).
+      const spin = `const p = ${process.pid}; for (;;) { for (let i = 0; i < 1e8; i++); try { process.kill(p, 0); } catch { process.exit(); } }`;
+      const p = spawn(process.execPath, ['-e', spin], { stdio: 'ignore' });
       burners.add(p);
       p.on('exit', () => burners.delete(p));
     }
@@ -278,9 +282,7 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     log(`busy minute (${n} burners, ${secs} s): ${changed.length} peers changed parent, ${moves.length} tree events,`,
       `${repairsAfter.total - repairsBefore.total} repairs, ${capacityDrops.length} capacity drops`);
     log('per viewer:', JSON.stringify(perViewer));
-    log('tree before:', treeLine(before));
-    log('tree after: ', treeLine(afterSnap));
-    logEvents(all, start);
+    logWindow(before, afterSnap, all, start);
 
     // Every viewer still plays, whatever happened to the tree.
     await allDecoding();
@@ -308,10 +310,20 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     await Promise.all(viewers.map((v) => recordFrames(v.page)));
     await sleep(1000);
 
+    // A fixed piece of work, timed in the page: shows the throttling took effect.
+    const work = () => target.page.evaluate(() => {
+      const t = performance.now();
+      let x = 0;
+      for (let i = 0; i < 2e7; i++) x += i % 7;
+      return x >= 0 ? performance.now() - t : 0;
+    });
+    const workMs = await work();
     const start = Date.now();
     const cdp = await suite.browser.context.newCDPSession(target.page);
     await cdp.send('Emulation.setCPUThrottlingRate', { rate: THROTTLE_RATE });
-    await sleep(THROTTLE_MS);
+    await sleep(1000);
+    const throttledWorkMs = await work();
+    await sleep(THROTTLE_MS - (Date.now() - start));
     await cdp.send('Emulation.setCPUThrottlingRate', { rate: 1 });
     let resumedAt;
     try {
@@ -340,6 +352,7 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     const result = {
       slowed: { viewer: target.name, peer: target.peerId, depth: self.depth, parent: self.parent, children: self.children.length },
       throttle_rate: THROTTLE_RATE, throttle_ms: THROTTLE_MS, pause_ms: PAUSE_MS,
+      work_ms: Math.round(workMs), throttled_work_ms: Math.round(throttledWorkMs),
       tree_before: treeLine(before), tree_after: treeLine(afterSnap),
       other_peers_whose_parent_changed: changed.length, tree_events_of_others: othersMoved.length,
       moves_of_the_slowed_page: selfMoves, repairs: repairsAfter.total - repairsBefore.total,
@@ -349,12 +362,14 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     log(`slowed ${kind} ${target.name} (peer ${target.peerId}, depth ${self.depth}, ${self.children.length} children):`,
       `${changed.length} other peers changed parent, ${othersMoved.length} tree events of others,`,
       `${selfMoves} moves of its own, ${result.repairs} repairs, capacity drops ${JSON.stringify(capacityDrops)}`);
-    log('gaps (slowed page and its descendants):', JSON.stringify(gaps));
-    log('tree before:', treeLine(before));
-    log('tree after: ', treeLine(afterSnap));
-    logEvents(all, start);
+    log(`the same work took ${result.work_ms} ms, throttled ${result.throttled_work_ms} ms;`,
+      'gaps (slowed page and its descendants):', JSON.stringify(gaps));
+    logWindow(before, afterSnap, all, start);
 
     await allDecoding();
+    // Far below the rate asked for, so a busy machine cannot fail it; a throttle that did
+    // nothing would.
+    assert.ok(throttledWorkMs > 3 * workMs, `the page was throttled (${result.work_ms} ms of work took ${result.throttled_work_ms} ms)`);
     assert.deepEqual(changed, [], 'every other peer keeps its parent');
     assert.deepEqual(othersMoved, [], 'no tree change for any other peer');
     // A repair that moved the slowed page itself is its own business; any more moved others.
