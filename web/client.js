@@ -80,7 +80,8 @@ export class Peer {
     this.onMedia = o.onMedia || (() => {});
     this.onStats = o.onStats || (() => {});
     this.client = new wasm.Client(o.room, o.role, o.token ?? undefined, o.uplinkKbps ?? undefined);
-    this.parent = null;            // {peer, pc, chain, pending, hasRemote}
+    this.parent = null;            // {peer, pc, chain, pending, hasRemote, receiving, held}
+    this.previous = null;          // the parent being left, still feeding until the new one delivers
     this.children = new Map();     // peer -> {pc, senders, chain, pending, hasRemote, prevBytes, prevAt}
     this.tracks = { video: null, audio: null };
     this.outStream = new MediaStream();
@@ -168,8 +169,15 @@ export class Peer {
 
   openParent(peer) {
     const pc = this.newConnection(peer);
-    const conn = { peer, pc, chain: Promise.resolve(), pending: [], hasRemote: false };
-    pc.ontrack = (e) => { if (this.parent === conn) this.setTrack(e.track); };
+    const conn = { peer, pc, chain: Promise.resolve(), pending: [], hasRemote: false,
+      receiving: true, held: [] };
+    // While the old parent still feeds us (a move without drop), its tracks stay on screen
+    // and on the children's senders; the new ones take over when the old connection closes,
+    // which the agent asks for once the new parent's media advances.
+    pc.ontrack = (e) => {
+      if (this.parent !== conn) return;
+      if (this.previous) conn.held.push(e.track); else this.setTrack(e.track);
+    };
     // No candidate pair works: tell the room, which never pairs the two again.
     pc.oniceconnectionstatechange = () => {
       if (pc.iceConnectionState === 'failed' && this.parent === conn && !this.closed) {
@@ -177,6 +185,10 @@ export class Peer {
         this.pump();
       }
     };
+    if (this.parent) {
+      if (this.previous) this.closeConn(this.parent.peer);
+      else this.previous = this.parent;
+    }
     this.parent = conn;
     this.prevIn = null;
   }
@@ -200,6 +212,11 @@ export class Peer {
   }
 
   closeConn(peer) {
+    if (this.previous && this.previous.peer === peer) {
+      this.previous.pc.close();
+      this.previous = null;
+      if (this.parent) for (const track of this.parent.held.splice(0)) this.setTrack(track);
+    }
     if (this.parent && this.parent.peer === peer) {
       this.parent.pc.close();
       this.parent = null;
@@ -209,18 +226,18 @@ export class Peer {
   }
 
   onSignal(from, data) {
-    const conn = (this.parent && this.parent.peer === from) ? this.parent : this.children.get(from);
+    const conn = [this.parent, this.previous].find((c) => c && c.peer === from) || this.children.get(from);
     if (!conn || !data) return;
     conn.chain = conn.chain.then(async () => {
       const pc = conn.pc;
       if (pc.signalingState === 'closed') return;
-      if (data.type === 'offer' && conn === this.parent) {
+      if (data.type === 'offer' && conn.receiving) {
         await pc.setRemoteDescription({ type: 'offer', sdp: data.sdp });
         conn.hasRemote = true;
         const answer = await pc.createAnswer();
         await pc.setLocalDescription(answer);
         this.sendSignal(from, { type: 'answer', sdp: pc.localDescription.sdp });
-      } else if (data.type === 'answer' && conn !== this.parent) {
+      } else if (data.type === 'answer' && !conn.receiving) {
         await pc.setRemoteDescription({ type: 'answer', sdp: data.sdp });
         conn.hasRemote = true;
       } else if (data.candidate !== undefined) {
@@ -357,6 +374,7 @@ export class Peer {
     clearInterval(this.statsTimer);
     clearTimeout(this.timer);
     for (const peer of [...this.children.keys()]) this.closeConn(peer);
+    if (this.previous) this.closeConn(this.previous.peer);
     if (this.parent) this.closeConn(this.parent.peer);
   }
 }

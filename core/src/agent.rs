@@ -280,6 +280,9 @@ pub struct Agent {
     heartbeat: Duration,
     peer_id: Option<PeerId>,
     parent: Option<PeerId>,
+    /// The parent before `parent`, still feeding this peer while the new one connects
+    /// (the server sends no `drop` for it until then: make-before-break).
+    previous: Option<PeerId>,
     children: BTreeSet<PeerId>,
     depth: Option<u32>,
     viewers: u32,
@@ -327,6 +330,7 @@ impl Agent {
             heartbeat: Duration::from_secs(5),
             peer_id: None,
             parent: None,
+            previous: None,
             children: BTreeSet::new(),
             depth: None,
             viewers: 0,
@@ -532,7 +536,7 @@ impl Agent {
             ServerMessage::Parent { peer_id, depth } => {
                 self.waiting = None;
                 self.depth = Some(depth);
-                self.set_parent(now, Some(peer_id));
+                self.set_parent(now, Some(peer_id), true);
             }
             ServerMessage::IceServers { ice_servers } => self.ice_servers = ice_servers,
             ServerMessage::ParentDisconnected { parent } => {
@@ -544,8 +548,11 @@ impl Agent {
             ServerMessage::Child { peer_id } => self.add_child(peer_id),
             ServerMessage::Drop { peer_id } => {
                 if self.parent == Some(peer_id) {
-                    self.set_parent(now, None);
+                    self.set_parent(now, None, false);
                     self.depth = None;
+                }
+                if self.previous == Some(peer_id) {
+                    self.close_previous();
                 }
                 if self.children.remove(&peer_id) {
                     self.out.push_back(Action::Close { peer: peer_id });
@@ -576,7 +583,7 @@ impl Agent {
                 }
                 // Authoritative links (after a resume they may differ from what we have).
                 if parent != self.parent {
-                    self.set_parent(now, parent);
+                    self.set_parent(now, parent, true);
                 }
                 let wanted: BTreeSet<PeerId> = children.into_iter().collect();
                 for gone in self
@@ -649,7 +656,7 @@ impl Agent {
     }
 
     fn is_neighbour(&self, peer: PeerId) -> bool {
-        self.parent == Some(peer) || self.children.contains(&peer)
+        self.parent == Some(peer) || self.previous == Some(peer) || self.children.contains(&peer)
     }
 
     fn add_child(&mut self, peer: PeerId) {
@@ -658,12 +665,24 @@ impl Agent {
         }
     }
 
-    fn set_parent(&mut self, now: Duration, parent: Option<PeerId>) {
+    /// `keep_old`: the old parent was not dropped, so it may keep feeding this peer.
+    fn set_parent(&mut self, now: Duration, parent: Option<PeerId>, keep_old: bool) {
         if parent == self.parent {
             return;
         }
+        // Without a `drop` the old parent keeps feeding this peer until the new one
+        // delivers (make-before-break); a third parent in the meantime means the one in
+        // between never delivered, and the server drops it.
         if let Some(old) = self.parent.take() {
-            self.out.push_back(Action::Close { peer: old });
+            if keep_old && self.previous.is_none() {
+                self.previous = Some(old);
+            } else {
+                self.out.push_back(Action::Close { peer: old });
+            }
+        }
+        if parent.is_some() && parent == self.previous {
+            // Back to the parent it was leaving: that connection is made afresh.
+            self.close_previous();
         }
         self.parent = parent;
         self.progress = None;
@@ -678,7 +697,15 @@ impl Agent {
         }
     }
 
+    /// Closes the connection to the parent being left, if any.
+    fn close_previous(&mut self) {
+        if let Some(peer) = self.previous.take() {
+            self.out.push_back(Action::Close { peer });
+        }
+    }
+
     fn close_all_media(&mut self) {
+        self.close_previous();
         if let Some(peer) = self.parent.take() {
             self.out.push_back(Action::Close { peer });
         }
@@ -711,6 +738,8 @@ impl Agent {
         self.progress = Some((video_frames, bytes));
         if advanced {
             self.advanced_at = Some(now);
+            // The new parent delivers: the old one, if still feeding, is no longer needed.
+            self.close_previous();
             if self
                 .parent_lost_at
                 .is_some_and(|t| now >= t + self.config.stall_after)
@@ -1096,6 +1125,48 @@ mod tests {
         assert!(sent(&drain(&mut a)).iter().all(|m| m["state"] != "stalled"));
         a.handle_timeout(ms(8000));
         assert_eq!(sent(&drain(&mut a))[0]["state"], "stalled");
+    }
+
+    #[test]
+    fn a_move_without_drop_keeps_the_old_parent_until_the_new_one_delivers() {
+        let mut a = receiving_viewer();
+        // No `drop` for parent 1: it keeps feeding while parent 3 connects.
+        let acts = server(&mut a, 600, json!({"type":"parent","peer_id":3,"depth":2}));
+        assert_eq!(acts[0], Action::OpenParent { peer: PeerId(3) });
+        assert!(!acts.contains(&Action::Close { peer: PeerId(1) }));
+        // Signals from the old parent are still taken (e.g. its last ICE candidates).
+        assert_eq!(
+            server(&mut a, 650, json!({"type":"signal","from":1,"data":{}})).len(),
+            1
+        );
+        // The new parent's first media closes the old connection.
+        a.handle(
+            ms(900),
+            Input::MediaProgress {
+                video_frames: Some(1),
+                bytes: 100,
+            },
+        );
+        let acts = drain(&mut a);
+        assert!(acts.contains(&Action::Close { peer: PeerId(1) }));
+        assert_eq!(sent(&acts)[0]["state"], "receiving");
+        // The server's `drop` for it then changes nothing.
+        assert!(server(&mut a, 950, json!({"type":"drop","peer_id":1})).is_empty());
+    }
+
+    #[test]
+    fn a_dropped_old_parent_is_closed_and_a_third_parent_closes_the_second() {
+        let mut a = receiving_viewer();
+        server(&mut a, 600, json!({"type":"parent","peer_id":3,"depth":2}));
+        assert_eq!(
+            server(&mut a, 700, json!({"type":"drop","peer_id":1})),
+            vec![Action::Close { peer: PeerId(1) }]
+        );
+        server(&mut a, 800, json!({"type":"parent","peer_id":4,"depth":2}));
+        let acts = server(&mut a, 900, json!({"type":"parent","peer_id":6,"depth":2}));
+        // 3, being left, keeps feeding; 4, in between, never delivered and is closed.
+        assert!(acts.contains(&Action::Close { peer: PeerId(4) }));
+        assert!(!acts.contains(&Action::Close { peer: PeerId(3) }));
     }
 
     #[test]

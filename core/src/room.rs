@@ -90,6 +90,11 @@ pub struct RoomConfig {
     /// its new link) wait. Clients repeat stall reports while stalled, so nothing is lost.
     #[serde(with = "millis")]
     pub settle_window: Duration,
+    /// How long a moved peer's old parent keeps feeding it (make-before-break) while its
+    /// new parent connects; it stops once the peer reports media from the new one. Zero
+    /// turns make-before-break off: both ends of the old link get `drop` at once.
+    #[serde(with = "millis")]
+    pub handover_timeout: Duration,
     /// How long a disconnected peer keeps its place and may resume.
     #[serde(with = "millis")]
     pub resume_grace: Duration,
@@ -130,6 +135,7 @@ impl Default for RoomConfig {
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Some(Duration::from_secs(15)),
             settle_window: Duration::from_secs(3),
+            handover_timeout: Duration::from_secs(5),
             resume_grace: Duration::from_secs(10),
             start_timeout: Duration::from_secs(3_600),
             audience_interval: Some(Duration::from_secs(2)),
@@ -414,6 +420,18 @@ struct Peer {
     renew_at: Option<Duration>,
     /// When it last reported loss above the threshold.
     lossy_at: Option<Duration>,
+    /// Former children it still feeds while they switch to their new parent.
+    handing_over: Vec<PeerId>,
+}
+
+/// A peer moved away from a parent that is still in the room: the old parent keeps
+/// feeding it until media flows from the new one (make-before-break).
+#[derive(Debug, Clone, Copy)]
+struct Handover {
+    /// The old parent.
+    from: PeerId,
+    /// When the old link is dropped even if the new one never delivered.
+    until: Duration,
 }
 
 /// The room's peers by id. Ids are server-assigned sequential integers, so the id indexes
@@ -500,6 +518,8 @@ enum Timer {
     Credentials(PeerId),
     /// The peer's capacity ceiling may be due to rise (lazy: `cap_raise_at` decides).
     CapRaise(PeerId),
+    /// The peer's handover from its old parent should be over.
+    Handover(PeerId),
 }
 
 /// One peer, as shown in a [`RoomSnapshot`].
@@ -568,6 +588,8 @@ pub struct Room {
     /// Resume secrets. Keys are random server-made 128-bit values (clients can only look
     /// them up, never insert), so a cheap hash cannot be pushed into long chains.
     resumes: FxHashMap<u128, PeerId>,
+    /// Moved peers still fed by their old parent, by peer.
+    handovers: FxHashMap<PeerId, Handover>,
     broadcaster: Option<PeerId>,
     next_peer: u64,
     rng: ChaCha12Rng,
@@ -598,6 +620,7 @@ impl Room {
             peers: PeerTable::default(),
             conns: FxHashMap::default(),
             resumes: FxHashMap::default(),
+            handovers: FxHashMap::default(),
             broadcaster: None,
             next_peer: 1,
             rng: ChaCha12Rng::seed_from_u64(seed),
@@ -797,6 +820,7 @@ impl Room {
                 link: None,
                 renew_at: None,
                 lossy_at: None,
+                handing_over: Vec::new(),
             },
         );
         self.conns.insert(conn, id);
@@ -1007,6 +1031,13 @@ impl Room {
             }
         }
         let parent = self.tree.parent(id);
+        if report.state == MediaState::Receiving
+            && parent.is_some()
+            && self.handovers.contains_key(&id)
+        {
+            // Media flows from the new parent: the old one may stop.
+            self.finish_handover(id);
+        }
         if let (Some(loss), Some(parent)) = (report.loss, parent)
             && loss > self.config.loss_threshold
         {
@@ -1236,6 +1267,11 @@ impl Room {
                 Timer::Audience => self.tell_audience(),
                 Timer::Credentials(id) => self.renew_credentials(id),
                 Timer::CapRaise(id) => self.raise_capacity(id),
+                Timer::Handover(id) => {
+                    if self.handovers.get(&id).is_some_and(|h| h.until <= self.now) {
+                        self.finish_handover(id);
+                    }
+                }
                 Timer::Start => {
                     if self.broadcaster.is_none() && self.ended.is_none() {
                         self.end(EndReason::Expired);
@@ -1301,6 +1337,15 @@ impl Room {
         self.resumes.remove(&peer.resume);
         if self.broadcaster == Some(id) {
             self.broadcaster = None;
+        }
+        // Handovers it was part of end with it: a departed old parent feeds nobody, and a
+        // departed child needs no feeding.
+        if self.handovers.contains_key(&id) {
+            self.finish_handover(id);
+        }
+        for child in peer.handing_over {
+            self.handovers.remove(&child);
+            self.send_to_peer(child, ServerMessage::Drop { peer_id: id });
         }
         let orphans = self.tree.child_count(id).unwrap_or(0);
         let _ = self.tree.remove(id);
@@ -1420,6 +1465,11 @@ impl Room {
                     child,
                     depth,
                 } => {
+                    if self.handovers.get(&child).is_some_and(|h| h.from == parent) {
+                        // Back to the parent it was leaving: that link is dropped first
+                        // and made afresh, so both ends start from a clean connection.
+                        self.finish_handover(child);
+                    }
                     if let Some(c) = self.peers.get_mut(&child) {
                         c.linked_at = Some(self.now);
                         // What it said about its old parent does not hold for this one.
@@ -1436,8 +1486,15 @@ impl Room {
                     self.send_to_peer(parent, ServerMessage::Child { peer_id: child });
                 }
                 TreeEvent::Unlinked { parent, child } => {
-                    self.send_to_peer(parent, ServerMessage::Drop { peer_id: child });
-                    self.send_to_peer(child, ServerMessage::Drop { peer_id: parent });
+                    if !self.config.handover_timeout.is_zero()
+                        && self.peers.contains_key(&parent)
+                        && self.peers.contains_key(&child)
+                    {
+                        self.begin_handover(child, parent);
+                    } else {
+                        self.send_to_peer(parent, ServerMessage::Drop { peer_id: child });
+                        self.send_to_peer(child, ServerMessage::Drop { peer_id: parent });
+                    }
                 }
                 TreeEvent::DepthChanged { peer, .. } | TreeEvent::Waiting { peer } => {
                     status.push(peer);
@@ -1453,8 +1510,46 @@ impl Room {
         self.scratch_status = status;
     }
 
+    /// `child` left `from`, both still in the room: `from` keeps feeding it until it
+    /// reports media from its new parent, or `handover_timeout` passes. Neither end is
+    /// told `drop` until then; the child gets `parent` for its new parent as usual and
+    /// keeps the old connection meanwhile. Slot accounting follows the tree at once: for
+    /// those seconds the old parent feeds one child more than its capacity says.
+    fn begin_handover(&mut self, child: PeerId, from: PeerId) {
+        if self.handovers.contains_key(&child) {
+            // Moved again before the previous move delivered: `from` never fed it, so
+            // that link goes now, and the parent it had before keeps feeding it.
+            self.send_to_peer(from, ServerMessage::Drop { peer_id: child });
+            self.send_to_peer(child, ServerMessage::Drop { peer_id: from });
+            return;
+        }
+        let until = self.now + self.config.handover_timeout;
+        self.handovers.insert(child, Handover { from, until });
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.handing_over.push(child);
+        }
+        self.arm(until, Timer::Handover(child));
+    }
+
+    /// Ends `child`'s handover: both ends of the old link get `drop`.
+    fn finish_handover(&mut self, child: PeerId) {
+        let Some(h) = self.handovers.remove(&child) else {
+            return;
+        };
+        if let Some(p) = self.peers.get_mut(&h.from) {
+            p.handing_over.retain(|&c| c != child);
+        }
+        self.send_to_peer(h.from, ServerMessage::Drop { peer_id: child });
+        self.send_to_peer(child, ServerMessage::Drop { peer_id: h.from });
+    }
+
     fn status(&self, id: PeerId) -> ServerMessage {
         let mut children: Vec<PeerId> = self.tree.children(id).collect();
+        // Children it still feeds during their handover stay on its list: the client
+        // closes connections to peers missing from it.
+        if let Some(p) = self.peers.get(&id) {
+            children.extend(&p.handing_over);
+        }
         children.sort_unstable();
         ServerMessage::Room {
             viewers: self.viewers(),
@@ -1526,6 +1621,7 @@ impl Room {
         }
         self.conns.clear();
         self.resumes.clear();
+        self.handovers.clear();
         self.broadcaster = None;
         self.tree = RelayTree::new(self.config.max_depth);
         self.timers.clear();

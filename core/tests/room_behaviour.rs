@@ -22,6 +22,8 @@ struct View {
     peer: Option<PeerId>,
     resume: Option<String>,
     parent: Option<PeerId>,
+    /// The old parent still feeding it after a move without `drop` (make-before-break).
+    previous: Option<PeerId>,
     children: BTreeSet<PeerId>,
     errors: Vec<ErrorCode>,
     ended: Option<EndReason>,
@@ -98,6 +100,14 @@ impl Harness {
             }
             ServerMessage::Parent { peer_id, .. } => {
                 v.waiting = None; // as the agent does: a parent ends the wait
+                if let Some(old) = v.parent {
+                    // Not dropped: it keeps feeding until the new parent delivers.
+                    assert!(v.previous.is_none(), "two parents being left at once");
+                    v.previous = Some(old);
+                }
+                if v.previous == Some(peer_id) {
+                    v.previous = None;
+                }
                 v.parent = Some(peer_id);
                 v.parents_received += 1;
             }
@@ -108,6 +118,8 @@ impl Harness {
                 v.drops_received += 1;
                 if v.parent == Some(peer_id) {
                     v.parent = None;
+                } else if v.previous == Some(peer_id) {
+                    v.previous = None;
                 } else {
                     assert!(
                         v.children.remove(&peer_id),
@@ -128,6 +140,10 @@ impl Harness {
                 v.live = Some(live);
                 v.capacity = Some(capacity);
                 // Authoritative: the parent/child messages must already agree with it.
+                if v.parent.is_some() && parent.is_none() {
+                    // Waiting for a new parent while the old one (no `drop` yet) feeds it.
+                    v.previous = v.previous.or(v.parent.take());
+                }
                 assert_eq!(v.parent, parent, "room status disagrees on the parent");
                 assert_eq!(
                     v.children,
@@ -238,16 +254,23 @@ impl Harness {
                 continue;
             }
             assert_eq!(v.parent, self.room.tree().parent(peer), "parent of {peer}");
-            let children: BTreeSet<_> = self.room.tree().children(peer).collect();
+            let mut children: BTreeSet<_> = self.room.tree().children(peer).collect();
+            // Former children it still feeds while they switch (make-before-break).
+            children.extend(self.views.values().filter_map(|c| {
+                (!c.closed && c.previous == Some(peer)).then_some(c.peer).flatten()
+            }));
             assert_eq!(v.children, children, "children of {peer}");
         }
     }
 }
 
+/// Make-before-break off: a moved peer's old link is dropped at once, so tests of
+/// placement and repair see every `drop` in the batch that caused it.
 fn config() -> RoomConfig {
     RoomConfig {
         root_fanout: 2,
         relay_fanout: 2,
+        handover_timeout: Duration::ZERO,
         ..RoomConfig::default()
     }
 }
@@ -1282,4 +1305,89 @@ proptest! {
             h.check();
         }
     }
+}
+
+/// A peer moved away from a parent that stays in the room keeps that parent's media until
+/// its new parent delivers: neither end gets `drop` before the peer reports `receiving`
+/// (or the handover times out), and a parent that leaves meanwhile is dropped at once.
+#[test]
+fn moves_are_make_before_break() {
+    let mut h = Harness::new(RoomConfig {
+        handover_timeout: Duration::from_secs(5),
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let viewers: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
+    h.settle();
+    let relay = h.peer(viewers[0]);
+    let kids: Vec<PeerId> = h.room.tree().children(relay).collect();
+    assert_eq!(kids.len(), 2, "a full relay at depth 1");
+    let kid_conns: Vec<ConnId> = kids.iter().map(|&k| h.conn_of(k)).collect();
+    let drops_before: Vec<u32> = kid_conns.iter().map(|c| h.views[c].drops_received).collect();
+
+    // Its uplink collapses: both children must go, make-before-break.
+    h.send(
+        viewers[0],
+        ClientMessage::Report(Report {
+            state: MediaState::Receiving,
+            loss: None,
+            latency_ms: None,
+            uplink_kbps: Some(100),
+            delivered: vec![],
+            link: None,
+        }),
+    );
+    h.check();
+    for (i, c) in kid_conns.iter().enumerate() {
+        let v = &h.views[c];
+        assert_ne!(v.parent, Some(relay), "moved");
+        assert_eq!(v.previous, Some(relay), "still fed by the old parent");
+        assert_eq!(v.drops_received, drops_before[i], "no drop yet");
+        assert!(h.views[&viewers[0]].children.contains(&kids[i]), "old parent still feeds it");
+    }
+
+    // The first reports media from its new parent: only then is the old link dropped.
+    h.advance(Duration::from_millis(800));
+    h.media(kid_conns[0], MediaState::Receiving);
+    h.check();
+    assert_eq!(h.views[&kid_conns[0]].previous, None);
+    assert!(!h.views[&viewers[0]].children.contains(&kids[0]));
+    assert!(h.views[&viewers[0]].children.contains(&kids[1]));
+
+    // The second never does: the handover times out.
+    h.advance(Duration::from_secs(5));
+    h.check();
+    assert_eq!(h.views[&kid_conns[1]].previous, None);
+    assert!(h.views[&viewers[0]].children.is_empty());
+}
+
+#[test]
+fn an_old_parent_that_leaves_during_a_handover_is_dropped_at_once() {
+    let mut h = Harness::new(RoomConfig {
+        handover_timeout: Duration::from_secs(5),
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let viewers: Vec<ConnId> = (0..6).map(|_| h.viewer()).collect();
+    let relay = h.peer(viewers[0]);
+    let kids: Vec<PeerId> = h.room.tree().children(relay).collect();
+    let kid = h.conn_of(kids[0]);
+    h.send(
+        viewers[0],
+        ClientMessage::Report(Report {
+            state: MediaState::Receiving,
+            loss: None,
+            latency_ms: None,
+            uplink_kbps: Some(100),
+            delivered: vec![],
+            link: None,
+        }),
+    );
+    assert_eq!(h.views[&kid].previous, Some(relay));
+    h.send(viewers[0], ClientMessage::Leave {});
+    h.check();
+    assert_eq!(h.views[&kid].previous, None, "told to close the departed parent");
+    // Nothing is left to time out.
+    h.advance(Duration::from_secs(6));
+    h.check();
 }

@@ -11,7 +11,10 @@
 //!   task rewrites SSRC and payload type to the leg's (the driver silently drops mismatched
 //!   packets) and strips header extensions before `write_rtp`.
 //! - A new parent replaces only the receiving connection: the children's queues stay, so
-//!   the subtree below keeps its connections.
+//!   the subtree below keeps its connections. A move without `drop` keeps the old parent's
+//!   connection (make-before-break): its packets are forwarded until the first packet from
+//!   the new parent arrives, then only the new parent's (the agent closes the old one once
+//!   the new one's media advances).
 //!
 //! The media watchdog feeds the agent the bytes received from the current parent
 //! connection every tick; the agent reports `stalled` when they stop advancing (and repeats
@@ -243,6 +246,7 @@ impl Peer {
             delivered: Vec::new(),
             nat_probe: None,
             next_udp_port: 0,
+            active_parent: Arc::new(AtomicU64::new(0)),
         };
         let task = tokio::spawn(driver.run());
         Ok(Self {
@@ -430,6 +434,10 @@ struct Driver {
     /// Offset into `config.udp_ports` where the search for a free port starts next, so a
     /// port whose closed connection is still letting go is not tried first.
     next_udp_port: u16,
+    /// Generation of the parent connection whose packets are forwarded: the newest one
+    /// that has delivered a packet. Readers of older ones stop forwarding, so children
+    /// never get two streams interleaved while a new parent takes over.
+    active_parent: Arc<AtomicU64>,
 }
 
 struct Handler {
@@ -797,6 +805,7 @@ impl Driver {
                     self.stats.clone(),
                     self.fanout.clone(),
                     self.upstream.clone(),
+                    (generation, self.active_parent.clone()),
                 )));
             }
             Event::State(peer, generation, state) => {
@@ -1000,7 +1009,10 @@ impl Driver {
                 links.remove(&peer.0);
             }
             if conn.is_parent {
-                self.upstream.set_parent(None);
+                // Closing the parent being left must not unhook the new one's PLIs.
+                if self.active_parent.load(Ordering::Relaxed) == conn.generation {
+                    self.upstream.set_parent(None);
+                }
             } else if let Ok(mut f) = self.fanout.lock() {
                 f.remove(&peer);
             }
@@ -1200,6 +1212,7 @@ async fn read_parent(
     stats: Arc<Stats>,
     fanout: Fanout,
     up: Arc<Upstream>,
+    (generation, active): (u64, Arc<AtomicU64>),
 ) {
     let mut first = true;
     while let Some(event) = track.poll().await {
@@ -1207,14 +1220,20 @@ async fn read_parent(
             let read_at = Instant::now();
             if first {
                 first = false;
-                stats
-                    .parent_first_packet_us
-                    .store(now_us(), Ordering::Relaxed);
-                // The leg's SSRC, as the parent rewrote it: what a PLI must name.
-                up.set_parent(Some((track.clone(), packet.header.ssrc)));
-                up.request();
+                // This connection takes over forwarding (unless a newer one already has).
+                if active.fetch_max(generation, Ordering::Relaxed) <= generation {
+                    stats
+                        .parent_first_packet_us
+                        .store(now_us(), Ordering::Relaxed);
+                    // The leg's SSRC, as the parent rewrote it: what a PLI must name.
+                    up.set_parent(Some((track.clone(), packet.header.ssrc)));
+                    up.request();
+                }
             }
             bytes.fetch_add(packet.payload.len() as u64, Ordering::Relaxed);
+            if active.load(Ordering::Relaxed) != generation {
+                continue; // a parent being left, after the new one took over
+            }
             stats.on_received(&packet);
             fan_out(&fanout, &packet, Some(read_at), &stats);
         }
