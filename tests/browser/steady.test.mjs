@@ -23,7 +23,11 @@ const LOAD_MS = 60000;           // the busy minute
 const TAIL_MS = 5000;            // reactions to the load that arrive just after it
 const THROTTLE_RATE = 20;        // CDP CPU slow-down factor
 const THROTTLE_MS = 15000;
-const PAUSE_MS = 3000;           // SIGSTOP of the renderer
+// SIGSTOP of the renderer. A paused leaf starves only itself, so its pause is long: its own
+// watchdog must not blame its parent. A paused relay stops its children's media for real,
+// so its pause stays below their stall window ("paused briefly"): longer is an outage the
+// room should repair.
+const PAUSE_MS = { leaf: 3000, relay: 600 };
 const SETTLE_MS = 8000;          // stall reports repeat every 2 s; the room may hold them 3 s
 
 describe('a steady tree in Chromium: load and one slow page move nobody', { timeout: 420000 }, () => {
@@ -328,7 +332,7 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     let resumedAt;
     try {
       process.kill(target.pid, 'SIGSTOP');
-      await sleep(PAUSE_MS);
+      await sleep(PAUSE_MS[kind]);
     } finally {
       process.kill(target.pid, 'SIGCONT');
       resumedAt = Date.now();
@@ -351,7 +355,7 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
       role: v === target ? 'slowed' : 'below', longest_gap_ms: (await longestGapAfter(v.page, start)).gap })));
     const result = {
       slowed: { viewer: target.name, peer: target.peerId, depth: self.depth, parent: self.parent, children: self.children.length },
-      throttle_rate: THROTTLE_RATE, throttle_ms: THROTTLE_MS, pause_ms: PAUSE_MS,
+      throttle_rate: THROTTLE_RATE, throttle_ms: THROTTLE_MS, pause_ms: PAUSE_MS[kind],
       work_ms: Math.round(workMs), throttled_work_ms: Math.round(throttledWorkMs),
       tree_before: treeLine(before), tree_after: treeLine(afterSnap),
       other_peers_whose_parent_changed: changed.length, tree_events_of_others: othersMoved.length,
