@@ -25,8 +25,8 @@
 //!   receiving connection only: sending connections to children stay up, and the driver swaps
 //!   the tracks they send (`replaceTrack`), so the subtree below does not renegotiate.
 //! - **Stall watchdog.** Media counters from the parent must advance: video frames
-//!   received when the stream has video (a relay whose parent died keeps sending decoder-generated
-//!   audio, so bytes alone would hide the stall), bytes otherwise. No advance for the
+//!   received when the stream has video (a relay whose parent died keeps sending
+//!   decoder-generated audio, so bytes alone would hide the stall), bytes otherwise. No advance for the
 //!   stall window reports `stalled` at once, and the periodic report repeats it while the
 //!   stall lasts (the server may hold a report while the tree above is reconnecting);
 //!   frames flowing again report `receiving`. Deeper peers wait a little longer
@@ -1084,6 +1084,30 @@ mod tests {
             },
         );
         assert!(sent(&drain(&mut a)).is_empty());
+
+        // A page starved for two seconds after the hint: its late samples showing no
+        // progress count only from the first of them.
+        let mut a = receiving_viewer();
+        server(
+            &mut a,
+            550,
+            json!({"type":"parent_disconnected","parent":1}),
+        );
+        let r = quiet(&mut a, 2600);
+        assert!(
+            r.iter().all(|m| m["state"] != "stalled"),
+            "first sample after the gap"
+        );
+        let r = quiet(&mut a, 2800);
+        assert!(
+            r.iter().all(|m| m["state"] != "stalled"),
+            "200 ms of samples"
+        );
+        assert_eq!(
+            quiet(&mut a, 3000)[0]["state"],
+            "stalled",
+            "400 ms of samples"
+        );
     }
 
     #[test]
