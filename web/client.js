@@ -6,6 +6,8 @@
 //   open_child {peer}                      sending connection with the current tracks; offer
 //   close {peer}                           close that media connection
 //   signal {from, data}                    SDP / ICE for a connection
+//   sample_media                           sample the parent connection now (a watchdog
+//                                          deadline passed; only samples decide a stall)
 //   status {...}                           what the page shows
 // Relaying: tracks received from the parent are sent on to every child. Each child
 // connection keeps its two senders for its whole life; when the parent changes, the new
@@ -14,7 +16,8 @@
 // ports (probeNat) and tells the room, which places it under peers it can reach; it
 // reports the candidate-pair type of its parent link and an ICE failure toward the parent.
 
-const STATS_EVERY_MS = 200;      // watchdog sampling of the parent connection
+const STATS_EVERY_MS = 200;      // watchdog sampling of the parent connection (the agent's
+                                 // max_sample_gap, 1.5 s, tolerates a background tab's 1/s)
 const MEASURE_EVERY_MS = 2000;   // loss / latency / delivered bitrate for reports
 const VIDEO_MAX_BITRATE = 450_000; // bit/s per child, within the server's stream_kbps (500)
 const PROBE_TIMEOUT_MS = 3000;   // longest wait for the STUN answers of the NAT probe
@@ -123,6 +126,8 @@ export class Peer {
       case 'open_child': return this.openChild(a.peer);
       case 'close': return this.closeConn(a.peer);
       case 'signal': return this.onSignal(a.from, a.data);
+      // An in-flight sample answers it too: sample() runs one at a time.
+      case 'sample_media': return void this.sample();
       case 'status':
         this.status = a;
         this.info.depth = a.depth;
@@ -278,7 +283,7 @@ export class Peer {
     const parent = this.parent;
     let hopLatency, loss, kbpsIn, link;
     if (parent) {
-      let frames, bytes = 0, lost = 0, received = 0, rtt, jitterMs;
+      let frames, decoded, bytes = 0, lost = 0, received = 0, rtt, jitterMs;
       try {
         const stats = await parent.pc.getStats();
         link = selectedLinkKind(stats);
@@ -288,7 +293,11 @@ export class Peer {
             lost += Math.max(0, s.packetsLost || 0);
             received += s.packetsReceived || 0;
             if (s.kind === 'video') {
-              frames = s.framesDecoded || 0;
+              // The watchdog counts frames received (assembled from packets off the main
+              // thread), not decoded: a decoder starved by this page's own busy CPU is
+              // this viewer's problem, not a sign that its parent stopped sending.
+              frames = s.framesReceived ?? s.framesDecoded ?? 0;
+              decoded = s.framesDecoded || 0;
               if (s.jitterBufferEmittedCount) jitterMs = 1000 * s.jitterBufferDelay / s.jitterBufferEmittedCount;
             }
           } else if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded') {
@@ -297,8 +306,8 @@ export class Peer {
         });
       } catch { return; }
       if (this.parent !== parent || this.closed) return;
-      if (frames > 0 && this.info.firstFrameAt === null) this.info.firstFrameAt = performance.now();
-      this.info.framesDecoded = frames || 0;
+      if (decoded > 0 && this.info.firstFrameAt === null) this.info.firstFrameAt = performance.now();
+      this.info.framesDecoded = decoded || 0;
       this.client.media_progress(now, frames, bytes);
       if (this.prevIn) {
         const dt = now - this.prevIn.at;

@@ -10,10 +10,13 @@
 //! # Driver loop (in `web/client.js`)
 //! ```text
 //!  WebSocket open/close/message ─┐
-//!  getStats every 250 ms ────────┼─► Client.<input>(now_ms, …) ─► poll_action() ─► JSON actions:
+//!  getStats every 200 ms ────────┼─► Client.<input>(now_ms, …) ─► poll_action() ─► JSON actions:
 //!  ICE candidate / SDP to send ──┤                                open_socket, send, open_parent,
-//!  timer at poll_timeout() ──────┘                                open_child, close, signal, status
+//!  timer at poll_timeout() ──────┘                                open_child, close, signal,
+//!                                                                 sample_media, status
 //! ```
+//! `sample_media` asks for a getStats of the parent connection right away: a watchdog
+//! deadline passed, and only a sample (never the timer) may decide a stall.
 //! Times are `performance.now()` milliseconds. Actions are JSON (`{"kind": …}`) so the
 //! page does not depend on wasm-bindgen's object glue.
 //!
@@ -85,8 +88,9 @@ impl Client {
         self.agent.handle(at(now_ms), Input::Text(text));
     }
 
-    /// Cumulative counters of the parent connection: video frames decoded (absent without
-    /// video) and bytes received.
+    /// A sample of the parent connection's cumulative counters, read at `now_ms`: video
+    /// frames received (absent without video) and bytes received. Also the answer to a
+    /// `sample_media` action.
     pub fn media_progress(&mut self, now_ms: f64, video_frames: Option<f64>, bytes: f64) {
         self.agent.handle(
             at(now_ms),

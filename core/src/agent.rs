@@ -12,16 +12,21 @@
 //! 3. drain [`Action`]s with `agent.poll_action()` and carry them out in order: open or close
 //!    the WebSocket, send a text frame, open a receiving connection to the parent or a
 //!    sending connection to a child, close a connection, hand signalling data to a
-//!    connection, show a new [`Status`].
+//!    connection, take a media sample of the parent's connection now and feed it as
+//!    [`Input::MediaProgress`] ([`Action::SampleMedia`]), show a new [`Status`].
+//!
+//! Besides answering `SampleMedia`, the driver samples the parent's connection on its own
+//! clock (the page every 200 ms, the native peer every 50 ms); the watchdog relies on
+//! those samples and only asks for one when a deadline passes.
 //!
 //! What it decides:
 //! - **Tree links.** `parent`, `child` and `drop` open and close media connections, once per
 //!   neighbour (a repeated `parent`/`child` keeps the connection). A new parent replaces the
 //!   receiving connection only: sending connections to children stay up, and the driver swaps
 //!   the tracks they send (`replaceTrack`), so the subtree below does not renegotiate.
-//! - **Stall watchdog.** Media counters from the parent must advance: video frames decoded
-//!   when the stream has video (a relay whose parent died keeps sending decoder-generated
-//!   audio, so bytes alone would hide the stall), bytes otherwise. No advance for the
+//! - **Stall watchdog.** Media counters from the parent must advance: video frames
+//!   received when the stream has video (a relay whose parent died keeps sending
+//!   decoder-generated audio, so bytes alone would hide the stall), bytes otherwise. No advance for the
 //!   stall window reports `stalled` at once, and the periodic report repeats it while the
 //!   stall lasts (the server may hold a report while the tree above is reconnecting);
 //!   frames flowing again report `receiving`. Deeper peers wait a little longer
@@ -31,6 +36,16 @@
 //!   interruptions low, where 300 ms made deep viewers wait seconds to report. Total silence (no byte at all for `silence_after`) means the parent
 //!   itself is gone and is reported sooner, at any depth. A new parent that delivers
 //!   nothing within `connect_timeout` also counts as a stall.
+//!
+//!   Only samples decide a stall, never a timer. When a deadline passes the agent asks
+//!   the driver for a fresh sample (`SampleMedia`, once until a sample arrives), and the
+//!   stall is decided when that sample, or any later one, shows no advance across the
+//!   whole window. The window must be covered by continuous sampling: a gap between two
+//!   samples longer than `max_sample_gap` restarts the evidence, so the no-advance time
+//!   counts from the later of the last advance and the start of continuous sampling. A
+//!   page that could not sample (a busy CPU, a throttled background tab, a paused
+//!   renderer) therefore says nothing, instead of blaming a healthy parent for samples
+//!   that never arrived.
 //! - **Reports.** Every `report_interval`: state, loss, latency estimate (hop latency times
 //!   depth), delivered kbit/s per child, and a new uplink estimate when the driver gave one.
 //! - **Resume.** When the WebSocket drops, media connections stay up; the agent reconnects
@@ -80,6 +95,12 @@ pub struct AgentConfig {
     pub parent_lost_after: Duration,
     /// A new parent that delivers no media for this long counts as stalled.
     pub connect_timeout: Duration,
+    /// Longest gap between two media samples that still counts as continuous sampling.
+    /// A longer gap restarts the stall evidence: nothing is known about the time the
+    /// driver did not look. The page samples every 200 ms and the native peer every
+    /// 50 ms, but a background tab's timers run only about once a second, so 1.5 s keeps
+    /// a background tab's sampling continuous while a page starved for longer says nothing.
+    pub max_sample_gap: Duration,
     /// How often to send a periodic `report`.
     pub report_interval: Duration,
     /// First reconnect delay after the WebSocket drops; doubles up to `reconnect_max`.
@@ -101,6 +122,7 @@ impl AgentConfig {
             silence_after: Duration::from_millis(600),
             parent_lost_after: Duration::from_millis(400),
             connect_timeout: Duration::from_millis(8000),
+            max_sample_gap: Duration::from_millis(1500),
             report_interval: Duration::from_millis(2000),
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_millis(5000),
@@ -117,11 +139,13 @@ pub enum Input {
     SocketClosed,
     /// A text frame from the signaller.
     Text(String),
-    /// Cumulative counters of the connection to the current parent (reset to zero for a new
-    /// connection): video frames decoded (`None` when the stream has no video) and bytes
-    /// received over every track.
+    /// A sample of the cumulative counters of the connection to the current parent (reset
+    /// to zero for a new connection): video frames received (`None` when the stream has
+    /// no video) and bytes received over every track. Feed one on the driver's own
+    /// sampling clock and whenever [`Action::SampleMedia`] asks; its time should be when
+    /// the counters were read.
     MediaProgress {
-        /// `framesDecoded` of the inbound video, if there is video.
+        /// Video frames received (the browser's `framesReceived`), if there is video.
         video_frames: Option<u64>,
         /// `bytesReceived` over all inbound tracks.
         bytes: u64,
@@ -200,6 +224,10 @@ pub enum Action {
         /// Opaque data.
         data: Value,
     },
+    /// A watchdog deadline passed: read the parent connection's counters now and feed them
+    /// as [`Input::MediaProgress`]. Only a sample decides a stall, so without one the agent
+    /// reports nothing. Asked once per deadline, until a sample arrives.
+    SampleMedia,
     /// The status shown to the user changed.
     Status(Status),
 }
@@ -300,6 +328,13 @@ pub struct Agent {
     bytes_at: Option<Duration>,
     /// When the signaller said the current parent's connection dropped.
     parent_lost_at: Option<Duration>,
+    /// When the last media sample of the current parent's connection arrived.
+    sampled_at: Option<Duration>,
+    /// Since when samples arrived without a gap longer than `max_sample_gap`: evidence of
+    /// a stall counts from here at the earliest.
+    sampling_since: Option<Duration>,
+    /// A `SampleMedia` is out and no sample has answered it yet.
+    sample_asked: bool,
     measured: Measurements,
     /// Uplink estimate waiting for the next periodic report.
     uplink_estimate: Option<u32>,
@@ -343,6 +378,9 @@ impl Agent {
             advanced_at: None,
             bytes_at: None,
             parent_lost_at: None,
+            sampled_at: None,
+            sampling_since: None,
+            sample_asked: false,
             measured: Measurements::default(),
             uplink_estimate: None,
             next_report: None,
@@ -401,7 +439,9 @@ impl Agent {
             }
             earliest(self.last_sent + self.heartbeat / 2);
         }
-        if let Some(t) = self.watchdog_deadline() {
+        // The driver wakes at the deadline to be asked for a sample; once asked, the next
+        // sample (not a timer) moves things on.
+        if let Some(t) = self.watchdog_deadline().filter(|_| !self.sample_asked) {
             earliest(t);
         }
         next
@@ -689,6 +729,7 @@ impl Agent {
         self.advanced_at = None;
         self.bytes_at = None;
         self.parent_lost_at = None;
+        self.forget_samples();
         self.parent_since = now;
         self.media = MediaState::Connecting;
         if let Some(peer) = parent {
@@ -716,13 +757,30 @@ impl Agent {
         self.progress = None;
         self.advanced_at = None;
         self.bytes_at = None;
+        self.forget_samples();
         self.media = MediaState::Connecting;
+    }
+
+    /// Samples belong to one connection: a new one starts its evidence afresh.
+    fn forget_samples(&mut self) {
+        self.sampled_at = None;
+        self.sampling_since = None;
+        self.sample_asked = false;
     }
 
     fn on_progress(&mut self, now: Duration, video_frames: Option<u64>, bytes: u64) {
         if self.parent.is_none() {
             return;
         }
+        self.sample_asked = false;
+        if self
+            .sampled_at
+            .is_none_or(|t| now.saturating_sub(t) > self.config.max_sample_gap)
+        {
+            // Nothing is known about the time nobody looked: the evidence restarts here.
+            self.sampling_since = Some(now);
+        }
+        self.sampled_at = Some(now);
         if self
             .progress
             .map_or(bytes > 0, |(_, before)| bytes > before)
@@ -751,18 +809,24 @@ impl Agent {
                 self.media = MediaState::Receiving;
                 self.report_state(now);
             }
-        } else if self.media == MediaState::Receiving
-            && self.parent_lost_at.is_some()
-            && self
-                .advanced_at
-                .is_some_and(|t| now >= t + self.config.parent_lost_after)
+        } else if self.watchdog_deadline().is_some_and(|t| t <= now)
+            || (self.media == MediaState::Receiving
+                && self.parent_lost_at.is_some()
+                && self
+                    .advanced_at
+                    .is_some_and(|t| now >= self.evidence_from(t) + self.config.parent_lost_after))
         {
-            // The parent's socket is gone and a fresh sample shows its media has stopped.
-            // Decided on samples only, never on a timer: a page whose sampling is throttled
-            // (a background tab) must not take a late sample for a stall.
+            // Samples covering the whole window showed no advance (after
+            // `parent_disconnected`, a shorter one).
             self.media = MediaState::Stalled;
             self.report_state(now);
         }
+    }
+
+    /// Where no-advance evidence counting from `t` really starts: not before sampling
+    /// became continuous.
+    fn evidence_from(&self, t: Duration) -> Duration {
+        self.sampling_since.map_or(t, |s| s.max(t))
     }
 
     /// The stall window at the current depth.
@@ -771,26 +835,34 @@ impl Agent {
         self.config.stall_after + self.config.stall_step_per_depth * below
     }
 
+    /// When samples showing no advance would prove a stall, if sampling stays continuous.
     fn watchdog_deadline(&self) -> Option<Duration> {
         self.parent?;
         match self.media {
             MediaState::Receiving => {
-                let frames = self.advanced_at.map(|t| t + self.stall_window());
-                let silence = self.bytes_at.map(|t| t + self.config.silence_after);
+                let frames = self
+                    .advanced_at
+                    .map(|t| self.evidence_from(t) + self.stall_window());
+                let silence = self
+                    .bytes_at
+                    .map(|t| self.evidence_from(t) + self.config.silence_after);
                 match (frames, silence) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 }
             }
-            MediaState::Connecting => Some(self.parent_since + self.config.connect_timeout),
+            MediaState::Connecting => {
+                Some(self.evidence_from(self.parent_since) + self.config.connect_timeout)
+            }
             MediaState::Stalled => None,
         }
     }
 
+    /// A deadline that passed asks for a fresh sample; the sample decides (`on_progress`).
     fn check_watchdog(&mut self, now: Duration) {
-        if self.watchdog_deadline().is_some_and(|t| t <= now) {
-            self.media = MediaState::Stalled;
-            self.report_state(now);
+        if !self.sample_asked && self.watchdog_deadline().is_some_and(|t| t <= now) {
+            self.sample_asked = true;
+            self.out.push_back(Action::SampleMedia);
         }
     }
 
@@ -892,10 +964,23 @@ mod tests {
         ))
     }
 
+    /// The actions, without status updates and requests for a sample (tests that care
+    /// about those read `poll_action` themselves).
     fn drain(a: &mut Agent) -> Vec<Action> {
         std::iter::from_fn(|| a.poll_action())
-            .filter(|x| !matches!(x, Action::Status(_)))
+            .filter(|x| !matches!(x, Action::Status(_) | Action::SampleMedia))
             .collect()
+    }
+
+    fn sample(a: &mut Agent, t: u64, frames: u64, bytes: u64) -> Vec<Value> {
+        a.handle(
+            ms(t),
+            Input::MediaProgress {
+                video_frames: Some(frames),
+                bytes,
+            },
+        );
+        sent(&drain(a))
     }
 
     fn sent(actions: &[Action]) -> Vec<Value> {
@@ -947,18 +1032,15 @@ mod tests {
         let mut a = receiving_viewer();
         // Audio bytes keep coming but video frames stop: that is a stall.
         for t in (600..=1400).step_by(200) {
-            a.handle(
-                ms(t),
-                Input::MediaProgress {
-                    video_frames: Some(3),
-                    bytes: t,
-                },
-            );
-            assert!(sent(&drain(&mut a)).is_empty(), "no report before 1 s");
+            assert!(sample(&mut a, t, 3, t).is_empty(), "no report before 1 s");
         }
         assert_eq!(a.poll_timeout(), Some(ms(1500)));
         a.handle_timeout(ms(1500));
-        let r = sent(&drain(&mut a));
+        assert!(
+            sent(&drain(&mut a)).is_empty(),
+            "a timer alone decides nothing"
+        );
+        let r = sample(&mut a, 1500, 3, 1500);
         assert_eq!(r, vec![json!({"type":"report","state":"stalled"})]);
         a.handle_timeout(ms(3000));
         drain(&mut a); // a periodic report repeats "stalled" while the stall lasts
@@ -1031,6 +1113,30 @@ mod tests {
             },
         );
         assert!(sent(&drain(&mut a)).is_empty());
+
+        // A page starved for two seconds after the hint: its late samples showing no
+        // progress count only from the first of them.
+        let mut a = receiving_viewer();
+        server(
+            &mut a,
+            550,
+            json!({"type":"parent_disconnected","parent":1}),
+        );
+        let r = quiet(&mut a, 2600);
+        assert!(
+            r.iter().all(|m| m["state"] != "stalled"),
+            "first sample after the gap"
+        );
+        let r = quiet(&mut a, 2800);
+        assert!(
+            r.iter().all(|m| m["state"] != "stalled"),
+            "200 ms of samples"
+        );
+        assert_eq!(
+            quiet(&mut a, 3000)[0]["state"],
+            "stalled",
+            "400 ms of samples"
+        );
     }
 
     #[test]
@@ -1089,15 +1195,15 @@ mod tests {
         );
         drain(&mut a);
         assert_eq!(a.watchdog_deadline(), Some(ms(1300)));
-        a.handle(
-            ms(1100),
-            Input::MediaProgress {
-                video_frames: Some(10),
-                bytes: 2000,
-            },
-        );
+        for t in (900..=1100).step_by(200) {
+            assert!(sample(&mut a, t, 10, 2000).is_empty());
+        }
         a.handle_timeout(ms(1300));
-        assert_eq!(sent(&drain(&mut a))[0]["state"], "stalled");
+        assert!(
+            sent(&drain(&mut a)).is_empty(),
+            "a timer alone decides nothing"
+        );
+        assert_eq!(sample(&mut a, 1300, 10, 2000)[0]["state"], "stalled");
     }
 
     #[test]
@@ -1121,10 +1227,108 @@ mod tests {
         a.handle(ms(0), Input::SocketOpened);
         server(&mut a, 0, welcome(false));
         server(&mut a, 0, json!({"type":"parent","peer_id":1,"depth":1}));
-        a.handle_timeout(ms(7999));
-        assert!(sent(&drain(&mut a)).iter().all(|m| m["state"] != "stalled"));
-        a.handle_timeout(ms(8000));
-        assert_eq!(sent(&drain(&mut a))[0]["state"], "stalled");
+        let nothing = |a: &mut Agent, t: u64| {
+            a.handle(
+                ms(t),
+                Input::MediaProgress {
+                    video_frames: None,
+                    bytes: 0,
+                },
+            );
+            a.handle_timeout(ms(t));
+            sent(&drain(a))
+        };
+        for t in (0..8000).step_by(200) {
+            assert!(nothing(&mut a, t).iter().all(|m| m["state"] != "stalled"));
+        }
+        assert_eq!(nothing(&mut a, 8000)[0]["state"], "stalled");
+    }
+
+    #[test]
+    fn a_page_that_could_not_sample_blames_nobody() {
+        // (a) Five seconds without a sample, far past every deadline; the next sample
+        // shows the media advanced meanwhile: nothing to report, ever.
+        let mut a = receiving_viewer();
+        for t in (1000..=5500).step_by(500) {
+            a.handle_timeout(ms(t));
+            let r = sent(&drain(&mut a));
+            assert!(
+                r.iter().all(|m| m["state"] != "stalled"),
+                "at {t} ms: {r:?}"
+            );
+        }
+        assert!(sample(&mut a, 5500, 200, 90_000).is_empty());
+        assert_eq!(a.status().media, MediaState::Receiving);
+
+        // (b) The same gap, then samples every 200 ms showing video stopped (audio
+        // flows): the stall window counts from the first sample after the gap.
+        let mut a = receiving_viewer();
+        a.handle_timeout(ms(5000));
+        drain(&mut a);
+        for t in (5500..6500).step_by(200) {
+            assert!(sample(&mut a, t, 3, t).is_empty(), "reported at {t} ms");
+        }
+        assert_eq!(sample(&mut a, 6500, 3, 6500)[0]["state"], "stalled");
+
+        // Total silence after the gap: the silence window, again from the first sample.
+        let mut a = receiving_viewer();
+        for t in (5500..6100).step_by(200) {
+            assert!(sample(&mut a, t, 3, 900).is_empty(), "reported at {t} ms");
+        }
+        assert_eq!(sample(&mut a, 6100, 3, 900)[0]["state"], "stalled");
+
+        // A sampling gap inside the window restarts it; a background tab's one sample a
+        // second is still continuous.
+        let mut a = receiving_viewer();
+        assert!(sample(&mut a, 1400, 3, 1400).is_empty());
+        assert!(
+            sample(&mut a, 3000, 3, 3000).is_empty(),
+            "1.6 s gap: evidence restarts"
+        );
+        assert!(sample(&mut a, 3900, 3, 3900).is_empty());
+        assert_eq!(sample(&mut a, 4000, 3, 4000)[0]["state"], "stalled");
+        let mut a = receiving_viewer();
+        assert_eq!(
+            sample(&mut a, 1500, 3, 1500)[0]["state"],
+            "stalled",
+            "1 s gap"
+        );
+    }
+
+    #[test]
+    fn a_passed_deadline_asks_for_one_sample() {
+        let mut a = receiving_viewer();
+        let asks = |a: &mut Agent| {
+            std::iter::from_fn(|| a.poll_action())
+                .filter(|x| *x == Action::SampleMedia)
+                .count()
+        };
+        assert_eq!(a.poll_timeout(), Some(ms(1100)), "the silence deadline");
+        a.handle_timeout(ms(1000));
+        assert_eq!(asks(&mut a), 0, "not yet due");
+        a.handle_timeout(ms(1100));
+        assert_eq!(asks(&mut a), 1);
+        // Asked: the driver is not woken again for it, and later timers do not repeat it.
+        assert!(a.poll_timeout().is_some_and(|t| t > ms(1100)));
+        for t in [1100, 1200, 3000] {
+            a.handle_timeout(ms(t));
+            a.handle(ms(t), Input::UplinkEstimate(900));
+            assert_eq!(asks(&mut a), 0, "asked again at {t} ms");
+        }
+        // The answer comes after a gap, so it restarts the evidence; the next deadline
+        // asks once more.
+        a.handle(
+            ms(3100),
+            Input::MediaProgress {
+                video_frames: Some(3),
+                bytes: 900,
+            },
+        );
+        assert_eq!(a.status().media, MediaState::Receiving);
+        assert_eq!(asks(&mut a), 0);
+        assert_eq!(a.watchdog_deadline(), Some(ms(3700)));
+        a.handle_timeout(ms(3700));
+        assert_eq!(asks(&mut a), 1);
     }
 
     #[test]

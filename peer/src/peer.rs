@@ -565,6 +565,17 @@ impl Driver {
 
     fn on_tick(&mut self) {
         let now = self.now();
+        self.sample_parent(now);
+        if self.agent.poll_timeout().is_some_and(|t| t <= now) {
+            self.measure(now);
+            self.agent.handle_timeout(now);
+        }
+    }
+
+    /// Feeds the parent connection's byte counter to the watchdog (every tick, and when
+    /// the agent asks). A native relay forwards without decoding, so bytes are its
+    /// progress counter.
+    fn sample_parent(&mut self, now: Duration) {
         let parent = self.agent.status().parent;
         if let Some(conn) = parent.and_then(|p| self.conns.get(&p)) {
             let bytes = conn.bytes.load(Ordering::Relaxed);
@@ -575,10 +586,6 @@ impl Driver {
                     bytes,
                 },
             );
-        }
-        if self.agent.poll_timeout().is_some_and(|t| t <= now) {
-            self.measure(now);
-            self.agent.handle_timeout(now);
         }
     }
 
@@ -672,6 +679,12 @@ impl Driver {
                     if let Err(e) = self.on_signal(from, data).await {
                         tracing::warn!(%from, "a signal failed: {e}");
                     }
+                }
+                // Ticks sample every 50 ms anyway; answering at once keeps a late tick
+                // from delaying the decision.
+                Action::SampleMedia => {
+                    let now = self.now();
+                    self.sample_parent(now);
                 }
                 Action::Status(status) => {
                     self.note_timeline(&status);
