@@ -44,6 +44,12 @@ const LOSS_WINDOW: Duration = Duration::from_secs(5);
 /// link). Clients repeat stall reports every 2 s, so overlapping stalls fall well inside.
 const STALL_WINDOW: Duration = Duration::from_secs(30);
 
+/// A parent a child moved away from, with no other child vouching for it, takes no new
+/// children until it is heard from again (any message: a live client reports every 2 s
+/// and pings when idle), or for this long. A crashed relay whose socket has not closed yet
+/// must not catch newcomers; a live one loses nothing, its capacity unchanged.
+const SUSPECT_HOLD: Duration = Duration::from_secs(10);
+
 /// How long a capacity ceiling holds before it is raised by one, on its first strike. Each
 /// further strike doubles it, up to [`CAP_HOLD_MAX`]: a parent convicted by a passing
 /// congestion gets its slots back within minutes, a parent that fails again whenever it is
@@ -400,6 +406,9 @@ struct Peer {
     /// Its children that reported it stalled lately, with the time of their last report
     /// (kept within [`STALL_WINDOW`]).
     stalled_children: Vec<(PeerId, Duration)>,
+    /// Since when its free slots are held back because a child moved away from it
+    /// ([`SUSPECT_HOLD`]).
+    suspect_since: Option<Duration>,
     last_seen: Duration,
     disconnected_at: Option<Duration>,
     media: MediaState,
@@ -518,6 +527,8 @@ enum Timer {
     Credentials(PeerId),
     /// The peer's capacity ceiling may be due to rise (lazy: `cap_raise_at` decides).
     CapRaise(PeerId),
+    /// The hold on the peer's free slots may be over (lazy: `suspect_since` decides).
+    Suspect(PeerId),
     /// The peer's handover from its old parent should be over.
     Handover(PeerId),
 }
@@ -807,6 +818,7 @@ impl Room {
                 cap_strikes: 0,
                 cap_raise_at: None,
                 stalled_children: Vec::new(),
+                suspect_since: None,
                 last_seen: self.now,
                 disconnected_at: None,
                 media: MediaState::Connecting,
@@ -955,8 +967,15 @@ impl Room {
             // answers `not_joined` itself for connections that never joined.
             return;
         };
+        let mut heard = false;
         if let Some(p) = self.peers.get_mut(&id) {
             p.last_seen = self.now;
+            heard = p.suspect_since.take().is_some();
+        }
+        if heard {
+            // Alive after all: its slots are offered again.
+            let _ = self.tree.set_held(id, false);
+            self.flush_tree_events(None);
         }
         match msg {
             ClientMessage::Hello(_) => self.refuse(conn, ErrorCode::AlreadyJoined, false),
@@ -1150,9 +1169,22 @@ impl Room {
             }
             return;
         }
+        // One child's word does not lower a capacity, but until the parent shows it is
+        // alive the slot this move frees is not handed to a newcomer (held before the move,
+        // which places waiting peers).
+        let was_held = self.peers[&parent].suspect_since.is_some();
+        let _ = self.tree.set_held(parent, true);
         if !self.move_stalled(id) {
+            if !was_held {
+                let _ = self.tree.set_held(parent, false);
+            }
             return; // nowhere else to go; the repeated report tries again
         }
+        self.peers
+            .get_mut(&parent)
+            .expect("a known peer")
+            .suspect_since = Some(now);
+        self.arm(now + SUSPECT_HOLD, Timer::Suspect(parent));
         // Only two children failed by a parent that receives itself convict its uplink.
         if stalled_children >= 2 && parent_receives {
             let children = self.tree.child_count(parent).unwrap_or(0);
@@ -1267,6 +1299,14 @@ impl Room {
                 Timer::Audience => self.tell_audience(),
                 Timer::Credentials(id) => self.renew_credentials(id),
                 Timer::CapRaise(id) => self.raise_capacity(id),
+                Timer::Suspect(id) => {
+                    let due = self.peers.get(&id).and_then(|p| p.suspect_since);
+                    if due.is_some_and(|t| t + SUSPECT_HOLD <= self.now) {
+                        self.peers.get_mut(&id).expect("a known peer").suspect_since = None;
+                        let _ = self.tree.set_held(id, false);
+                        self.flush_tree_events(None);
+                    }
+                }
                 Timer::Handover(id) => {
                     if self.handovers.get(&id).is_some_and(|h| h.until <= self.now) {
                         self.finish_handover(id);

@@ -176,6 +176,9 @@ struct Node {
     wait_seq: Option<u64>,
     /// How other peers can reach it.
     nat: NatClass,
+    /// Takes no new children for now (its free slots are not offered); see
+    /// [`RelayTree::set_held`].
+    held: bool,
 }
 
 impl Node {
@@ -651,6 +654,24 @@ impl RelayTree {
         Ok(())
     }
 
+    /// Holds back (or offers again) the peer's free slots without changing its capacity:
+    /// a relay under suspicion keeps the children it has and gets no new ones. Releasing
+    /// it places waiting peers at once.
+    pub fn set_held(&mut self, peer: PeerId, held: bool) -> Result<(), TreeError> {
+        let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
+        if self.graph[n].held == held {
+            return Ok(());
+        }
+        self.graph[n].held = held;
+        if self.graph[n].status == Status::Attached {
+            self.reindex(n);
+        }
+        if !held {
+            self.fill_waiting();
+        }
+        Ok(())
+    }
+
     /// Whether ICE between the two failed before.
     pub fn is_avoided(&self, a: PeerId, b: PeerId) -> bool {
         !self.avoided.is_empty() && self.avoided.get(&a).is_some_and(|l| l.contains(&b))
@@ -719,6 +740,7 @@ impl RelayTree {
             leaf_slot: None,
             wait_seq: None,
             nat: NatClass::Unknown,
+            held: false,
         });
         self.nodes.insert(peer, n.index() as u32);
         Ok(n)
@@ -789,7 +811,7 @@ impl RelayTree {
         let node = &self.graph[n];
         let (depth, spare, capacity) = (node.depth, node.spare(), node.capacity);
         let group = group_of(node.nat);
-        let free_slot = (spare > 0 && depth < self.max_depth)
+        let free_slot = (spare > 0 && depth < self.max_depth && !node.held)
             .then(|| self.free[group].insert(depth, class_of(spare), i));
         let leaf_slot = (node.children == 0 && depth > 0)
             .then(|| self.leaves.insert(depth, class_of(capacity), i));
@@ -1203,7 +1225,7 @@ impl RelayTree {
                     }
                     depth_counts[node.depth as usize] += 1;
                     let i = n.index() as u32;
-                    if node.spare() > 0 && node.depth < self.max_depth {
+                    if node.spare() > 0 && node.depth < self.max_depth && !node.held {
                         free.insert((group_of(node.nat), node.depth, class_of(node.spare()), i));
                     }
                     if let Some(p) = parent {

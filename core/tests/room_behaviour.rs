@@ -257,7 +257,9 @@ impl Harness {
             let mut children: BTreeSet<_> = self.room.tree().children(peer).collect();
             // Former children it still feeds while they switch (make-before-break).
             children.extend(self.views.values().filter_map(|c| {
-                (!c.closed && c.previous == Some(peer)).then_some(c.peer).flatten()
+                (!c.closed && c.previous == Some(peer))
+                    .then_some(c.peer)
+                    .flatten()
             }));
             assert_eq!(v.children, children, "children of {peer}");
         }
@@ -1323,7 +1325,10 @@ fn moves_are_make_before_break() {
     let kids: Vec<PeerId> = h.room.tree().children(relay).collect();
     assert_eq!(kids.len(), 2, "a full relay at depth 1");
     let kid_conns: Vec<ConnId> = kids.iter().map(|&k| h.conn_of(k)).collect();
-    let drops_before: Vec<u32> = kid_conns.iter().map(|c| h.views[c].drops_received).collect();
+    let drops_before: Vec<u32> = kid_conns
+        .iter()
+        .map(|c| h.views[c].drops_received)
+        .collect();
 
     // Its uplink collapses: both children must go, make-before-break.
     h.send(
@@ -1343,7 +1348,10 @@ fn moves_are_make_before_break() {
         assert_ne!(v.parent, Some(relay), "moved");
         assert_eq!(v.previous, Some(relay), "still fed by the old parent");
         assert_eq!(v.drops_received, drops_before[i], "no drop yet");
-        assert!(h.views[&viewers[0]].children.contains(&kids[i]), "old parent still feeds it");
+        assert!(
+            h.views[&viewers[0]].children.contains(&kids[i]),
+            "old parent still feeds it"
+        );
     }
 
     // The first reports media from its new parent: only then is the old link dropped.
@@ -1386,8 +1394,49 @@ fn an_old_parent_that_leaves_during_a_handover_is_dropped_at_once() {
     assert_eq!(h.views[&kid].previous, Some(relay));
     h.send(viewers[0], ClientMessage::Leave {});
     h.check();
-    assert_eq!(h.views[&kid].previous, None, "told to close the departed parent");
+    assert_eq!(
+        h.views[&kid].previous, None,
+        "told to close the departed parent"
+    );
     // Nothing is left to time out.
     h.advance(Duration::from_secs(6));
+    h.check();
+}
+
+/// A relay a child moved away from (nobody vouching for it) keeps its capacity but gets no
+/// newcomer until it is heard from: a crashed relay whose socket has not closed yet must
+/// not catch new viewers.
+#[test]
+fn a_suspect_parent_gets_no_newcomer_until_heard_from() {
+    let mut h = Harness::new(config());
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let viewers: Vec<ConnId> = (0..5).map(|_| h.viewer()).collect();
+    h.settle();
+    // Five viewers, fan-out 2: one depth-1 relay feeds a single child.
+    let relay = viewers[..2]
+        .iter()
+        .copied()
+        .find(|&v| h.room.tree().child_count(h.peer(v)) == Some(1))
+        .expect("a relay with one child");
+    let relay_id = h.peer(relay);
+    let child = h.room.tree().children(relay_id).next().unwrap();
+    h.stalled(h.conn_of(child));
+    assert_ne!(
+        h.room.tree().parent(child),
+        Some(relay_id),
+        "the child moved"
+    );
+    assert_eq!(
+        h.room.tree().capacity(relay_id),
+        Some(2),
+        "capacity untouched"
+    );
+    // Its depth-1 slots are the best in the tree, yet the newcomer goes elsewhere.
+    let newcomer = h.viewer();
+    assert_ne!(h.room.tree().parent(h.peer(newcomer)), Some(relay_id));
+    // A ping shows it alive: the next newcomer takes its slot.
+    h.send(relay, ClientMessage::Ping {});
+    let next = h.viewer();
+    assert_eq!(h.room.tree().parent(h.peer(next)), Some(relay_id));
     h.check();
 }
