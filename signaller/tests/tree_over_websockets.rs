@@ -139,6 +139,37 @@ async fn remove_relay(
     let after = wait_for_snapshot(addr, room, |s| peer_in(s, gone).is_none()).await;
     sync_all(broadcaster, viewers).await;
 
+    // A viewer moved away from a parent that stays (a stand-in leaf) is make-before-break:
+    // no `drop` for the old parent yet, which still lists it as a child. Once it reports
+    // media from the new parent, as a client does, both ends of the old link get `drop`.
+    let moved: Vec<u64> = viewers
+        .iter()
+        .filter(|(id, c)| !c.since(marks[id], "parent").is_empty() && !orphans.contains(id))
+        .map(|(&id, _)| id)
+        .collect();
+    assert!(!moved.is_empty(), "a leaf stood in for the departed relay");
+    for id in &moved {
+        let c = viewers.get_mut(id).unwrap();
+        let old = peer_in(&before, *id).unwrap()["parent"].as_u64();
+        assert!(
+            c.since(marks[id], "drop")
+                .iter()
+                .all(|d| d["peer_id"].as_u64() != old),
+            "{id} keeps its old parent {old:?} until its new one delivers: {:?}",
+            &c.log[marks[id]..]
+        );
+        c.send_json(&json!({"type": "report", "state": "receiving"}))
+            .await;
+        c.sync().await;
+        let dropped = c.since(marks[id], "drop");
+        assert!(
+            dropped.iter().any(|d| d["peer_id"].as_u64() == old),
+            "{id}'s old link is dropped once it receives: {:?}",
+            &c.log[marks[id]..]
+        );
+    }
+    sync_all(broadcaster, viewers).await;
+
     let remaining = viewers.len();
     check_tree(&after, remaining);
     for &o in &orphans {
