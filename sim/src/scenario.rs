@@ -646,6 +646,24 @@ mod tests {
             Scenario::from_value(doc, "x"),
             Err(ScenarioError::Invalid(_))
         ));
+        // Crashes and in-app leaves share the departures; tab closes are the rest.
+        let doc: toml::Value =
+            toml::from_str("crash_fraction = 0.5\nin_app_leave_fraction = 0.6").unwrap();
+        assert!(matches!(
+            Scenario::from_value(doc, "x"),
+            Err(ScenarioError::Invalid(_))
+        ));
+        let doc: toml::Value = toml::from_str(
+            "crash_fraction = 0.2\nin_app_leave_fraction = 0.8\n[client]\nmake_before_break = true",
+        )
+        .unwrap();
+        let s = Scenario::from_value(doc, "x").unwrap();
+        assert!(s.client.make_before_break && !s.client.warm_standby);
+        let doc: toml::Value = toml::from_str("[client]\nbridge_timeout_ms = -1").unwrap();
+        assert!(matches!(
+            Scenario::from_value(doc, "x"),
+            Err(ScenarioError::Invalid(_))
+        ));
     }
 
     #[test]
