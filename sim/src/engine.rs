@@ -883,7 +883,11 @@ impl Engine {
                 continue;
             }
             let p = &self.peers[i as usize];
-            if p.bridge != NONE && p.link_up && self.peers[p.parent as usize].media {
+            if p.bridge != NONE
+                && p.link_up
+                && self.peers[p.parent as usize].media
+                && !self.fed_through(p.parent, i)
+            {
                 self.close_bridge(i);
             }
             let p = &self.peers[i as usize];
@@ -924,6 +928,29 @@ impl Engine {
             }
         }
         self.up_stack = stack;
+    }
+
+    /// Whether `x`'s media comes through `through` (following old links first). A peer
+    /// moved below one it still plays must not switch to it: the media would only go round.
+    fn fed_through(&self, mut x: u32, through: u32) -> bool {
+        // Longer than any depth the room allows; a longer chain is treated as a loop.
+        for _ in 0..1_024 {
+            if x == through {
+                return true;
+            }
+            let p = &self.peers[x as usize];
+            x = if p.bridge != NONE {
+                p.bridge
+            } else if p.link_up {
+                p.parent
+            } else {
+                return false;
+            };
+            if x == NONE || x == 0 {
+                return false;
+            }
+        }
+        true
     }
 
     /// Media stops at `top` (its link or something above failed) and below it.
