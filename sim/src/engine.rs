@@ -20,7 +20,13 @@
 //!   watchdog), and `receiving` when media is back; one that gets no media from a new
 //!   parent within `timing.connect_fail_ms` reports `stalled` too;
 //! - a graceful departure sends `leave`; a crash just stops, and the signaller sees the
-//!   socket close `timing.crash_detect_ms` later.
+//!   socket close `timing.crash_detect_ms` later. A tab close stops forwarding with its
+//!   `leave`; an in-app leave does too, unless `client.make_before_break` is on: then it
+//!   keeps forwarding, and any viewer the room moves keeps playing its old link, until the
+//!   new one carries media (or `client.bridge_timeout_ms`);
+//! - with `client.warm_standby`, a viewer moved after its media failed gets its new link
+//!   one round trip after both ends know of each other, as over a connection set up in
+//!   advance.
 
 use std::time::Duration;
 
