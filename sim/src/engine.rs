@@ -20,7 +20,13 @@
 //!   watchdog), and `receiving` when media is back; one that gets no media from a new
 //!   parent within `timing.connect_fail_ms` reports `stalled` too;
 //! - a graceful departure sends `leave`; a crash just stops, and the signaller sees the
-//!   socket close `timing.crash_detect_ms` later.
+//!   socket close `timing.crash_detect_ms` later. A tab close stops forwarding with its
+//!   `leave`; an in-app leave does too, unless `client.make_before_break` is on: then it
+//!   keeps forwarding, and any viewer the room moves keeps playing its old link, until the
+//!   new one carries media (or `client.bridge_timeout_ms`);
+//! - with `client.warm_standby`, a viewer moved after its media failed gets its new link
+//!   one round trip after both ends know of each other, as over a connection set up in
+//!   advance.
 
 use std::time::Duration;
 
@@ -108,6 +114,19 @@ enum Kind {
     /// Candidates gathered: the peer reports its NAT class.
     Gathered(u32),
     Depart(u32),
+    /// An in-app leaver stops forwarding (make-before-break timeout).
+    LingerEnd(u32),
+    /// A moved child closes its old link, whether or not the new one carries media.
+    BridgeEnd {
+        child: u32,
+        epoch: u32,
+    },
+    /// A parent told to drop a child that still pulls media from it closes the link.
+    DropLinger {
+        child: u32,
+        parent: u32,
+        epoch: u32,
+    },
     Sample,
 }
 
@@ -153,11 +172,34 @@ pub(crate) struct SimPeer {
     /// When media stopped, while it is interrupted.
     down_since: Option<Micros>,
     pub(crate) capacity: u32,
-    /// Whether its departure, if any, will be a crash rather than a `leave`.
-    crashes: bool,
+    /// How it will depart, if it does.
+    departure: Departure,
+    /// Make-before-break: the old parent whose media it still plays while its new link
+    /// comes up, or `NONE`.
+    bridge: u32,
+    /// Departed by an in-app leave and still forwarding (make-before-break).
+    lingering: bool,
+    /// Its next link goes to a warm standby (set up in advance).
+    warm: bool,
+    /// The last `media_up` walk that visited it: old links can close a loop (a peer
+    /// moved below one it still plays), which must be walked once.
+    walked: u32,
     /// Told by its last `room` status that it waits with no route (counted in
     /// `Engine::no_route`).
     no_route: bool,
+}
+
+/// How a viewer departs: the three cases a browser client can produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Departure {
+    /// No `leave`; the signaller sees the socket close `timing.crash_detect_ms` later.
+    Crash,
+    /// The tab closes: `leave` is sent, but the page and its media stop at once.
+    TabClose,
+    /// The page's leave control: `leave` is sent and the page stays up, so with
+    /// make-before-break it keeps forwarding until its children have moved.
+    InApp,
 }
 
 /// How a child's link to its parent is made, from the two NAT classes.
@@ -261,6 +303,10 @@ pub struct Engine {
     flash_left: u64,
     /// Reused work list of the media walks.
     stack: Vec<u32>,
+    /// Reused work list of `media_up`: peer, and whether it already had media.
+    up_stack: Vec<(u32, bool)>,
+    /// Number of the current `media_up` walk.
+    walk: u32,
     pub(crate) stats: Stats,
     events: u64,
 }
@@ -317,6 +363,8 @@ impl Engine {
             no_route: 0,
             next_tick: None,
             stack: Vec::new(),
+            up_stack: Vec::new(),
+            walk: 0,
             stats,
             events: 0,
         };
@@ -437,6 +485,27 @@ impl Engine {
                 }
             }
             Kind::Depart(peer) => self.depart(peer),
+            Kind::LingerEnd(peer) => self.linger_end(peer),
+            Kind::BridgeEnd { child, epoch } => {
+                let c = &self.peers[child as usize];
+                if c.link_gen == epoch && c.bridge != NONE {
+                    // The new link has not carried media yet (else the bridge would be
+                    // closed): the child is down until it does.
+                    self.close_bridge(child);
+                    self.media_down(child);
+                }
+            }
+            Kind::DropLinger {
+                child,
+                parent,
+                epoch,
+            } => {
+                let c = &self.peers[child as usize];
+                if c.link_gen == epoch && c.parent == parent {
+                    self.peers[parent as usize].children.remove(child);
+                    self.link_down(child);
+                }
+            }
             Kind::Sample => {
                 self.stats.sample(
                     self.now,
@@ -465,8 +534,16 @@ impl Engine {
         self.stats.arrived(self.now, nat);
         self.schedule(self.now + to_server, Kind::ToServer(idx, Up::Hello));
         let session = self.sessions.sample(&mut self.streams.sessions);
-        let crash = unit(&mut self.streams.sessions) < self.scenario.crash_fraction;
-        self.peers[idx as usize].crashes = crash;
+        // One draw decides the kind, so adding in-app leaves leaves crashes unchanged.
+        let u = unit(&mut self.streams.sessions);
+        let crash = self.scenario.crash_fraction;
+        self.peers[idx as usize].departure = if u < crash {
+            Departure::Crash
+        } else if u < crash + self.scenario.in_app_leave_fraction {
+            Departure::InApp
+        } else {
+            Departure::TabClose
+        };
         if session.is_finite() {
             let at = self.now.saturating_add(ms(session * 1_000.0));
             if at <= self.end {
@@ -480,16 +557,20 @@ impl Engine {
         if !peer.alive {
             return;
         }
-        let crash = peer.crashes;
+        let crash = peer.departure == Departure::Crash;
+        let lingers = peer.departure == Departure::InApp && self.scenario.client.make_before_break;
         peer.alive = false;
         self.clear_no_route(idx);
         self.stats.departed(self.now, crash);
-        // It stops forwarding at once, whatever the signaller learns and when.
-        let children = std::mem::take(&mut self.peers[idx as usize].children);
-        for c in children.iter() {
-            if self.peers[c as usize].parent == idx {
-                self.link_down(c);
-            }
+        if lingers {
+            // The page stays up: it keeps its links, fed and feeding, until its children
+            // have moved or the timeout.
+            self.peers[idx as usize].lingering = true;
+            let at = self.now + ms(self.scenario.client.bridge_timeout_ms);
+            self.schedule(at, Kind::LingerEnd(idx));
+        } else {
+            // It stops forwarding at once, whatever the signaller learns and when.
+            self.stop_forwarding(idx);
         }
         let to_server = self.peers[idx as usize].to_server;
         if crash {
@@ -497,6 +578,65 @@ impl Engine {
             self.schedule(self.now + detect, Kind::ToServer(idx, Up::Closed));
         } else {
             self.schedule(self.now + to_server, Kind::ToServer(idx, Up::Leave));
+        }
+    }
+
+    /// `idx` closes every link it feeds, and any old link it still plays.
+    fn stop_forwarding(&mut self, idx: u32) {
+        let children = std::mem::take(&mut self.peers[idx as usize].children);
+        for c in children.iter() {
+            let child = &self.peers[c as usize];
+            if child.parent == idx {
+                self.link_down(c);
+            } else if child.bridge == idx {
+                self.close_bridge(c);
+                self.media_down(c);
+            }
+        }
+        if self.peers[idx as usize].bridge != NONE {
+            self.close_bridge(idx);
+        }
+    }
+
+    /// An in-app leaver's timeout: it closes its links, up and down.
+    fn linger_end(&mut self, idx: u32) {
+        if !std::mem::take(&mut self.peers[idx as usize].lingering) {
+            return;
+        }
+        self.stop_forwarding(idx);
+        let up = self.peers[idx as usize].parent;
+        if up != NONE {
+            self.peers[up as usize].children.remove(idx);
+        }
+        self.peers[idx as usize].media = false;
+    }
+
+    /// Make-before-break: `idx`, told to leave its parent, keeps playing that parent's media
+    /// while it is still fed, until its next link carries media or the timeout. True if so.
+    fn start_bridge(&mut self, idx: u32) -> bool {
+        let p = &self.peers[idx as usize];
+        let old = p.parent;
+        if !self.scenario.client.make_before_break
+            || p.bridge != NONE
+            || old == NONE
+            || !p.link_up
+            || !p.media
+        {
+            return false;
+        }
+        let q = &self.peers[old as usize];
+        if !(q.alive || q.lingering) || !q.media {
+            return false;
+        }
+        self.peers[idx as usize].bridge = old;
+        true
+    }
+
+    /// The child closes the old link it was still playing.
+    fn close_bridge(&mut self, idx: u32) {
+        let old = std::mem::replace(&mut self.peers[idx as usize].bridge, NONE);
+        if old != NONE && self.peers[idx as usize].parent != old {
+            self.peers[old as usize].children.remove(idx);
         }
     }
 
@@ -522,15 +662,27 @@ impl Engine {
                     self.stats.reparented(self.now);
                 }
                 let old = p.parent;
+                // Warm standby: a viewer moved because its media failed (down before the
+                // room moved it; a `drop` just before says so too) reconnects over a
+                // connection set up in advance.
+                let failed = if old != NONE { !p.media } else { p.warm };
+                p.warm = self.scenario.client.warm_standby && p.got_media && failed;
+                let bridged = self.start_bridge(idx);
+                let p = &mut self.peers[idx as usize];
                 p.parent = q;
                 p.depth = depth;
                 p.link_gen += 1;
                 let epoch = p.link_gen;
-                if old != NONE {
+                if old != NONE && !bridged {
                     self.link_down(idx);
                 }
                 let p = &mut self.peers[idx as usize];
                 p.link_up = false;
+                if p.bridge != NONE {
+                    let at = self.now + ms(self.scenario.client.bridge_timeout_ms);
+                    self.schedule(at, Kind::BridgeEnd { child: idx, epoch });
+                }
+                let p = &mut self.peers[idx as usize];
                 // Connecting to a new parent: the frame watchdog restarts; the connect
                 // watchdog below covers this peer until media flows.
                 p.media_gen += 1;
@@ -562,10 +714,39 @@ impl Engine {
                     return;
                 }
                 if self.peers[idx as usize].parent == x {
-                    self.peers[idx as usize].parent = NONE;
-                    self.peers[idx as usize].path = LinkPath::None;
-                    self.peers[idx as usize].link_gen += 1;
-                    self.link_down(idx);
+                    let bridged = self.start_bridge(idx);
+                    let p = &mut self.peers[idx as usize];
+                    p.warm = self.scenario.client.warm_standby && !p.media;
+                    p.parent = NONE;
+                    p.path = LinkPath::None;
+                    p.link_gen += 1;
+                    let epoch = p.link_gen;
+                    if bridged {
+                        p.link_up = false;
+                        let at = self.now + ms(self.scenario.client.bridge_timeout_ms);
+                        self.schedule(at, Kind::BridgeEnd { child: idx, epoch });
+                    } else {
+                        self.link_down(idx);
+                    }
+                } else if self.peers[x as usize].bridge == idx {
+                    // Make-before-break: the child closes this link once it has moved.
+                } else if self.scenario.client.make_before_break
+                    && self.peers[x as usize].parent == idx
+                    && self.peers[x as usize].media
+                {
+                    // Make-before-break: keep feeding a child that still pulls from here
+                    // until it moves (its own `drop` and `parent` are on their way) or the
+                    // timeout.
+                    let epoch = self.peers[x as usize].link_gen;
+                    let at = self.now + ms(self.scenario.client.bridge_timeout_ms);
+                    self.schedule(
+                        at,
+                        Kind::DropLinger {
+                            child: x,
+                            parent: idx,
+                            epoch,
+                        },
+                    );
                 } else {
                     self.peers[idx as usize].children.remove(x);
                     // Closing the connection cuts the child's media, if it still pulls here.
@@ -658,6 +839,12 @@ impl Engine {
             LinkPath::Relayed => ms(connectivity.turn_extra_ms),
             LinkPath::Direct | LinkPath::None => 0,
         };
+        if c.warm {
+            // The connection exists: one round trip between the two starts the media.
+            let rtt = 2 * (ms(self.latency.between(c.pos, q.pos)) + extra);
+            self.schedule(self.now + rtt, Kind::LinkUp { child, epoch });
+            return;
+        }
         let jitter = 0.75 + 0.5 * unit(&mut self.streams.connect);
         let setup = ms(self.scenario.timing.connect_ms * jitter) + extra;
         self.schedule(self.now + rtts + setup, Kind::LinkUp { child, epoch });
@@ -680,18 +867,37 @@ impl Engine {
 
     fn link_down(&mut self, child: u32) {
         self.peers[child as usize].link_up = false;
-        self.media_down(child);
+        // A child still playing its old link (make-before-break) keeps that media.
+        if self.peers[child as usize].bridge == NONE {
+            self.media_down(child);
+        }
     }
 
-    /// Media reaches `top` from its parent; it flows on down every link that is up.
+    /// Media reaches `top` from its parent; it flows on down every link that is up. With
+    /// make-before-break `top` may already have media (from its old link): it switches,
+    /// and the latencies below it are brought up to date.
     fn media_up(&mut self, top: u32) {
-        let mut stack = std::mem::take(&mut self.stack);
+        let mut stack = std::mem::take(&mut self.up_stack);
         stack.clear();
-        stack.push(top);
+        stack.push((top, self.peers[top as usize].media));
         let hop = ms(self.scenario.timing.hop_ms);
         let turn_extra = ms(self.scenario.connectivity.turn_extra_ms);
-        while let Some(i) = stack.pop() {
-            let parent = self.peers[i as usize].parent;
+        self.walk = self.walk.wrapping_add(1).max(1);
+        while let Some((i, had)) = stack.pop() {
+            let p = &mut self.peers[i as usize];
+            if std::mem::replace(&mut p.walked, self.walk) == self.walk {
+                continue;
+            }
+            let p = &self.peers[i as usize];
+            if p.bridge != NONE
+                && p.link_up
+                && self.peers[p.parent as usize].media
+                && !self.fed_through(p.parent, i)
+            {
+                self.close_bridge(i);
+            }
+            let p = &self.peers[i as usize];
+            let parent = if p.bridge != NONE { p.bridge } else { p.parent };
             let (ppos, plat) = {
                 let p = &self.peers[parent as usize];
                 (p.pos, p.latency)
@@ -718,12 +924,39 @@ impl Engine {
             }
             for c in self.peers[i as usize].children.iter() {
                 let child = &self.peers[c as usize];
-                if child.alive && child.parent == i && child.link_up && !child.media {
-                    stack.push(c);
+                let fed = (child.parent == i && child.link_up) || child.bridge == i;
+                // Children with media already: below a switch (new latency), or playing
+                // an old link while this one now carries media (they switch).
+                let due = !child.media || had || (child.parent == i && child.bridge != NONE);
+                if child.alive && fed && due {
+                    stack.push((c, child.media));
                 }
             }
         }
-        self.stack = stack;
+        self.up_stack = stack;
+    }
+
+    /// Whether `x`'s media comes through `through` (following old links first). A peer
+    /// moved below one it still plays must not switch to it: the media would only go round.
+    fn fed_through(&self, mut x: u32, through: u32) -> bool {
+        // Longer than any depth the room allows; a longer chain is treated as a loop.
+        for _ in 0..1_024 {
+            if x == through {
+                return true;
+            }
+            let p = &self.peers[x as usize];
+            x = if p.bridge != NONE {
+                p.bridge
+            } else if p.link_up {
+                p.parent
+            } else {
+                return false;
+            };
+            if x == NONE || x == 0 {
+                return false;
+            }
+        }
+        true
     }
 
     /// Media stops at `top` (its link or something above failed) and below it.
@@ -734,7 +967,7 @@ impl Engine {
         while let Some(i) = stack.pop() {
             let window = self.stall_window(i);
             let p = &mut self.peers[i as usize];
-            if !p.media || !p.alive {
+            if !p.media || !(p.alive || p.lingering) {
                 continue;
             }
             p.media = false;
@@ -744,7 +977,9 @@ impl Engine {
             self.schedule(self.now + window, Kind::MediaCheck { peer: i, epoch });
             for c in self.peers[i as usize].children.iter() {
                 let child = &self.peers[c as usize];
-                if child.parent == i && child.link_up {
+                // A child playing an old link is fed by that one only.
+                if (child.parent == i && child.link_up && child.bridge == NONE) || child.bridge == i
+                {
                     stack.push(c);
                 }
             }
@@ -954,7 +1189,11 @@ impl SimPeer {
             arrived: now,
             down_since: None,
             capacity,
-            crashes: false,
+            departure: Departure::TabClose,
+            bridge: NONE,
+            lingering: false,
+            warm: false,
+            walked: 0,
             no_route: false,
         }
     }

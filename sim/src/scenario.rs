@@ -36,6 +36,12 @@ pub struct Scenario {
     pub timing: Timing,
     /// Share of departures that are crashes (no `leave`), 0..=1.
     pub crash_fraction: f64,
+    /// Share of departures that are in-app leaves (the page's leave control: the page
+    /// stays up and can keep forwarding), 0..=1. The rest of the departures, neither
+    /// crashes nor in-app leaves, are tab closes: `leave` sent, media stopped at once.
+    pub in_app_leave_fraction: f64,
+    /// Client mechanisms under study, all off by default.
+    pub client: Client,
     /// The room's operator settings, exactly as the signaller takes them.
     pub room: RoomConfig,
 }
@@ -55,6 +61,8 @@ impl Default for Scenario {
             latency: Latency::default(),
             timing: Timing::default(),
             crash_fraction: 0.2,
+            in_app_leave_fraction: 0.0,
+            client: Client::default(),
             room: sim_room_config(),
         }
     }
@@ -371,6 +379,34 @@ impl Default for Timing {
     }
 }
 
+/// Client mechanisms that are modelled but not (yet) in the real clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Client {
+    /// Make-before-break: a viewer moved by the room keeps the media of its old link until
+    /// the new one carries media (or `bridge_timeout_ms` passes), and a parent told to
+    /// drop a child keeps forwarding until the child closes the link. An in-app leave
+    /// keeps forwarding (and being fed) until its children have moved or the timeout.
+    pub make_before_break: bool,
+    /// The longest an old link is kept after a move or an in-app leave, ms.
+    pub bridge_timeout_ms: f64,
+    /// Warm standby: a viewer moved by the room while its media is down (its parent left,
+    /// crashed or stalled) already holds a set-up connection to the new parent, so the new
+    /// link costs one round trip between the two instead of the signalled offer/answer
+    /// and `timing.connect_ms`. Optimistic: assumes the room picks the standby.
+    pub warm_standby: bool,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self {
+            make_before_break: false,
+            bridge_timeout_ms: 5_000.0,
+            warm_standby: false,
+        }
+    }
+}
+
 /// A scenario that cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
@@ -456,6 +492,17 @@ impl Scenario {
         }
         if !(0.0..=1.0).contains(&self.crash_fraction) {
             return bad("crash_fraction must be between 0 and 1");
+        }
+        if !(0.0..=1.0).contains(&self.in_app_leave_fraction)
+            || self.crash_fraction + self.in_app_leave_fraction > 1.0 + 1e-9
+        {
+            return bad(
+                "in_app_leave_fraction must be between 0 and 1, and crash_fraction + \
+                 in_app_leave_fraction at most 1 (the rest are tab closes)",
+            );
+        }
+        if !(self.client.bridge_timeout_ms.is_finite() && self.client.bridge_timeout_ms >= 0.0) {
+            return bad("client.bridge_timeout_ms must be at least 0");
         }
         let c = &self.connectivity;
         let shares = c.shares();
@@ -595,6 +642,24 @@ mod tests {
         let e = Scenario::from_value(doc, "x.toml").unwrap_err().to_string();
         assert!(e.contains("durration_s"), "{e}");
         let doc: toml::Value = toml::from_str("crash_fraction = 2.0").unwrap();
+        assert!(matches!(
+            Scenario::from_value(doc, "x"),
+            Err(ScenarioError::Invalid(_))
+        ));
+        // Crashes and in-app leaves share the departures; tab closes are the rest.
+        let doc: toml::Value =
+            toml::from_str("crash_fraction = 0.5\nin_app_leave_fraction = 0.6").unwrap();
+        assert!(matches!(
+            Scenario::from_value(doc, "x"),
+            Err(ScenarioError::Invalid(_))
+        ));
+        let doc: toml::Value = toml::from_str(
+            "crash_fraction = 0.2\nin_app_leave_fraction = 0.8\n[client]\nmake_before_break = true",
+        )
+        .unwrap();
+        let s = Scenario::from_value(doc, "x").unwrap();
+        assert!(s.client.make_before_break && !s.client.warm_standby);
+        let doc: toml::Value = toml::from_str("[client]\nbridge_timeout_ms = -1").unwrap();
         assert!(matches!(
             Scenario::from_value(doc, "x"),
             Err(ScenarioError::Invalid(_))
