@@ -80,6 +80,23 @@ const GROUP_CLASS: [NatClass; GROUPS] = [
     NatClass::Blocked,
 ];
 
+/// The least `(capacity difference) × (depth difference)` for which [`RelayTree::rebalance`]
+/// swaps a strong deep peer with a weak shallow one: a one-level swap is worth its moves only
+/// when it lifts at least two slots.
+pub const MIN_SWAP_GAIN: u32 = 2;
+
+/// Who changes parent in a swap of a strong deep peer with a weak shallow one.
+struct SwapPlan {
+    strong: NodeIndex,
+    weak: NodeIndex,
+    /// The weak one's children (but the strong one), which the strong one adopts.
+    adopted: Vec<NodeIndex>,
+    /// The strong one's children that the weak one takes.
+    given: Vec<NodeIndex>,
+    /// The strong one's children that rise with it.
+    kept: Vec<NodeIndex>,
+}
+
 /// Most failed parents remembered per peer. A peer that failed with this many is not
 /// going to connect to the next one either; the oldest failure is forgotten.
 const MAX_AVOIDED: usize = 64;
@@ -172,6 +189,8 @@ struct Node {
     free_slot: Option<Slot>,
     /// Where this node sits in the leaf index, if it does.
     leaf_slot: Option<Slot>,
+    /// Where this node sits in the rank index (attached non-root nodes), if it does.
+    rank_slot: Option<Slot>,
     /// Position in the waiting queue, if this node heads a waiting subtree.
     wait_seq: Option<u64>,
     /// How other peers can reach it.
@@ -217,6 +236,9 @@ pub struct RelayTree {
     /// Attached non-root leaves by (depth, capacity class): the shallowest weak leaf is a
     /// promotion target, the deepest strong leaf a stand-in for a departing relay.
     leaves: Buckets,
+    /// Every attached non-root node by (depth, capacity class): the strong deep peers a
+    /// repair promotes and the weak shallow ones rebalancing swaps them with.
+    ranks: Buckets,
     /// Heads of detached subtrees in arrival order.
     waiting: BTreeMap<u64, NodeIndex>,
     /// The same queue split by the heads' NAT classes (index in [`NatClass::ALL`]), so a
@@ -249,6 +271,7 @@ impl RelayTree {
             max_depth: max_depth.max(1),
             free: Default::default(),
             leaves: Buckets::default(),
+            ranks: Buckets::default(),
             waiting: BTreeMap::new(),
             waiting_by_nat: Default::default(),
             next_wait_seq: 0,
@@ -483,7 +506,7 @@ impl RelayTree {
     /// Removes a peer (left or crashed) and repairs the tree around it.
     pub fn remove(&mut self, peer: PeerId) -> Result<(), TreeError> {
         let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
-        if self.replace_with_leaf(n) {
+        if self.replace_with_stand_in(n) {
             self.nodes.remove(peer);
             self.graph.remove_node(n);
             self.fill_waiting();
@@ -645,6 +668,48 @@ impl RelayTree {
         !self.avoided.is_empty() && self.avoided.get(&a).is_some_and(|l| l.contains(&b))
     }
 
+    /// Moves peers so that strong ones sit high and none sits deeper than it must, within
+    /// a budget of `max_moves` peers that change parent. Returns how many did; 0 means
+    /// nothing worth moving was found (or the cheapest move found does not fit the budget).
+    ///
+    /// Repairs keep the tree shallow as it changes, but joins, leaves and NAT limits still
+    /// leave strong peers deep below weak ones, and free slots high above deep leaves.
+    /// The room is meant to call this on a timer with a moves-per-second budget, and to
+    /// carry out every parent change make-before-break (the new link carries media before
+    /// the old one closes), so a move interrupts nobody. Moves, in order of preference:
+    ///
+    /// - **lift**: the deepest leaf moves to a free slot at least two levels above it
+    ///   (one peer changes parent);
+    /// - **swap**: a peer S at depth `ds` and a weaker peer W at depth `dw < ds` trade
+    ///   places when `(capacity S - capacity W) * (ds - dw)` is at least
+    ///   [`MIN_SWAP_GAIN`]. S takes W's parent and W's children and keeps as many of its
+    ///   own children as it has room for (their subtrees rise with it); W takes S's old
+    ///   parent (or S, if that was W) and S's remaining children, the weakest. The pair
+    ///   chosen is the deepest strong and shallowest weak one with the largest gain.
+    ///
+    /// A move only creates direct links and never one between peers that failed with each
+    /// other; no peer ends deeper than the deepest place it takes, so the tree's depth
+    /// never grows. Each move strictly lowers the sum of capacity × depth (or, for lifts
+    /// of zero-capacity leaves, the sum of depths), so repeated calls come to rest. Work
+    /// per move is bounded by the capacity classes, the depth limit and a few dozen
+    /// candidates, plus the subtrees that rise; it never scans the peers.
+    pub fn rebalance(&mut self, max_moves: usize) -> usize {
+        if self.root.is_none() {
+            return 0;
+        }
+        let mut moves = 0;
+        while moves < max_moves {
+            let budget = max_moves - moves;
+            match self.lift().or_else(|| self.swap(budget)) {
+                Some(m) => moves += m,
+                None => break,
+            }
+        }
+        // A move may free a slot (the old parent's) that a waiting subtree can use.
+        self.fill_waiting();
+        moves
+    }
+
     // ---- internals ----
 
     /// `n`'s link to its parent needs a relay: attached, it is re-homed; inside a waiting
@@ -684,6 +749,177 @@ impl RelayTree {
         self.place_orphans();
     }
 
+    /// Lifts one deep leaf into a free slot at least two levels above it. Returns the
+    /// number of peers moved (1), or None.
+    fn lift(&mut self) -> Option<usize> {
+        const BUDGET: usize = 16;
+        let shallowest = self.free.iter().filter_map(Buckets::min_depth).min()?;
+        let mut examined = 0;
+        let depths = (shallowest + 2..self.leaves.depth_bound()).rev();
+        for d in depths.filter(|&d| self.leaves.has_depth(d)) {
+            // Strong leaves first: lifted, their slots move up too.
+            for class in (0..CLASSES).rev() {
+                for &i in self.leaves.cell(d, class).iter().rev() {
+                    examined += 1;
+                    if examined > BUDGET {
+                        return None;
+                    }
+                    let leaf = NodeIndex::new(i as usize);
+                    if let Some((slot_depth, parent)) = self.best_slot_where(leaf, true)
+                        && slot_depth + 1 < d
+                    {
+                        let old = self.parent_of(leaf).expect("leaves are never the root");
+                        self.unindex(leaf);
+                        self.count_depth(d, false);
+                        self.graph[leaf].status = Status::Detached;
+                        self.unlink(old, leaf);
+                        self.link(parent, leaf);
+                        self.set_attached(leaf, slot_depth + 1);
+                        self.reindex(leaf);
+                        return Some(1);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Swaps one strong deep peer with a weaker shallow one (see [`Self::rebalance`]), if
+    /// the move fits `budget`. Returns the number of peers that changed parent, or None.
+    fn swap(&mut self, budget: usize) -> Option<usize> {
+        const BUDGET: usize = 64;
+        const PER_CELL: usize = 4;
+        // Shallowest and deepest depth holding each capacity class.
+        let mut shallowest = [u32::MAX; CLASSES];
+        let mut deepest = [0u32; CLASSES];
+        for d in (1..self.ranks.depth_bound()).filter(|&d| self.ranks.has_depth(d)) {
+            for c in (0..CLASSES).filter(|&c| !self.ranks.cell(d, c).is_empty()) {
+                shallowest[c] = shallowest[c].min(d);
+                deepest[c] = d;
+            }
+        }
+        let mut pairs: Vec<(u32, usize, usize)> = Vec::new();
+        for strong in (1..CLASSES).filter(|&c| deepest[c] > 0) {
+            for weak in (0..strong).filter(|&c| shallowest[c] < deepest[strong]) {
+                let gain = (strong - weak) as u32 * (deepest[strong] - shallowest[weak]);
+                if gain >= MIN_SWAP_GAIN {
+                    pairs.push((gain, strong, weak));
+                }
+            }
+        }
+        pairs.sort_unstable_by_key(|&(gain, strong, weak)| Reverse((gain, strong, Reverse(weak))));
+        let mut examined = 0;
+        for (_, strong, weak) in pairs {
+            let strong_cell = self.ranks.cell(deepest[strong], strong);
+            for &s in strong_cell.iter().rev().take(PER_CELL) {
+                let weak_cell = self.ranks.cell(shallowest[weak], weak);
+                for &w in weak_cell.iter().take(PER_CELL) {
+                    examined += 1;
+                    if examined > BUDGET {
+                        return None;
+                    }
+                    let (s, w) = (NodeIndex::new(s as usize), NodeIndex::new(w as usize));
+                    if let Some(plan) = self.swap_plan(s, w, budget) {
+                        return Some(self.apply_swap(plan));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// How `strong` and `weak` would trade places, if they can: every new link direct
+    /// and not ruled out, the strong one really stronger and deeper, and the peers that
+    /// change parent no more than `budget`.
+    fn swap_plan(&self, strong: NodeIndex, weak: NodeIndex, budget: usize) -> Option<SwapPlan> {
+        let (s, w) = (&self.graph[strong], &self.graph[weak]);
+        if s.capacity <= w.capacity || s.depth <= w.depth {
+            return None;
+        }
+        let (s_parent, w_parent) = (self.parent_of(strong)?, self.parent_of(weak)?);
+        let weak_parent = if s_parent == weak { strong } else { s_parent };
+        if !self.direct_ok(strong, w_parent) || !self.direct_ok(weak, weak_parent) {
+            return None;
+        }
+        let adopted: Vec<NodeIndex> = self
+            .graph
+            .neighbors_directed(weak, Outgoing)
+            .filter(|&c| c != strong)
+            .collect();
+        if adopted.iter().any(|&c| !self.direct_ok(c, strong)) {
+            return None;
+        }
+        // Room the strong one keeps for its own children, beside the weak one's (which
+        // include the weak one itself when it was the strong one's parent).
+        let room = (s.capacity - w.children) as usize;
+        let mut own = self.children_strongest_first(strong);
+        let handed = own.len().saturating_sub(room);
+        // The weak one takes the weakest, which it must reach directly.
+        let mut given = Vec::with_capacity(handed);
+        let mut i = own.len();
+        while given.len() < handed && i > 0 {
+            i -= 1;
+            if self.direct_ok(own[i], weak) {
+                given.push(own.remove(i));
+            }
+        }
+        let moves = 2 + adopted.len() + given.len();
+        (given.len() == handed && moves <= budget).then_some(SwapPlan {
+            strong,
+            weak,
+            adopted,
+            given,
+            kept: own,
+        })
+    }
+
+    /// Carries out a swap planned by [`Self::swap_plan`]; returns the peers that changed
+    /// parent.
+    fn apply_swap(&mut self, plan: SwapPlan) -> usize {
+        let SwapPlan {
+            strong,
+            weak,
+            adopted,
+            given,
+            kept,
+        } = plan;
+        let (ds, dw) = (self.graph[strong].depth, self.graph[weak].depth);
+        let s_parent = self.parent_of(strong).expect("not the root");
+        let w_parent = self.parent_of(weak).expect("not the root");
+        // Both change depth and children: out of the indexes until they are settled.
+        for (n, d) in [(strong, ds), (weak, dw)] {
+            self.unindex(n);
+            self.count_depth(d, false);
+            self.graph[n].status = Status::Detached;
+        }
+        self.unlink(w_parent, weak);
+        self.unlink(s_parent, strong);
+        for &c in &adopted {
+            self.unlink(weak, c);
+        }
+        for &c in &given {
+            self.unlink(strong, c);
+        }
+        self.graph[strong].depth = dw;
+        self.graph[weak].depth = ds;
+        self.link(w_parent, strong);
+        self.link(if s_parent == weak { strong } else { s_parent }, weak);
+        for &c in &adopted {
+            self.link(strong, c);
+        }
+        for &c in &given {
+            self.link(weak, c);
+        }
+        self.set_attached(strong, dw);
+        self.set_attached(weak, ds);
+        self.reindex(strong);
+        self.reindex(weak);
+        for &c in &kept {
+            self.shift_subtree(c, dw + 1);
+        }
+        2 + adopted.len() + given.len()
+    }
+
     /// Whether linking `a` and `b` (either way round) is ruled out by an earlier failure.
     fn avoids(&self, a: NodeIndex, b: NodeIndex) -> bool {
         self.is_avoided(self.graph[a].peer, self.graph[b].peer)
@@ -706,6 +942,7 @@ impl RelayTree {
             status: Status::Detached,
             free_slot: None,
             leaf_slot: None,
+            rank_slot: None,
             wait_seq: None,
             nat: NatClass::Unknown,
         });
@@ -773,7 +1010,7 @@ impl RelayTree {
     /// Puts an attached node into the indexes its current state qualifies it for,
     /// replacing whatever entries it had.
     fn reindex(&mut self, n: NodeIndex) {
-        self.unindex(n);
+        self.unindex_slots(n);
         let i = n.index() as u32;
         let node = &self.graph[n];
         let (depth, spare, capacity) = (node.depth, node.spare(), node.capacity);
@@ -782,12 +1019,28 @@ impl RelayTree {
             .then(|| self.free[group].insert(depth, class_of(spare), i));
         let leaf_slot = (node.children == 0 && depth > 0)
             .then(|| self.leaves.insert(depth, class_of(capacity), i));
+        // The rank entry depends on depth and capacity only, which change far less often
+        // than the child count: leave it alone when it is current.
+        let rank = (depth > 0).then_some((depth, class_of(capacity)));
+        let current = node.rank_slot.map(|s| (s.depth, s.class as usize));
+        if rank != current {
+            self.unindex_rank(n);
+            let rank_slot = rank.map(|(d, c)| self.ranks.insert(d, c, i));
+            self.graph[n].rank_slot = rank_slot;
+        }
         let node = &mut self.graph[n];
         node.free_slot = free_slot;
         node.leaf_slot = leaf_slot;
     }
 
+    /// Takes a node out of every index.
     fn unindex(&mut self, n: NodeIndex) {
+        self.unindex_slots(n);
+        self.unindex_rank(n);
+    }
+
+    /// Takes a node out of the free-slot and leaf indexes.
+    fn unindex_slots(&mut self, n: NodeIndex) {
         let group = group_of(self.graph[n].nat);
         if let Some(slot) = self.graph[n].free_slot.take()
             && let Some(moved) = self.free[group].remove(slot)
@@ -798,6 +1051,14 @@ impl RelayTree {
             && let Some(moved) = self.leaves.remove(slot)
         {
             self.graph[NodeIndex::new(moved as usize)].leaf_slot = Some(slot);
+        }
+    }
+
+    fn unindex_rank(&mut self, n: NodeIndex) {
+        if let Some(slot) = self.graph[n].rank_slot.take()
+            && let Some(moved) = self.ranks.remove(slot)
+        {
+            self.graph[NodeIndex::new(moved as usize)].rank_slot = Some(slot);
         }
     }
 
@@ -1011,39 +1272,71 @@ impl RelayTree {
         None
     }
 
-    /// A leaf outside `n`'s subtree to stand in for `n`: the deepest one that can feed all
-    /// `need` orphans (ties: more capacity), or else the strongest one (deepest among
-    /// equals), which adopts as many as it can. Leaves inside are skipped so the orphaned
-    /// subtrees stay exactly as they were; a bounded number of candidates is examined.
+    /// A peer to stand in for departing relay `n`, which feeds `need` children. In order
+    /// of preference:
+    /// 1. the deepest leaf that can feed all of them (ties: more capacity): only it moves;
+    /// 2. the deepest peer below `n`'s depth that can feed all of them (ties: more
+    ///    capacity). It brings its own children along as far as it has room and the rest
+    ///    are placed like orphans: they sit near the bottom of the tree, where a new slot
+    ///    costs little depth, while `n`'s orphans, the roots of the big subtrees, keep
+    ///    their depth;
+    /// 3. the strongest peer below `n`'s depth (deepest among equals), which adopts as
+    ///    many orphans as it can.
+    ///
+    /// The peer may lie inside `n`'s subtree. Each step examines a bounded number of
+    /// candidates.
     fn stand_in(&self, need: u32, n: NodeIndex) -> Option<NodeIndex> {
         const BUDGET: usize = 64;
-        let mut examined = 0;
-        let parent = self.parent_of(n);
-        let mut usable = |i: u32, min_capacity: u32| {
-            examined += 1;
+        let depth = self.graph[n].depth;
+        let parent = self.parent_of(n)?;
+        // It takes the departing relay's parent: that link must work directly.
+        let usable = |i: u32, min_capacity: u32| {
             let x = NodeIndex::new(i as usize);
-            (examined <= BUDGET
-                && self.graph[x].capacity >= min_capacity
-                // It takes the departing relay's parent: that link must work directly.
-                && parent.is_some_and(|p| self.direct_ok(x, p))
-                && !self.is_within(x, n))
-            .then_some(x)
+            (self.graph[x].capacity >= min_capacity && self.direct_ok(x, parent)).then_some(x)
         };
         let need_class = class_of(need);
-        let depths = (1..self.leaves.depth_bound()).rev();
-        for depth in depths.clone().filter(|&d| self.leaves.has_depth(d)) {
+        let mut examined = 0;
+        let leaf_depths = (1..self.leaves.depth_bound()).rev();
+        for d in leaf_depths.filter(|&d| self.leaves.has_depth(d)) {
             for class in (need_class..CLASSES).rev() {
-                for &i in self.leaves.cell(depth, class).iter().rev() {
+                for &i in self.leaves.cell(d, class).iter().rev() {
+                    examined += 1;
+                    if examined > BUDGET {
+                        break;
+                    }
                     if let Some(x) = usable(i, need) {
                         return Some(x);
                     }
                 }
             }
         }
-        // Nobody can take all orphans: the strongest leaf takes the strongest ones.
+        let deeper = || {
+            (depth + 1..self.ranks.depth_bound())
+                .rev()
+                .filter(|&d| self.ranks.has_depth(d))
+        };
+        let mut examined = 0;
+        for d in deeper() {
+            for class in (need_class..CLASSES).rev() {
+                for &i in self.ranks.cell(d, class).iter().rev() {
+                    examined += 1;
+                    if examined > BUDGET {
+                        break;
+                    }
+                    if let Some(x) = usable(i, need) {
+                        return Some(x);
+                    }
+                }
+            }
+        }
+        let mut examined = 0;
         for class in (1..need_class).rev() {
-            for depth in depths.clone().filter(|&d| self.leaves.has_depth(d)) {
-                for &i in self.leaves.cell(depth, class).iter().rev() {
+            for d in deeper() {
+                for &i in self.ranks.cell(d, class).iter().rev() {
+                    examined += 1;
+                    if examined > BUDGET {
+                        return None;
+                    }
                     if let Some(x) = usable(i, 1) {
                         return Some(x);
                     }
@@ -1053,61 +1346,84 @@ impl RelayTree {
         None
     }
 
-    /// Whether attached node `x` is `top` or lies below it. O(depth difference).
-    fn is_within(&self, mut x: NodeIndex, top: NodeIndex) -> bool {
-        let top_depth = self.graph[top].depth;
-        while self.graph[x].depth > top_depth {
-            match self.parent_of(x) {
-                Some(p) => x = p,
-                None => return false,
-            }
-        }
-        x == top
+    /// `n`'s children, the strongest first (ties: storage order, for determinism).
+    fn children_strongest_first(&self, n: NodeIndex) -> Vec<NodeIndex> {
+        let mut children: Vec<NodeIndex> = self.graph.neighbors_directed(n, Outgoing).collect();
+        children.sort_by_key(|&c| (Reverse(self.graph[c].capacity), c.index()));
+        children
     }
 
-    /// Fills the place of attached relay `n` with a stand-in leaf that adopts `n`'s
-    /// strongest children (all of them if it can); the rest are queued as orphans. Unlinks
-    /// `n` (the caller deletes the node). False if no leaf can stand in.
-    fn replace_with_leaf(&mut self, n: NodeIndex) -> bool {
+    /// Moves the attached subtree under `top` (its link unchanged) to start at `depth`,
+    /// telling every peer in it its new depth.
+    fn shift_subtree(&mut self, top: NodeIndex, depth: u32) {
+        let old = self.graph[top].depth;
+        self.detach_subtree(top);
+        self.attach_subtree(top, depth);
+        if old != depth {
+            self.events.push(TreeEvent::DepthChanged {
+                peer: self.graph[top].peer,
+                depth,
+            });
+        }
+    }
+
+    /// Fills the place of attached relay `n` with a stand-in ([`Self::stand_in`]). It
+    /// adopts `n`'s children, the strongest first, as many as it can feed directly, then
+    /// keeps its own children (the strongest first) while it has room; those rise with
+    /// it. Every other child is placed like an orphan. Unlinks `n` (the caller deletes the
+    /// node). False if nobody can stand in.
+    fn replace_with_stand_in(&mut self, n: NodeIndex) -> bool {
         let node = &self.graph[n];
         if node.status != Status::Attached || node.children == 0 || self.root == Some(n) {
             return false;
         }
-        let Some(leaf) = self.stand_in(node.children, n) else {
+        let Some(stand_in) = self.stand_in(node.children, n) else {
             return false;
         };
         let (depth, parent) = (node.depth, self.parent_of(n).expect("non-root attached"));
-        // Lift the leaf out of its place elsewhere in the tree.
-        let leaf_parent = self.parent_of(leaf).expect("leaves are never the root");
-        self.unindex(leaf);
-        self.count_depth(self.graph[leaf].depth, false);
-        self.graph[leaf].status = Status::Detached;
-        self.unlink(leaf_parent, leaf);
+        // Lift the stand-in out of its place (possibly inside `n`'s subtree).
+        let old_parent = self
+            .parent_of(stand_in)
+            .expect("stand-ins are never the root");
+        self.unindex(stand_in);
+        self.count_depth(self.graph[stand_in].depth, false);
+        self.graph[stand_in].status = Status::Detached;
+        self.unlink(old_parent, stand_in);
         // Take `n` out of the tree.
         self.unindex(n);
         self.count_depth(depth, false);
         self.graph[n].status = Status::Detached;
         self.unlink(parent, n);
-        let mut children: Vec<NodeIndex> = self.graph.neighbors_directed(n, Outgoing).collect();
-        children.sort_by_key(|&c| (Reverse(self.graph[c].capacity), c.index()));
-        for &c in &children {
+        let orphans = self.children_strongest_first(n);
+        for &c in &orphans {
             self.unlink(n, c);
         }
-        // The leaf stands in: same parent, same depth, as many children as it can feed
+        let own = self.children_strongest_first(stand_in);
+        // The stand-in takes `n`'s parent and depth, and as many children as it can feed
         // directly (the strongest first); the others are placed like any orphan.
-        self.link(parent, leaf);
-        self.set_attached(leaf, depth);
-        let mut room_left = self.graph[leaf].capacity;
-        for &c in &children {
-            if room_left > 0 && self.direct_ok(c, leaf) {
+        self.link(parent, stand_in);
+        self.set_attached(stand_in, depth);
+        let mut room_left = self.graph[stand_in].capacity;
+        for &c in &orphans {
+            if room_left > 0 && self.direct_ok(c, stand_in) {
                 room_left -= 1;
-                self.link(leaf, c);
+                self.link(stand_in, c);
             } else {
                 self.detach_subtree(c);
                 self.orphans.push_back(c);
             }
         }
-        self.reindex(leaf);
+        for &c in &own {
+            if room_left > 0 {
+                room_left -= 1;
+                self.shift_subtree(c, depth + 1);
+            } else {
+                self.unlink(stand_in, c);
+                self.detach_subtree(c);
+                self.orphans.push_back(c);
+            }
+        }
+        self.reindex(stand_in);
         self.place_orphans();
         true
     }
@@ -1134,6 +1450,7 @@ impl RelayTree {
         let mut depth_counts = vec![0u64; self.depth_counts.len().max(1)];
         let mut free = BTreeSet::new();
         let mut leaves = BTreeSet::new();
+        let mut ranks = BTreeSet::new();
         let slot_ok = |b: &Buckets, slot: Option<Slot>, i: u32| slot.is_none_or(|s| b.verify(s, i));
         if self.nodes.len() != self.graph.node_count() {
             return fail(format!(
@@ -1209,8 +1526,12 @@ impl RelayTree {
                     if node.children == 0 && node.depth > 0 {
                         leaves.insert((node.depth, class_of(node.capacity), i));
                     }
+                    if node.depth > 0 {
+                        ranks.insert((node.depth, class_of(node.capacity), i));
+                    }
                     if !slot_ok(&self.free[group_of(node.nat)], node.free_slot, i)
                         || !slot_ok(&self.leaves, node.leaf_slot, i)
+                        || !slot_ok(&self.ranks, node.rank_slot, i)
                     {
                         return fail(format!("{peer}'s recorded index position is stale"));
                     }
@@ -1219,7 +1540,10 @@ impl RelayTree {
                     if self.root == Some(n) {
                         return fail("root is detached".into());
                     }
-                    if node.free_slot.is_some() || node.leaf_slot.is_some() {
+                    if node.free_slot.is_some()
+                        || node.leaf_slot.is_some()
+                        || node.rank_slot.is_some()
+                    {
                         return fail(format!("detached {peer} is indexed"));
                     }
                     match parent {
@@ -1281,6 +1605,9 @@ impl RelayTree {
         }
         if leaves.len() != self.leaves.len() || leaves != self.leaves.members().collect() {
             return fail("leaf index out of sync".into());
+        }
+        if ranks.len() != self.ranks.len() || ranks != self.ranks.members().collect() {
+            return fail("rank index out of sync".into());
         }
         let trimmed = |v: &[u64]| v.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
         if depth_counts[..trimmed(&depth_counts)]

@@ -207,3 +207,126 @@ fn large_churn_keeps_invariants_and_stays_near_minimum_depth() {
         tree.max_depth()
     );
 }
+
+/// The least possible depth of a tree holding these capacities under a root feeding
+/// `root_capacity`: levels filled one by one, the strongest peers highest. None when the
+/// capacities cannot hold everyone (too many peers that feed nobody).
+fn d_min(root_capacity: u32, capacities: &[u32]) -> Option<u32> {
+    let mut caps = capacities.to_vec();
+    caps.sort_unstable_by(|a, b| b.cmp(a));
+    let (mut placed, mut depth, mut slots) = (0usize, 0u32, u64::from(root_capacity));
+    while placed < caps.len() {
+        if slots == 0 {
+            return None;
+        }
+        let take = (slots as usize).min(caps.len() - placed);
+        slots = caps[placed..placed + take]
+            .iter()
+            .map(|&c| u64::from(c))
+            .sum();
+        placed += take;
+        depth += 1;
+    }
+    Some(depth)
+}
+
+#[derive(Debug, Clone)]
+enum Churn {
+    Join {
+        capacity: u32,
+    },
+    /// Leaving or crashing: the tree sees a removal either way.
+    Leave {
+        pick: usize,
+    },
+    /// The room's timer: a few rebalancing moves.
+    Rebalance {
+        budget: usize,
+    },
+}
+
+/// Capacities in the shares of mixed real uplinks: most peers feed nobody or two, a
+/// quarter feed four (the fan-out limit), a few one.
+fn mixed_capacity() -> impl Strategy<Value = u32> {
+    prop_oneof![4 => Just(0u32), 1 => Just(1), 3 => Just(2), 3 => Just(4)]
+}
+
+fn churn() -> impl Strategy<Value = Churn> {
+    prop_oneof![
+        6 => mixed_capacity().prop_map(|capacity| Churn::Join { capacity }),
+        4 => any::<usize>().prop_map(|pick| Churn::Leave { pick }),
+        1 => (1usize..8).prop_map(|budget| Churn::Rebalance { budget }),
+    ]
+}
+
+fn run_churn(root_capacity: u32, ops: &[Churn]) -> Result<(), TestCaseError> {
+    let mut tree = RelayTree::new(64);
+    let mut mirror = EventMirror::default();
+    tree.set_root(PeerId(0), root_capacity).unwrap();
+    let mut live: Vec<(PeerId, u32)> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        match *op {
+            Churn::Join { capacity } => {
+                let p = PeerId(i as u64 + 1);
+                tree.insert(p, capacity).unwrap();
+                live.push((p, capacity));
+            }
+            Churn::Leave { pick } if !live.is_empty() => {
+                let (p, _) = live.swap_remove(pick % live.len());
+                tree.remove(p).unwrap();
+            }
+            Churn::Rebalance { budget } => {
+                let depth = tree.max_depth();
+                let moved = tree.rebalance(budget);
+                prop_assert!(moved <= budget, "{moved} moves over a budget of {budget}");
+                prop_assert!(tree.max_depth() <= depth, "rebalancing deepened the tree");
+            }
+            Churn::Leave { .. } => {}
+        }
+        mirror.apply(tree.drain_events());
+        if let Err(v) = tree.invariants() {
+            return Err(TestCaseError::fail(format!("after {op:?}: {v}")));
+        }
+    }
+    // The churn settles: the room's timer runs until nothing is worth moving.
+    let mut rounds = 0;
+    while tree.rebalance(8) > 0 {
+        mirror.apply(tree.drain_events());
+        tree.invariants()
+            .map_err(|v| TestCaseError::fail(v.to_string()))?;
+        rounds += 1;
+        prop_assert!(rounds < 100_000, "rebalancing does not come to rest");
+    }
+    mirror.apply(tree.drain_events());
+    for (&child, &parent) in &mirror.parent {
+        prop_assert_eq!(
+            tree.parent(child),
+            Some(parent),
+            "events disagree with the tree"
+        );
+    }
+    let capacities: Vec<u32> = live.iter().map(|&(_, c)| c).collect();
+    if let Some(d_min) = d_min(root_capacity, &capacities) {
+        prop_assert_eq!(tree.waiting_len(), 0, "room for everyone, yet some wait");
+        prop_assert!(
+            tree.max_depth() <= d_min + 1,
+            "depth {} with d_min {} for {} peers",
+            tree.max_depth(),
+            d_min,
+            live.len()
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mixed_capacity_churn_settles_within_one_level_of_the_minimum(
+        root_capacity in 1u32..=6,
+        ops in proptest::collection::vec(churn(), 200..1_000),
+    ) {
+        run_churn(root_capacity, &ops)?;
+    }
+}
