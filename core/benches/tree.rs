@@ -4,7 +4,8 @@
 //! included, so leave figures include repair), keeping the tree near its size. `join`
 //! reports the time of the joins, `leave_repair` the time of the leaves, per operation.
 //! Capacities are mixed: 30 % leaves (0), 20 % one child, 25 % two, 25 % four; the depth
-//! limit is the operator default (16).
+//! limit is the operator default (16). After each size's churn the tree is rebalanced until
+//! nothing is worth moving; the cost per move and the depth before and after are printed.
 
 use std::time::{Duration, Instant};
 
@@ -101,12 +102,63 @@ fn bench(c: &mut Criterion) {
         });
         steady.tree.invariants().unwrap();
         eprintln!(
-            "n={n}: depth {} after churn, {} waiting",
+            "n={n}: depth {} after churn (d_min {}), {} waiting",
             steady.tree.max_depth(),
+            d_min(&steady.tree),
             steady.tree.waiting_len()
         );
+        settle(&mut steady.tree, n);
     }
     group.finish();
+}
+
+/// The least possible depth for the tree's peers: levels filled one by one, the strongest
+/// peers highest.
+fn d_min(tree: &RelayTree) -> u32 {
+    let root = tree.root().expect("the bench keeps its root");
+    let mut caps: Vec<u32> = tree
+        .attached()
+        .filter(|&(p, ..)| p != root)
+        .map(|(_, _, c, _)| c)
+        .collect();
+    caps.sort_unstable_by(|a, b| b.cmp(a));
+    let root_capacity = tree.capacity(root).unwrap_or(0);
+    let (mut placed, mut depth, mut slots) = (0usize, 0u32, u64::from(root_capacity));
+    while placed < caps.len() && slots > 0 {
+        let take = (slots as usize).min(caps.len() - placed);
+        slots = caps[placed..placed + take]
+            .iter()
+            .map(|&c| u64::from(c))
+            .sum();
+        placed += take;
+        depth += 1;
+    }
+    depth
+}
+
+/// Rebalances the churned tree until nothing is worth moving (or a million moves), and
+/// reports the cost per move and the depth it reaches. Not a criterion measurement: the
+/// work shrinks as the tree settles, so it is timed once.
+fn settle(tree: &mut RelayTree, n: usize) {
+    let before = tree.max_depth();
+    let mut moves = 0;
+    let t = Instant::now();
+    for _ in 0..1_000 {
+        let m = tree.rebalance(1_000);
+        tree.drain_events().for_each(drop);
+        moves += m;
+        if m == 0 {
+            break;
+        }
+    }
+    let elapsed = t.elapsed();
+    tree.invariants().unwrap();
+    eprintln!(
+        "n={n}: rebalance: {moves} moves in {elapsed:.2?} ({:.2?} per move), depth {before} -> {} (d_min {})",
+        elapsed / moves.max(1) as u32,
+        tree.max_depth(),
+        d_min(tree)
+    );
 }
 
 criterion_group!(benches, bench);

@@ -20,15 +20,36 @@
 //! as it was. Without this, every orphan but one sinks to the bottom of the tree and depth
 //! grows steadily under churn.
 //!
-//! When no leaf can stand in (or the root left), each child is detached *with its
+//! Strong peers rarely stay leaves (they attract children), so often no leaf can feed all
+//! the orphans. Then the deepest peer below the departed relay that can, relay or not and
+//! the orphans' own subtrees included, takes the place: it adopts the orphans, keeps as
+//! many of its own children as it still has room for (they rise with it), and the rest of
+//! its children are placed like orphans. Those come from near the bottom of the tree,
+//! where a slot costs little depth, while the orphans, the roots of the big subtrees, keep
+//! theirs: the hole moves to the bottom instead of whole subtrees sinking. Peers are
+//! found in a rank index of attached peers by (depth, capacity class). Only when nobody
+//! can feed them all does the strongest leaf adopt what it can.
+//!
+//! When nobody can stand in (or the root left), each child is detached *with its
 //! subtree*. A detached subtree leaves every index, so the placement query cannot pick a
 //! slot inside it; it is re-attached as a unit to the best slot, the orphan with the most
 //! capacity first. When re-attaching would push nodes below the depth limit, the children
 //! of nodes at the limit are cut off and placed like any other orphan. Subtrees that find
 //! no slot wait, in arrival order, and are placed as soon as a slot frees up.
 //!
+//! # Rebalancing
+//! Joins in random order, leaves and NAT limits still leave strong peers deep below weak
+//! ones, and free slots high above deep leaves. [`RelayTree::rebalance`] repairs that a few
+//! moves at a time: it lifts the deepest leaf into a free slot two or more levels higher,
+//! or swaps a strong deep peer with a weaker shallow one (the strong one takes the weak
+//! one's place, children and as many of its own children as fit; the weak one takes the
+//! strong one's old place and the rest). Moves never deepen the tree and each one lowers
+//! the total of capacity × depth, so repeated calls come to rest. The room calls it on a
+//! timer with a moves-per-second budget and carries out every move make-before-break.
+//!
 //! Work per operation is O(fan-out · log N) for joins and stand-in repairs; a subtree that
-//! must move costs time proportional to its size, never to the size of the tree.
+//! must move (or rises with a stand-in or a swap) costs time proportional to its size,
+//! never to the size of the tree.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -1274,17 +1295,17 @@ impl RelayTree {
 
     /// A peer to stand in for departing relay `n`, which feeds `need` children. In order
     /// of preference:
-    /// 1. the deepest leaf that can feed all of them (ties: more capacity): only it moves;
+    /// 1. the deepest leaf outside `n`'s subtree that can feed all of them (ties: more
+    ///    capacity): only it moves, and the orphaned subtrees stay exactly as they were;
     /// 2. the deepest peer below `n`'s depth that can feed all of them (ties: more
-    ///    capacity). It brings its own children along as far as it has room and the rest
-    ///    are placed like orphans: they sit near the bottom of the tree, where a new slot
-    ///    costs little depth, while `n`'s orphans, the roots of the big subtrees, keep
-    ///    their depth;
-    /// 3. the strongest peer below `n`'s depth (deepest among equals), which adopts as
-    ///    many orphans as it can.
+    ///    capacity), anywhere, the orphans' subtrees included. It brings its own children
+    ///    along as far as it has room and the rest are placed like orphans: they sit near
+    ///    the bottom of the tree, where a new slot costs little depth, while `n`'s
+    ///    orphans, the roots of the big subtrees, keep their depth;
+    /// 3. the strongest leaf outside `n`'s subtree (deepest among equals), which adopts
+    ///    as many orphans as it can.
     ///
-    /// The peer may lie inside `n`'s subtree. Each step examines a bounded number of
-    /// candidates.
+    /// Each step examines a bounded number of candidates.
     fn stand_in(&self, need: u32, n: NodeIndex) -> Option<NodeIndex> {
         const BUDGET: usize = 64;
         let depth = self.graph[n].depth;
@@ -1295,28 +1316,28 @@ impl RelayTree {
             (self.graph[x].capacity >= min_capacity && self.direct_ok(x, parent)).then_some(x)
         };
         let need_class = class_of(need);
+        let leaf_depths = || {
+            (1..self.leaves.depth_bound())
+                .rev()
+                .filter(|&d| self.leaves.has_depth(d))
+        };
         let mut examined = 0;
-        let leaf_depths = (1..self.leaves.depth_bound()).rev();
-        for d in leaf_depths.filter(|&d| self.leaves.has_depth(d)) {
+        for d in leaf_depths() {
             for class in (need_class..CLASSES).rev() {
                 for &i in self.leaves.cell(d, class).iter().rev() {
                     examined += 1;
                     if examined > BUDGET {
                         break;
                     }
-                    if let Some(x) = usable(i, need) {
+                    if let Some(x) = usable(i, need).filter(|&x| !self.is_within(x, n)) {
                         return Some(x);
                     }
                 }
             }
         }
-        let deeper = || {
-            (depth + 1..self.ranks.depth_bound())
-                .rev()
-                .filter(|&d| self.ranks.has_depth(d))
-        };
         let mut examined = 0;
-        for d in deeper() {
+        let deeper = (depth + 1..self.ranks.depth_bound()).rev();
+        for d in deeper.filter(|&d| self.ranks.has_depth(d)) {
             for class in (need_class..CLASSES).rev() {
                 for &i in self.ranks.cell(d, class).iter().rev() {
                     examined += 1;
@@ -1331,19 +1352,31 @@ impl RelayTree {
         }
         let mut examined = 0;
         for class in (1..need_class).rev() {
-            for d in deeper() {
-                for &i in self.ranks.cell(d, class).iter().rev() {
+            for d in leaf_depths() {
+                for &i in self.leaves.cell(d, class).iter().rev() {
                     examined += 1;
                     if examined > BUDGET {
                         return None;
                     }
-                    if let Some(x) = usable(i, 1) {
+                    if let Some(x) = usable(i, 1).filter(|&x| !self.is_within(x, n)) {
                         return Some(x);
                     }
                 }
             }
         }
         None
+    }
+
+    /// Whether attached node `x` is `top` or lies below it. O(depth difference).
+    fn is_within(&self, mut x: NodeIndex, top: NodeIndex) -> bool {
+        let top_depth = self.graph[top].depth;
+        while self.graph[x].depth > top_depth {
+            match self.parent_of(x) {
+                Some(p) => x = p,
+                None => return false,
+            }
+        }
+        x == top
     }
 
     /// `n`'s children, the strongest first (ties: storage order, for determinism).
@@ -1723,6 +1756,153 @@ mod tests {
         );
         assert_eq!(t.parent(p(5)), Some(p(3)), "and kept its child");
         assert_eq!(t.depth(p(4)), None, "no slot left: the other orphan waits");
+    }
+
+    #[test]
+    fn without_a_strong_leaf_a_deep_strong_relay_stands_in() {
+        // root -> 1 -> {2, 3} -> {4, 5 (relays), 6, 7 (leaves)}; every leaf feeds nobody.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 1).unwrap();
+        for (i, cap) in [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (6, 0), (7, 0)] {
+            t.insert(p(i), cap).unwrap();
+        }
+        t.set_capacity(p(4), 4).unwrap();
+        t.set_capacity(p(5), 4).unwrap();
+        for i in 8..=11 {
+            t.insert(p(i), 0).unwrap();
+        }
+        assert_eq!(t.depth(p(4)), Some(3));
+        assert_eq!(t.child_count(p(4)), Some(2));
+        assert_eq!(t.max_depth(), 4);
+        t.invariants().unwrap();
+        t.remove(p(1)).unwrap();
+        t.invariants().unwrap();
+        // A depth-3 relay with room took 1's place: the orphans keep their depth, its own
+        // children rise with it, and nothing sinks (before, 3's subtree sank to depth 6).
+        let stand_in = t.parent(p(2)).unwrap();
+        assert!(stand_in == p(4) || stand_in == p(5));
+        assert_eq!(t.parent(p(3)), Some(stand_in));
+        assert_eq!(t.depth(stand_in), Some(1));
+        assert_eq!((t.depth(p(2)), t.depth(p(3))), (Some(2), Some(2)));
+        assert_eq!(
+            t.child_count(stand_in),
+            Some(4),
+            "kept its own two children"
+        );
+        assert_eq!(t.max_depth(), 4);
+        assert_eq!(t.waiting_len(), 0);
+    }
+
+    #[test]
+    fn a_stand_in_too_full_for_its_own_children_hands_them_on() {
+        // root -> {1 -> {3, 4 -> {6, 7}}, 2}. Only 4 (capacity 2) can feed both of 1's
+        // children; beside its sibling it has room for one of its own.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 2).unwrap();
+        for (i, cap) in [(1, 2), (2, 0), (3, 0), (4, 1)] {
+            t.insert(p(i), cap).unwrap();
+        }
+        assert_eq!(t.parent(p(4)), Some(p(1)));
+        t.set_capacity(p(4), 2).unwrap();
+        t.insert(p(6), 0).unwrap();
+        t.insert(p(7), 0).unwrap();
+        assert_eq!(t.parent(p(6)), Some(p(4)));
+        t.set_capacity(p(2), 1).unwrap(); // a free slot at depth 1
+        t.invariants().unwrap();
+        t.remove(p(1)).unwrap();
+        t.invariants().unwrap();
+        // Before, leaf 2 stood in, adopted 4 only, and 3 found no slot and waited.
+        assert_eq!((t.parent(p(4)), t.depth(p(4))), (Some(p(0)), Some(1)));
+        assert_eq!(t.parent(p(3)), Some(p(4)));
+        let kept = [p(6), p(7)].map(|c| t.parent(c) == Some(p(4)));
+        assert_eq!(kept.iter().filter(|&&k| k).count(), 1, "one child kept");
+        assert!([p(6), p(7)].iter().any(|&c| t.parent(c) == Some(p(2))));
+        assert_eq!(t.waiting_len(), 0);
+        assert_eq!(t.max_depth(), 2);
+    }
+
+    #[test]
+    fn rebalance_swaps_a_strong_deep_relay_with_a_weak_shallow_leaf() {
+        // root -> {1 (feeds nobody), 2 -> 3 -> 4 -> 5 (feeds 4) -> {6, 7}}.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 2).unwrap();
+        for (i, cap) in [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1)] {
+            t.insert(p(i), cap).unwrap();
+        }
+        t.set_capacity(p(5), 4).unwrap();
+        t.insert(p(6), 0).unwrap();
+        t.insert(p(7), 0).unwrap();
+        assert_eq!((t.depth(p(5)), t.max_depth()), (Some(4), 5));
+        t.invariants().unwrap();
+        t.drain_events().for_each(drop);
+        assert_eq!(t.rebalance(0), 0, "no budget, no move");
+        assert_eq!(t.rebalance(2), 2, "one swap: 5 and 1 trade places");
+        t.invariants().unwrap();
+        assert_eq!((t.parent(p(5)), t.depth(p(5))), (Some(p(0)), Some(1)));
+        assert_eq!((t.parent(p(1)), t.depth(p(1))), (Some(p(4)), Some(4)));
+        assert_eq!(t.parent(p(6)), Some(p(5)), "its children came along");
+        assert_eq!(t.max_depth(), 4);
+        let events: Vec<TreeEvent> = t.drain_events().collect();
+        for e in [
+            TreeEvent::Unlinked {
+                parent: p(4),
+                child: p(5),
+            },
+            TreeEvent::Linked {
+                parent: p(0),
+                child: p(5),
+                depth: 1,
+            },
+            TreeEvent::Linked {
+                parent: p(4),
+                child: p(1),
+                depth: 4,
+            },
+            TreeEvent::DepthChanged {
+                peer: p(6),
+                depth: 2,
+            },
+            TreeEvent::DepthChanged {
+                peer: p(7),
+                depth: 2,
+            },
+        ] {
+            assert!(events.contains(&e), "{e:?} missing from {events:?}");
+        }
+        // Further calls lift the deep leaves into 5's spare slots, then rest.
+        let mut moved = 0;
+        loop {
+            let m = t.rebalance(3);
+            t.invariants().unwrap();
+            if m == 0 {
+                break;
+            }
+            moved += m;
+        }
+        assert!(moved > 0);
+        // Capacities 4, 1, 1, 1, 0, 0, 0 under a root feeding 2: d_min is 2.
+        assert_eq!(t.max_depth(), 2);
+        assert_eq!(t.rebalance(10), 0);
+    }
+
+    #[test]
+    fn rebalance_lifts_a_relay_above_its_weaker_parent() {
+        // root -> 1 -> 2 (feeds 3) -> {3, 4}: 2 trades places with its own parent.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 1).unwrap();
+        t.insert(p(1), 1).unwrap();
+        t.insert(p(2), 1).unwrap();
+        t.set_capacity(p(2), 3).unwrap();
+        t.insert(p(3), 0).unwrap();
+        t.insert(p(4), 0).unwrap();
+        assert_eq!(t.max_depth(), 3);
+        assert_eq!(t.rebalance(2), 2);
+        t.invariants().unwrap();
+        assert_eq!(t.parent(p(2)), Some(p(0)));
+        assert_eq!(t.parent(p(1)), Some(p(2)));
+        assert_eq!(t.parent(p(3)), Some(p(2)));
+        assert_eq!(t.max_depth(), 2);
+        assert_eq!(t.rebalance(10), 0);
     }
 
     #[test]
