@@ -13,7 +13,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use treecast_core::PeerId;
-use treecast_core::tree::RelayTree;
+use treecast_core::tree::{RelayTree, min_depth};
 
 const BATCH: usize = 1_000;
 
@@ -112,28 +112,14 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-/// The least possible depth for the tree's peers: levels filled one by one, the strongest
-/// peers highest.
+/// The least possible depth for the tree's attached peers ([`min_depth`]).
 fn d_min(tree: &RelayTree) -> u32 {
     let root = tree.root().expect("the bench keeps its root");
-    let mut caps: Vec<u32> = tree
+    let capacities = tree
         .attached()
         .filter(|&(p, ..)| p != root)
-        .map(|(_, _, c, _)| c)
-        .collect();
-    caps.sort_unstable_by(|a, b| b.cmp(a));
-    let root_capacity = tree.capacity(root).unwrap_or(0);
-    let (mut placed, mut depth, mut slots) = (0usize, 0u32, u64::from(root_capacity));
-    while placed < caps.len() && slots > 0 {
-        let take = (slots as usize).min(caps.len() - placed);
-        slots = caps[placed..placed + take]
-            .iter()
-            .map(|&c| u64::from(c))
-            .sum();
-        placed += take;
-        depth += 1;
-    }
-    depth
+        .map(|(.., c, _)| c);
+    min_depth(tree.capacity(root).unwrap_or(0), capacities).unwrap_or(u32::MAX)
 }
 
 /// Rebalances the churned tree until nothing is worth moving (or a million moves), and

@@ -106,6 +106,31 @@ const GROUP_CLASS: [NatClass; GROUPS] = [
 /// when it lifts at least two slots.
 pub const MIN_SWAP_GAIN: u32 = 2;
 
+/// The least depth any tree can have that holds peers of these capacities below a root
+/// feeding `root_capacity`: levels filled one by one, the strongest peers highest (`d_min`,
+/// the yardstick for depth under churn). None when they cannot all be held (too many feed
+/// nobody). O(N log N): for tests, benchmarks and simulations.
+pub fn min_depth(root_capacity: u32, capacities: impl IntoIterator<Item = u32>) -> Option<u32> {
+    let mut caps: Vec<u32> = capacities.into_iter().collect();
+    caps.sort_unstable_by(|a, b| b.cmp(a));
+    let (mut placed, mut depth, mut slots) = (0usize, 0u32, u64::from(root_capacity));
+    while placed < caps.len() {
+        if slots == 0 {
+            return None;
+        }
+        let take = usize::try_from(slots)
+            .unwrap_or(usize::MAX)
+            .min(caps.len() - placed);
+        slots = caps[placed..placed + take]
+            .iter()
+            .map(|&c| u64::from(c))
+            .sum();
+        placed += take;
+        depth += 1;
+    }
+    Some(depth)
+}
+
 /// Who changes parent in a swap of a strong deep peer with a weak shallow one.
 struct SwapPlan {
     strong: NodeIndex,
@@ -1903,6 +1928,16 @@ mod tests {
         assert_eq!(t.parent(p(3)), Some(p(2)));
         assert_eq!(t.max_depth(), 2);
         assert_eq!(t.rebalance(10), 0);
+    }
+
+    #[test]
+    fn min_depth_fills_levels_strongest_first() {
+        assert_eq!(min_depth(2, []), Some(0));
+        assert_eq!(min_depth(2, [4, 1, 1, 1, 0, 0, 0]), Some(2));
+        // Two per relay: 2 + 4 + 8 = 14 peers in three levels, the 15th needs a fourth.
+        assert_eq!(min_depth(2, [2; 14]), Some(3));
+        assert_eq!(min_depth(2, [2; 15]), Some(4));
+        assert_eq!(min_depth(1, [0, 0]), None);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use treecast_core::PeerId;
 use treecast_core::protocol::NatClass;
-use treecast_core::tree::{RelayTree, TreeEvent};
+use treecast_core::tree::{RelayTree, TreeEvent, min_depth};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -208,28 +208,6 @@ fn large_churn_keeps_invariants_and_stays_near_minimum_depth() {
     );
 }
 
-/// The least possible depth of a tree holding these capacities under a root feeding
-/// `root_capacity`: levels filled one by one, the strongest peers highest. None when the
-/// capacities cannot hold everyone (too many peers that feed nobody).
-fn d_min(root_capacity: u32, capacities: &[u32]) -> Option<u32> {
-    let mut caps = capacities.to_vec();
-    caps.sort_unstable_by(|a, b| b.cmp(a));
-    let (mut placed, mut depth, mut slots) = (0usize, 0u32, u64::from(root_capacity));
-    while placed < caps.len() {
-        if slots == 0 {
-            return None;
-        }
-        let take = (slots as usize).min(caps.len() - placed);
-        slots = caps[placed..placed + take]
-            .iter()
-            .map(|&c| u64::from(c))
-            .sum();
-        placed += take;
-        depth += 1;
-    }
-    Some(depth)
-}
-
 #[derive(Debug, Clone)]
 enum Churn {
     Join {
@@ -305,8 +283,7 @@ fn run_churn(root_capacity: u32, ops: &[Churn]) -> Result<(), TestCaseError> {
             "events disagree with the tree"
         );
     }
-    let capacities: Vec<u32> = live.iter().map(|&(_, c)| c).collect();
-    if let Some(d_min) = d_min(root_capacity, &capacities) {
+    if let Some(d_min) = min_depth(root_capacity, live.iter().map(|&(_, c)| c)) {
         prop_assert_eq!(tree.waiting_len(), 0, "room for everyone, yet some wait");
         prop_assert!(
             tree.max_depth() <= d_min + 1,
