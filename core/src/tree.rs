@@ -43,9 +43,10 @@
 //! moves at a time: it lifts the deepest leaf into a free slot two or more levels higher,
 //! or swaps a strong deep peer with a weaker shallow one (the strong one takes the weak
 //! one's place, children and as many of its own children as fit; the weak one takes the
-//! strong one's old place and the rest). Moves never deepen the tree and each one lowers
-//! the total of capacity × depth, so repeated calls come to rest. The room calls it on a
-//! timer with a moves-per-second budget and carries out every move make-before-break.
+//! strong one's old place and the rest). Moves never deepen the tree (waiting subtrees
+//! placed in the slots they free may go deeper) and each one lowers the total of
+//! capacity × depth, so repeated calls come to rest. The room is to call it on a timer
+//! with a moves-per-second budget and carry out every move make-before-break.
 //!
 //! Work per operation is O(fan-out · log N) for joins and stand-in repairs; a subtree that
 //! must move (or rises with a stand-in or a swap) costs time proportional to its size,
@@ -735,7 +736,7 @@ impl RelayTree {
     ///
     /// A move only creates direct links and never one between peers that failed with each
     /// other; no peer ends deeper than the deepest place it takes, so the tree's depth
-    /// never grows. Each move strictly lowers the sum of capacity × depth (or, for lifts
+    /// never grows (but for waiting subtrees placed in a slot a move freed). Each move strictly lowers the sum of capacity × depth (or, for lifts
     /// of zero-capacity leaves, the sum of depths), so repeated calls come to rest. Work
     /// per move is bounded by the capacity classes, the depth limit and a few dozen
     /// candidates, plus the subtrees that rise; it never scans the peers.

@@ -38,6 +38,10 @@ enum Op {
     Relay {
         allowed: bool,
     },
+    /// The room's rebalancing timer.
+    Rebalance {
+        budget: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -52,6 +56,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, class)| Op::Nat { pick, class }),
         2 => any::<usize>().prop_map(|pick| Op::LinkFailed { pick }),
         1 => any::<bool>().prop_map(|allowed| Op::Relay { allowed }),
+        2 => (1usize..6).prop_map(|budget| Op::Rebalance { budget }),
     ]
 }
 
@@ -137,6 +142,15 @@ fn run(max_depth: u32, ops: &[Op]) -> Result<(), TestCaseError> {
                 }
             }
             Op::Relay { allowed } => tree.set_relay_allowed(allowed),
+            Op::Rebalance { budget } => {
+                let (depth, waiting) = (tree.max_depth(), tree.waiting_len());
+                prop_assert!(tree.rebalance(budget) <= budget, "over budget");
+                // Deeper only by placing waiting peers in the slots the moves freed.
+                prop_assert!(
+                    tree.max_depth() <= depth || tree.waiting_len() < waiting,
+                    "rebalancing deepened the tree"
+                );
+            }
             _ => {}
         }
         mirror.apply(tree.drain_events());
@@ -254,10 +268,13 @@ fn run_churn(root_capacity: u32, ops: &[Churn]) -> Result<(), TestCaseError> {
                 tree.remove(p).unwrap();
             }
             Churn::Rebalance { budget } => {
-                let depth = tree.max_depth();
+                let (depth, waiting) = (tree.max_depth(), tree.waiting_len());
                 let moved = tree.rebalance(budget);
                 prop_assert!(moved <= budget, "{moved} moves over a budget of {budget}");
-                prop_assert!(tree.max_depth() <= depth, "rebalancing deepened the tree");
+                prop_assert!(
+                    tree.max_depth() <= depth || tree.waiting_len() < waiting,
+                    "rebalancing deepened the tree"
+                );
             }
             Churn::Leave { .. } => {}
         }
