@@ -4,7 +4,8 @@
 //! included, so leave figures include repair), keeping the tree near its size. `join`
 //! reports the time of the joins, `leave_repair` the time of the leaves, per operation.
 //! Capacities are mixed: 30 % leaves (0), 20 % one child, 25 % two, 25 % four; the depth
-//! limit is the operator default (16).
+//! limit is the operator default (16). After each size's churn the tree is rebalanced until
+//! nothing is worth moving; the cost per move and the depth before and after are printed.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use treecast_core::PeerId;
-use treecast_core::tree::RelayTree;
+use treecast_core::tree::{RelayTree, min_depth};
 
 const BATCH: usize = 1_000;
 
@@ -101,12 +102,49 @@ fn bench(c: &mut Criterion) {
         });
         steady.tree.invariants().unwrap();
         eprintln!(
-            "n={n}: depth {} after churn, {} waiting",
+            "n={n}: depth {} after churn (d_min {}), {} waiting",
             steady.tree.max_depth(),
+            d_min(&steady.tree),
             steady.tree.waiting_len()
         );
+        settle(&mut steady.tree, n);
     }
     group.finish();
+}
+
+/// The least possible depth for the tree's attached peers ([`min_depth`]).
+fn d_min(tree: &RelayTree) -> u32 {
+    let root = tree.root().expect("the bench keeps its root");
+    let capacities = tree
+        .attached()
+        .filter(|&(p, ..)| p != root)
+        .map(|(.., c, _)| c);
+    min_depth(tree.capacity(root).unwrap_or(0), capacities).unwrap_or(u32::MAX)
+}
+
+/// Rebalances the churned tree until nothing is worth moving (or a million moves), and
+/// reports the cost per move and the depth it reaches. Not a criterion measurement: the
+/// work shrinks as the tree settles, so it is timed once.
+fn settle(tree: &mut RelayTree, n: usize) {
+    let before = tree.max_depth();
+    let mut moves = 0;
+    let t = Instant::now();
+    for _ in 0..1_000 {
+        let m = tree.rebalance(1_000);
+        tree.drain_events().for_each(drop);
+        moves += m;
+        if m == 0 {
+            break;
+        }
+    }
+    let elapsed = t.elapsed();
+    tree.invariants().unwrap();
+    eprintln!(
+        "n={n}: rebalance: {moves} moves in {elapsed:.2?} ({:.2?} per move), depth {before} -> {} (d_min {})",
+        elapsed / moves.max(1) as u32,
+        tree.max_depth(),
+        d_min(tree)
+    );
 }
 
 criterion_group!(benches, bench);

@@ -20,15 +20,37 @@
 //! as it was. Without this, every orphan but one sinks to the bottom of the tree and depth
 //! grows steadily under churn.
 //!
-//! When no leaf can stand in (or the root left), each child is detached *with its
+//! Strong peers rarely stay leaves (they attract children), so often no leaf can feed all
+//! the orphans. Then the deepest peer below the departed relay that can, relay or not and
+//! the orphans' own subtrees included, takes the place: it adopts the orphans, keeps as
+//! many of its own children as it still has room for (they rise with it), and the rest of
+//! its children are placed like orphans. Those come from near the bottom of the tree,
+//! where a slot costs little depth, while the orphans, the roots of the big subtrees, keep
+//! theirs: the hole moves to the bottom instead of whole subtrees sinking. Peers are
+//! found in a rank index of attached peers by (depth, capacity class). Only when nobody
+//! can feed them all does the strongest leaf adopt what it can.
+//!
+//! When nobody can stand in (or the root left), each child is detached *with its
 //! subtree*. A detached subtree leaves every index, so the placement query cannot pick a
 //! slot inside it; it is re-attached as a unit to the best slot, the orphan with the most
 //! capacity first. When re-attaching would push nodes below the depth limit, the children
 //! of nodes at the limit are cut off and placed like any other orphan. Subtrees that find
 //! no slot wait, in arrival order, and are placed as soon as a slot frees up.
 //!
+//! # Rebalancing
+//! Joins in random order, leaves and NAT limits still leave strong peers deep below weak
+//! ones, and free slots high above deep leaves. [`RelayTree::rebalance`] repairs that a few
+//! moves at a time: it lifts the deepest leaf into a free slot two or more levels higher,
+//! or swaps a strong deep peer with a weaker shallow one (the strong one takes the weak
+//! one's place, children and as many of its own children as fit; the weak one takes the
+//! strong one's old place and the rest). Moves never deepen the tree (waiting subtrees
+//! placed in the slots they free may go deeper) and each one lowers the total of
+//! capacity × depth, so repeated calls come to rest. The room is to call it on a timer
+//! with a moves-per-second budget and carry out every move make-before-break.
+//!
 //! Work per operation is O(fan-out · log N) for joins and stand-in repairs; a subtree that
-//! must move costs time proportional to its size, never to the size of the tree.
+//! must move (or rises with a stand-in or a swap) costs time proportional to its size,
+//! never to the size of the tree.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -79,6 +101,48 @@ const GROUP_CLASS: [NatClass; GROUPS] = [
     NatClass::Symmetric,
     NatClass::Blocked,
 ];
+
+/// The least `(capacity difference) × (depth difference)` for which [`RelayTree::rebalance`]
+/// swaps a strong deep peer with a weak shallow one: a one-level swap is worth its moves only
+/// when it lifts at least two slots.
+pub const MIN_SWAP_GAIN: u32 = 2;
+
+/// The least depth any tree can have that holds peers of these capacities below a root
+/// feeding `root_capacity`: levels filled one by one, the strongest peers highest (`d_min`,
+/// the yardstick for depth under churn). None when they cannot all be held (too many feed
+/// nobody). O(N log N): for tests, benchmarks and simulations.
+pub fn min_depth(root_capacity: u32, capacities: impl IntoIterator<Item = u32>) -> Option<u32> {
+    let mut caps: Vec<u32> = capacities.into_iter().collect();
+    caps.sort_unstable_by(|a, b| b.cmp(a));
+    let (mut placed, mut depth, mut slots) = (0usize, 0u32, u64::from(root_capacity));
+    while placed < caps.len() {
+        if slots == 0 {
+            return None;
+        }
+        let take = usize::try_from(slots)
+            .unwrap_or(usize::MAX)
+            .min(caps.len() - placed);
+        slots = caps[placed..placed + take]
+            .iter()
+            .map(|&c| u64::from(c))
+            .sum();
+        placed += take;
+        depth += 1;
+    }
+    Some(depth)
+}
+
+/// Who changes parent in a swap of a strong deep peer with a weak shallow one.
+struct SwapPlan {
+    strong: NodeIndex,
+    weak: NodeIndex,
+    /// The weak one's children (but the strong one), which the strong one adopts.
+    adopted: Vec<NodeIndex>,
+    /// The strong one's children that the weak one takes.
+    given: Vec<NodeIndex>,
+    /// The strong one's children that rise with it.
+    kept: Vec<NodeIndex>,
+}
 
 /// Most failed parents remembered per peer. A peer that failed with this many is not
 /// going to connect to the next one either; the oldest failure is forgotten.
@@ -172,6 +236,8 @@ struct Node {
     free_slot: Option<Slot>,
     /// Where this node sits in the leaf index, if it does.
     leaf_slot: Option<Slot>,
+    /// Where this node sits in the rank index (attached non-root nodes), if it does.
+    rank_slot: Option<Slot>,
     /// Position in the waiting queue, if this node heads a waiting subtree.
     wait_seq: Option<u64>,
     /// How other peers can reach it.
@@ -220,6 +286,9 @@ pub struct RelayTree {
     /// Attached non-root leaves by (depth, capacity class): the shallowest weak leaf is a
     /// promotion target, the deepest strong leaf a stand-in for a departing relay.
     leaves: Buckets,
+    /// Every attached non-root node by (depth, capacity class): the strong deep peers a
+    /// repair promotes and the weak shallow ones rebalancing swaps them with.
+    ranks: Buckets,
     /// Heads of detached subtrees in arrival order.
     waiting: BTreeMap<u64, NodeIndex>,
     /// The same queue split by the heads' NAT classes (index in [`NatClass::ALL`]), so a
@@ -252,6 +321,7 @@ impl RelayTree {
             max_depth: max_depth.max(1),
             free: Default::default(),
             leaves: Buckets::default(),
+            ranks: Buckets::default(),
             waiting: BTreeMap::new(),
             waiting_by_nat: Default::default(),
             next_wait_seq: 0,
@@ -486,7 +556,7 @@ impl RelayTree {
     /// Removes a peer (left or crashed) and repairs the tree around it.
     pub fn remove(&mut self, peer: PeerId) -> Result<(), TreeError> {
         let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
-        if self.replace_with_leaf(n) {
+        if self.replace_with_stand_in(n) {
             self.nodes.remove(peer);
             self.graph.remove_node(n);
             self.fill_waiting();
@@ -677,6 +747,48 @@ impl RelayTree {
         !self.avoided.is_empty() && self.avoided.get(&a).is_some_and(|l| l.contains(&b))
     }
 
+    /// Moves peers so that strong ones sit high and none sits deeper than it must, within
+    /// a budget of `max_moves` peers that change parent. Returns how many did; 0 means
+    /// nothing worth moving was found (or the cheapest move found does not fit the budget).
+    ///
+    /// Repairs keep the tree shallow as it changes, but joins, leaves and NAT limits still
+    /// leave strong peers deep below weak ones, and free slots high above deep leaves.
+    /// The room is meant to call this on a timer with a moves-per-second budget, and to
+    /// carry out every parent change make-before-break (the new link carries media before
+    /// the old one closes), so a move interrupts nobody. Moves, in order of preference:
+    ///
+    /// - **lift**: the deepest leaf moves to a free slot at least two levels above it
+    ///   (one peer changes parent);
+    /// - **swap**: a peer S at depth `ds` and a weaker peer W at depth `dw < ds` trade
+    ///   places when `(capacity S - capacity W) * (ds - dw)` is at least
+    ///   [`MIN_SWAP_GAIN`]. S takes W's parent and W's children and keeps as many of its
+    ///   own children as it has room for (their subtrees rise with it); W takes S's old
+    ///   parent (or S, if that was W) and S's remaining children, the weakest. The pair
+    ///   chosen is the deepest strong and shallowest weak one with the largest gain.
+    ///
+    /// A move only creates direct links and never one between peers that failed with each
+    /// other; no peer ends deeper than the deepest place it takes, so the tree's depth
+    /// never grows (but for waiting subtrees placed in a slot a move freed). Each move strictly lowers the sum of capacity × depth (or, for lifts
+    /// of zero-capacity leaves, the sum of depths), so repeated calls come to rest. Work
+    /// per move is bounded by the capacity classes, the depth limit and a few dozen
+    /// candidates, plus the subtrees that rise; it never scans the peers.
+    pub fn rebalance(&mut self, max_moves: usize) -> usize {
+        if self.root.is_none() {
+            return 0;
+        }
+        let mut moves = 0;
+        while moves < max_moves {
+            let budget = max_moves - moves;
+            match self.lift().or_else(|| self.swap(budget)) {
+                Some(m) => moves += m,
+                None => break,
+            }
+        }
+        // A move may free a slot (the old parent's) that a waiting subtree can use.
+        self.fill_waiting();
+        moves
+    }
+
     // ---- internals ----
 
     /// `n`'s link to its parent needs a relay: attached, it is re-homed; inside a waiting
@@ -716,6 +828,177 @@ impl RelayTree {
         self.place_orphans();
     }
 
+    /// Lifts one deep leaf into a free slot at least two levels above it. Returns the
+    /// number of peers moved (1), or None.
+    fn lift(&mut self) -> Option<usize> {
+        const BUDGET: usize = 16;
+        let shallowest = self.free.iter().filter_map(Buckets::min_depth).min()?;
+        let mut examined = 0;
+        let depths = (shallowest + 2..self.leaves.depth_bound()).rev();
+        for d in depths.filter(|&d| self.leaves.has_depth(d)) {
+            // Strong leaves first: lifted, their slots move up too.
+            for class in (0..CLASSES).rev() {
+                for &i in self.leaves.cell(d, class).iter().rev() {
+                    examined += 1;
+                    if examined > BUDGET {
+                        return None;
+                    }
+                    let leaf = NodeIndex::new(i as usize);
+                    if let Some((slot_depth, parent)) = self.best_slot_where(leaf, true)
+                        && slot_depth + 1 < d
+                    {
+                        let old = self.parent_of(leaf).expect("leaves are never the root");
+                        self.unindex(leaf);
+                        self.count_depth(d, false);
+                        self.graph[leaf].status = Status::Detached;
+                        self.unlink(old, leaf);
+                        self.link(parent, leaf);
+                        self.set_attached(leaf, slot_depth + 1);
+                        self.reindex(leaf);
+                        return Some(1);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Swaps one strong deep peer with a weaker shallow one (see [`Self::rebalance`]), if
+    /// the move fits `budget`. Returns the number of peers that changed parent, or None.
+    fn swap(&mut self, budget: usize) -> Option<usize> {
+        const BUDGET: usize = 64;
+        const PER_CELL: usize = 4;
+        // Shallowest and deepest depth holding each capacity class.
+        let mut shallowest = [u32::MAX; CLASSES];
+        let mut deepest = [0u32; CLASSES];
+        for d in (1..self.ranks.depth_bound()).filter(|&d| self.ranks.has_depth(d)) {
+            for c in (0..CLASSES).filter(|&c| !self.ranks.cell(d, c).is_empty()) {
+                shallowest[c] = shallowest[c].min(d);
+                deepest[c] = d;
+            }
+        }
+        let mut pairs: Vec<(u32, usize, usize)> = Vec::new();
+        for strong in (1..CLASSES).filter(|&c| deepest[c] > 0) {
+            for weak in (0..strong).filter(|&c| shallowest[c] < deepest[strong]) {
+                let gain = (strong - weak) as u32 * (deepest[strong] - shallowest[weak]);
+                if gain >= MIN_SWAP_GAIN {
+                    pairs.push((gain, strong, weak));
+                }
+            }
+        }
+        pairs.sort_unstable_by_key(|&(gain, strong, weak)| Reverse((gain, strong, Reverse(weak))));
+        let mut examined = 0;
+        for (_, strong, weak) in pairs {
+            let strong_cell = self.ranks.cell(deepest[strong], strong);
+            for &s in strong_cell.iter().rev().take(PER_CELL) {
+                let weak_cell = self.ranks.cell(shallowest[weak], weak);
+                for &w in weak_cell.iter().take(PER_CELL) {
+                    examined += 1;
+                    if examined > BUDGET {
+                        return None;
+                    }
+                    let (s, w) = (NodeIndex::new(s as usize), NodeIndex::new(w as usize));
+                    if let Some(plan) = self.swap_plan(s, w, budget) {
+                        return Some(self.apply_swap(plan));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// How `strong` and `weak` would trade places, if they can: every new link direct
+    /// and not ruled out, the strong one really stronger and deeper, and the peers that
+    /// change parent no more than `budget`.
+    fn swap_plan(&self, strong: NodeIndex, weak: NodeIndex, budget: usize) -> Option<SwapPlan> {
+        let (s, w) = (&self.graph[strong], &self.graph[weak]);
+        if s.capacity <= w.capacity || s.depth <= w.depth {
+            return None;
+        }
+        let (s_parent, w_parent) = (self.parent_of(strong)?, self.parent_of(weak)?);
+        let weak_parent = if s_parent == weak { strong } else { s_parent };
+        if !self.direct_ok(strong, w_parent) || !self.direct_ok(weak, weak_parent) {
+            return None;
+        }
+        let adopted: Vec<NodeIndex> = self
+            .graph
+            .neighbors_directed(weak, Outgoing)
+            .filter(|&c| c != strong)
+            .collect();
+        if adopted.iter().any(|&c| !self.direct_ok(c, strong)) {
+            return None;
+        }
+        // Room the strong one keeps for its own children, beside the weak one's (which
+        // include the weak one itself when it was the strong one's parent).
+        let room = (s.capacity - w.children) as usize;
+        let mut own = self.children_strongest_first(strong);
+        let handed = own.len().saturating_sub(room);
+        // The weak one takes the weakest, which it must reach directly.
+        let mut given = Vec::with_capacity(handed);
+        let mut i = own.len();
+        while given.len() < handed && i > 0 {
+            i -= 1;
+            if self.direct_ok(own[i], weak) {
+                given.push(own.remove(i));
+            }
+        }
+        let moves = 2 + adopted.len() + given.len();
+        (given.len() == handed && moves <= budget).then_some(SwapPlan {
+            strong,
+            weak,
+            adopted,
+            given,
+            kept: own,
+        })
+    }
+
+    /// Carries out a swap planned by [`Self::swap_plan`]; returns the peers that changed
+    /// parent.
+    fn apply_swap(&mut self, plan: SwapPlan) -> usize {
+        let SwapPlan {
+            strong,
+            weak,
+            adopted,
+            given,
+            kept,
+        } = plan;
+        let (ds, dw) = (self.graph[strong].depth, self.graph[weak].depth);
+        let s_parent = self.parent_of(strong).expect("not the root");
+        let w_parent = self.parent_of(weak).expect("not the root");
+        // Both change depth and children: out of the indexes until they are settled.
+        for (n, d) in [(strong, ds), (weak, dw)] {
+            self.unindex(n);
+            self.count_depth(d, false);
+            self.graph[n].status = Status::Detached;
+        }
+        self.unlink(w_parent, weak);
+        self.unlink(s_parent, strong);
+        for &c in &adopted {
+            self.unlink(weak, c);
+        }
+        for &c in &given {
+            self.unlink(strong, c);
+        }
+        self.graph[strong].depth = dw;
+        self.graph[weak].depth = ds;
+        self.link(w_parent, strong);
+        self.link(if s_parent == weak { strong } else { s_parent }, weak);
+        for &c in &adopted {
+            self.link(strong, c);
+        }
+        for &c in &given {
+            self.link(weak, c);
+        }
+        self.set_attached(strong, dw);
+        self.set_attached(weak, ds);
+        self.reindex(strong);
+        self.reindex(weak);
+        for &c in &kept {
+            self.shift_subtree(c, dw + 1);
+        }
+        2 + adopted.len() + given.len()
+    }
+
     /// Whether linking `a` and `b` (either way round) is ruled out by an earlier failure.
     fn avoids(&self, a: NodeIndex, b: NodeIndex) -> bool {
         self.is_avoided(self.graph[a].peer, self.graph[b].peer)
@@ -738,6 +1021,7 @@ impl RelayTree {
             status: Status::Detached,
             free_slot: None,
             leaf_slot: None,
+            rank_slot: None,
             wait_seq: None,
             nat: NatClass::Unknown,
             held: false,
@@ -806,7 +1090,7 @@ impl RelayTree {
     /// Puts an attached node into the indexes its current state qualifies it for,
     /// replacing whatever entries it had.
     fn reindex(&mut self, n: NodeIndex) {
-        self.unindex(n);
+        self.unindex_slots(n);
         let i = n.index() as u32;
         let node = &self.graph[n];
         let (depth, spare, capacity) = (node.depth, node.spare(), node.capacity);
@@ -815,12 +1099,28 @@ impl RelayTree {
             .then(|| self.free[group].insert(depth, class_of(spare), i));
         let leaf_slot = (node.children == 0 && depth > 0)
             .then(|| self.leaves.insert(depth, class_of(capacity), i));
+        // The rank entry depends on depth and capacity only, which change far less often
+        // than the child count: leave it alone when it is current.
+        let rank = (depth > 0).then_some((depth, class_of(capacity)));
+        let current = node.rank_slot.map(|s| (s.depth, s.class as usize));
+        if rank != current {
+            self.unindex_rank(n);
+            let rank_slot = rank.map(|(d, c)| self.ranks.insert(d, c, i));
+            self.graph[n].rank_slot = rank_slot;
+        }
         let node = &mut self.graph[n];
         node.free_slot = free_slot;
         node.leaf_slot = leaf_slot;
     }
 
+    /// Takes a node out of every index.
     fn unindex(&mut self, n: NodeIndex) {
+        self.unindex_slots(n);
+        self.unindex_rank(n);
+    }
+
+    /// Takes a node out of the free-slot and leaf indexes.
+    fn unindex_slots(&mut self, n: NodeIndex) {
         let group = group_of(self.graph[n].nat);
         if let Some(slot) = self.graph[n].free_slot.take()
             && let Some(moved) = self.free[group].remove(slot)
@@ -831,6 +1131,14 @@ impl RelayTree {
             && let Some(moved) = self.leaves.remove(slot)
         {
             self.graph[NodeIndex::new(moved as usize)].leaf_slot = Some(slot);
+        }
+    }
+
+    fn unindex_rank(&mut self, n: NodeIndex) {
+        if let Some(slot) = self.graph[n].rank_slot.take()
+            && let Some(moved) = self.ranks.remove(slot)
+        {
+            self.graph[NodeIndex::new(moved as usize)].rank_slot = Some(slot);
         }
     }
 
@@ -1044,40 +1352,72 @@ impl RelayTree {
         None
     }
 
-    /// A leaf outside `n`'s subtree to stand in for `n`: the deepest one that can feed all
-    /// `need` orphans (ties: more capacity), or else the strongest one (deepest among
-    /// equals), which adopts as many as it can. Leaves inside are skipped so the orphaned
-    /// subtrees stay exactly as they were; a bounded number of candidates is examined.
+    /// A peer to stand in for departing relay `n`, which feeds `need` children. In order
+    /// of preference:
+    /// 1. the deepest leaf outside `n`'s subtree that can feed all of them (ties: more
+    ///    capacity): only it moves, and the orphaned subtrees stay exactly as they were;
+    /// 2. the deepest peer below `n`'s depth that can feed all of them (ties: more
+    ///    capacity), anywhere, the orphans' subtrees included. It brings its own children
+    ///    along as far as it has room and the rest are placed like orphans: they sit near
+    ///    the bottom of the tree, where a new slot costs little depth, while `n`'s
+    ///    orphans, the roots of the big subtrees, keep their depth;
+    /// 3. the strongest leaf outside `n`'s subtree (deepest among equals), which adopts
+    ///    as many orphans as it can.
+    ///
+    /// Each step examines a bounded number of candidates.
     fn stand_in(&self, need: u32, n: NodeIndex) -> Option<NodeIndex> {
         const BUDGET: usize = 64;
-        let mut examined = 0;
-        let parent = self.parent_of(n);
-        let mut usable = |i: u32, min_capacity: u32| {
-            examined += 1;
+        let depth = self.graph[n].depth;
+        let parent = self.parent_of(n)?;
+        // It takes the departing relay's parent: that link must work directly.
+        let usable = |i: u32, min_capacity: u32| {
             let x = NodeIndex::new(i as usize);
-            (examined <= BUDGET
-                && self.graph[x].capacity >= min_capacity
-                // It takes the departing relay's parent: that link must work directly.
-                && parent.is_some_and(|p| self.direct_ok(x, p))
-                && !self.is_within(x, n))
-            .then_some(x)
+            (self.graph[x].capacity >= min_capacity && self.direct_ok(x, parent)).then_some(x)
         };
         let need_class = class_of(need);
-        let depths = (1..self.leaves.depth_bound()).rev();
-        for depth in depths.clone().filter(|&d| self.leaves.has_depth(d)) {
+        let leaf_depths = || {
+            (1..self.leaves.depth_bound())
+                .rev()
+                .filter(|&d| self.leaves.has_depth(d))
+        };
+        let mut examined = 0;
+        for d in leaf_depths() {
             for class in (need_class..CLASSES).rev() {
-                for &i in self.leaves.cell(depth, class).iter().rev() {
+                for &i in self.leaves.cell(d, class).iter().rev() {
+                    examined += 1;
+                    if examined > BUDGET {
+                        break;
+                    }
+                    if let Some(x) = usable(i, need).filter(|&x| !self.is_within(x, n)) {
+                        return Some(x);
+                    }
+                }
+            }
+        }
+        let mut examined = 0;
+        let deeper = (depth + 1..self.ranks.depth_bound()).rev();
+        for d in deeper.filter(|&d| self.ranks.has_depth(d)) {
+            for class in (need_class..CLASSES).rev() {
+                for &i in self.ranks.cell(d, class).iter().rev() {
+                    examined += 1;
+                    if examined > BUDGET {
+                        break;
+                    }
                     if let Some(x) = usable(i, need) {
                         return Some(x);
                     }
                 }
             }
         }
-        // Nobody can take all orphans: the strongest leaf takes the strongest ones.
+        let mut examined = 0;
         for class in (1..need_class).rev() {
-            for depth in depths.clone().filter(|&d| self.leaves.has_depth(d)) {
-                for &i in self.leaves.cell(depth, class).iter().rev() {
-                    if let Some(x) = usable(i, 1) {
+            for d in leaf_depths() {
+                for &i in self.leaves.cell(d, class).iter().rev() {
+                    examined += 1;
+                    if examined > BUDGET {
+                        return None;
+                    }
+                    if let Some(x) = usable(i, 1).filter(|&x| !self.is_within(x, n)) {
                         return Some(x);
                     }
                 }
@@ -1098,49 +1438,84 @@ impl RelayTree {
         x == top
     }
 
-    /// Fills the place of attached relay `n` with a stand-in leaf that adopts `n`'s
-    /// strongest children (all of them if it can); the rest are queued as orphans. Unlinks
-    /// `n` (the caller deletes the node). False if no leaf can stand in.
-    fn replace_with_leaf(&mut self, n: NodeIndex) -> bool {
+    /// `n`'s children, the strongest first (ties: storage order, for determinism).
+    fn children_strongest_first(&self, n: NodeIndex) -> Vec<NodeIndex> {
+        let mut children: Vec<NodeIndex> = self.graph.neighbors_directed(n, Outgoing).collect();
+        children.sort_by_key(|&c| (Reverse(self.graph[c].capacity), c.index()));
+        children
+    }
+
+    /// Moves the attached subtree under `top` (its link unchanged) to start at `depth`,
+    /// telling every peer in it its new depth.
+    fn shift_subtree(&mut self, top: NodeIndex, depth: u32) {
+        let old = self.graph[top].depth;
+        self.detach_subtree(top);
+        self.attach_subtree(top, depth);
+        if old != depth {
+            self.events.push(TreeEvent::DepthChanged {
+                peer: self.graph[top].peer,
+                depth,
+            });
+        }
+    }
+
+    /// Fills the place of attached relay `n` with a stand-in ([`Self::stand_in`]). It
+    /// adopts `n`'s children, the strongest first, as many as it can feed directly, then
+    /// keeps its own children (the strongest first) while it has room; those rise with
+    /// it. Every other child is placed like an orphan. Unlinks `n` (the caller deletes the
+    /// node). False if nobody can stand in.
+    fn replace_with_stand_in(&mut self, n: NodeIndex) -> bool {
         let node = &self.graph[n];
         if node.status != Status::Attached || node.children == 0 || self.root == Some(n) {
             return false;
         }
-        let Some(leaf) = self.stand_in(node.children, n) else {
+        let Some(stand_in) = self.stand_in(node.children, n) else {
             return false;
         };
         let (depth, parent) = (node.depth, self.parent_of(n).expect("non-root attached"));
-        // Lift the leaf out of its place elsewhere in the tree.
-        let leaf_parent = self.parent_of(leaf).expect("leaves are never the root");
-        self.unindex(leaf);
-        self.count_depth(self.graph[leaf].depth, false);
-        self.graph[leaf].status = Status::Detached;
-        self.unlink(leaf_parent, leaf);
+        // Lift the stand-in out of its place (possibly inside `n`'s subtree).
+        let old_parent = self
+            .parent_of(stand_in)
+            .expect("stand-ins are never the root");
+        self.unindex(stand_in);
+        self.count_depth(self.graph[stand_in].depth, false);
+        self.graph[stand_in].status = Status::Detached;
+        self.unlink(old_parent, stand_in);
         // Take `n` out of the tree.
         self.unindex(n);
         self.count_depth(depth, false);
         self.graph[n].status = Status::Detached;
         self.unlink(parent, n);
-        let mut children: Vec<NodeIndex> = self.graph.neighbors_directed(n, Outgoing).collect();
-        children.sort_by_key(|&c| (Reverse(self.graph[c].capacity), c.index()));
-        for &c in &children {
+        let orphans = self.children_strongest_first(n);
+        for &c in &orphans {
             self.unlink(n, c);
         }
-        // The leaf stands in: same parent, same depth, as many children as it can feed
+        let own = self.children_strongest_first(stand_in);
+        // The stand-in takes `n`'s parent and depth, and as many children as it can feed
         // directly (the strongest first); the others are placed like any orphan.
-        self.link(parent, leaf);
-        self.set_attached(leaf, depth);
-        let mut room_left = self.graph[leaf].capacity;
-        for &c in &children {
-            if room_left > 0 && self.direct_ok(c, leaf) {
+        self.link(parent, stand_in);
+        self.set_attached(stand_in, depth);
+        let mut room_left = self.graph[stand_in].capacity;
+        for &c in &orphans {
+            if room_left > 0 && self.direct_ok(c, stand_in) {
                 room_left -= 1;
-                self.link(leaf, c);
+                self.link(stand_in, c);
             } else {
                 self.detach_subtree(c);
                 self.orphans.push_back(c);
             }
         }
-        self.reindex(leaf);
+        for &c in &own {
+            if room_left > 0 {
+                room_left -= 1;
+                self.shift_subtree(c, depth + 1);
+            } else {
+                self.unlink(stand_in, c);
+                self.detach_subtree(c);
+                self.orphans.push_back(c);
+            }
+        }
+        self.reindex(stand_in);
         self.place_orphans();
         true
     }
@@ -1167,6 +1542,7 @@ impl RelayTree {
         let mut depth_counts = vec![0u64; self.depth_counts.len().max(1)];
         let mut free = BTreeSet::new();
         let mut leaves = BTreeSet::new();
+        let mut ranks = BTreeSet::new();
         let slot_ok = |b: &Buckets, slot: Option<Slot>, i: u32| slot.is_none_or(|s| b.verify(s, i));
         if self.nodes.len() != self.graph.node_count() {
             return fail(format!(
@@ -1242,8 +1618,12 @@ impl RelayTree {
                     if node.children == 0 && node.depth > 0 {
                         leaves.insert((node.depth, class_of(node.capacity), i));
                     }
+                    if node.depth > 0 {
+                        ranks.insert((node.depth, class_of(node.capacity), i));
+                    }
                     if !slot_ok(&self.free[group_of(node.nat)], node.free_slot, i)
                         || !slot_ok(&self.leaves, node.leaf_slot, i)
+                        || !slot_ok(&self.ranks, node.rank_slot, i)
                     {
                         return fail(format!("{peer}'s recorded index position is stale"));
                     }
@@ -1252,7 +1632,10 @@ impl RelayTree {
                     if self.root == Some(n) {
                         return fail("root is detached".into());
                     }
-                    if node.free_slot.is_some() || node.leaf_slot.is_some() {
+                    if node.free_slot.is_some()
+                        || node.leaf_slot.is_some()
+                        || node.rank_slot.is_some()
+                    {
                         return fail(format!("detached {peer} is indexed"));
                     }
                     match parent {
@@ -1314,6 +1697,9 @@ impl RelayTree {
         }
         if leaves.len() != self.leaves.len() || leaves != self.leaves.members().collect() {
             return fail("leaf index out of sync".into());
+        }
+        if ranks.len() != self.ranks.len() || ranks != self.ranks.members().collect() {
+            return fail("rank index out of sync".into());
         }
         let trimmed = |v: &[u64]| v.iter().rposition(|&c| c > 0).map_or(0, |i| i + 1);
         if depth_counts[..trimmed(&depth_counts)]
@@ -1429,6 +1815,163 @@ mod tests {
         );
         assert_eq!(t.parent(p(5)), Some(p(3)), "and kept its child");
         assert_eq!(t.depth(p(4)), None, "no slot left: the other orphan waits");
+    }
+
+    #[test]
+    fn without_a_strong_leaf_a_deep_strong_relay_stands_in() {
+        // root -> 1 -> {2, 3} -> {4, 5 (relays), 6, 7 (leaves)}; every leaf feeds nobody.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 1).unwrap();
+        for (i, cap) in [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (6, 0), (7, 0)] {
+            t.insert(p(i), cap).unwrap();
+        }
+        t.set_capacity(p(4), 4).unwrap();
+        t.set_capacity(p(5), 4).unwrap();
+        for i in 8..=11 {
+            t.insert(p(i), 0).unwrap();
+        }
+        assert_eq!(t.depth(p(4)), Some(3));
+        assert_eq!(t.child_count(p(4)), Some(2));
+        assert_eq!(t.max_depth(), 4);
+        t.invariants().unwrap();
+        t.remove(p(1)).unwrap();
+        t.invariants().unwrap();
+        // A depth-3 relay with room took 1's place: the orphans keep their depth, its own
+        // children rise with it, and nothing sinks (before, 3's subtree sank to depth 6).
+        let stand_in = t.parent(p(2)).unwrap();
+        assert!(stand_in == p(4) || stand_in == p(5));
+        assert_eq!(t.parent(p(3)), Some(stand_in));
+        assert_eq!(t.depth(stand_in), Some(1));
+        assert_eq!((t.depth(p(2)), t.depth(p(3))), (Some(2), Some(2)));
+        assert_eq!(
+            t.child_count(stand_in),
+            Some(4),
+            "kept its own two children"
+        );
+        assert_eq!(t.max_depth(), 4);
+        assert_eq!(t.waiting_len(), 0);
+    }
+
+    #[test]
+    fn a_stand_in_too_full_for_its_own_children_hands_them_on() {
+        // root -> {1 -> {3, 4 -> {6, 7}}, 2}. Only 4 (capacity 2) can feed both of 1's
+        // children; beside its sibling it has room for one of its own.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 2).unwrap();
+        for (i, cap) in [(1, 2), (2, 0), (3, 0), (4, 1)] {
+            t.insert(p(i), cap).unwrap();
+        }
+        assert_eq!(t.parent(p(4)), Some(p(1)));
+        t.set_capacity(p(4), 2).unwrap();
+        t.insert(p(6), 0).unwrap();
+        t.insert(p(7), 0).unwrap();
+        assert_eq!(t.parent(p(6)), Some(p(4)));
+        t.set_capacity(p(2), 1).unwrap(); // a free slot at depth 1
+        t.invariants().unwrap();
+        t.remove(p(1)).unwrap();
+        t.invariants().unwrap();
+        // Before, leaf 2 stood in, adopted 4 only, and 3 found no slot and waited.
+        assert_eq!((t.parent(p(4)), t.depth(p(4))), (Some(p(0)), Some(1)));
+        assert_eq!(t.parent(p(3)), Some(p(4)));
+        let kept = [p(6), p(7)].map(|c| t.parent(c) == Some(p(4)));
+        assert_eq!(kept.iter().filter(|&&k| k).count(), 1, "one child kept");
+        assert!([p(6), p(7)].iter().any(|&c| t.parent(c) == Some(p(2))));
+        assert_eq!(t.waiting_len(), 0);
+        assert_eq!(t.max_depth(), 2);
+    }
+
+    #[test]
+    fn rebalance_swaps_a_strong_deep_relay_with_a_weak_shallow_leaf() {
+        // root -> {1 (feeds nobody), 2 -> 3 -> 4 -> 5 (feeds 4) -> {6, 7}}.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 2).unwrap();
+        for (i, cap) in [(1, 0), (2, 1), (3, 1), (4, 1), (5, 1)] {
+            t.insert(p(i), cap).unwrap();
+        }
+        t.set_capacity(p(5), 4).unwrap();
+        t.insert(p(6), 0).unwrap();
+        t.insert(p(7), 0).unwrap();
+        assert_eq!((t.depth(p(5)), t.max_depth()), (Some(4), 5));
+        t.invariants().unwrap();
+        t.drain_events().for_each(drop);
+        assert_eq!(t.rebalance(0), 0, "no budget, no move");
+        assert_eq!(t.rebalance(2), 2, "one swap: 5 and 1 trade places");
+        t.invariants().unwrap();
+        assert_eq!((t.parent(p(5)), t.depth(p(5))), (Some(p(0)), Some(1)));
+        assert_eq!((t.parent(p(1)), t.depth(p(1))), (Some(p(4)), Some(4)));
+        assert_eq!(t.parent(p(6)), Some(p(5)), "its children came along");
+        assert_eq!(t.max_depth(), 4);
+        let events: Vec<TreeEvent> = t.drain_events().collect();
+        for e in [
+            TreeEvent::Unlinked {
+                parent: p(4),
+                child: p(5),
+            },
+            TreeEvent::Linked {
+                parent: p(0),
+                child: p(5),
+                depth: 1,
+            },
+            TreeEvent::Linked {
+                parent: p(4),
+                child: p(1),
+                depth: 4,
+            },
+            TreeEvent::DepthChanged {
+                peer: p(6),
+                depth: 2,
+            },
+            TreeEvent::DepthChanged {
+                peer: p(7),
+                depth: 2,
+            },
+        ] {
+            assert!(events.contains(&e), "{e:?} missing from {events:?}");
+        }
+        // Further calls lift the deep leaves into 5's spare slots, then rest.
+        let mut moved = 0;
+        loop {
+            let m = t.rebalance(3);
+            t.invariants().unwrap();
+            if m == 0 {
+                break;
+            }
+            moved += m;
+        }
+        assert!(moved > 0);
+        // Capacities 4, 1, 1, 1, 0, 0, 0 under a root feeding 2: d_min is 2.
+        assert_eq!(t.max_depth(), 2);
+        assert_eq!(t.rebalance(10), 0);
+    }
+
+    #[test]
+    fn rebalance_lifts_a_relay_above_its_weaker_parent() {
+        // root -> 1 -> 2 (feeds 3) -> {3, 4}: 2 trades places with its own parent.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 1).unwrap();
+        t.insert(p(1), 1).unwrap();
+        t.insert(p(2), 1).unwrap();
+        t.set_capacity(p(2), 3).unwrap();
+        t.insert(p(3), 0).unwrap();
+        t.insert(p(4), 0).unwrap();
+        assert_eq!(t.max_depth(), 3);
+        assert_eq!(t.rebalance(2), 2);
+        t.invariants().unwrap();
+        assert_eq!(t.parent(p(2)), Some(p(0)));
+        assert_eq!(t.parent(p(1)), Some(p(2)));
+        assert_eq!(t.parent(p(3)), Some(p(2)));
+        assert_eq!(t.max_depth(), 2);
+        assert_eq!(t.rebalance(10), 0);
+    }
+
+    #[test]
+    fn min_depth_fills_levels_strongest_first() {
+        assert_eq!(min_depth(2, []), Some(0));
+        assert_eq!(min_depth(2, [4, 1, 1, 1, 0, 0, 0]), Some(2));
+        // Two per relay: 2 + 4 + 8 = 14 peers in three levels, the 15th needs a fourth.
+        assert_eq!(min_depth(2, [2; 14]), Some(3));
+        assert_eq!(min_depth(2, [2; 15]), Some(4));
+        assert_eq!(min_depth(1, [0, 0]), None);
     }
 
     #[test]

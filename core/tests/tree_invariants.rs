@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use treecast_core::PeerId;
 use treecast_core::protocol::NatClass;
-use treecast_core::tree::{RelayTree, TreeEvent};
+use treecast_core::tree::{RelayTree, TreeEvent, min_depth};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -38,6 +38,10 @@ enum Op {
     Relay {
         allowed: bool,
     },
+    /// The room's rebalancing timer.
+    Rebalance {
+        budget: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -52,6 +56,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, class)| Op::Nat { pick, class }),
         2 => any::<usize>().prop_map(|pick| Op::LinkFailed { pick }),
         1 => any::<bool>().prop_map(|allowed| Op::Relay { allowed }),
+        2 => (1usize..6).prop_map(|budget| Op::Rebalance { budget }),
     ]
 }
 
@@ -147,6 +152,15 @@ fn run(max_depth: u32, ops: &[Op]) -> Result<(), TestCaseError> {
                 }
             }
             Op::Relay { allowed } => tree.set_relay_allowed(allowed),
+            Op::Rebalance { budget } => {
+                let (depth, waiting) = (tree.max_depth(), tree.waiting_len());
+                prop_assert!(tree.rebalance(budget) <= budget, "over budget");
+                // Deeper only by placing waiting peers in the slots the moves freed.
+                prop_assert!(
+                    tree.max_depth() <= depth || tree.waiting_len() < waiting,
+                    "rebalancing deepened the tree"
+                );
+            }
             _ => {}
         }
         mirror.apply(tree.drain_events());
@@ -239,4 +253,107 @@ fn large_churn_keeps_invariants_and_stays_near_minimum_depth() {
         "depth {} vs d_min {d_min} for {n} peers",
         tree.max_depth()
     );
+}
+
+#[derive(Debug, Clone)]
+enum Churn {
+    Join {
+        capacity: u32,
+    },
+    /// Leaving or crashing: the tree sees a removal either way.
+    Leave {
+        pick: usize,
+    },
+    /// The room's timer: a few rebalancing moves.
+    Rebalance {
+        budget: usize,
+    },
+}
+
+/// Capacities in the shares of mixed real uplinks: most peers feed nobody or two, a
+/// quarter feed four (the fan-out limit), a few one.
+fn mixed_capacity() -> impl Strategy<Value = u32> {
+    prop_oneof![4 => Just(0u32), 1 => Just(1), 3 => Just(2), 3 => Just(4)]
+}
+
+fn churn() -> impl Strategy<Value = Churn> {
+    prop_oneof![
+        6 => mixed_capacity().prop_map(|capacity| Churn::Join { capacity }),
+        4 => any::<usize>().prop_map(|pick| Churn::Leave { pick }),
+        1 => (1usize..8).prop_map(|budget| Churn::Rebalance { budget }),
+    ]
+}
+
+fn run_churn(root_capacity: u32, ops: &[Churn]) -> Result<(), TestCaseError> {
+    let mut tree = RelayTree::new(64);
+    let mut mirror = EventMirror::default();
+    tree.set_root(PeerId(0), root_capacity).unwrap();
+    let mut live: Vec<(PeerId, u32)> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        match *op {
+            Churn::Join { capacity } => {
+                let p = PeerId(i as u64 + 1);
+                tree.insert(p, capacity).unwrap();
+                live.push((p, capacity));
+            }
+            Churn::Leave { pick } if !live.is_empty() => {
+                let (p, _) = live.swap_remove(pick % live.len());
+                tree.remove(p).unwrap();
+            }
+            Churn::Rebalance { budget } => {
+                let (depth, waiting) = (tree.max_depth(), tree.waiting_len());
+                let moved = tree.rebalance(budget);
+                prop_assert!(moved <= budget, "{moved} moves over a budget of {budget}");
+                prop_assert!(
+                    tree.max_depth() <= depth || tree.waiting_len() < waiting,
+                    "rebalancing deepened the tree"
+                );
+            }
+            Churn::Leave { .. } => {}
+        }
+        mirror.apply(tree.drain_events());
+        if let Err(v) = tree.invariants() {
+            return Err(TestCaseError::fail(format!("after {op:?}: {v}")));
+        }
+    }
+    // The churn settles: the room's timer runs until nothing is worth moving.
+    let mut rounds = 0;
+    while tree.rebalance(8) > 0 {
+        mirror.apply(tree.drain_events());
+        tree.invariants()
+            .map_err(|v| TestCaseError::fail(v.to_string()))?;
+        rounds += 1;
+        prop_assert!(rounds < 100_000, "rebalancing does not come to rest");
+    }
+    mirror.apply(tree.drain_events());
+    for (&child, &parent) in &mirror.parent {
+        prop_assert_eq!(
+            tree.parent(child),
+            Some(parent),
+            "events disagree with the tree"
+        );
+    }
+    if let Some(d_min) = min_depth(root_capacity, live.iter().map(|&(_, c)| c)) {
+        prop_assert_eq!(tree.waiting_len(), 0, "room for everyone, yet some wait");
+        prop_assert!(
+            tree.max_depth() <= d_min + 1,
+            "depth {} with d_min {} for {} peers",
+            tree.max_depth(),
+            d_min,
+            live.len()
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mixed_capacity_churn_settles_within_one_level_of_the_minimum(
+        root_capacity in 1u32..=6,
+        ops in proptest::collection::vec(churn(), 200..1_000),
+    ) {
+        run_churn(root_capacity, &ops)?;
+    }
 }
