@@ -50,6 +50,10 @@ const STALL_WINDOW: Duration = Duration::from_secs(30);
 /// must not catch newcomers; a live one loses nothing, its capacity unchanged.
 const SUSPECT_HOLD: Duration = Duration::from_secs(10);
 
+/// How often the room spends its background-move budget
+/// ([`RoomConfig::rebalance_moves_per_second`]).
+const REBALANCE_EVERY: Duration = Duration::from_secs(1);
+
 /// How long a capacity ceiling holds before it is raised by one, on its first strike. Each
 /// further strike doubles it, up to [`CAP_HOLD_MAX`]: a parent convicted by a passing
 /// congestion gets its slots back within minutes, a parent that fails again whenever it is
@@ -101,6 +105,10 @@ pub struct RoomConfig {
     /// turns make-before-break off: both ends of the old link get `drop` at once.
     #[serde(with = "millis")]
     pub handover_timeout: Duration,
+    /// Background moves per second that bring strong peers up and weak ones down after
+    /// churn (each make-before-break, so nobody sees a gap). 0, or make-before-break off,
+    /// turns rebalancing off.
+    pub rebalance_moves_per_second: u32,
     /// How long a disconnected peer keeps its place and may resume.
     #[serde(with = "millis")]
     pub resume_grace: Duration,
@@ -142,6 +150,7 @@ impl Default for RoomConfig {
             heartbeat_timeout: Some(Duration::from_secs(15)),
             settle_window: Duration::from_secs(3),
             handover_timeout: Duration::from_secs(5),
+            rebalance_moves_per_second: 4,
             resume_grace: Duration::from_secs(10),
             start_timeout: Duration::from_secs(3_600),
             audience_interval: Some(Duration::from_secs(2)),
@@ -297,6 +306,8 @@ pub enum RepairCause {
     ParentCapacity,
     /// ICE between it and its parent failed.
     LinkFailed,
+    /// A background move: a stronger peer took a shallower place (make-before-break).
+    Rebalance,
 }
 
 impl RepairCause {
@@ -307,6 +318,7 @@ impl RepairCause {
             Self::ParentStalled => "parent_stalled",
             Self::ParentCapacity => "parent_capacity",
             Self::LinkFailed => "link_failed",
+            Self::Rebalance => "rebalance",
         }
     }
 }
@@ -529,6 +541,8 @@ enum Timer {
     CapRaise(PeerId),
     /// The hold on the peer's free slots may be over (lazy: `suspect_since` decides).
     Suspect(PeerId),
+    /// Background moves are due.
+    Rebalance,
     /// The peer's handover from its old parent should be over.
     Handover(PeerId),
 }
@@ -648,7 +662,31 @@ impl Room {
         if let Some(every) = room.config.audience_interval {
             room.arm(now + every, Timer::Audience);
         }
+        if room.rebalances() {
+            room.arm(now + REBALANCE_EVERY, Timer::Rebalance);
+        }
         room
+    }
+
+    /// Whether the room moves peers in the background: only make-before-break moves are
+    /// invisible to viewers.
+    fn rebalances(&self) -> bool {
+        self.config.rebalance_moves_per_second > 0 && !self.config.handover_timeout.is_zero()
+    }
+
+    /// Up to a second's budget of background moves; each is a handover like any move.
+    fn rebalance(&mut self) {
+        self.arm(self.now + REBALANCE_EVERY, Timer::Rebalance);
+        let moved = self
+            .tree
+            .rebalance(self.config.rebalance_moves_per_second as usize);
+        if moved > 0 {
+            self.event(RoomEvent::Repaired {
+                subtrees: moved as u32,
+                cause: RepairCause::Rebalance,
+            });
+            self.flush_tree_events(None);
+        }
     }
 
     /// Tells the room the wall-clock (Unix) time at the driver's epoch, i.e. when `now`
@@ -1297,6 +1335,7 @@ impl Room {
                     }
                 }
                 Timer::Audience => self.tell_audience(),
+                Timer::Rebalance => self.rebalance(),
                 Timer::Credentials(id) => self.renew_credentials(id),
                 Timer::CapRaise(id) => self.raise_capacity(id),
                 Timer::Suspect(id) => {

@@ -24,6 +24,8 @@ struct View {
     parent: Option<PeerId>,
     /// The old parent still feeding it after a move without `drop` (make-before-break).
     previous: Option<PeerId>,
+    /// Moves that kept the old parent feeding (a `parent` with no `drop` before it).
+    handovers: u32,
     children: BTreeSet<PeerId>,
     errors: Vec<ErrorCode>,
     ended: Option<EndReason>,
@@ -104,6 +106,7 @@ impl Harness {
                     // Not dropped: it keeps feeding until the new parent delivers.
                     assert!(v.previous.is_none(), "two parents being left at once");
                     v.previous = Some(old);
+                    v.handovers += 1;
                 }
                 if v.previous == Some(peer_id) {
                     v.previous = None;
@@ -472,11 +475,13 @@ fn report(state: MediaState) -> ClientMessage {
 }
 
 /// A live room without heartbeat checks (time is advanced in big steps).
+/// No heartbeats and no background moves: only the rule under test changes the tree.
 fn quiet_room(root_fanout: u32, relay_fanout: u32) -> Harness {
     let mut h = Harness::new(RoomConfig {
         root_fanout,
         relay_fanout,
         heartbeat_timeout: None,
+        rebalance_moves_per_second: 0,
         ..RoomConfig::default()
     });
     h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
@@ -1253,6 +1258,8 @@ proptest! {
             relay_fanout: 4,
             max_depth: 64, // no subtree is cut at the depth limit when the staller moves
             heartbeat_timeout: None,
+            // Background moves would change parents whatever the staller does.
+            rebalance_moves_per_second: 0,
             ..RoomConfig::default()
         });
         h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
@@ -1439,4 +1446,74 @@ fn a_suspect_parent_gets_no_newcomer_until_heard_from() {
     let next = h.viewer();
     assert_eq!(h.room.tree().parent(h.peer(next)), Some(relay_id));
     h.check();
+}
+
+/// Weak viewers that came first sit high, strong ones that came later deep: the room's
+/// background moves bring the tree within a level of its least depth, each move
+/// make-before-break (a moved viewer gets `parent` while its old parent still feeds it).
+#[test]
+fn background_moves_bring_strong_peers_up_without_breaking_links() {
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 1,
+        relay_fanout: 4,
+        heartbeat_timeout: None,
+        handover_timeout: Duration::from_secs(5),
+        rebalance_moves_per_second: 4,
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    // Capacity 1 each (700 kbit/s at 80 % of 500 kbit/s a child): a chain.
+    let weak: Vec<ConnId> = (0..6).map(|_| h.connect(Role::Viewer, None, 700)).collect();
+    let strong: Vec<ConnId> = (0..10).map(|_| h.viewer()).collect();
+    let capacities: Vec<u32> = weak
+        .iter()
+        .chain(&strong)
+        .map(|&c| h.room.tree().capacity(h.peer(c)).unwrap())
+        .collect();
+    let d_min = treecast_core::tree::min_depth(1, capacities).unwrap();
+    let before = h.room.tree().max_depth();
+    let marks: HashMap<ConnId, (u32, u32, u32)> = h
+        .views
+        .iter()
+        .map(|(&c, v)| (c, (v.parents_received, v.drops_received, v.handovers)))
+        .collect();
+    // Every viewer reports media from whatever parent it has, once a second, as clients
+    // do: that ends each handover.
+    for _ in 0..30 {
+        h.advance(Duration::from_secs(1));
+        for &c in weak.iter().chain(&strong) {
+            h.media(c, MediaState::Receiving);
+        }
+        h.check();
+    }
+    let after = h.room.tree().max_depth();
+    assert!(
+        before > d_min + 1,
+        "the test starts from a deep tree ({before}, d_min {d_min})"
+    );
+    assert!(
+        after <= d_min + 1,
+        "depth {after} after rebalancing, d_min {d_min}"
+    );
+    let moved: Vec<&ConnId> = weak
+        .iter()
+        .chain(&strong)
+        .filter(|c| h.views[c].parents_received > marks[c].0)
+        .collect();
+    assert!(!moved.is_empty());
+    for c in moved {
+        let v = &h.views[c];
+        let handovers = v.handovers - marks[c].2;
+        assert_eq!(
+            handovers,
+            v.parents_received - marks[c].0,
+            "every move of {:?} kept its old parent until the new one delivered",
+            v.peer
+        );
+        // Each old link was dropped in the end (its children's links may have been too).
+        assert!(v.drops_received >= marks[c].1 + handovers);
+    }
+    // Nobody is left with an old link still open, and nobody waits.
+    assert!(h.views.values().all(|v| v.previous.is_none()));
+    assert_eq!(h.room.tree().waiting_len(), 0);
 }
