@@ -309,7 +309,10 @@ pub struct Agent {
     peer_id: Option<PeerId>,
     parent: Option<PeerId>,
     /// The parent before `parent`, still feeding this peer while the new one connects
-    /// (the server sends no `drop` for it until then: make-before-break).
+    /// (make-before-break). Closed only on the server's `drop` for it, which comes once
+    /// this peer reported media from the new parent and nobody above it is still
+    /// switching: the new parent's first media may be relayed over an old link that runs
+    /// through this very peer.
     previous: Option<PeerId>,
     children: BTreeSet<PeerId>,
     depth: Option<u32>,
@@ -796,8 +799,6 @@ impl Agent {
         self.progress = Some((video_frames, bytes));
         if advanced {
             self.advanced_at = Some(now);
-            // The new parent delivers: the old one, if still feeding, is no longer needed.
-            self.close_previous();
             if self
                 .parent_lost_at
                 .is_some_and(|t| now >= t + self.config.stall_after)
@@ -1332,7 +1333,7 @@ mod tests {
     }
 
     #[test]
-    fn a_move_without_drop_keeps_the_old_parent_until_the_new_one_delivers() {
+    fn a_move_without_drop_keeps_the_old_parent_until_the_server_drops_it() {
         let mut a = receiving_viewer();
         // No `drop` for parent 1: it keeps feeding while parent 3 connects.
         let acts = server(&mut a, 600, json!({"type":"parent","peer_id":3,"depth":2}));
@@ -1343,7 +1344,8 @@ mod tests {
             server(&mut a, 650, json!({"type":"signal","from":1,"data":{}})).len(),
             1
         );
-        // The new parent's first media closes the old connection.
+        // The new parent's first media is reported; the old connection stays until the
+        // server drops it.
         a.handle(
             ms(900),
             Input::MediaProgress {
@@ -1352,10 +1354,12 @@ mod tests {
             },
         );
         let acts = drain(&mut a);
-        assert!(acts.contains(&Action::Close { peer: PeerId(1) }));
+        assert!(!acts.contains(&Action::Close { peer: PeerId(1) }));
         assert_eq!(sent(&acts)[0]["state"], "receiving");
-        // The server's `drop` for it then changes nothing.
-        assert!(server(&mut a, 950, json!({"type":"drop","peer_id":1})).is_empty());
+        assert_eq!(
+            server(&mut a, 950, json!({"type":"drop","peer_id":1})),
+            vec![Action::Close { peer: PeerId(1) }]
+        );
     }
 
     #[test]

@@ -453,6 +453,9 @@ struct Handover {
     from: PeerId,
     /// When the old link is dropped even if the new one never delivered.
     until: Duration,
+    /// The peer reported media from its new parent; the old link goes once nobody above
+    /// it is still switching.
+    delivered: bool,
 }
 
 /// The room's peers by id. Ids are server-assigned sequential integers, so the id indexes
@@ -1090,10 +1093,12 @@ impl Room {
         let parent = self.tree.parent(id);
         if report.state == MediaState::Receiving
             && parent.is_some()
-            && self.handovers.contains_key(&id)
+            && let Some(h) = self.handovers.get_mut(&id)
         {
-            // Media flows from the new parent: the old one may stop.
-            self.finish_handover(id);
+            // Media flows from the new parent: the old one may stop, once nobody above is
+            // still switching.
+            h.delivered = true;
+            self.finish_delivered_handovers();
         }
         if let (Some(loss), Some(parent)) = (report.loss, parent)
             && loss > self.config.loss_threshold
@@ -1349,6 +1354,7 @@ impl Room {
                 Timer::Handover(id) => {
                     if self.handovers.get(&id).is_some_and(|h| h.until <= self.now) {
                         self.finish_handover(id);
+                        self.finish_delivered_handovers();
                     }
                 }
                 Timer::Start => {
@@ -1426,6 +1432,7 @@ impl Room {
             self.handovers.remove(&child);
             self.send_to_peer(child, ServerMessage::Drop { peer_id: id });
         }
+        self.finish_delivered_handovers();
         let orphans = self.tree.child_count(id).unwrap_or(0);
         let _ = self.tree.remove(id);
         self.event(RoomEvent::Left { peer: id, cause });
@@ -1603,11 +1610,51 @@ impl Room {
             return;
         }
         let until = self.now + self.config.handover_timeout;
-        self.handovers.insert(child, Handover { from, until });
+        self.handovers.insert(
+            child,
+            Handover {
+                from,
+                until,
+                delivered: false,
+            },
+        );
         if let Some(p) = self.peers.get_mut(&from) {
             p.handing_over.push(child);
         }
         self.arm(until, Timer::Handover(child));
+    }
+
+    /// Ends the handovers whose peers reported media from their new parent, top-down: a
+    /// peer keeps its old link while any peer above it is still switching, because until
+    /// then its new parent may be relaying what arrives over an old link, and after a
+    /// swap that link can run through the peer itself (media going round in a loop with
+    /// nothing feeding it once the peer let go of its old parent).
+    fn finish_delivered_handovers(&mut self) {
+        loop {
+            let next = self
+                .handovers
+                .iter()
+                .filter(|(_, h)| h.delivered)
+                .map(|(&c, _)| c)
+                .filter(|&c| !self.switching_above(c))
+                .min();
+            match next {
+                Some(child) => self.finish_handover(child),
+                None => return,
+            }
+        }
+    }
+
+    /// Whether a peer above `peer` in the tree is between two parents. O(depth).
+    fn switching_above(&self, peer: PeerId) -> bool {
+        let mut up = self.tree.parent(peer);
+        while let Some(p) = up {
+            if self.handovers.contains_key(&p) {
+                return true;
+            }
+            up = self.tree.parent(p);
+        }
+        false
     }
 
     /// Ends `child`'s handover: both ends of the old link get `drop`.

@@ -12,9 +12,8 @@
 //!   packets) and strips header extensions before `write_rtp`.
 //! - A new parent replaces only the receiving connection: the children's queues stay, so
 //!   the subtree below keeps its connections. A move without `drop` keeps the old parent's
-//!   connection (make-before-break): its packets are forwarded until the first packet from
-//!   the new parent arrives, then only the new parent's (the agent closes the old one once
-//!   the new one's media advances).
+//!   connection (make-before-break): its packets are forwarded until the server's `drop`
+//!   closes it, then the new parent's (whose bytes the agent watches meanwhile).
 //!
 //! The media watchdog feeds the agent the bytes received from the current parent
 //! connection every tick; the agent reports `stalled` when they stop advancing (and repeats
@@ -434,9 +433,9 @@ struct Driver {
     /// Offset into `config.udp_ports` where the search for a free port starts next, so a
     /// port whose closed connection is still letting go is not tried first.
     next_udp_port: u16,
-    /// Generation of the parent connection whose packets are forwarded: the newest one
-    /// that has delivered a packet. Readers of older ones stop forwarding, so children
-    /// never get two streams interleaved while a new parent takes over.
+    /// Generation of the parent connection whose packets are forwarded: the old parent
+    /// while one is being left, else the current one. Only its reader forwards, so
+    /// children never get two streams interleaved while a new parent takes over.
     active_parent: Arc<AtomicU64>,
 }
 
@@ -961,6 +960,11 @@ impl Driver {
         self.close_conn(peer).await;
         let mut conn = self.build_pc(peer).await?;
         conn.is_parent = is_parent;
+        // With no parent being left, the new one is forwarded from its first packet;
+        // otherwise it takes over when the old connection closes.
+        if is_parent && !self.conns.values().any(|c| c.is_parent) {
+            self.active_parent.store(conn.generation, Ordering::Relaxed);
+        }
         self.conns.insert(peer, conn);
         Ok(())
     }
@@ -1022,9 +1026,12 @@ impl Driver {
                 links.remove(&peer.0);
             }
             if conn.is_parent {
-                // Closing the parent being left must not unhook the new one's PLIs.
                 if self.active_parent.load(Ordering::Relaxed) == conn.generation {
                     self.upstream.set_parent(None);
+                    // The old parent went (its `drop`): the new one takes over.
+                    if let Some(next) = self.conns.values().find(|c| c.is_parent) {
+                        self.active_parent.store(next.generation, Ordering::Relaxed);
+                    }
                 }
             } else if let Ok(mut f) = self.fanout.lock() {
                 f.remove(&peer);
@@ -1227,25 +1234,24 @@ async fn read_parent(
     up: Arc<Upstream>,
     (generation, active): (u64, Arc<AtomicU64>),
 ) {
-    let mut first = true;
+    let mut forwarding = false;
     while let Some(event) = track.poll().await {
         if let TrackRemoteEvent::OnRtpPacket(packet) = event {
             let read_at = Instant::now();
-            if first {
-                first = false;
-                // This connection takes over forwarding (unless a newer one already has).
-                if active.fetch_max(generation, Ordering::Relaxed) <= generation {
-                    stats
-                        .parent_first_packet_us
-                        .store(now_us(), Ordering::Relaxed);
-                    // The leg's SSRC, as the parent rewrote it: what a PLI must name.
-                    up.set_parent(Some((track.clone(), packet.header.ssrc)));
-                    up.request();
-                }
-            }
+            // Counted either way: the agent judges the new parent by these bytes.
             bytes.fetch_add(packet.payload.len() as u64, Ordering::Relaxed);
             if active.load(Ordering::Relaxed) != generation {
-                continue; // a parent being left, after the new one took over
+                forwarding = false;
+                continue; // a new parent while the old one still feeds us
+            }
+            if !forwarding {
+                forwarding = true;
+                stats
+                    .parent_first_packet_us
+                    .store(now_us(), Ordering::Relaxed);
+                // The leg's SSRC, as the parent rewrote it: what a PLI must name.
+                up.set_parent(Some((track.clone(), packet.header.ssrc)));
+                up.request();
             }
             stats.on_received(&packet);
             fan_out(&fanout, &packet, Some(read_at), &stats);
