@@ -53,6 +53,12 @@
 //!   connections to anyone else are closed, missing ones opened. `bad_resume` closes every
 //!   media connection and joins afresh.
 //! - **Liveness.** A `ping` when nothing was sent for half the heartbeat interval.
+//! - **Leaving.** [`Input::Leave`] leaves at once (a page being closed).
+//!   [`Input::LeaveGracefully`] (the page's own leave control) lets a relay hand its
+//!   children over first: it sends `leave` with `linger` and, in [`Phase::Leaving`], keeps
+//!   every connection (and the driver keeps relaying) but reports nothing; each `drop`
+//!   closes a child, and the last one, the socket closing or `linger_max` ends it in
+//!   [`Phase::Left`].
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
@@ -1700,14 +1706,18 @@ mod tests {
         assert_eq!(hello[0]["uplink_kbps"], 3200);
     }
 
-    #[test]
-    fn leave_sends_leave_and_closes() {
-        let mut a = receiving_viewer();
-        a.handle(ms(900), Input::Leave);
-        let acts = drain(&mut a);
+    /// `input` sends a plain `leave`, closes the socket and ends the agent.
+    fn leaves_at_once(a: &mut Agent, now: u64, input: Input) {
+        a.handle(ms(now), input);
+        let acts = drain(a);
         assert_eq!(sent(&acts), vec![json!({"type":"leave"})]);
         assert_eq!(acts.last(), Some(&Action::CloseSocket));
         assert_eq!(a.status().phase, Phase::Left);
+    }
+
+    #[test]
+    fn leave_sends_leave_and_closes() {
+        leaves_at_once(&mut receiving_viewer(), 900, Input::Leave);
     }
 
     /// A viewer under parent 1 feeding children 7 and 8.
@@ -1803,20 +1813,11 @@ mod tests {
         let mut a = relaying_viewer();
         a.handle(ms(1000), Input::LeaveGracefully);
         drain(&mut a);
-        a.handle(ms(1200), Input::Leave);
-        let acts = drain(&mut a);
-        assert_eq!(sent(&acts), vec![json!({"type":"leave"})]);
-        assert_eq!(acts.last(), Some(&Action::CloseSocket));
-        assert_eq!(a.status().phase, Phase::Left);
+        leaves_at_once(&mut a, 1200, Input::Leave);
     }
 
     #[test]
     fn a_leaf_leaving_gracefully_leaves_at_once() {
-        let mut a = receiving_viewer();
-        a.handle(ms(900), Input::LeaveGracefully);
-        let acts = drain(&mut a);
-        assert_eq!(sent(&acts), vec![json!({"type":"leave"})]);
-        assert_eq!(acts.last(), Some(&Action::CloseSocket));
-        assert_eq!(a.status().phase, Phase::Left);
+        leaves_at_once(&mut receiving_viewer(), 900, Input::LeaveGracefully);
     }
 }

@@ -1564,6 +1564,16 @@ fn a_lingering_relay_feeds_its_children_until_each_has_a_new_parent() {
     h.check();
 }
 
+/// The lingering relay is gone: its connection closed, nobody still fed by it or feeding it.
+fn assert_released(h: &Harness, b: ConnId, relay: ConnId, kids: &[ConnId]) {
+    let relay_id = h.peer(relay);
+    assert!(h.views[&relay].closed);
+    assert!(kids.iter().all(|c| h.views[c].previous.is_none()));
+    assert!(!h.views[&b].children.contains(&relay_id));
+    assert_eq!(h.room.viewers(), 3);
+    h.check();
+}
+
 #[test]
 fn a_lingering_relay_goes_when_the_handovers_time_out() {
     let (mut h, b, relay, kids) = lingering_room();
@@ -1574,22 +1584,15 @@ fn a_lingering_relay_goes_when_the_handovers_time_out() {
     assert!(!h.views[&relay].closed, "within the handover timeout");
     assert!(kids.iter().all(|c| h.views[c].previous == Some(relay_id)));
     h.advance(Duration::from_secs(1));
-    h.check();
-    assert!(h.views[&relay].closed);
-    assert!(kids.iter().all(|c| h.views[c].previous.is_none()));
-    assert!(!h.views[&b].children.contains(&relay_id));
+    assert_released(&h, b, relay, &kids);
 }
 
 #[test]
 fn a_lingering_relay_whose_socket_drops_goes_at_once() {
     let (mut h, b, relay, kids) = lingering_room();
-    let relay_id = h.peer(relay);
     h.send(relay, ClientMessage::Leave { linger: true });
     h.input(Input::Disconnected { conn: relay });
-    h.check();
-    assert!(kids.iter().all(|c| h.views[c].previous.is_none()));
-    assert!(!h.views[&b].children.contains(&relay_id));
-    assert_eq!(h.room.viewers(), 3);
+    assert_released(&h, b, relay, &kids);
     h.advance(Duration::from_secs(12));
     h.check();
 }
@@ -1597,13 +1600,9 @@ fn a_lingering_relay_whose_socket_drops_goes_at_once() {
 #[test]
 fn a_lingering_relay_may_still_leave_at_once() {
     let (mut h, b, relay, kids) = lingering_room();
-    let relay_id = h.peer(relay);
     h.send(relay, ClientMessage::Leave { linger: true });
     h.send(relay, ClientMessage::Leave { linger: false });
-    h.check();
-    assert!(h.views[&relay].closed);
-    assert!(kids.iter().all(|c| h.views[c].previous.is_none()));
-    assert!(!h.views[&b].children.contains(&relay_id));
+    assert_released(&h, b, relay, &kids);
 }
 
 #[test]
