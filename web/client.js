@@ -370,10 +370,24 @@ export class Peer {
     if (!this.closed) { this.pump(); this.onStats(this.info); }
   }
 
-  /** Leaves the room; the broadcaster's leave ends the broadcast for everyone. */
+  /**
+   * Leaves the room now (page unload); the broadcaster's leave ends the broadcast for
+   * everyone. Cuts a graceful leave short.
+   */
   leave() {
     if (this.closed) return;
     this.client.leave(this.now());
+    this.pump();
+  }
+
+  /**
+   * Leaves from the page's own control: a relay keeps feeding its children (phase
+   * 'leaving') until the server has moved each to a new parent that delivers, so they
+   * see no break; then the phase is 'left'. Leaves at once when it feeds nobody.
+   */
+  leaveGracefully() {
+    if (this.closed) return;
+    this.client.leave_gracefully(this.now());
     this.pump();
   }
 
@@ -458,6 +472,7 @@ export function describe(status) {
     case 'joining': return 'Connecting to the server…';
     case 'reconnecting': return 'Connection to the server lost; reconnecting (the video keeps playing)…';
     case 'ended': return 'The broadcast has ended.';
+    case 'leaving': return 'Leaving: handing the viewers you relay to over to another source…';
     case 'left': return 'You left.';
     case 'failed': return status.error ? status.error.message : 'Could not join.';
   }

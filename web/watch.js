@@ -16,6 +16,7 @@ function fail(code, html) {
   m.setAttribute('role', 'alert');
   m.innerHTML = html;
   $('player').hidden = true;
+  $('leave').hidden = true;
   video.srcObject = null;
 }
 
@@ -31,6 +32,7 @@ function ended(reason) {
     (reason === 'broadcaster_lost' ? 'The broadcaster lost their connection.' : 'Thanks for watching.') +
     ' <a href="/">Start your own</a>.';
   $('player').hidden = true;
+  $('leave').hidden = true;
   video.srcObject = null;
 }
 
@@ -43,6 +45,12 @@ function show(status) {
     return fail(code, `<strong>Could not join.</strong> ${escape(describe(status))}`);
   }
   $('message').textContent = describe(status);
+  if (status.phase === 'leaving' || status.phase === 'left') $('leave').disabled = true;
+  if (status.phase === 'left') {
+    $('player').hidden = true;
+    $('leave').hidden = true;
+    video.srcObject = null;
+  }
   $('o-state').textContent = status.phase === 'joined' ? status.media : status.phase;
   $('o-depth').textContent = status.depth ?? '–';
   $('o-parent').textContent = status.parent == null ? '–' : (status.depth === 1 ? 'broadcaster' : `viewer ${status.parent}`);
@@ -90,6 +98,10 @@ async function start() {
   const firstFrame = () => { peer.info.firstFrameShownAt ??= performance.now(); };
   if (video.requestVideoFrameCallback) video.requestVideoFrameCallback(firstFrame);
   else video.addEventListener('playing', firstFrame, { once: true });
+  // The page's own control hands this peer's children over first; closing the page
+  // cannot wait for that and leaves at once.
+  $('leave').hidden = false;
+  $('leave').addEventListener('click', () => peer.leaveGracefully());
   addEventListener('pagehide', () => peer.leave());
 }
 

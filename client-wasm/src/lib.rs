@@ -190,9 +190,16 @@ impl Client {
         );
     }
 
-    /// Leaves the room (the broadcaster ends it).
+    /// Leaves the room now (the broadcaster ends it): for a page being closed.
     pub fn leave(&mut self, now_ms: f64) {
         self.agent.handle(at(now_ms), Input::Leave);
+    }
+
+    /// Leaves from the page's own control: a relay keeps feeding its children (phase
+    /// `leaving`) until the room has moved them, then ends in `left`. A page closed
+    /// meanwhile calls [`Client::leave`], which cuts it short.
+    pub fn leave_gracefully(&mut self, now_ms: f64) {
+        self.agent.handle(at(now_ms), Input::LeaveGracefully);
     }
 
     /// Call when [`Client::poll_timeout`] is due.

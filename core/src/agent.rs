@@ -53,6 +53,12 @@
 //!   connections to anyone else are closed, missing ones opened. `bad_resume` closes every
 //!   media connection and joins afresh.
 //! - **Liveness.** A `ping` when nothing was sent for half the heartbeat interval.
+//! - **Leaving.** [`Input::Leave`] leaves at once (a page being closed).
+//!   [`Input::LeaveGracefully`] (the page's own leave control) lets a relay hand its
+//!   children over first: it sends `leave` with `linger` and, in [`Phase::Leaving`], keeps
+//!   every connection (and the driver keeps relaying) but reports nothing; each `drop`
+//!   closes a child, and the last one, the socket closing or `linger_max` ends it in
+//!   [`Phase::Left`].
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
@@ -107,6 +113,11 @@ pub struct AgentConfig {
     pub reconnect_min: Duration,
     /// Longest reconnect delay.
     pub reconnect_max: Duration,
+    /// Longest a relay leaving gracefully ([`Input::LeaveGracefully`]) keeps feeding its
+    /// children before it closes everything anyway. The room moves them and drops the
+    /// leaver within its handover timeout (5 s by default); this bounds a room that never
+    /// answers.
+    pub linger_max: Duration,
 }
 
 impl AgentConfig {
@@ -126,6 +137,7 @@ impl AgentConfig {
             report_interval: Duration::from_millis(2000),
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_millis(5000),
+            linger_max: Duration::from_millis(6000),
         }
     }
 }
@@ -172,8 +184,14 @@ pub enum Input {
         /// The neighbour.
         peer: PeerId,
     },
-    /// The user leaves (broadcaster: ends the broadcast).
+    /// Leave now (broadcaster: ends the broadcast): the page is closing, or the peer
+    /// must stop at once. Children lose their parent without warning.
     Leave,
+    /// The user leaves from the page's own control, with time to spare: a relay keeps
+    /// feeding its children until the room has moved each of them to a new parent that
+    /// delivers (`leave` with `linger`), in phase [`Phase::Leaving`]. Anything else
+    /// (a leaf, the broadcaster, no signalling connection) leaves at once, as `Leave`.
+    LeaveGracefully,
 }
 
 /// Media measurements the driver takes from `getStats`.
@@ -246,6 +264,9 @@ pub enum Phase {
     Ended,
     /// Refused for good (see `error`).
     Failed,
+    /// Left the room, still feeding its former children until the room has moved them
+    /// (it reports nothing and shows as gone from the audience). Ends in `Left`.
+    Leaving,
     /// Left on the user's request.
     Left,
 }
@@ -344,6 +365,8 @@ pub struct Agent {
     next_report: Option<Duration>,
     last_sent: Duration,
     reconnect_at: Option<Duration>,
+    /// While `Leaving`: when to stop feeding the children whatever the room says.
+    linger_until: Option<Duration>,
     backoff: Duration,
     held: VecDeque<ClientMessage>,
     ended: Option<EndReason>,
@@ -389,6 +412,7 @@ impl Agent {
             next_report: None,
             last_sent: Duration::ZERO,
             reconnect_at: None,
+            linger_until: None,
             backoff,
             held: VecDeque::new(),
             ended: None,
@@ -434,6 +458,9 @@ impl Agent {
         if self.is_over() {
             return None;
         }
+        if self.phase == Phase::Leaving {
+            return self.linger_until;
+        }
         let mut next = self.reconnect_at;
         let mut earliest = |t: Duration| next = Some(next.map_or(t, |n| n.min(t)));
         if self.socket_open && self.welcomed {
@@ -461,6 +488,10 @@ impl Agent {
                 self.out.push_back(Action::CloseSocket);
             }
             return;
+        }
+        if self.phase == Phase::Leaving {
+            self.on_leaving(now, input);
+            return self.emit_status();
         }
         match input {
             Input::SocketOpened => self.on_open(now),
@@ -494,6 +525,7 @@ impl Agent {
                 }
             }
             Input::Leave => self.leave(now),
+            Input::LeaveGracefully => self.leave_gracefully(now),
         }
         self.check_watchdog(now);
         self.emit_status();
@@ -502,6 +534,13 @@ impl Agent {
     /// Does what is due at `now`.
     pub fn handle_timeout(&mut self, now: Duration) {
         if self.is_over() {
+            return;
+        }
+        if self.phase == Phase::Leaving {
+            if self.linger_until.is_some_and(|t| t <= now) {
+                self.finish(Phase::Left);
+                self.emit_status();
+            }
             return;
         }
         if self.reconnect_at.is_some_and(|t| t <= now) {
@@ -693,9 +732,64 @@ impl Agent {
 
     fn leave(&mut self, now: Duration) {
         if self.socket_open && self.welcomed {
-            self.send_now(now, &ClientMessage::Leave {});
+            self.send_now(now, &ClientMessage::Leave { linger: false });
         }
         self.finish(Phase::Left);
+    }
+
+    /// Leaves with `linger` if it feeds anyone; otherwise as [`Agent::leave`].
+    fn leave_gracefully(&mut self, now: Duration) {
+        let feeds = self.config.role == Role::Viewer && !self.children.is_empty();
+        if !(feeds && self.socket_open && self.welcomed) {
+            return self.leave(now);
+        }
+        self.send_now(now, &ClientMessage::Leave { linger: true });
+        self.phase = Phase::Leaving;
+        self.linger_until = Some(now + self.config.linger_max);
+        self.reconnect_at = None;
+        self.held.clear();
+    }
+
+    /// While leaving gracefully: every connection stays up, nothing is reported; the
+    /// room's `drop` closes each child's connection, and the last one (or the socket
+    /// closing, or an immediate `Leave`) ends it all.
+    fn on_leaving(&mut self, now: Duration, input: Input) {
+        match input {
+            Input::Text(text) => match serde_json::from_str::<ServerMessage>(&text) {
+                Ok(ServerMessage::Drop { peer_id }) => {
+                    if self.children.remove(&peer_id) {
+                        self.out.push_back(Action::Close { peer: peer_id });
+                    }
+                    if self.parent == Some(peer_id) {
+                        self.set_parent(now, None, false);
+                    }
+                    if self.previous == Some(peer_id) {
+                        self.close_previous();
+                    }
+                    if self.children.is_empty() {
+                        self.finish(Phase::Left);
+                    }
+                }
+                Ok(ServerMessage::Signal { from, data }) if self.is_neighbour(from) => {
+                    self.out.push_back(Action::Signal { from, data });
+                }
+                Ok(ServerMessage::Ended { reason }) => {
+                    self.ended = Some(reason);
+                    self.finish(Phase::Ended);
+                }
+                _ => {}
+            },
+            Input::SendSignal { to, data } if self.is_neighbour(to) => {
+                self.send(now, ClientMessage::Signal { to, data });
+            }
+            Input::SocketClosed => {
+                // The room let it go (or the network did): nobody to wait for.
+                self.socket_open = false;
+                self.finish(Phase::Left);
+            }
+            Input::Leave => self.leave(now),
+            _ => {}
+        }
     }
 
     fn is_neighbour(&self, peer: PeerId) -> bool {
@@ -1616,13 +1710,118 @@ mod tests {
         assert_eq!(hello[0]["uplink_kbps"], 3200);
     }
 
-    #[test]
-    fn leave_sends_leave_and_closes() {
-        let mut a = receiving_viewer();
-        a.handle(ms(900), Input::Leave);
-        let acts = drain(&mut a);
+    /// `input` sends a plain `leave`, closes the socket and ends the agent.
+    fn leaves_at_once(a: &mut Agent, now: u64, input: Input) {
+        a.handle(ms(now), input);
+        let acts = drain(a);
         assert_eq!(sent(&acts), vec![json!({"type":"leave"})]);
         assert_eq!(acts.last(), Some(&Action::CloseSocket));
         assert_eq!(a.status().phase, Phase::Left);
+    }
+
+    #[test]
+    fn leave_sends_leave_and_closes() {
+        leaves_at_once(&mut receiving_viewer(), 900, Input::Leave);
+    }
+
+    /// A viewer under parent 1 feeding children 7 and 8.
+    fn relaying_viewer() -> Agent {
+        let mut a = receiving_viewer();
+        server(&mut a, 600, json!({"type":"child","peer_id":7}));
+        server(&mut a, 600, json!({"type":"child","peer_id":8}));
+        a
+    }
+
+    #[test]
+    fn a_graceful_leave_feeds_the_children_until_each_is_dropped() {
+        let mut a = relaying_viewer();
+        a.handle(ms(1000), Input::LeaveGracefully);
+        let acts = drain(&mut a);
+        assert_eq!(sent(&acts), vec![json!({"type":"leave","linger":true})]);
+        assert!(
+            !acts
+                .iter()
+                .any(|x| matches!(x, Action::Close { .. } | Action::CloseSocket)),
+            "every connection stays up: {acts:?}"
+        );
+        assert_eq!(a.status().phase, Phase::Leaving);
+        assert_eq!(a.poll_timeout(), Some(ms(7000)), "only the linger bound");
+        // Media stops mattering: no reports, no stall, no pings.
+        assert!(sample(&mut a, 3000, 3, 900).is_empty());
+        a.handle_timeout(ms(5000));
+        assert!(drain(&mut a).is_empty());
+        // Signals for the links still up pass both ways.
+        let ice = json!({"candidate": "c"});
+        let acts = server(&mut a, 5100, json!({"type":"signal","from":7,"data":ice}));
+        assert_eq!(
+            acts,
+            vec![Action::Signal {
+                from: PeerId(7),
+                data: ice.clone()
+            }]
+        );
+        a.handle(
+            ms(5100),
+            Input::SendSignal {
+                to: PeerId(7),
+                data: ice,
+            },
+        );
+        assert_eq!(sent(&drain(&mut a))[0]["to"], 7);
+
+        let acts = server(&mut a, 5200, json!({"type":"drop","peer_id":7}));
+        assert_eq!(acts, vec![Action::Close { peer: PeerId(7) }]);
+        assert_eq!(a.status().phase, Phase::Leaving);
+        assert_eq!(a.status().children, vec![PeerId(8)]);
+        let acts = server(&mut a, 5300, json!({"type":"drop","peer_id":8}));
+        assert!(acts.contains(&Action::Close { peer: PeerId(8) }));
+        assert!(
+            acts.contains(&Action::Close { peer: PeerId(1) }),
+            "the parent too"
+        );
+        assert_eq!(acts.last(), Some(&Action::CloseSocket));
+        assert_eq!(a.status().phase, Phase::Left);
+        assert_eq!(a.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_graceful_leave_ends_at_the_linger_bound_or_when_the_socket_closes() {
+        let mut a = relaying_viewer();
+        a.handle(ms(1000), Input::LeaveGracefully);
+        drain(&mut a);
+        a.handle_timeout(ms(6999));
+        assert!(drain(&mut a).is_empty());
+        a.handle_timeout(ms(7000));
+        let acts = drain(&mut a);
+        for peer in [1, 7, 8] {
+            assert!(
+                acts.contains(&Action::Close { peer: PeerId(peer) }),
+                "{acts:?}"
+            );
+        }
+        assert_eq!(acts.last(), Some(&Action::CloseSocket));
+        assert_eq!(a.status().phase, Phase::Left);
+
+        let mut a = relaying_viewer();
+        a.handle(ms(1000), Input::LeaveGracefully);
+        drain(&mut a);
+        a.handle(ms(1500), Input::SocketClosed);
+        let acts = drain(&mut a);
+        assert_eq!(acts.len(), 3, "closes the three connections: {acts:?}");
+        assert_eq!(a.status().phase, Phase::Left);
+        assert_eq!(a.poll_timeout(), None, "no reconnect");
+    }
+
+    #[test]
+    fn a_graceful_leave_can_still_be_cut_short() {
+        let mut a = relaying_viewer();
+        a.handle(ms(1000), Input::LeaveGracefully);
+        drain(&mut a);
+        leaves_at_once(&mut a, 1200, Input::Leave);
+    }
+
+    #[test]
+    fn a_leaf_leaving_gracefully_leaves_at_once() {
+        leaves_at_once(&mut receiving_viewer(), 900, Input::LeaveGracefully);
     }
 }

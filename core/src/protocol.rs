@@ -46,6 +46,10 @@ pub struct Hello {
     pub resume: Option<String>,
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 fn default_version() -> u32 {
     PROTOCOL_VERSION
 }
@@ -244,7 +248,14 @@ pub enum ClientMessage {
     /// Keep-alive; answered with `pong`. (Braces so unknown fields are refused.)
     Ping {},
     /// Leave the room for good. A broadcaster leaving ends the room.
-    Leave {},
+    Leave {
+        /// The leaver keeps feeding its children until the room has moved each of them
+        /// to a new parent that delivers (make-before-break); it gets `drop` per child as
+        /// each move completes, then the server closes its socket. Absent means false:
+        /// the server closes its socket at once.
+        #[serde(default, skip_serializing_if = "is_false")]
+        linger: bool,
+    },
 }
 
 /// A STUN/TURN server for RTCPeerConnection configuration, in the browser's own shape.
@@ -716,6 +727,25 @@ mod tests {
         );
         let m = ClientMessage::decode(r#"{"type":"link_failed","peer":4}"#).unwrap();
         assert_eq!(m, ClientMessage::LinkFailed { peer: PeerId(4) });
+    }
+
+    #[test]
+    fn leave_lingers_only_when_asked() {
+        let plain = ClientMessage::decode(r#"{"type":"leave"}"#).unwrap();
+        assert_eq!(plain, ClientMessage::Leave { linger: false });
+        assert_eq!(plain.to_json(), r#"{"type":"leave"}"#, "false is omitted");
+        let linger = ClientMessage::decode(r#"{"type":"leave","linger":true}"#).unwrap();
+        assert_eq!(linger, ClientMessage::Leave { linger: true });
+        assert_eq!(ClientMessage::decode(&linger.to_json()).unwrap(), linger);
+        let code = |s: &str| ClientMessage::decode(s).unwrap_err().code;
+        assert_eq!(
+            code(r#"{"type":"leave","linger":1}"#),
+            ErrorCode::InvalidField
+        );
+        assert_eq!(
+            code(r#"{"type":"leave","stay":true}"#),
+            ErrorCode::InvalidField
+        );
     }
 
     #[test]

@@ -443,6 +443,18 @@ struct Peer {
     lossy_at: Option<Duration>,
     /// Former children it still feeds while they switch to their new parent.
     handing_over: Vec<PeerId>,
+    /// Set once it left with `linger`: out of the tree and the audience, it keeps feeding
+    /// its former children until their handovers end.
+    departure: Option<Departure>,
+}
+
+/// A relay that left with `linger`, still feeding the children it had until each has a
+/// new parent delivering (make-before-break departure).
+#[derive(Debug, Clone, Copy)]
+struct Departure {
+    /// The parent it had, still feeding it meanwhile (that peer lists it in
+    /// `handing_over`); dropped when the departure ends.
+    upstream: Option<PeerId>,
 }
 
 /// A peer moved away from a parent that is still in the room: the old parent keeps
@@ -618,6 +630,8 @@ pub struct Room {
     resumes: FxHashMap<u128, PeerId>,
     /// Moved peers still fed by their old parent, by peer.
     handovers: FxHashMap<PeerId, Handover>,
+    /// Peers that left with `linger` and still feed their former children.
+    departing: u32,
     broadcaster: Option<PeerId>,
     next_peer: u64,
     rng: ChaCha12Rng,
@@ -649,6 +663,7 @@ impl Room {
             conns: FxHashMap::default(),
             resumes: FxHashMap::default(),
             handovers: FxHashMap::default(),
+            departing: 0,
             broadcaster: None,
             next_peer: 1,
             rng: ChaCha12Rng::seed_from_u64(seed),
@@ -726,9 +741,11 @@ impl Room {
             .is_some_and(|p| p.conn.is_some())
     }
 
-    /// Viewers in the room (connected or within their grace period).
+    /// Viewers in the room (connected or within their grace period). Relays that left
+    /// with `linger` and still feed their former children are not counted.
     pub fn viewers(&self) -> u32 {
-        (self.peers.len() - usize::from(self.broadcaster.is_some())) as u32
+        (self.peers.len() - usize::from(self.broadcaster.is_some()) - self.departing as usize)
+            as u32
     }
 
     /// The peer bound to a connection.
@@ -763,11 +780,13 @@ impl Room {
         }
     }
 
-    /// The whole room, for APIs and dashboards. O(N).
+    /// The whole room, for APIs and dashboards. O(N). Relays that left with `linger` are
+    /// gone from it at once, as they are from the tree.
     pub fn snapshot(&self) -> RoomSnapshot {
         let mut peers: Vec<PeerSnapshot> = self
             .peers
             .iter()
+            .filter(|(_, p)| p.departure.is_none())
             .map(|(&id, p)| {
                 let view = self.tree.view(id);
                 PeerSnapshot {
@@ -874,6 +893,7 @@ impl Room {
                 renew_at: None,
                 lossy_at: None,
                 handing_over: Vec::new(),
+                departure: None,
             },
         );
         self.conns.insert(conn, id);
@@ -1008,6 +1028,9 @@ impl Room {
             // answers `not_joined` itself for connections that never joined.
             return;
         };
+        if self.peers[&id].departure.is_some() {
+            return self.on_departing_message(conn, id, msg);
+        }
         let mut heard = false;
         if let Some(p) = self.peers.get_mut(&id) {
             p.last_seen = self.now;
@@ -1022,7 +1045,7 @@ impl Room {
             ClientMessage::Hello(_) => self.refuse(conn, ErrorCode::AlreadyJoined, false),
             ClientMessage::Ping {} => self.send(conn, ServerMessage::Pong),
             ClientMessage::Signal { to, data } => {
-                if !self.tree.are_neighbours(id, to) {
+                if !self.tree.are_neighbours(id, to) && !self.lingering_link(id, to) {
                     let code = if self.peers.contains_key(&to) {
                         ErrorCode::NotNeighbour
                     } else {
@@ -1035,15 +1058,128 @@ impl Room {
             ClientMessage::Report(report) => self.on_report(conn, id, report),
             ClientMessage::Connectivity(c) => self.on_connectivity(id, c),
             ClientMessage::LinkFailed { peer } => self.on_link_failed(conn, id, peer),
-            ClientMessage::Leave {} => {
+            ClientMessage::Leave { linger } => {
+                let feeds = self.tree.child_count(id).unwrap_or(0) > 0
+                    || !self.peers[&id].handing_over.is_empty();
                 if Some(id) == self.broadcaster {
                     // Ends the room: everyone, the broadcaster included, gets `ended`.
                     self.end(EndReason::BroadcasterLeft);
+                } else if linger && feeds && !self.config.handover_timeout.is_zero() {
+                    self.depart(id);
                 } else {
                     self.outputs.push_back(Output::Close { conn });
                     self.remove_peer(id, LeaveCause::Left);
                 }
             }
+        }
+    }
+
+    /// A relay that left with `linger` may only signal its former children and parent
+    /// (ICE on links that still carry media), ping, or leave at once; the rest is ignored.
+    fn on_departing_message(&mut self, conn: ConnId, id: PeerId, msg: ClientMessage) {
+        match msg {
+            ClientMessage::Signal { to, data } if self.lingering_link(id, to) => {
+                self.send_to_peer(to, ServerMessage::Signal { from: id, data });
+            }
+            ClientMessage::Ping {} => self.send(conn, ServerMessage::Pong),
+            ClientMessage::Leave { linger: false } => self.finish_departure(id),
+            _ => {}
+        }
+    }
+
+    /// Whether `a` and `b` are the two ends of a link a lingering departure keeps up.
+    fn lingering_link(&self, a: PeerId, b: PeerId) -> bool {
+        let keeps = |x: PeerId, y: PeerId| {
+            self.peers.get(&x).is_some_and(|p| {
+                p.departure
+                    .is_some_and(|d| d.upstream == Some(y) || p.handing_over.contains(&y))
+            })
+        };
+        keeps(a, b) || keeps(b, a)
+    }
+
+    /// `id` left with `linger`: gone from the tree and the audience now, its children
+    /// re-placed as for any departure, but it keeps its connection, and its children
+    /// their links to it, until each has a new parent delivering (their handovers). Its
+    /// own parent keeps feeding it meanwhile.
+    fn depart(&mut self, id: PeerId) {
+        let peer = self.peers.get_mut(&id).expect("a known peer");
+        let resume = peer.resume;
+        // Being handed over itself: the parent it was leaving still feeds it, and the
+        // new one (never heard delivering) is dropped when the tree cuts it below.
+        let upstream = self.handovers.remove(&id).map(|h| h.from);
+        peer.departure = Some(Departure { upstream });
+        self.departing += 1;
+        self.resumes.remove(&resume);
+        let orphans = self.tree.child_count(id).unwrap_or(0);
+        let _ = self.tree.remove(id);
+        self.event(RoomEvent::Left {
+            peer: id,
+            cause: LeaveCause::Left,
+        });
+        if orphans > 0 {
+            self.event(RoomEvent::Repaired {
+                subtrees: orphans,
+                cause: RepairCause::ParentLeft,
+            });
+        }
+        self.flush_tree_events(None);
+        if self
+            .peers
+            .get(&id)
+            .is_some_and(|p| p.handing_over.is_empty())
+        {
+            // Every child was already mid-move and kept its earlier parent.
+            self.finish_departure(id);
+        }
+    }
+
+    /// The tree cut `leaver` (departing) from `parent`: that link stays up until the
+    /// departure ends, unless another parent already feeds it.
+    fn keep_upstream(&mut self, leaver: PeerId, parent: PeerId) {
+        let Some(d) = self
+            .peers
+            .get_mut(&leaver)
+            .and_then(|p| p.departure.as_mut())
+        else {
+            return;
+        };
+        if d.upstream.is_some() {
+            self.send_to_peer(parent, ServerMessage::Drop { peer_id: leaver });
+            self.send_to_peer(leaver, ServerMessage::Drop { peer_id: parent });
+            return;
+        }
+        d.upstream = Some(parent);
+        if let Some(p) = self.peers.get_mut(&parent) {
+            p.handing_over.push(leaver);
+        }
+    }
+
+    /// A departing relay is done (its last child moved, its socket dropped, or it asked
+    /// to leave at once): its remaining links are dropped, its connection closed.
+    fn finish_departure(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.remove(&id) else {
+            return;
+        };
+        debug_assert!(peer.departure.is_some(), "only departing peers finish");
+        self.departing -= 1;
+        for child in peer.handing_over {
+            self.handovers.remove(&child);
+            self.send_to_peer(child, ServerMessage::Drop { peer_id: id });
+        }
+        let upstream = peer.departure.and_then(|d| d.upstream);
+        if let Some(up) = upstream {
+            if let Some(p) = self.peers.get_mut(&up) {
+                p.handing_over.retain(|&c| c != id);
+            }
+            self.send_to_peer(up, ServerMessage::Drop { peer_id: id });
+        }
+        if let Some(conn) = peer.conn {
+            self.conns.remove(&conn);
+            if let Some(up) = upstream {
+                self.send(conn, ServerMessage::Drop { peer_id: up });
+            }
+            self.outputs.push_back(Output::Close { conn });
         }
     }
 
@@ -1306,6 +1442,11 @@ impl Room {
             .get_mut(&id)
             .expect("bound connections map to peers");
         peer.conn = None;
+        if peer.departure.is_some() {
+            // It left already; without its connection it cannot be told when to stop
+            // feeding, so its children stop relying on it now.
+            return self.finish_departure(id);
+        }
         peer.disconnected_at = Some(self.now);
         self.event(RoomEvent::Disconnected { peer: id });
         if Some(id) == self.broadcaster {
@@ -1369,7 +1510,7 @@ impl Room {
     /// Sends a connected peer fresh TURN credentials. A disconnected one gets them in the
     /// `welcome` of its resume; a departed one is gone.
     fn renew_credentials(&mut self, id: PeerId) {
-        let Some(peer) = self.peers.get(&id) else {
+        let Some(peer) = self.peers.get(&id).filter(|p| p.departure.is_none()) else {
             return;
         };
         let (Some(conn), Some(due)) = (peer.conn, peer.renew_at) else {
@@ -1392,6 +1533,9 @@ impl Room {
         let Some(conn) = peer.conn else {
             return; // already disconnected; the grace timer owns it now
         };
+        if peer.departure.is_some() {
+            return; // it left; its handovers bound how long it stays
+        }
         let deadline = peer.last_seen + timeout;
         if deadline > self.now {
             self.arm(deadline, Timer::Liveness(id));
@@ -1430,6 +1574,13 @@ impl Room {
         }
         for child in peer.handing_over {
             self.handovers.remove(&child);
+            if let Some(d) = self
+                .peers
+                .get_mut(&child)
+                .and_then(|c| c.departure.as_mut())
+            {
+                d.upstream = None;
+            }
             self.send_to_peer(child, ServerMessage::Drop { peer_id: id });
         }
         self.finish_delivered_handovers();
@@ -1487,7 +1638,7 @@ impl Room {
     /// The hold ran out: the ceiling rises by one (placing waiting peers under the peer if
     /// that frees a slot), or goes once it no longer limits the uplink's capacity.
     fn raise_capacity(&mut self, id: PeerId) {
-        let Some(peer) = self.peers.get(&id) else {
+        let Some(peer) = self.peers.get(&id).filter(|p| p.departure.is_none()) else {
             return;
         };
         let (Some(cap), Some(due)) = (peer.capacity_cap, peer.cap_raise_at) else {
@@ -1571,10 +1722,22 @@ impl Room {
                     );
                     self.send_to_peer(parent, ServerMessage::Child { peer_id: child });
                 }
+                TreeEvent::Unlinked { parent, child }
+                    if self
+                        .peers
+                        .get(&child)
+                        .is_some_and(|c| c.departure.is_some()) =>
+                {
+                    self.keep_upstream(child, parent);
+                }
                 TreeEvent::Unlinked { parent, child } => {
+                    // A pair that swapped roles (the old parent is now the child's child)
+                    // cannot keep the old link: clients hold one connection per neighbour,
+                    // and a `drop` naming the other would be read as the new link's.
                     if !self.config.handover_timeout.is_zero()
                         && self.peers.contains_key(&parent)
                         && self.peers.contains_key(&child)
+                        && self.tree.parent(parent) != Some(child)
                     {
                         self.begin_handover(child, parent);
                     } else {
@@ -1662,11 +1825,17 @@ impl Room {
         let Some(h) = self.handovers.remove(&child) else {
             return;
         };
+        let mut departed = false;
         if let Some(p) = self.peers.get_mut(&h.from) {
             p.handing_over.retain(|&c| c != child);
+            departed = p.departure.is_some() && p.handing_over.is_empty();
         }
         self.send_to_peer(h.from, ServerMessage::Drop { peer_id: child });
         self.send_to_peer(child, ServerMessage::Drop { peer_id: h.from });
+        if departed {
+            // Its last former child has a new parent delivering: the lingering relay goes.
+            self.finish_departure(h.from);
+        }
     }
 
     fn status(&self, id: PeerId) -> ServerMessage {
@@ -1689,7 +1858,7 @@ impl Room {
     }
 
     fn send_status(&mut self, id: PeerId) {
-        if self.peers.contains_key(&id) {
+        if self.peers.get(&id).is_some_and(|p| p.departure.is_none()) {
             let msg = self.status(id);
             self.send_to_peer(id, msg);
         }
@@ -1714,7 +1883,7 @@ impl Room {
         let mut ids: Vec<PeerId> = self
             .peers
             .iter()
-            .filter(|&(&id, p)| p.conn.is_some() && Some(id) != told)
+            .filter(|&(&id, p)| p.conn.is_some() && p.departure.is_none() && Some(id) != told)
             .map(|(&id, _)| id)
             .collect();
         ids.sort_unstable(); // deterministic output order for simulations
@@ -1738,16 +1907,19 @@ impl Room {
         }
         for id in ids {
             if let Some(peer) = self.peers.remove(&id) {
-                self.event(RoomEvent::Left {
-                    peer: id,
-                    cause: LeaveCause::RoomEnded,
-                });
-                drop(peer);
+                if peer.departure.is_none() {
+                    // Departing relays were counted as gone when they left.
+                    self.event(RoomEvent::Left {
+                        peer: id,
+                        cause: LeaveCause::RoomEnded,
+                    });
+                }
             }
         }
         self.conns.clear();
         self.resumes.clear();
         self.handovers.clear();
+        self.departing = 0;
         self.broadcaster = None;
         self.tree = RelayTree::new(self.config.max_depth);
         self.timers.clear();

@@ -258,9 +258,15 @@ impl Harness {
             }
             assert_eq!(v.parent, self.room.tree().parent(peer), "parent of {peer}");
             let mut children: BTreeSet<_> = self.room.tree().children(peer).collect();
-            // Former children it still feeds while they switch (make-before-break).
+            // Former children it still feeds while they switch (make-before-break), and
+            // children that left with `linger` and are still fed until they go.
+            // A child whose socket dropped keeps its handover (its `drop` is held for its
+            // resume): its last view still names the old parent.
             children.extend(self.views.values().filter_map(|c| {
-                (!c.closed && c.previous == Some(peer))
+                let departing = c.peer.is_some_and(|p| !self.room.tree().contains(p));
+                let away = c.closed && c.peer.is_some_and(|p| self.room.tree().contains(p));
+                let fed = (!c.closed || away) && c.previous == Some(peer);
+                (fed || (!c.closed && departing && c.parent == Some(peer)))
                     .then_some(c.peer)
                     .flatten()
             }));
@@ -670,7 +676,7 @@ fn children_hear_at_once_that_their_parents_connection_dropped() {
         .collect();
     h.input(Input::Message {
         conn: leaver,
-        msg: ClientMessage::Leave {},
+        msg: ClientMessage::Leave { linger: false },
     });
     for c in &below {
         assert!(h.views[c].parent_lost.is_empty());
@@ -812,7 +818,7 @@ fn broadcaster_leaving_ends_the_room_for_everyone() {
     let mut h = Harness::new(config());
     let b = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
     let viewers: Vec<ConnId> = (0..5).map(|_| h.viewer()).collect();
-    h.send(b, ClientMessage::Leave {});
+    h.send(b, ClientMessage::Leave { linger: false });
     for v in &viewers {
         assert_eq!(h.views[v].ended, Some(EndReason::BroadcasterLeft));
         assert!(h.views[v].closed);
@@ -980,18 +986,40 @@ fn a_sibling_standing_in_is_not_told_to_renegotiate() {
 
 #[derive(Debug, Clone)]
 enum Step {
-    Join { uplink: u32 },
-    Leave { pick: usize },
-    Drop { pick: usize },
-    Resume { pick: usize },
-    Stall { pick: usize },
-    Wait { ms: u64 },
+    Join {
+        uplink: u32,
+    },
+    Leave {
+        pick: usize,
+    },
+    /// `leave` with `linger`.
+    Linger {
+        pick: usize,
+    },
+    /// A `receiving` report (ends a handover to it).
+    Receive {
+        pick: usize,
+    },
+    Drop {
+        pick: usize,
+    },
+    Resume {
+        pick: usize,
+    },
+    Stall {
+        pick: usize,
+    },
+    Wait {
+        ms: u64,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         8 => (0u32..3_000).prop_map(|uplink| Step::Join { uplink }),
         2 => any::<usize>().prop_map(|pick| Step::Leave { pick }),
+        2 => any::<usize>().prop_map(|pick| Step::Linger { pick }),
+        2 => any::<usize>().prop_map(|pick| Step::Receive { pick }),
         2 => any::<usize>().prop_map(|pick| Step::Drop { pick }),
         2 => any::<usize>().prop_map(|pick| Step::Resume { pick }),
         2 => any::<usize>().prop_map(|pick| Step::Stall { pick }),
@@ -1006,51 +1034,71 @@ proptest! {
     /// and every connected client's message-built view matches it.
     #[test]
     fn client_views_match_the_tree(steps in proptest::collection::vec(step(), 50..150)) {
-        let mut h = Harness::new(RoomConfig {
-            max_depth: 5,
-            heartbeat_timeout: None,
-            ..config()
-        });
-        h.connect(Role::Broadcaster, Some(TOKEN), 1_000);
-        let mut live: Vec<ConnId> = Vec::new();
-        let mut away: Vec<(ConnId, String)> = Vec::new();
-        for s in steps {
-            match s {
-                Step::Join { uplink } => live.push(h.connect(Role::Viewer, None, uplink)),
-                Step::Leave { pick } if !live.is_empty() => {
-                    let c = live.swap_remove(pick % live.len());
-                    h.send(c, ClientMessage::Leave {});
-                }
-                Step::Drop { pick } if !live.is_empty() => {
-                    let c = live.swap_remove(pick % live.len());
-                    let token = h.views[&c].resume.clone().unwrap();
-                    h.input(Input::Disconnected { conn: c });
-                    away.push((c, token));
-                }
-                Step::Resume { pick } if !away.is_empty() => {
-                    let (old, token) = away.swap_remove(pick % away.len());
-                    let conn = h.resume(old, token);
-                    let v = &h.views[&conn];
-                    if v.errors.is_empty() {
-                        prop_assert_eq!(v.peer, h.views[&old].peer);
-                        live.push(conn);
-                    } else {
-                        prop_assert_eq!(&v.errors, &[ErrorCode::BadResume]);
-                    }
-                }
-                Step::Stall { pick } if !live.is_empty() => {
-                    let c = live[pick % live.len()];
-                    if !h.views[&c].closed {
-                        h.stalled(c);
-                    }
-                }
-                Step::Wait { ms } => h.advance(Duration::from_millis(ms)),
-                _ => {}
-            }
-            live.retain(|c| !h.views[c].closed);
-            h.check();
-        }
+        client_views_match_the_tree_with(Duration::ZERO, steps)?;
     }
+
+}
+
+fn client_views_match_the_tree_with(
+    handover_timeout: Duration,
+    steps: Vec<Step>,
+) -> Result<(), TestCaseError> {
+    let mut h = Harness::new(RoomConfig {
+        max_depth: 5,
+        heartbeat_timeout: None,
+        handover_timeout,
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 1_000);
+    let mut live: Vec<ConnId> = Vec::new();
+    let mut away: Vec<(ConnId, String)> = Vec::new();
+    for s in steps {
+        match s {
+            Step::Join { uplink } => live.push(h.connect(Role::Viewer, None, uplink)),
+            Step::Leave { pick } if !live.is_empty() => {
+                let c = live.swap_remove(pick % live.len());
+                h.send(c, ClientMessage::Leave { linger: false });
+            }
+            Step::Linger { pick } if !live.is_empty() => {
+                // Stays in `live` while it lingers: later steps may drop it or make it
+                // leave at once.
+                let c = live[pick % live.len()];
+                h.send(c, ClientMessage::Leave { linger: true });
+            }
+            Step::Receive { pick } if !live.is_empty() => {
+                let c = live[pick % live.len()];
+                h.media(c, MediaState::Receiving);
+            }
+            Step::Drop { pick } if !live.is_empty() => {
+                let c = live.swap_remove(pick % live.len());
+                let token = h.views[&c].resume.clone().unwrap();
+                h.input(Input::Disconnected { conn: c });
+                away.push((c, token));
+            }
+            Step::Resume { pick } if !away.is_empty() => {
+                let (old, token) = away.swap_remove(pick % away.len());
+                let conn = h.resume(old, token);
+                let v = &h.views[&conn];
+                if v.errors.is_empty() {
+                    prop_assert_eq!(v.peer, h.views[&old].peer);
+                    live.push(conn);
+                } else {
+                    prop_assert_eq!(&v.errors, &[ErrorCode::BadResume]);
+                }
+            }
+            Step::Stall { pick } if !live.is_empty() => {
+                let c = live[pick % live.len()];
+                if !h.views[&c].closed {
+                    h.stalled(c);
+                }
+            }
+            Step::Wait { ms } => h.advance(Duration::from_millis(ms)),
+            _ => {}
+        }
+        live.retain(|c| !h.views[c].closed);
+        h.check();
+    }
+    Ok(())
 }
 
 #[test]
@@ -1399,7 +1447,7 @@ fn an_old_parent_that_leaves_during_a_handover_is_dropped_at_once() {
         }),
     );
     assert_eq!(h.views[&kid].previous, Some(relay));
-    h.send(viewers[0], ClientMessage::Leave {});
+    h.send(viewers[0], ClientMessage::Leave { linger: false });
     h.check();
     assert_eq!(
         h.views[&kid].previous, None,
@@ -1516,4 +1564,178 @@ fn background_moves_bring_strong_peers_up_without_breaking_links() {
     // Nobody is left with an old link still open, and nobody waits.
     assert!(h.views.values().all(|v| v.previous.is_none()));
     assert_eq!(h.room.tree().waiting_len(), 0);
+}
+
+/// Broadcaster (fan-out 1) → relay → two children → one grandchild; make-before-break on.
+/// Returns (broadcaster, relay, the relay's children), links settled.
+fn lingering_room() -> (Harness, ConnId, ConnId, Vec<ConnId>) {
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 1,
+        handover_timeout: Duration::from_secs(5),
+        rebalance_moves_per_second: 0,
+        ..config()
+    });
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let viewers: Vec<ConnId> = (0..4).map(|_| h.viewer()).collect();
+    let relay = viewers[0];
+    let kids: Vec<ConnId> = h
+        .room
+        .tree()
+        .children(h.peer(relay))
+        .map(|k| h.conn_of(k))
+        .collect();
+    assert_eq!(kids.len(), 2, "the relay feeds two children");
+    for &v in &viewers {
+        h.media(v, MediaState::Receiving);
+    }
+    h.settle();
+    h.check();
+    (h, b, relay, kids)
+}
+
+#[test]
+fn a_lingering_relay_feeds_its_children_until_each_has_a_new_parent() {
+    let (mut h, b, relay, kids) = lingering_room();
+    let relay_id = h.peer(relay);
+    let drops_before: Vec<u32> = kids.iter().map(|c| h.views[c].drops_received).collect();
+    h.send(relay, ClientMessage::Leave { linger: true });
+    h.check();
+    assert!(!h.room.tree().contains(relay_id), "out of the tree at once");
+    assert_eq!(h.room.viewers(), 3, "no longer counted");
+    assert!(h.room.snapshot().peers.iter().all(|p| p.id != relay_id));
+    assert!(!h.views[&relay].closed, "its connection stays up meanwhile");
+    assert_eq!(h.views[&relay].parent, Some(h.peer(b)), "still fed itself");
+    assert!(h.views[&b].children.contains(&relay_id));
+    for (i, c) in kids.iter().enumerate() {
+        let v = &h.views[c];
+        assert!(v.parent.is_some_and(|p| p != relay_id), "a new parent");
+        assert_eq!(v.previous, Some(relay_id), "still fed by the leaver");
+        // (A stand-in that was its child and is now its parent dropped that old link:
+        // one connection per pair of peers. The leaver's link is what matters here.)
+        assert!(v.drops_received <= drops_before[i] + 1);
+        assert!(h.views[&relay].children.contains(&h.peer(*c)));
+    }
+    // It may still signal the links it keeps up; its reports mean nothing now.
+    let ice = json!({"candidate": "c"});
+    h.send(
+        relay,
+        ClientMessage::Signal {
+            to: h.peer(kids[0]),
+            data: ice.clone(),
+        },
+    );
+    assert_eq!(h.views[&kids[0]].signals.last(), Some(&(relay_id, ice)));
+    h.stalled(relay);
+    assert!(h.views[&relay].errors.is_empty());
+
+    // Each child's new parent delivers: the leaver gets `drop` for it, one by one (top
+    // down: a child whose new parent is the other, itself still switching, waits for it).
+    h.media(kids[0], MediaState::Receiving);
+    h.check();
+    let first_done = h.views[&kids[0]].previous.is_none();
+    assert_eq!(
+        h.views[&relay].children.contains(&h.peer(kids[0])),
+        !first_done
+    );
+    assert!(!h.views[&relay].closed, "one child still relies on it");
+    h.advance(Duration::from_millis(700));
+    // Every other viewer's new parent delivers too (a stand-in above them included).
+    let others: Vec<ConnId> = h
+        .views
+        .iter()
+        .filter(|(c, v)| **c != relay && **c != b && !v.closed && v.peer.is_some())
+        .map(|(&c, _)| c)
+        .collect();
+    for c in others {
+        h.media(c, MediaState::Receiving);
+    }
+    h.check();
+    assert_eq!(h.views[&kids[1]].previous, None);
+    assert_eq!(h.views[&kids[0]].previous, None);
+    let leaver = &h.views[&relay];
+    assert!(leaver.children.is_empty());
+    assert_eq!(leaver.parent, None, "its own parent dropped too");
+    assert!(leaver.closed, "then its connection is closed");
+    assert!(!h.views[&b].children.contains(&relay_id));
+    assert_eq!(h.room.viewers(), 3);
+    // Nothing is left to time out.
+    h.advance(Duration::from_secs(6));
+    h.check();
+}
+
+/// The lingering relay is gone: its connection closed, nobody still fed by it or feeding it.
+fn assert_released(h: &Harness, b: ConnId, relay: ConnId, kids: &[ConnId]) {
+    let relay_id = h.peer(relay);
+    assert!(h.views[&relay].closed);
+    assert!(kids.iter().all(|c| h.views[c].previous.is_none()));
+    assert!(!h.views[&b].children.contains(&relay_id));
+    assert_eq!(h.room.viewers(), 3);
+    h.check();
+}
+
+#[test]
+fn a_lingering_relay_goes_when_the_handovers_time_out() {
+    let (mut h, b, relay, kids) = lingering_room();
+    let relay_id = h.peer(relay);
+    h.send(relay, ClientMessage::Leave { linger: true });
+    h.advance(Duration::from_secs(4));
+    h.check();
+    assert!(!h.views[&relay].closed, "within the handover timeout");
+    assert!(kids.iter().all(|c| h.views[c].previous == Some(relay_id)));
+    h.advance(Duration::from_secs(1));
+    assert_released(&h, b, relay, &kids);
+}
+
+#[test]
+fn a_lingering_relay_whose_socket_drops_goes_at_once() {
+    let (mut h, b, relay, kids) = lingering_room();
+    h.send(relay, ClientMessage::Leave { linger: true });
+    h.input(Input::Disconnected { conn: relay });
+    assert_released(&h, b, relay, &kids);
+    h.advance(Duration::from_secs(12));
+    h.check();
+}
+
+#[test]
+fn a_lingering_relay_may_still_leave_at_once() {
+    let (mut h, b, relay, kids) = lingering_room();
+    h.send(relay, ClientMessage::Leave { linger: true });
+    h.send(relay, ClientMessage::Leave { linger: false });
+    assert_released(&h, b, relay, &kids);
+}
+
+#[test]
+fn linger_without_children_or_without_handovers_leaves_at_once() {
+    let (mut h, _, _, _) = lingering_room();
+    // A leaf: nothing to hand over.
+    let leaf = h
+        .views
+        .iter()
+        .find(|(_, v)| {
+            v.peer
+                .is_some_and(|p| h.room.tree().child_count(p) == Some(0))
+        })
+        .map(|(&c, _)| c)
+        .unwrap();
+    h.send(leaf, ClientMessage::Leave { linger: true });
+    assert!(h.views[&leaf].closed);
+    assert_eq!(h.room.viewers(), 3);
+    h.check();
+
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 1,
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let viewers: Vec<ConnId> = (0..3).map(|_| h.viewer()).collect();
+    let relay_id = h.peer(viewers[0]);
+    assert_eq!(h.room.tree().child_count(relay_id), Some(2));
+    h.send(viewers[0], ClientMessage::Leave { linger: true });
+    assert!(h.views[&viewers[0]].closed, "make-before-break is off");
+    assert!(
+        viewers[1..]
+            .iter()
+            .all(|c| h.views[c].parent != Some(relay_id))
+    );
+    h.check();
 }

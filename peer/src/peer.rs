@@ -188,6 +188,7 @@ pub struct Peer {
 
 enum Command {
     Leave,
+    LeaveNow,
     Kill,
 }
 
@@ -278,9 +279,19 @@ impl Peer {
         self.upstream.request();
     }
 
-    /// Leaves the room (`leave`), closes every connection and waits for the peer to stop.
+    /// Leaves the room as a viewer's own leave control does: a relay first hands its
+    /// children over (`leave` with `linger`: it keeps forwarding until the room has moved
+    /// each of them, at most the agent's `linger_max`), then closes every connection; the
+    /// call waits for the peer to stop.
     pub async fn leave(self) {
         let _ = self.commands.send(Command::Leave);
+        let _ = self.task.await;
+    }
+
+    /// Leaves the room at once (`leave` without `linger`), as a closing page does: its
+    /// children lose it without warning. Waits for the peer to stop.
+    pub async fn leave_now(self) {
+        let _ = self.commands.send(Command::LeaveNow);
         let _ = self.task.await;
     }
 
@@ -509,7 +520,12 @@ impl Driver {
                     }
                 }
                 cmd = self.commands.recv() => match cmd {
-                    Some(Command::Leave) | None => {
+                    Some(Command::Leave) => {
+                        let now = self.now();
+                        self.agent.handle(now, Input::LeaveGracefully);
+                    }
+                    // Without a handle nobody waits for a graceful leave.
+                    Some(Command::LeaveNow) | None => {
                         let now = self.now();
                         self.agent.handle(now, Input::Leave);
                     }

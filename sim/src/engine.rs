@@ -1042,7 +1042,7 @@ impl Engine {
             }
             Up::Leave => Input::Message {
                 conn,
-                msg: ClientMessage::Leave {},
+                msg: ClientMessage::Leave { linger: false },
             },
             Up::Report(state) => Input::Message {
                 conn,
