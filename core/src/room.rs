@@ -106,8 +106,9 @@ pub struct RoomConfig {
     #[serde(with = "millis")]
     pub handover_timeout: Duration,
     /// Background moves per second that bring strong peers up and weak ones down after
-    /// churn (each make-before-break, so nobody sees a gap). 0, or make-before-break off,
-    /// turns rebalancing off.
+    /// churn (each make-before-break, so nobody sees a gap), plus one per peer that left in
+    /// that second, so the budget keeps pace with churn in large rooms. 0, or
+    /// make-before-break off, turns rebalancing off.
     pub rebalance_moves_per_second: u32,
     /// How long a disconnected peer keeps its place and may resume.
     #[serde(with = "millis")]
@@ -646,6 +647,9 @@ pub struct Room {
     now: Duration,
     /// Unix time at the driver's epoch (`now` = 0), for credential expiry times.
     unix_epoch: Duration,
+    /// Peers taken out of the tree since the last rebalancing round: each adds a move to
+    /// its budget.
+    departed: u32,
 }
 
 impl Room {
@@ -675,6 +679,7 @@ impl Room {
             told: (0, false),
             now,
             unix_epoch: Duration::ZERO,
+            departed: 0,
         };
         room.arm(now + room.config.start_timeout, Timer::Start);
         if let Some(every) = room.config.audience_interval {
@@ -695,9 +700,8 @@ impl Room {
     /// Up to a second's budget of background moves; each is a handover like any move.
     fn rebalance(&mut self) {
         self.arm(self.now + REBALANCE_EVERY, Timer::Rebalance);
-        let moved = self
-            .tree
-            .rebalance(self.config.rebalance_moves_per_second as usize);
+        let budget = self.config.rebalance_moves_per_second + std::mem::take(&mut self.departed);
+        let moved = self.tree.rebalance(budget as usize);
         if moved > 0 {
             self.event(RoomEvent::Repaired {
                 subtrees: moved as u32,
@@ -1112,6 +1116,7 @@ impl Room {
         self.departing += 1;
         self.resumes.remove(&resume);
         let orphans = self.tree.child_count(id).unwrap_or(0);
+        self.departed = self.departed.saturating_add(1);
         let _ = self.tree.remove(id);
         self.event(RoomEvent::Left {
             peer: id,
@@ -1585,6 +1590,7 @@ impl Room {
         }
         self.finish_delivered_handovers();
         let orphans = self.tree.child_count(id).unwrap_or(0);
+        self.departed = self.departed.saturating_add(1);
         let _ = self.tree.remove(id);
         self.event(RoomEvent::Left { peer: id, cause });
         if orphans > 0 {
