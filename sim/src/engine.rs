@@ -23,7 +23,10 @@
 //!   socket close `timing.crash_detect_ms` later. A tab close stops forwarding with its
 //!   `leave`; an in-app leave does too, unless `client.make_before_break` is on: then it
 //!   keeps forwarding, and any viewer the room moves keeps playing its old link, until the
-//!   new one carries media (or `client.bridge_timeout_ms`);
+//!   new one carries media (or `client.bridge_timeout_ms`). When the room hands moves over
+//!   itself (`room.handover_timeout`), a viewer reports `receiving` only for its new
+//!   parent's media, and a `drop` closes every link to that peer at once, as the client
+//!   agent does; only a departed in-app leaver is still played and fed;
 //! - with `client.warm_standby`, a viewer moved after its media failed gets its new link
 //!   one round trip after both ends know of each other, as over a connection set up in
 //!   advance.
@@ -713,21 +716,13 @@ impl Engine {
                 if x == NONE {
                     return;
                 }
-                if self.peers[idx as usize].parent == x {
+                if self.scenario.client.make_before_break
+                    && !self.scenario.room.handover_timeout.is_zero()
+                {
+                    self.drop_now(idx, x);
+                } else if self.peers[idx as usize].parent == x {
                     let bridged = self.start_bridge(idx);
-                    let p = &mut self.peers[idx as usize];
-                    p.warm = self.scenario.client.warm_standby && !p.media;
-                    p.parent = NONE;
-                    p.path = LinkPath::None;
-                    p.link_gen += 1;
-                    let epoch = p.link_gen;
-                    if bridged {
-                        p.link_up = false;
-                        let at = self.now + ms(self.scenario.client.bridge_timeout_ms);
-                        self.schedule(at, Kind::BridgeEnd { child: idx, epoch });
-                    } else {
-                        self.link_down(idx);
-                    }
+                    self.leave_parent(idx, bridged);
                 } else if self.peers[x as usize].bridge == idx {
                     // Make-before-break: the child closes this link once it has moved.
                 } else if self.scenario.client.make_before_break
@@ -737,16 +732,7 @@ impl Engine {
                     // Make-before-break: keep feeding a child that still pulls from here
                     // until it moves (its own `drop` and `parent` are on their way) or the
                     // timeout.
-                    let epoch = self.peers[x as usize].link_gen;
-                    let at = self.now + ms(self.scenario.client.bridge_timeout_ms);
-                    self.schedule(
-                        at,
-                        Kind::DropLinger {
-                            child: x,
-                            parent: idx,
-                            epoch,
-                        },
-                    );
+                    self.feed_on(idx, x);
                 } else {
                     self.peers[idx as usize].children.remove(x);
                     // Closing the connection cuts the child's media, if it still pulls here.
@@ -788,6 +774,78 @@ impl Engine {
                 self.clear_no_route(idx);
                 self.peers[idx as usize].alive = false;
             }
+        }
+    }
+
+    /// `idx`, told `drop` for child `x`, feeds it on until the timeout.
+    fn feed_on(&mut self, idx: u32, x: u32) {
+        let epoch = self.peers[x as usize].link_gen;
+        let at = self.now + ms(self.scenario.client.bridge_timeout_ms);
+        self.schedule(
+            at,
+            Kind::DropLinger {
+                child: x,
+                parent: idx,
+                epoch,
+            },
+        );
+    }
+
+    /// `idx` was told `drop` for its parent; `bridged`: it keeps playing that link.
+    fn leave_parent(&mut self, idx: u32, bridged: bool) {
+        let p = &mut self.peers[idx as usize];
+        p.warm = self.scenario.client.warm_standby && !p.media;
+        p.parent = NONE;
+        p.path = LinkPath::None;
+        p.link_gen += 1;
+        let epoch = p.link_gen;
+        if bridged {
+            p.link_up = false;
+            let at = self.now + ms(self.scenario.client.bridge_timeout_ms);
+            self.schedule(at, Kind::BridgeEnd { child: idx, epoch });
+        } else {
+            self.link_down(idx);
+        }
+    }
+
+    /// `drop` as the client agent acts on it when the room hands moves over itself: the
+    /// room drops a live old parent only once the move delivered, timed out or was undone,
+    /// so every link to `x` closes at once, whichever way it runs (after a stand-in or a
+    /// swap the two may be linked the other way round by now, and `drop` names only the
+    /// peer). Only a departed parent, an in-app leaver still forwarding, is played on.
+    fn drop_now(&mut self, idx: u32, x: u32) {
+        if self.peers[idx as usize].bridge == x {
+            self.lose_bridge(idx);
+        }
+        if self.peers[idx as usize].parent == x {
+            let bridged = self.peers[x as usize].lingering && self.start_bridge(idx);
+            self.leave_parent(idx, bridged);
+        }
+        let child = &self.peers[x as usize];
+        if child.lingering && child.parent == idx && child.media {
+            // An in-app leaver still pulls media for the children it feeds.
+            self.feed_on(idx, x);
+            return;
+        }
+        self.peers[idx as usize].children.remove(x);
+        let child = &self.peers[x as usize];
+        if child.parent == idx {
+            self.link_down(x);
+        } else if child.bridge == idx {
+            self.lose_bridge(x);
+        }
+    }
+
+    /// `idx` closes the old link it was still playing: it goes on with its new parent's
+    /// media if that flows (and does not come round through `idx`), or has none.
+    fn lose_bridge(&mut self, idx: u32) {
+        self.close_bridge(idx);
+        let p = &self.peers[idx as usize];
+        let q = p.parent;
+        if q != NONE && p.link_up && self.peers[q as usize].media && !self.fed_through(q, idx) {
+            self.media_up(idx);
+        } else {
+            self.media_down(idx);
         }
     }
 
@@ -919,7 +977,12 @@ impl Engine {
                 self.stats.interrupted(now, now - since);
             }
             let p = &mut self.peers[i as usize];
-            if std::mem::take(&mut p.stall_reported) | std::mem::take(&mut p.connecting) {
+            // Its state is its parent link's, as the agent reports it: media still played
+            // from the old parent (a walk passing on a change up there) says nothing of the
+            // new one, and `receiving` would end the room's handover too soon.
+            if p.bridge == NONE
+                && std::mem::take(&mut p.stall_reported) | std::mem::take(&mut p.connecting)
+            {
                 self.send_up(i, Up::Report(MediaState::Receiving));
             }
             for c in self.peers[i as usize].children.iter() {
