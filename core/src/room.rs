@@ -466,6 +466,9 @@ struct Handover {
     from: PeerId,
     /// When the old link is dropped even if the new one never delivered.
     until: Duration,
+    /// The peer said it is connecting (as a client does on every `parent`): a later
+    /// `receiving` is about the new parent. One in flight from before is about the old.
+    connecting: bool,
     /// The peer reported media from its new parent; the old link goes once nobody above
     /// it is still switching.
     delivered: bool,
@@ -1232,14 +1235,19 @@ impl Room {
             }
         }
         let parent = self.tree.parent(id);
-        if report.state == MediaState::Receiving
-            && parent.is_some()
+        if parent.is_some()
             && let Some(h) = self.handovers.get_mut(&id)
         {
-            // Media flows from the new parent: the old one may stop, once nobody above is
-            // still switching.
-            h.delivered = true;
-            self.finish_delivered_handovers();
+            match report.state {
+                MediaState::Connecting => h.connecting = true,
+                // Media flows from the new parent: the old one may stop, once nobody
+                // above is still switching.
+                MediaState::Receiving if h.connecting => {
+                    h.delivered = true;
+                    self.finish_delivered_handovers();
+                }
+                _ => {}
+            }
         }
         if let (Some(loss), Some(parent)) = (report.loss, parent)
             && loss > self.config.loss_threshold
@@ -1784,6 +1792,7 @@ impl Room {
             Handover {
                 from,
                 until,
+                connecting: false,
                 delivered: false,
             },
         );

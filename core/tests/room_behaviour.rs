@@ -50,6 +50,8 @@ struct Harness {
     now: Duration,
     views: HashMap<ConnId, View>,
     next_conn: u64,
+    /// Clients that just got `parent`: like the agent, each says `connecting` at once.
+    connecting: Vec<ConnId>,
 }
 
 impl Harness {
@@ -66,6 +68,7 @@ impl Harness {
             now: Duration::ZERO,
             views: HashMap::new(),
             next_conn: 0,
+            connecting: Vec::new(),
         }
     }
 
@@ -79,6 +82,11 @@ impl Harness {
                 Output::Send { conn, msg } => self.deliver(conn, msg),
                 Output::Close { conn } => self.views.entry(conn).or_default().closed = true,
                 Output::Event(_) => {}
+            }
+        }
+        for conn in std::mem::take(&mut self.connecting) {
+            if !self.views[&conn].closed {
+                self.media(conn, MediaState::Connecting);
             }
         }
     }
@@ -113,6 +121,7 @@ impl Harness {
                 }
                 v.parent = Some(peer_id);
                 v.parents_received += 1;
+                self.connecting.push(conn);
             }
             ServerMessage::Child { peer_id } => {
                 assert!(v.children.insert(peer_id), "duplicate child {peer_id}");

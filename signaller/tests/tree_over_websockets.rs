@@ -158,6 +158,9 @@ async fn remove_relay(
             "{id} keeps its old parent {old:?} until its new one delivers: {:?}",
             &c.log[marks[id]..]
         );
+        // As a client does: `connecting` on the new `parent`, `receiving` once media flows.
+        c.send_json(&json!({"type": "report", "state": "connecting"}))
+            .await;
         c.send_json(&json!({"type": "report", "state": "receiving"}))
             .await;
         c.sync().await;
