@@ -760,6 +760,13 @@ impl Room {
         self.conns.get(&conn).copied()
     }
 
+    /// Messages held for a peer whose connection dropped, in the order they will be
+    /// delivered if it resumes (empty for a connected or unknown peer). What the client
+    /// will know on resume is what it knew plus these.
+    pub fn pending(&self, peer: PeerId) -> &[ServerMessage] {
+        self.peers.get(&peer).map_or(&[], |p| &p.pending)
+    }
+
     /// The next output, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
@@ -1171,10 +1178,7 @@ impl Room {
         };
         debug_assert!(peer.departure.is_some(), "only departing peers finish");
         self.departing -= 1;
-        for child in peer.handing_over {
-            self.handovers.remove(&child);
-            self.send_to_peer(child, ServerMessage::Drop { peer_id: id });
-        }
+        self.stop_feeding(id, peer.handing_over);
         let upstream = peer.departure.and_then(|d| d.upstream);
         if let Some(up) = upstream {
             if let Some(p) = self.peers.get_mut(&up) {
@@ -1188,6 +1192,22 @@ impl Room {
                 self.send(conn, ServerMessage::Drop { peer_id: up });
             }
             self.outputs.push_back(Output::Close { conn });
+        }
+    }
+
+    /// `id` is gone: the peers it still fed (moving children, or a lingering child whose
+    /// upstream it was) are told `drop` now, and no later step may drop that link again.
+    fn stop_feeding(&mut self, id: PeerId, fed: Vec<PeerId>) {
+        for child in fed {
+            self.handovers.remove(&child);
+            if let Some(d) = self
+                .peers
+                .get_mut(&child)
+                .and_then(|c| c.departure.as_mut())
+            {
+                d.upstream = None;
+            }
+            self.send_to_peer(child, ServerMessage::Drop { peer_id: id });
         }
     }
 
@@ -1585,17 +1605,7 @@ impl Room {
         if self.handovers.contains_key(&id) {
             self.finish_handover(id);
         }
-        for child in peer.handing_over {
-            self.handovers.remove(&child);
-            if let Some(d) = self
-                .peers
-                .get_mut(&child)
-                .and_then(|c| c.departure.as_mut())
-            {
-                d.upstream = None;
-            }
-            self.send_to_peer(child, ServerMessage::Drop { peer_id: id });
-        }
+        self.stop_feeding(id, peer.handing_over);
         self.finish_delivered_handovers();
         let orphans = self.tree.child_count(id).unwrap_or(0);
         self.departed = self.departed.saturating_add(1);
@@ -1720,6 +1730,13 @@ impl Room {
                         // Back to the parent it was leaving: that link is dropped first
                         // and made afresh, so both ends start from a clean connection.
                         self.finish_handover(child);
+                    }
+                    if self.handovers.get(&parent).is_some_and(|h| h.from == child) {
+                        // The pair swapped roles in a later batch than the one that
+                        // began the handover: the old link goes before the new one is
+                        // announced, or the `drop` naming the other end would be read
+                        // as the new link's.
+                        self.finish_handover(parent);
                     }
                     if let Some(c) = self.peers.get_mut(&child) {
                         c.linked_at = Some(self.now);
@@ -1995,54 +2012,72 @@ fn cap_hold(strikes: u32) -> Duration {
     (CAP_HOLD * (1u32 << doublings)).min(CAP_HOLD_MAX)
 }
 
-/// Marks edges cut and re-made in one batch (a sibling standing in for its departed
-/// neighbour keeps its parent): no change, so nobody is told to renegotiate them. Batches
-/// usually hold a handful of events, where a backward scan beats hashing; large ones (a
-/// subtree cut at the depth limit) use a map.
+/// Marks the events of one batch that change no edge, so nobody is told about them. Per
+/// edge only the net change counts: cut and re-made (a sibling standing in for its
+/// departed neighbour keeps its parent) is no change, and neither is a link made and cut
+/// again within the batch (a subtree a rebalance moved through a place on its way to
+/// another): announcing that would have the client switch to a parent that never feeds
+/// it. An edge that existed before and not after keeps its first cut, one that exists
+/// only after keeps its last link. Batches usually hold a handful of events, where
+/// scanning beats hashing; large ones (a subtree cut at the depth limit) use a map.
 fn mark_unchanged_edges(events: &mut [(TreeEvent, bool)]) {
     if events.len() > 64 {
-        let mut cut: FxHashMap<(PeerId, PeerId), usize> = FxHashMap::default();
-        for i in 0..events.len() {
-            match events[i].0 {
-                TreeEvent::Unlinked { parent, child } => {
-                    cut.insert((parent, child), i);
-                }
-                TreeEvent::Linked { parent, child, .. } => {
-                    if let Some(j) = cut.remove(&(parent, child)) {
-                        events[i].1 = true;
-                        events[j].1 = true;
-                    }
-                }
-                _ => {}
+        let mut chains: FxHashMap<(PeerId, PeerId), Vec<usize>> = FxHashMap::default();
+        for (i, (e, _)) in events.iter().enumerate() {
+            if let Some((edge, _)) = edge_of(e) {
+                chains.entry(edge).or_default().push(i);
             }
+        }
+        for chain in chains.values() {
+            mark_chain(events, chain);
         }
         return;
     }
+    let mut chain = [0usize; 64];
     for i in 0..events.len() {
-        let TreeEvent::Linked { parent, child, .. } = events[i].0 else {
+        let Some((edge, _)) = edge_of(&events[i].0) else {
             continue;
         };
-        for j in (0..i).rev() {
-            match events[j].0 {
-                TreeEvent::Unlinked {
-                    parent: p,
-                    child: c,
-                } if (p, c) == (parent, child) => {
-                    if !events[j].1 {
-                        events[i].1 = true;
-                        events[j].1 = true;
-                    }
-                    break;
-                }
-                // An earlier link of the same edge: the cut before it is its own story.
-                TreeEvent::Linked {
-                    parent: p,
-                    child: c,
-                    ..
-                } if (p, c) == (parent, child) => break,
-                _ => {}
+        if events[..i]
+            .iter()
+            .any(|(e, _)| edge_of(e).is_some_and(|(other, _)| other == edge))
+        {
+            continue; // part of the chain that starts earlier
+        }
+        let mut len = 0;
+        for (j, (e, _)) in events.iter().enumerate().skip(i) {
+            if edge_of(e).is_some_and(|(other, _)| other == edge) {
+                chain[len] = j;
+                len += 1;
             }
         }
+        mark_chain(events, &chain[..len]);
+    }
+}
+
+/// The (parent, child) edge an event links (`true`) or cuts (`false`).
+fn edge_of(e: &TreeEvent) -> Option<((PeerId, PeerId), bool)> {
+    match *e {
+        TreeEvent::Linked { parent, child, .. } => Some(((parent, child), true)),
+        TreeEvent::Unlinked { parent, child } => Some(((parent, child), false)),
+        _ => None,
+    }
+}
+
+/// Marks one edge's events of a batch (in order) unchanged but for its net change.
+fn mark_chain(events: &mut [(TreeEvent, bool)], chain: &[usize]) {
+    let (Some(&first), Some(&last)) = (chain.first(), chain.last()) else {
+        return;
+    };
+    let existed = edge_of(&events[first].0).is_some_and(|(_, linked)| !linked);
+    let exists = edge_of(&events[last].0).is_some_and(|(_, linked)| linked);
+    for &i in chain {
+        events[i].1 = true;
+    }
+    match (existed, exists) {
+        (true, false) => events[first].1 = false,
+        (false, true) => events[last].1 = false,
+        _ => {}
     }
 }
 
@@ -2131,8 +2166,8 @@ mod tests {
                 depth: 2,
             },
         ];
-        // p-c is cut and re-made: no change. p-d is made then cut: a real change.
-        let expected = [false, true, false, true, false];
+        // p-c is cut and re-made, p-d made and cut again: neither changed. Only c-d is new.
+        let expected = [true, true, true, true, false];
         assert_eq!(flags(&batch), expected);
         let mut large = batch.to_vec();
         large.extend((0..70).map(|i| TreeEvent::DepthChanged {

@@ -45,6 +45,88 @@ struct View {
     waiting: Option<WaitReason>,
 }
 
+impl View {
+    /// Updates what the client knows from one message, as the agent does.
+    fn apply(&mut self, msg: ServerMessage) {
+        let v = self;
+        match msg {
+            ServerMessage::Welcome {
+                peer_id,
+                resume,
+                ice_servers,
+                ..
+            } => {
+                v.peer = Some(peer_id);
+                v.resume = Some(resume);
+                v.ice = ice_servers;
+            }
+            ServerMessage::Parent { peer_id, .. } => {
+                v.waiting = None; // as the agent does: a parent ends the wait
+                if let Some(old) = v.parent {
+                    // Not dropped: it keeps feeding until the new parent delivers.
+                    assert!(v.previous.is_none(), "two parents being left at once");
+                    v.previous = Some(old);
+                    v.handovers += 1;
+                }
+                if v.previous == Some(peer_id) {
+                    v.previous = None;
+                }
+                v.parent = Some(peer_id);
+                v.parents_received += 1;
+            }
+            ServerMessage::Child { peer_id } => {
+                assert!(v.children.insert(peer_id), "duplicate child {peer_id}");
+            }
+            ServerMessage::Drop { peer_id } => {
+                v.drops_received += 1;
+                if v.parent == Some(peer_id) {
+                    v.parent = None;
+                } else if v.previous == Some(peer_id) {
+                    v.previous = None;
+                } else {
+                    assert!(
+                        v.children.remove(&peer_id),
+                        "drop of a non-neighbour {peer_id}"
+                    );
+                }
+            }
+            ServerMessage::Room {
+                parent,
+                children,
+                live,
+                capacity,
+                waiting,
+                ..
+            } => {
+                v.waiting = waiting;
+                v.statuses += 1;
+                v.live = Some(live);
+                v.capacity = Some(capacity);
+                // Authoritative: the parent/child messages must already agree with it.
+                if v.parent.is_some() && parent.is_none() {
+                    // Waiting for a new parent while the old one (no `drop` yet) feeds it.
+                    v.previous = v.previous.or(v.parent.take());
+                }
+                assert_eq!(v.parent, parent, "room status disagrees on the parent");
+                assert_eq!(
+                    v.children,
+                    children.into_iter().collect(),
+                    "room status children"
+                );
+            }
+            ServerMessage::ParentDisconnected { parent } => {
+                assert_eq!(v.parent, Some(parent), "hint about a non-parent");
+                v.parent_lost.push(parent);
+            }
+            ServerMessage::Signal { from, data } => v.signals.push((from, data)),
+            ServerMessage::Error { code, .. } => v.errors.push(code),
+            ServerMessage::Ended { reason } => v.ended = Some(reason),
+            ServerMessage::IceServers { ice_servers } => v.ice_renewals.push(ice_servers),
+            ServerMessage::Pong => {}
+        }
+    }
+}
+
 struct Harness {
     room: Room,
     now: Duration,
@@ -97,82 +179,10 @@ impl Harness {
             !v.closed,
             "message {msg:?} sent on closed connection {conn:?}"
         );
-        match msg {
-            ServerMessage::Welcome {
-                peer_id,
-                resume,
-                ice_servers,
-                ..
-            } => {
-                v.peer = Some(peer_id);
-                v.resume = Some(resume);
-                v.ice = ice_servers;
-            }
-            ServerMessage::Parent { peer_id, .. } => {
-                v.waiting = None; // as the agent does: a parent ends the wait
-                if let Some(old) = v.parent {
-                    // Not dropped: it keeps feeding until the new parent delivers.
-                    assert!(v.previous.is_none(), "two parents being left at once");
-                    v.previous = Some(old);
-                    v.handovers += 1;
-                }
-                if v.previous == Some(peer_id) {
-                    v.previous = None;
-                }
-                v.parent = Some(peer_id);
-                v.parents_received += 1;
-                self.connecting.push(conn);
-            }
-            ServerMessage::Child { peer_id } => {
-                assert!(v.children.insert(peer_id), "duplicate child {peer_id}");
-            }
-            ServerMessage::Drop { peer_id } => {
-                v.drops_received += 1;
-                if v.parent == Some(peer_id) {
-                    v.parent = None;
-                } else if v.previous == Some(peer_id) {
-                    v.previous = None;
-                } else {
-                    assert!(
-                        v.children.remove(&peer_id),
-                        "drop of a non-neighbour {peer_id}"
-                    );
-                }
-            }
-            ServerMessage::Room {
-                parent,
-                children,
-                live,
-                capacity,
-                waiting,
-                ..
-            } => {
-                v.waiting = waiting;
-                v.statuses += 1;
-                v.live = Some(live);
-                v.capacity = Some(capacity);
-                // Authoritative: the parent/child messages must already agree with it.
-                if v.parent.is_some() && parent.is_none() {
-                    // Waiting for a new parent while the old one (no `drop` yet) feeds it.
-                    v.previous = v.previous.or(v.parent.take());
-                }
-                assert_eq!(v.parent, parent, "room status disagrees on the parent");
-                assert_eq!(
-                    v.children,
-                    children.into_iter().collect(),
-                    "room status children"
-                );
-            }
-            ServerMessage::ParentDisconnected { parent } => {
-                assert_eq!(v.parent, Some(parent), "hint about a non-parent");
-                v.parent_lost.push(parent);
-            }
-            ServerMessage::Signal { from, data } => v.signals.push((from, data)),
-            ServerMessage::Error { code, .. } => v.errors.push(code),
-            ServerMessage::Ended { reason } => v.ended = Some(reason),
-            ServerMessage::IceServers { ice_servers } => v.ice_renewals.push(ice_servers),
-            ServerMessage::Pong => {}
+        if matches!(msg, ServerMessage::Parent { .. }) {
+            self.connecting.push(conn);
         }
+        v.apply(msg);
     }
 
     fn connect(&mut self, role: Role, token: Option<&str>, uplink: u32) -> ConnId {
@@ -260,24 +270,49 @@ impl Harness {
     /// Every connected client's view matches the tree, and the tree is sound.
     fn check(&self) {
         self.room.tree().invariants().unwrap();
-        for v in self.views.values() {
-            let Some(peer) = v.peer else { continue };
-            if v.closed || !self.room.tree().contains(peer) {
+        let tree = self.room.tree();
+        // What each peer in the room knows, or will know: a client whose socket dropped
+        // gets the messages held for it when it resumes, so its view is its last one plus
+        // those (a move while away ends its old link only once its `drop` is delivered).
+        // Only a peer's latest connection counts: the closed one a resumed client left
+        // behind is no one's view any more.
+        let mut latest: HashMap<PeerId, ConnId> = HashMap::new();
+        for (&conn, v) in &self.views {
+            if let Some(peer) = v.peer {
+                let c = latest.entry(peer).or_insert(conn);
+                *c = (*c).max(conn);
+            }
+        }
+        let known: Vec<(bool, View)> = latest
+            .into_iter()
+            .filter_map(|(peer, conn)| {
+                let v = &self.views[&conn];
+                if !v.closed {
+                    return Some((true, v.clone()));
+                }
+                if !tree.contains(peer) {
+                    return None;
+                }
+                let mut away = v.clone();
+                for msg in self.room.pending(peer) {
+                    away.apply(msg.clone());
+                }
+                Some((false, away))
+            })
+            .collect();
+        for (_, v) in known.iter().filter(|(connected, _)| *connected) {
+            let peer = v.peer.expect("welcomed");
+            if !tree.contains(peer) {
                 continue;
             }
-            assert_eq!(v.parent, self.room.tree().parent(peer), "parent of {peer}");
-            let mut children: BTreeSet<_> = self.room.tree().children(peer).collect();
+            assert_eq!(v.parent, tree.parent(peer), "parent of {peer}");
+            let mut children: BTreeSet<_> = tree.children(peer).collect();
             // Former children it still feeds while they switch (make-before-break), and
             // children that left with `linger` and are still fed until they go.
-            // A child whose socket dropped keeps its handover (its `drop` is held for its
-            // resume): its last view still names the old parent.
-            children.extend(self.views.values().filter_map(|c| {
-                let departing = c.peer.is_some_and(|p| !self.room.tree().contains(p));
-                let away = c.closed && c.peer.is_some_and(|p| self.room.tree().contains(p));
-                let fed = (!c.closed || away) && c.previous == Some(peer);
-                (fed || (!c.closed && departing && c.parent == Some(peer)))
-                    .then_some(c.peer)
-                    .flatten()
+            children.extend(known.iter().filter_map(|(connected, c)| {
+                let child = c.peer?;
+                let departing = *connected && !tree.contains(child);
+                (c.previous == Some(peer) || (departing && c.parent == Some(peer))).then_some(child)
             }));
             assert_eq!(v.children, children, "children of {peer}");
         }
@@ -1046,6 +1081,12 @@ proptest! {
         client_views_match_the_tree_with(Duration::ZERO, steps)?;
     }
 
+    /// The same with make-before-break on: moved peers keep their old parent until the
+    /// new one delivers, lingering leavers keep feeding until their children switched.
+    #[test]
+    fn client_views_match_the_tree_with_handovers(steps in proptest::collection::vec(step(), 50..150)) {
+        client_views_match_the_tree_with(Duration::from_secs(5), steps)?;
+    }
 }
 
 fn client_views_match_the_tree_with(
@@ -1108,6 +1149,219 @@ fn client_views_match_the_tree_with(
         h.check();
     }
     Ok(())
+}
+
+/// A peer moved while its socket is down: its `parent` and `drop` wait for its resume, so
+/// until then the old parent still feeds it and lists it among its children.
+#[test]
+fn a_peer_moved_while_away_stays_on_its_old_parents_list() {
+    let mut h = Harness::new(RoomConfig {
+        max_depth: 5,
+        heartbeat_timeout: None,
+        handover_timeout: Duration::from_secs(5),
+        ..config()
+    });
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 1_000); // room for one child
+    let weak = h.connect(Role::Viewer, None, 272); // feeds nobody
+    let weak_id = h.peer(weak);
+    let token = h.views[&weak].resume.clone().unwrap();
+    h.input(Input::Disconnected { conn: weak });
+    h.connect(Role::Viewer, None, 1_369); // stands in above it
+    assert_ne!(h.room.tree().parent(weak_id), Some(h.peer(b)), "moved");
+    assert!(
+        h.views[&b].children.contains(&weak_id),
+        "still fed meanwhile"
+    );
+    h.check();
+    let back = h.resume(weak, token);
+    assert_eq!(h.views[&back].previous, Some(h.peer(b)));
+    h.media(back, MediaState::Receiving);
+    assert!(!h.views[&b].children.contains(&weak_id));
+    h.check();
+}
+
+/// Cases the random test found with make-before-break on, each a room bug: a pair that
+/// swapped roles in a later batch than the one that began the handover (the old link's
+/// `drop` reached the new parent's child after its `parent`); a lingering relay whose
+/// upstream left first (told `drop` for it twice); a rebalance batch that moved a subtree
+/// through a place and back (the transient links were announced, the return was not).
+#[test]
+fn handover_corner_cases_keep_client_views_in_step() {
+    let cases: [Vec<Step>; 3] = [
+        vec![
+            Step::Join { uplink: 2756 },
+            Step::Join { uplink: 1799 },
+            Step::Wait { ms: 5668 },
+            Step::Join { uplink: 2655 },
+            Step::Drop {
+                pick: 1535030015205878183,
+            },
+            Step::Stall {
+                pick: 10883771203708880929,
+            },
+            Step::Receive {
+                pick: 5180388243151596288,
+            },
+            Step::Drop {
+                pick: 12536859429615555972,
+            },
+            Step::Join { uplink: 891 },
+            Step::Drop {
+                pick: 16909371775885651398,
+            },
+            Step::Resume {
+                pick: 2982809277646377960,
+            },
+            Step::Resume {
+                pick: 5330454079371607648,
+            },
+            Step::Join { uplink: 1283 },
+            Step::Wait { ms: 6218 },
+            Step::Drop {
+                pick: 14157415986381130450,
+            },
+            Step::Leave {
+                pick: 11939117171038641250,
+            },
+            Step::Linger {
+                pick: 3769990695098896348,
+            },
+            Step::Drop {
+                pick: 2728228308331069903,
+            },
+            Step::Wait { ms: 4664 },
+            Step::Join { uplink: 1409 },
+            Step::Join { uplink: 389 },
+            Step::Resume {
+                pick: 14266746875509669474,
+            },
+            Step::Join { uplink: 2227 },
+            Step::Join { uplink: 1028 },
+            Step::Receive {
+                pick: 5311012593779772542,
+            },
+            Step::Join { uplink: 2428 },
+            Step::Join { uplink: 1945 },
+            Step::Drop {
+                pick: 3207754284634296189,
+            },
+        ],
+        vec![
+            Step::Join { uplink: 138 },
+            Step::Join { uplink: 2071 },
+            Step::Drop {
+                pick: 1055420205862707772,
+            },
+            Step::Join { uplink: 797 },
+            Step::Join { uplink: 1045 },
+            Step::Drop {
+                pick: 15412991779240524015,
+            },
+            Step::Drop {
+                pick: 3500211107517802059,
+            },
+            Step::Leave {
+                pick: 10193953044366479734,
+            },
+            Step::Join { uplink: 1259 },
+            Step::Join { uplink: 2946 },
+            Step::Join { uplink: 1115 },
+            Step::Join { uplink: 364 },
+            Step::Resume {
+                pick: 2582715077118343350,
+            },
+            Step::Leave {
+                pick: 15475602349755103853,
+            },
+            Step::Leave {
+                pick: 14779721130275365473,
+            },
+            Step::Linger {
+                pick: 9453866724875275254,
+            },
+            Step::Resume {
+                pick: 16855636836594109811,
+            },
+            Step::Resume {
+                pick: 12618262998508057625,
+            },
+            Step::Linger {
+                pick: 285711493423329958,
+            },
+            Step::Join { uplink: 2791 },
+            Step::Join { uplink: 2863 },
+            Step::Join { uplink: 2076 },
+            Step::Drop {
+                pick: 11989304912341261651,
+            },
+            Step::Wait { ms: 7963 },
+        ],
+        vec![
+            Step::Join { uplink: 1609 },
+            Step::Join { uplink: 2710 },
+            Step::Drop {
+                pick: 7886942093962417751,
+            },
+            Step::Drop {
+                pick: 10043169740223547654,
+            },
+            Step::Join { uplink: 1633 },
+            Step::Join { uplink: 2840 },
+            Step::Join { uplink: 1641 },
+            Step::Join { uplink: 2670 },
+            Step::Resume {
+                pick: 12393298566305064921,
+            },
+            Step::Linger {
+                pick: 17600483471168691898,
+            },
+            Step::Resume {
+                pick: 1122100763971791845,
+            },
+            Step::Join { uplink: 199 },
+            Step::Join { uplink: 462 },
+            Step::Join { uplink: 1665 },
+            Step::Linger {
+                pick: 17988226931049527353,
+            },
+            Step::Linger {
+                pick: 17644927608687483915,
+            },
+            Step::Drop {
+                pick: 6707422836414364785,
+            },
+            Step::Wait { ms: 4586 },
+            Step::Wait { ms: 7668 },
+            Step::Drop {
+                pick: 2514383066332519844,
+            },
+            Step::Linger {
+                pick: 16506701098599993169,
+            },
+            Step::Join { uplink: 683 },
+            Step::Join { uplink: 838 },
+            Step::Resume {
+                pick: 12659830920018943857,
+            },
+            Step::Join { uplink: 1497 },
+            Step::Stall {
+                pick: 4523516850307468144,
+            },
+            Step::Drop {
+                pick: 604906624866684473,
+            },
+            Step::Linger {
+                pick: 10422734080907863755,
+            },
+            Step::Stall {
+                pick: 7424098766307860924,
+            },
+            Step::Wait { ms: 6152 },
+        ],
+    ];
+    for steps in cases {
+        client_views_match_the_tree_with(Duration::from_secs(5), steps).unwrap();
+    }
 }
 
 #[test]
