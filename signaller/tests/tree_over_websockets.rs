@@ -274,3 +274,63 @@ fn minimum_depth_matches_the_design_formula() {
     assert_eq!(d_min(1_000_000, 4, 4), 10);
     assert_eq!(d_min(1, 2, 2), 1);
 }
+
+/// 500 viewers with mixed uplinks (feeding 4, 2 or no children), a depth-1 relay crashes:
+/// once the repair and the background moves settle, the tree is again within a level of
+/// the least depth its peers allow, and nobody waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_uplinks_stay_shallow_after_a_depth_one_relay_dies() {
+    const MIXED: usize = 500;
+    const UPLINKS: [u32; 3] = [100_000, 1_250, 600];
+    let mut config = common::test_config();
+    config.room.root_fanout = 4;
+    config.room.relay_fanout = 4;
+    config.room.resume_grace = Duration::ZERO;
+    config.room.heartbeat_timeout = None;
+    let server = TestServer::start(config).await;
+    let addr = server.addr;
+    let (room, token) = common::create_room(addr).await;
+    let broadcaster = Client::join(addr, &room, "broadcaster", Some(&token), Some(100_000)).await;
+    let joins: Vec<_> = (0..MIXED)
+        .map(|i| {
+            let room = room.clone();
+            tokio::spawn(async move {
+                let uplink = UPLINKS[i % UPLINKS.len()];
+                let mut c = Client::join(addr, &room, "viewer", None, Some(uplink)).await;
+                c.recv_until("parent").await;
+                c
+            })
+        })
+        .collect();
+    let mut viewers = HashMap::new();
+    for j in joins {
+        let c = j.await.expect("a viewer joins");
+        viewers.insert(c.id(), c);
+    }
+    let before = snapshot(addr, &room).await;
+    let gone = depth_one_relay(&before, broadcaster.id());
+    let relay = viewers.remove(&gone).unwrap();
+    relay.crash();
+    let d_min = |snap: &Value| {
+        let peers = snap["peers"].as_array().unwrap();
+        let caps = peers
+            .iter()
+            .filter(|p| p["role"] == "viewer")
+            .map(|p| p["capacity"].as_u64().unwrap() as u32);
+        treecast_core::tree::min_depth(4, caps).expect("everyone fits")
+    };
+    let limit = d_min(&before) + 1;
+    // Repair at once; background moves bring the strong peers back up over seconds.
+    let after = wait_for_snapshot(addr, &room, |s| {
+        peer_in(s, gone).is_none()
+            && s["waiting"] == 0
+            && s["max_depth"].as_u64().unwrap() <= u64::from(d_min(s) + 1)
+    })
+    .await;
+    println!(
+        "mixed uplinks: depth {} before, {} after the crash (limit {limit}), histogram {}",
+        before["max_depth"], after["max_depth"], after["depth_histogram"]
+    );
+    assert_eq!(after["viewers"], (MIXED - 1) as u64);
+    server.shutdown().await.unwrap();
+}
