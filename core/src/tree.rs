@@ -1360,7 +1360,10 @@ impl RelayTree {
     ///    capacity), anywhere, the orphans' subtrees included. It brings its own children
     ///    along as far as it has room and the rest are placed like orphans: they sit near
     ///    the bottom of the tree, where a new slot costs little depth, while `n`'s
-    ///    orphans, the roots of the big subtrees, keep their depth;
+    ///    orphans, the roots of the big subtrees, keep their depth. Not a child of one of
+    ///    the orphans: that orphan would become its child, the two swapping roles, and a
+    ///    swapped pair cannot hand over make-before-break (one connection per pair);
+    ///    without such a stand-in the orphans move up as subtrees, the strongest first;
     /// 3. the strongest leaf outside `n`'s subtree (deepest among equals), which adopts
     ///    as many orphans as it can.
     ///
@@ -1403,7 +1406,9 @@ impl RelayTree {
                     if examined > BUDGET {
                         break;
                     }
-                    if let Some(x) = usable(i, need) {
+                    let swaps =
+                        |x: NodeIndex| self.parent_of(x).and_then(|p| self.parent_of(p)) == Some(n);
+                    if let Some(x) = usable(i, need).filter(|&x| !swaps(x)) {
                         return Some(x);
                     }
                 }
@@ -1818,8 +1823,9 @@ mod tests {
     }
 
     #[test]
-    fn without_a_strong_leaf_a_deep_strong_relay_stands_in() {
-        // root -> 1 -> {2, 3} -> {4, 5 (relays), 6, 7 (leaves)}; every leaf feeds nobody.
+    fn without_a_strong_leaf_a_deep_strong_peer_stands_in() {
+        // root -> 1 -> {2, 3} -> {4, 5 (relays), 6, 7 (leaves)} -> 8..11; no leaf outside
+        // 1's subtree can feed two.
         let mut t = RelayTree::new(10);
         t.set_root(p(0), 1).unwrap();
         for (i, cap) in [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (6, 0), (7, 0)] {
@@ -1830,25 +1836,41 @@ mod tests {
         for i in 8..=11 {
             t.insert(p(i), 0).unwrap();
         }
-        assert_eq!(t.depth(p(4)), Some(3));
-        assert_eq!(t.child_count(p(4)), Some(2));
+        // A strong peer at depth 4, below an orphan's child.
+        t.set_capacity(p(8), 4).unwrap();
+        assert_eq!(t.depth(p(8)), Some(4));
         assert_eq!(t.max_depth(), 4);
         t.invariants().unwrap();
         t.remove(p(1)).unwrap();
         t.invariants().unwrap();
-        // A depth-3 relay with room took 1's place: the orphans keep their depth, its own
-        // children rise with it, and nothing sinks (before, 3's subtree sank to depth 6).
-        let stand_in = t.parent(p(2)).unwrap();
-        assert!(stand_in == p(4) || stand_in == p(5));
-        assert_eq!(t.parent(p(3)), Some(stand_in));
-        assert_eq!(t.depth(stand_in), Some(1));
+        // It took 1's place: the orphans keep their depth and nothing sinks.
+        assert_eq!(t.depth(p(8)), Some(1));
+        assert_eq!((t.parent(p(2)), t.parent(p(3))), (Some(p(8)), Some(p(8))));
         assert_eq!((t.depth(p(2)), t.depth(p(3))), (Some(2), Some(2)));
-        assert_eq!(
-            t.child_count(stand_in),
-            Some(4),
-            "kept its own two children"
-        );
         assert_eq!(t.max_depth(), 4);
+        assert_eq!(t.waiting_len(), 0);
+    }
+
+    #[test]
+    fn an_orphans_own_child_does_not_stand_in_for_its_grandparent() {
+        // root -> 1 -> {2, 3} -> {4, 5 (strong), 6, 7}: 4 and 5 are orphans' children.
+        // Standing in, one would take its own parent as a child (the two swapping roles,
+        // which cannot hand over make-before-break): the orphans move up instead.
+        let mut t = RelayTree::new(10);
+        t.set_root(p(0), 1).unwrap();
+        for (i, cap) in [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (6, 0), (7, 0)] {
+            t.insert(p(i), cap).unwrap();
+        }
+        t.set_capacity(p(4), 4).unwrap();
+        t.set_capacity(p(5), 4).unwrap();
+        let before: Vec<_> = [4, 5].iter().map(|&i| t.parent(p(i))).collect();
+        t.remove(p(1)).unwrap();
+        t.invariants().unwrap();
+        assert_eq!(
+            [4, 5].iter().map(|&i| t.parent(p(i))).collect::<Vec<_>>(),
+            before,
+            "the strong grandchildren keep their parents"
+        );
         assert_eq!(t.waiting_len(), 0);
     }
 
