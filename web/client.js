@@ -84,7 +84,7 @@ export class Peer {
     this.onStats = o.onStats || (() => {});
     this.client = new wasm.Client(o.room, o.role, o.token ?? undefined, o.uplinkKbps ?? undefined);
     this.parent = null;            // {peer, pc, chain, pending, hasRemote, receiving, held}
-    this.previous = null;          // the parent being left, still feeding until the new one delivers
+    this.previous = null;          // the parent being left, still feeding until the server drops it
     this.children = new Map();     // peer -> {pc, senders, chain, pending, hasRemote, prevBytes, prevAt}
     this.tracks = { video: null, audio: null };
     this.outStream = new MediaStream();
@@ -178,7 +178,8 @@ export class Peer {
       receiving: true, held: [] };
     // While the old parent still feeds us (a move without drop), its tracks stay on screen
     // and on the children's senders; the new ones take over when the old connection closes,
-    // which the agent asks for once the new parent's media advances.
+    // on the server's drop (once this peer reported the new parent's media and nobody above
+    // it is still switching).
     pc.ontrack = (e) => {
       if (this.parent !== conn) return;
       if (this.previous) conn.held.push(e.track); else this.setTrack(e.track);
