@@ -1602,11 +1602,16 @@ impl Room {
         }
         // Handovers it was part of end with it: a departed old parent feeds nobody, and a
         // departed child needs no feeding.
+        let mut ended = !peer.handing_over.is_empty();
         if self.handovers.contains_key(&id) {
             self.finish_handover(id);
+            ended = true;
         }
         self.stop_feeding(id, peer.handing_over);
-        self.finish_delivered_handovers();
+        if ended {
+            // Handovers below that waited for this one may end now.
+            self.finish_delivered_handovers();
+        }
         let orphans = self.tree.child_count(id).unwrap_or(0);
         self.departed = self.departed.saturating_add(1);
         let _ = self.tree.remove(id);
@@ -1825,7 +1830,7 @@ impl Room {
     /// swap that link can run through the peer itself (media going round in a loop with
     /// nothing feeding it once the peer let go of its old parent).
     fn finish_delivered_handovers(&mut self) {
-        loop {
+        while !self.handovers.is_empty() {
             let next = self
                 .handovers
                 .iter()

@@ -1822,10 +1822,9 @@ mod tests {
         assert_eq!(t.depth(p(4)), None, "no slot left: the other orphan waits");
     }
 
-    #[test]
-    fn without_a_strong_leaf_a_deep_strong_peer_stands_in() {
-        // root -> 1 -> {2, 3} -> {4, 5 (relays), 6, 7 (leaves)} -> 8..11; no leaf outside
-        // 1's subtree can feed two.
+    /// root -> 1 -> {2, 3} -> {4, 5 (capacity 4), 6, 7 (leaves)}: if 1 leaves, 2 and 3
+    /// are its orphans and 4 and 5 their strong children.
+    fn strong_below_orphans() -> RelayTree {
         let mut t = RelayTree::new(10);
         t.set_root(p(0), 1).unwrap();
         for (i, cap) in [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (6, 0), (7, 0)] {
@@ -1833,6 +1832,14 @@ mod tests {
         }
         t.set_capacity(p(4), 4).unwrap();
         t.set_capacity(p(5), 4).unwrap();
+        t
+    }
+
+    #[test]
+    fn without_a_strong_leaf_a_deep_strong_peer_stands_in() {
+        // root -> 1 -> {2, 3} -> {4, 5 (relays), 6, 7 (leaves)} -> 8..11; no leaf outside
+        // 1's subtree can feed two.
+        let mut t = strong_below_orphans();
         for i in 8..=11 {
             t.insert(p(i), 0).unwrap();
         }
@@ -1856,13 +1863,7 @@ mod tests {
         // root -> 1 -> {2, 3} -> {4, 5 (strong), 6, 7}: 4 and 5 are orphans' children.
         // Standing in, one would take its own parent as a child (the two swapping roles,
         // which cannot hand over make-before-break): the orphans move up instead.
-        let mut t = RelayTree::new(10);
-        t.set_root(p(0), 1).unwrap();
-        for (i, cap) in [(1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (6, 0), (7, 0)] {
-            t.insert(p(i), cap).unwrap();
-        }
-        t.set_capacity(p(4), 4).unwrap();
-        t.set_capacity(p(5), 4).unwrap();
+        let mut t = strong_below_orphans();
         let before: Vec<_> = [4, 5].iter().map(|&i| t.parent(p(i))).collect();
         t.remove(p(1)).unwrap();
         t.invariants().unwrap();

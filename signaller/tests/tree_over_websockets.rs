@@ -80,6 +80,27 @@ fn check_messages(snap: &Value, clients: &[&Client]) {
     }
 }
 
+/// One viewer per uplink, all joining at once; each has its first `parent` when this returns.
+async fn join_all(addr: SocketAddr, room: &str, uplinks: &[u32]) -> HashMap<u64, Client> {
+    let joins: Vec<_> = uplinks
+        .iter()
+        .map(|&uplink| {
+            let room = room.to_owned();
+            tokio::spawn(async move {
+                let mut c = Client::join(addr, &room, "viewer", None, Some(uplink)).await;
+                c.recv_until("parent").await;
+                c
+            })
+        })
+        .collect();
+    let mut viewers = HashMap::new();
+    for j in joins {
+        let c = j.await.expect("a viewer joins");
+        viewers.insert(c.id(), c);
+    }
+    viewers
+}
+
 async fn sync_all(broadcaster: &mut Client, viewers: &mut HashMap<u64, Client>) {
     broadcaster.sync().await;
     for v in viewers.values_mut() {
@@ -222,21 +243,7 @@ async fn concurrent_joins_build_a_shallow_tree_that_survives_relays_leaving() {
     let mut broadcaster =
         Client::join(addr, &room, "broadcaster", Some(&token), Some(100_000)).await;
 
-    let joins: Vec<_> = (0..VIEWERS)
-        .map(|_| {
-            let room = room.clone();
-            tokio::spawn(async move {
-                let mut c = Client::join(addr, &room, "viewer", None, Some(100_000)).await;
-                c.recv_until("parent").await;
-                c
-            })
-        })
-        .collect();
-    let mut viewers = HashMap::new();
-    for j in joins {
-        let c = j.await.expect("a viewer joins");
-        viewers.insert(c.id(), c);
-    }
+    let mut viewers = join_all(addr, &room, &[100_000; VIEWERS]).await;
     assert_eq!(viewers.len(), VIEWERS, "peer ids are distinct");
 
     let snap = snapshot(addr, &room).await;
@@ -291,22 +298,8 @@ async fn mixed_uplinks_stay_shallow_after_a_depth_one_relay_dies() {
     let addr = server.addr;
     let (room, token) = common::create_room(addr).await;
     let broadcaster = Client::join(addr, &room, "broadcaster", Some(&token), Some(100_000)).await;
-    let joins: Vec<_> = (0..MIXED)
-        .map(|i| {
-            let room = room.clone();
-            tokio::spawn(async move {
-                let uplink = UPLINKS[i % UPLINKS.len()];
-                let mut c = Client::join(addr, &room, "viewer", None, Some(uplink)).await;
-                c.recv_until("parent").await;
-                c
-            })
-        })
-        .collect();
-    let mut viewers = HashMap::new();
-    for j in joins {
-        let c = j.await.expect("a viewer joins");
-        viewers.insert(c.id(), c);
-    }
+    let uplinks: Vec<u32> = (0..MIXED).map(|i| UPLINKS[i % UPLINKS.len()]).collect();
+    let mut viewers = join_all(addr, &room, &uplinks).await;
     let before = snapshot(addr, &room).await;
     let gone = depth_one_relay(&before, broadcaster.id());
     let relay = viewers.remove(&gone).unwrap();
