@@ -86,6 +86,7 @@ export class Peer {
     this.parent = null;            // {peer, pc, chain, pending, hasRemote, receiving, held}
     this.previous = null;          // the parent being left, still feeding until the server drops it
     this.children = new Map();     // peer -> {pc, senders, chain, pending, hasRemote, prevBytes, prevAt}
+    this.standby = new Map();      // peer -> role ("parent" | "child") of a standby link the room asked for
     this.tracks = { video: null, audio: null };
     this.outStream = new MediaStream();
     if (o.stream) for (const t of o.stream.getTracks()) this.setTrack(t);
@@ -124,7 +125,16 @@ export class Peer {
       case 'send': if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(a.text); return;
       case 'open_parent': return this.openParent(a.peer);
       case 'open_child': return this.openChild(a.peer);
-      case 'close': return this.closeConn(a.peer);
+      // Standby links are not prepared yet: one that is used opens cold.
+      case 'open_standby': this.standby.set(a.peer, a.role); return;
+      case 'use_standby': {
+        const role = this.standby.get(a.peer);
+        this.standby.delete(a.peer);
+        if (role === 'parent') return this.openParent(a.peer);
+        if (role === 'child') return this.openChild(a.peer);
+        return;
+      }
+      case 'close': this.standby.delete(a.peer); return this.closeConn(a.peer);
       case 'signal': return this.onSignal(a.from, a.data);
       // An in-flight sample answers it too: sample() runs one at a time.
       case 'sample_media': return void this.sample();

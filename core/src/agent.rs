@@ -60,7 +60,7 @@
 //!   closes a child, and the last one, the socket closing or `linger_max` ends it in
 //!   [`Phase::Left`].
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -69,7 +69,7 @@ use serde_json::Value;
 use crate::ids::{PeerId, RoomId};
 use crate::protocol::{
     ClientMessage, Connectivity, Delivery, EndReason, ErrorCode, Hello, IceServer, LinkKind,
-    MediaState, PROTOCOL_VERSION, Report, Role, ServerMessage,
+    MediaState, PROTOCOL_VERSION, Report, Role, ServerMessage, StandbyRole,
 };
 use crate::tree::WaitReason;
 
@@ -230,6 +230,22 @@ pub enum Action {
         /// The child.
         peer: PeerId,
     },
+    /// Prepare an idle standby link to this peer (`standby`): as a receiving connection
+    /// for `OpenParent` when it would be the parent (it sends the offer), as a sending
+    /// connection with no media for `OpenChild` when it would be the child (send the
+    /// offer; the senders stay without a track until `UseStandby`).
+    OpenStandby {
+        /// The other end.
+        peer: PeerId,
+        /// What it would become to this peer.
+        role: StandbyRole,
+    },
+    /// The standby link to this peer is now the parent link (as after `OpenParent`) or a
+    /// child link (as after `OpenChild`: put the current tracks on its senders).
+    UseStandby {
+        /// The new parent or child.
+        peer: PeerId,
+    },
     /// Close the media connection to this peer.
     Close {
         /// The former neighbour.
@@ -336,6 +352,8 @@ pub struct Agent {
     /// through this very peer.
     previous: Option<PeerId>,
     children: BTreeSet<PeerId>,
+    /// Idle links prepared at the room's request, with what each peer would become.
+    standby: BTreeMap<PeerId, StandbyRole>,
     depth: Option<u32>,
     viewers: u32,
     live: bool,
@@ -393,6 +411,7 @@ impl Agent {
             parent: None,
             previous: None,
             children: BTreeSet::new(),
+            standby: BTreeMap::new(),
             depth: None,
             viewers: 0,
             live: false,
@@ -628,6 +647,21 @@ impl Agent {
                 }
             }
             ServerMessage::Child { peer_id } => self.add_child(peer_id),
+            ServerMessage::Standby { peer_id, role } => {
+                let own = self.peer_id == Some(peer_id);
+                if !own && !self.is_neighbour(peer_id) && !self.standby.contains_key(&peer_id) {
+                    self.standby.insert(peer_id, role);
+                    self.out.push_back(Action::OpenStandby {
+                        peer: peer_id,
+                        role,
+                    });
+                }
+            }
+            ServerMessage::StandbyEnd { peer_id } => {
+                if self.standby.remove(&peer_id).is_some() {
+                    self.out.push_back(Action::Close { peer: peer_id });
+                }
+            }
             ServerMessage::Drop { peer_id } => {
                 if self.parent == Some(peer_id) {
                     self.set_parent(now, None, false);
@@ -744,6 +778,7 @@ impl Agent {
             return self.leave(now);
         }
         self.send_now(now, &ClientMessage::Leave { linger: true });
+        self.close_standbys();
         self.phase = Phase::Leaving;
         self.linger_until = Some(now + self.config.linger_max);
         self.reconnect_at = None;
@@ -793,12 +828,42 @@ impl Agent {
     }
 
     fn is_neighbour(&self, peer: PeerId) -> bool {
-        self.parent == Some(peer) || self.previous == Some(peer) || self.children.contains(&peer)
+        self.parent == Some(peer)
+            || self.previous == Some(peer)
+            || self.children.contains(&peer)
+            || self.standby.contains_key(&peer)
     }
 
     fn add_child(&mut self, peer: PeerId) {
-        if self.children.insert(peer) {
-            self.out.push_back(Action::OpenChild { peer });
+        if self.children.contains(&peer) {
+            return;
+        }
+        let warm = self.take_standby(peer, StandbyRole::Child);
+        self.children.insert(peer);
+        self.out.push_back(if warm {
+            Action::UseStandby { peer }
+        } else {
+            Action::OpenChild { peer }
+        });
+    }
+
+    /// Takes the standby link to `peer` for a new parent or child link. True if it can
+    /// serve as `role`; a standby prepared for the other role is closed (its connection
+    /// was set up the wrong way round).
+    fn take_standby(&mut self, peer: PeerId, role: StandbyRole) -> bool {
+        match self.standby.remove(&peer) {
+            Some(r) if r == role => true,
+            Some(_) => {
+                self.out.push_back(Action::Close { peer });
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn close_standbys(&mut self) {
+        for peer in std::mem::take(&mut self.standby).into_keys() {
+            self.out.push_back(Action::Close { peer });
         }
     }
 
@@ -830,7 +895,12 @@ impl Agent {
         self.parent_since = now;
         self.media = MediaState::Connecting;
         if let Some(peer) = parent {
-            self.out.push_back(Action::OpenParent { peer });
+            let warm = self.take_standby(peer, StandbyRole::Parent);
+            self.out.push_back(if warm {
+                Action::UseStandby { peer }
+            } else {
+                Action::OpenParent { peer }
+            });
             self.report_state(now);
         }
     }
@@ -843,6 +913,7 @@ impl Agent {
     }
 
     fn close_all_media(&mut self) {
+        self.close_standbys();
         self.close_previous();
         if let Some(peer) = self.parent.take() {
             self.out.push_back(Action::Close { peer });
@@ -1454,6 +1525,107 @@ mod tests {
             server(&mut a, 950, json!({"type":"drop","peer_id":1})),
             vec![Action::Close { peer: PeerId(1) }]
         );
+    }
+
+    #[test]
+    fn standby_links_are_prepared_then_used_or_closed() {
+        let mut a = receiving_viewer();
+        let up = server(
+            &mut a,
+            600,
+            json!({"type":"standby","peer_id":6,"role":"parent"}),
+        );
+        assert_eq!(
+            up,
+            vec![Action::OpenStandby {
+                peer: PeerId(6),
+                role: StandbyRole::Parent
+            }]
+        );
+        // Told twice, about a neighbour or about itself: nothing new.
+        assert!(
+            server(
+                &mut a,
+                605,
+                json!({"type":"standby","peer_id":5,"role":"parent"})
+            )
+            .is_empty()
+        );
+        assert!(
+            server(
+                &mut a,
+                610,
+                json!({"type":"standby","peer_id":6,"role":"parent"})
+            )
+            .is_empty()
+        );
+        assert!(
+            server(
+                &mut a,
+                620,
+                json!({"type":"standby","peer_id":1,"role":"child"})
+            )
+            .is_empty()
+        );
+        let down = server(
+            &mut a,
+            630,
+            json!({"type":"standby","peer_id":8,"role":"child"}),
+        );
+        assert_eq!(
+            down,
+            vec![Action::OpenStandby {
+                peer: PeerId(8),
+                role: StandbyRole::Child
+            }]
+        );
+        // Its ICE and DTLS are set up in advance: signals from it are taken.
+        assert_eq!(
+            server(&mut a, 640, json!({"type":"signal","from":6,"data":{}})).len(),
+            1
+        );
+        // The standby parent becomes the parent: its link is used, nothing is opened.
+        let acts = server(&mut a, 700, json!({"type":"parent","peer_id":6,"depth":2}));
+        assert_eq!(acts[0], Action::UseStandby { peer: PeerId(6) });
+        assert!(!acts.iter().any(|x| matches!(x, Action::OpenParent { .. })));
+        // A standby the wrong way round is closed and the link made afresh.
+        let acts = server(
+            &mut a,
+            800,
+            json!({"type":"standby","peer_id":9,"role":"parent"}),
+        );
+        assert_eq!(acts.len(), 1);
+        assert_eq!(
+            server(&mut a, 810, json!({"type":"child","peer_id":9})),
+            vec![
+                Action::Close { peer: PeerId(9) },
+                Action::OpenChild { peer: PeerId(9) }
+            ]
+        );
+        // A child standby becomes a child.
+        assert_eq!(
+            server(&mut a, 820, json!({"type":"child","peer_id":8})),
+            vec![Action::UseStandby { peer: PeerId(8) }]
+        );
+        // The end of a standby link closes it; the end of one that became a link does not.
+        server(
+            &mut a,
+            830,
+            json!({"type":"standby","peer_id":11,"role":"parent"}),
+        );
+        assert_eq!(
+            server(&mut a, 840, json!({"type":"standby_end","peer_id":11})),
+            vec![Action::Close { peer: PeerId(11) }]
+        );
+        assert!(server(&mut a, 850, json!({"type":"standby_end","peer_id":8})).is_empty());
+        // Leaving closes what is left.
+        server(
+            &mut a,
+            860,
+            json!({"type":"standby","peer_id":12,"role":"child"}),
+        );
+        a.handle(ms(900), Input::Leave);
+        assert!(drain(&mut a).contains(&Action::Close { peer: PeerId(12) }));
     }
 
     #[test]

@@ -303,6 +303,16 @@ pub enum EndReason {
     Shutdown,
 }
 
+/// What a standby peer would become to the peer told about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StandbyRole {
+    /// It would feed you: it opens the connection and sends the offer.
+    Parent,
+    /// You would feed it: open a connection without media and send the offer.
+    Child,
+}
+
 /// Messages the signaller sends to a client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -353,6 +363,23 @@ pub enum ServerMessage {
     /// Close the media connection to this peer (it is no longer your parent or child).
     Drop {
         /// The former neighbour.
+        peer_id: PeerId,
+    },
+    /// Prepare a standby link to this peer: connect now (the upstream end sends the offer,
+    /// as for `parent`/`child`) but send no media on it. The room names the peer in a
+    /// later `parent` or `child` if it takes the place of a relay that left or failed;
+    /// that link then carries media at once, with no new connection. Until then both ends
+    /// keep it idle.
+    Standby {
+        /// The other end.
+        peer_id: PeerId,
+        /// What that peer would become to you.
+        role: StandbyRole,
+    },
+    /// Close the standby link to this peer (nothing to do if it became your parent or
+    /// child in the meantime).
+    StandbyEnd {
+        /// The other end.
         peer_id: PeerId,
     },
     /// Signalling data from a neighbour.

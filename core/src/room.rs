@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::ids::{PeerId, PeerIndex, RoomId};
 use crate::protocol::{
     ClientLimits, ClientMessage, Connectivity, EndReason, ErrorCode, Hello, IceServer, LinkKind,
-    MediaState, NatClass, PROTOCOL_VERSION, Report, Role, ServerMessage,
+    MediaState, NatClass, PROTOCOL_VERSION, Report, Role, ServerMessage, StandbyRole,
 };
 use crate::tree::{RelayTree, TreeEvent, WaitReason};
 use crate::turn::{self, TurnRest};
@@ -110,6 +110,12 @@ pub struct RoomConfig {
     /// that second, so the budget keeps pace with churn in large rooms. 0, or
     /// make-before-break off, turns rebalancing off.
     pub rebalance_moves_per_second: u32,
+    /// Warm standby: each relay gets a peer prepared to take its place, and the room has
+    /// that stand-in connect in advance (ICE and DTLS done, no media) to the relay's parent
+    /// and children (`standby`). If the relay leaves or dies, the repair uses those links
+    /// and media flows after a round trip instead of a connection set-up. Costs each
+    /// stand-in one idle connection per child of its relay, plus one.
+    pub warm_standby: bool,
     /// How long a disconnected peer keeps its place and may resume.
     #[serde(with = "millis")]
     pub resume_grace: Duration,
@@ -152,6 +158,7 @@ impl Default for RoomConfig {
             settle_window: Duration::from_secs(3),
             handover_timeout: Duration::from_secs(5),
             rebalance_moves_per_second: 4,
+            warm_standby: true,
             resume_grace: Duration::from_secs(10),
             start_timeout: Duration::from_secs(3_600),
             audience_interval: Some(Duration::from_secs(2)),
@@ -653,6 +660,25 @@ pub struct Room {
     /// Peers taken out of the tree since the last rebalancing round: each adds a move to
     /// its budget.
     departed: u32,
+    /// Warm standby, by relay: the peer prepared to stand in for it and the links it was
+    /// told to hold for that.
+    standbys: FxHashMap<PeerId, Standby>,
+    /// Stand-in → the relay it is prepared for (one each, so one failure never finds its
+    /// stand-in already spent on another).
+    stands_for: FxHashMap<PeerId, PeerId>,
+    /// Every standby link both ends were told of, (upstream, downstream), with how many
+    /// relays' standbys use it (two relays' arrangements may share one).
+    standby_links: FxHashMap<(PeerId, PeerId), u32>,
+    /// Peers whose standby arrangements may have changed since the last flush.
+    standby_dirty: Vec<PeerId>,
+}
+
+/// A relay's warm standby: who stands in, and the links (upstream end, downstream end)
+/// both ends were told to prepare.
+#[derive(Debug, Clone)]
+struct Standby {
+    stand_in: PeerId,
+    links: Vec<(PeerId, PeerId)>,
 }
 
 impl Room {
@@ -683,6 +709,10 @@ impl Room {
             now,
             unix_epoch: Duration::ZERO,
             departed: 0,
+            standbys: FxHashMap::default(),
+            stands_for: FxHashMap::default(),
+            standby_links: FxHashMap::default(),
+            standby_dirty: Vec::new(),
         };
         room.arm(now + room.config.start_timeout, Timer::Start);
         if let Some(every) = room.config.audience_interval {
@@ -1059,7 +1089,10 @@ impl Room {
             ClientMessage::Hello(_) => self.refuse(conn, ErrorCode::AlreadyJoined, false),
             ClientMessage::Ping {} => self.send(conn, ServerMessage::Pong),
             ClientMessage::Signal { to, data } => {
-                if !self.tree.are_neighbours(id, to) && !self.lingering_link(id, to) {
+                if !self.tree.are_neighbours(id, to)
+                    && !self.lingering_link(id, to)
+                    && !self.standby_link(id, to)
+                {
                     let code = if self.peers.contains_key(&to) {
                         ErrorCode::NotNeighbour
                     } else {
@@ -1127,7 +1160,7 @@ impl Room {
         self.resumes.remove(&resume);
         let orphans = self.tree.child_count(id).unwrap_or(0);
         self.departed = self.departed.saturating_add(1);
-        let _ = self.tree.remove(id);
+        self.remove_from_tree(id);
         self.event(RoomEvent::Left {
             peer: id,
             cause: LeaveCause::Left,
@@ -1435,6 +1468,7 @@ impl Room {
             nat: c.nat,
         });
         let _ = self.tree.set_nat(id, c.nat);
+        self.standby_dirty.push(id);
         self.set_capacity_from_uplink(id);
         // Last, so the status tells the capacity and position after both changes.
         self.flush_tree_events(Some(id));
@@ -1614,7 +1648,7 @@ impl Room {
         }
         let orphans = self.tree.child_count(id).unwrap_or(0);
         self.departed = self.departed.saturating_add(1);
-        let _ = self.tree.remove(id);
+        self.remove_from_tree(id);
         self.event(RoomEvent::Left { peer: id, cause });
         if orphans > 0 {
             self.event(RoomEvent::Repaired {
@@ -1697,6 +1731,7 @@ impl Room {
             return;
         }
         let _ = self.tree.set_capacity(id, capacity);
+        self.standby_dirty.push(id);
         self.event(RoomEvent::Capacity { peer: id, capacity });
         let shed = before.saturating_sub(capacity);
         if shed > 0 {
@@ -1722,6 +1757,17 @@ impl Room {
         mark_unchanged_edges(&mut events);
         for &(e, unchanged) in &events {
             self.event(RoomEvent::Tree(e));
+            if self.config.warm_standby {
+                match e {
+                    TreeEvent::Linked { parent, child, .. }
+                    | TreeEvent::Unlinked { parent, child } => {
+                        self.standby_dirty.extend([parent, child]);
+                    }
+                    TreeEvent::DepthChanged { peer, .. } | TreeEvent::Waiting { peer } => {
+                        self.standby_dirty.push(peer);
+                    }
+                }
+            }
             if unchanged {
                 continue;
             }
@@ -1793,6 +1839,160 @@ impl Room {
         }
         self.scratch_events = events;
         self.scratch_status = status;
+        self.refresh_standbys();
+    }
+
+    // ---- warm standby ----
+
+    /// Takes `id` out of the tree, its prepared stand-in (if any, and if it still fits)
+    /// taking its place.
+    fn remove_from_tree(&mut self, id: PeerId) {
+        let stand_in = self.standbys.get(&id).map(|s| s.stand_in);
+        let _ = self.tree.remove_preferring(id, stand_in);
+        self.standby_dirty.push(id);
+    }
+
+    /// Whether `a` and `b` hold a standby link the room asked for.
+    fn standby_link(&self, a: PeerId, b: PeerId) -> bool {
+        self.standby_links.contains_key(&(a, b)) || self.standby_links.contains_key(&(b, a))
+    }
+
+    /// Whether a media link (tree edge, handover or lingering departure) joins `a` and `b`.
+    fn media_link(&self, a: PeerId, b: PeerId) -> bool {
+        let handover = |x: PeerId, y: PeerId| self.handovers.get(&x).is_some_and(|h| h.from == y);
+        self.tree.are_neighbours(a, b)
+            || handover(a, b)
+            || handover(b, a)
+            || self.lingering_link(a, b)
+    }
+
+    /// A peer that can prepare standby links: in the room, connected, not leaving.
+    fn can_hold_standby(&self, id: PeerId) -> bool {
+        self.peers
+            .get(&id)
+            .is_some_and(|p| p.conn.is_some() && p.departure.is_none())
+    }
+
+    /// Looks again at the standby of every relay touched since the last flush: keeps the
+    /// stand-in while it still fits, otherwise picks another, and tells both ends of each
+    /// link that appears or goes. A link that became a media link (the stand-in took its
+    /// place, or a move made them neighbours) is forgotten silently: both ends already
+    /// use it.
+    fn refresh_standbys(&mut self) {
+        if self.standby_dirty.is_empty() {
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.standby_dirty);
+        // A stand-in that moved, grew or left may no longer fit its relay.
+        let relays: Vec<PeerId> = dirty
+            .iter()
+            .filter_map(|x| self.stands_for.get(x).copied())
+            .collect();
+        dirty.extend(relays);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for &relay in &dirty {
+            self.refresh_standby(relay);
+        }
+        dirty.clear();
+        // Telling peers never changes the tree, so nothing new is dirty; keep the buffer.
+        if self.standby_dirty.is_empty() {
+            self.standby_dirty = dirty;
+        }
+    }
+
+    fn refresh_standby(&mut self, relay: PeerId) {
+        let usable = |room: &Self, s: PeerId| {
+            room.can_hold_standby(s)
+                && room
+                    .stands_for
+                    .get(&s)
+                    .is_none_or(|&r| r == relay || !room.standbys.contains_key(&r))
+        };
+        let wanted = if self.config.warm_standby
+            && self.can_hold_standby(relay)
+            && self.tree.child_count(relay).unwrap_or(0) > 0
+        {
+            let current = self.standbys.get(&relay).map(|s| s.stand_in);
+            current
+                .filter(|&s| usable(self, s) && self.tree.can_stand_in(s, relay))
+                .or_else(|| self.tree.stand_in_for(relay, |x| !usable(self, x)))
+        } else {
+            None
+        };
+        let mut links = Vec::new();
+        if let Some(s) = wanted {
+            let parent = self
+                .tree
+                .parent(relay)
+                .expect("relays with a stand-in are attached");
+            links.push((parent, s));
+            links.extend(
+                self.tree
+                    .children(relay)
+                    .filter(|&c| c != s)
+                    .map(|c| (s, c)),
+            );
+            // A pair holds one connection: not one that already carries media, nor one
+            // another relay's standby holds the other way round.
+            links.retain(|&(a, b)| {
+                !self.media_link(a, b) && !self.standby_links.contains_key(&(b, a))
+            });
+        }
+        let old = match self.standbys.remove(&relay) {
+            Some(old) => {
+                if self.stands_for.get(&old.stand_in) == Some(&relay) {
+                    self.stands_for.remove(&old.stand_in);
+                }
+                old.links
+            }
+            None => Vec::new(),
+        };
+        for &(up, down) in &old {
+            if links.contains(&(up, down)) {
+                continue;
+            }
+            let users = self
+                .standby_links
+                .get_mut(&(up, down))
+                .expect("told links are counted");
+            *users -= 1;
+            if *users > 0 {
+                continue;
+            }
+            self.standby_links.remove(&(up, down));
+            if !self.media_link(up, down) {
+                self.send_to_peer(up, ServerMessage::StandbyEnd { peer_id: down });
+                self.send_to_peer(down, ServerMessage::StandbyEnd { peer_id: up });
+            }
+        }
+        for &(up, down) in &links {
+            if old.contains(&(up, down)) {
+                continue;
+            }
+            let users = self.standby_links.entry((up, down)).or_insert(0);
+            *users += 1;
+            if *users == 1 {
+                self.send_to_peer(
+                    up,
+                    ServerMessage::Standby {
+                        peer_id: down,
+                        role: StandbyRole::Child,
+                    },
+                );
+                self.send_to_peer(
+                    down,
+                    ServerMessage::Standby {
+                        peer_id: up,
+                        role: StandbyRole::Parent,
+                    },
+                );
+            }
+        }
+        if let Some(stand_in) = wanted {
+            self.stands_for.insert(stand_in, relay);
+            self.standbys.insert(relay, Standby { stand_in, links });
+        }
     }
 
     /// `child` left `from`, both still in the room: `from` keeps feeding it until it

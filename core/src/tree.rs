@@ -555,8 +555,20 @@ impl RelayTree {
 
     /// Removes a peer (left or crashed) and repairs the tree around it.
     pub fn remove(&mut self, peer: PeerId) -> Result<(), TreeError> {
+        self.remove_preferring(peer, None)
+    }
+
+    /// Removes a peer like [`Self::remove`], with `stand_in` taking its place if it may
+    /// ([`Self::stand_in_for`]; e.g. it already holds links to the relay's parent and
+    /// children).
+    pub fn remove_preferring(
+        &mut self,
+        peer: PeerId,
+        stand_in: Option<PeerId>,
+    ) -> Result<(), TreeError> {
         let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
-        if self.replace_with_stand_in(n) {
+        let preferred = stand_in.and_then(|s| self.node(s));
+        if self.replace_with_stand_in(n, preferred) {
             self.nodes.remove(peer);
             self.graph.remove_node(n);
             self.fill_waiting();
@@ -594,6 +606,31 @@ impl RelayTree {
         self.place_orphans();
         self.fill_waiting();
         Ok(())
+    }
+
+    /// The peer that would take the place of relay `peer` if it left now: the first two
+    /// rules of the stand-in search (a peer that feeds all its children, so the orphans'
+    /// subtrees stay whole), passing over peers for which `skip` is true. None for the
+    /// root, a leaf, a waiting peer, or when nobody fits.
+    pub fn stand_in_for(&self, peer: PeerId, skip: impl Fn(PeerId) -> bool) -> Option<PeerId> {
+        let n = self.node(peer)?;
+        let node = &self.graph[n];
+        if node.status != Status::Attached || node.children == 0 || self.root == Some(n) {
+            return None;
+        }
+        let skip = |x: NodeIndex| skip(self.graph[x].peer);
+        self.stand_in(node.children, n, &skip)
+            .filter(|&x| self.fits_stand_in(x, n))
+            .map(|x| self.graph[x].peer)
+    }
+
+    /// Whether `candidate` may still take the place of relay `peer` if it left now (see
+    /// [`Self::stand_in_for`]).
+    pub fn can_stand_in(&self, candidate: PeerId, peer: PeerId) -> bool {
+        match (self.node(candidate), self.node(peer)) {
+            (Some(x), Some(n)) => self.fits_stand_in(x, n),
+            _ => false,
+        }
     }
 
     /// Moves `peer` with its subtree to the best slot neither under its current parent nor
@@ -1368,14 +1405,22 @@ impl RelayTree {
     ///    as many orphans as it can.
     ///
     /// Each step examines a bounded number of candidates.
-    fn stand_in(&self, need: u32, n: NodeIndex) -> Option<NodeIndex> {
+    /// Candidates for which `skip` is true are passed over (peers already promised as
+    /// another relay's stand-in).
+    fn stand_in(
+        &self,
+        need: u32,
+        n: NodeIndex,
+        skip: &dyn Fn(NodeIndex) -> bool,
+    ) -> Option<NodeIndex> {
         const BUDGET: usize = 64;
         let depth = self.graph[n].depth;
         let parent = self.parent_of(n)?;
         // It takes the departing relay's parent: that link must work directly.
         let usable = |i: u32, min_capacity: u32| {
             let x = NodeIndex::new(i as usize);
-            (self.graph[x].capacity >= min_capacity && self.direct_ok(x, parent)).then_some(x)
+            (self.graph[x].capacity >= min_capacity && self.direct_ok(x, parent) && !skip(x))
+                .then_some(x)
         };
         let need_class = class_of(need);
         let leaf_depths = || {
@@ -1431,6 +1476,29 @@ impl RelayTree {
         None
     }
 
+    /// Whether `x` may stand in for attached relay `n` by rule 1 or 2 of
+    /// [`Self::stand_in`]: it feeds all of `n`'s children, reaches `n`'s parent directly,
+    /// and is a leaf outside `n`'s subtree or a deeper peer that is not `n`'s grandchild.
+    fn fits_stand_in(&self, x: NodeIndex, n: NodeIndex) -> bool {
+        let (node, cand) = (&self.graph[n], &self.graph[x]);
+        let Some(parent) = self.parent_of(n) else {
+            return false;
+        };
+        if x == n
+            || x == parent
+            || cand.status != Status::Attached
+            || node.status != Status::Attached
+            || cand.capacity < node.children
+            || !self.direct_ok(x, parent)
+        {
+            return false;
+        }
+        if cand.children == 0 && !self.is_within(x, n) {
+            return true;
+        }
+        cand.depth > node.depth && self.parent_of(x).and_then(|p| self.parent_of(p)) != Some(n)
+    }
+
     /// Whether attached node `x` is `top` or lies below it. O(depth difference).
     fn is_within(&self, mut x: NodeIndex, top: NodeIndex) -> bool {
         let top_depth = self.graph[top].depth;
@@ -1468,13 +1536,16 @@ impl RelayTree {
     /// adopts `n`'s children, the strongest first, as many as it can feed directly, then
     /// keeps its own children (the strongest first) while it has room; those rise with
     /// it. Every other child is placed like an orphan. Unlinks `n` (the caller deletes the
-    /// node). False if nobody can stand in.
-    fn replace_with_stand_in(&mut self, n: NodeIndex) -> bool {
+    /// node). `preferred` stands in if it may (the room prepared links for it). False if
+    /// nobody can stand in.
+    fn replace_with_stand_in(&mut self, n: NodeIndex, preferred: Option<NodeIndex>) -> bool {
         let node = &self.graph[n];
         if node.status != Status::Attached || node.children == 0 || self.root == Some(n) {
             return false;
         }
-        let Some(stand_in) = self.stand_in(node.children, n) else {
+        let preferred = preferred.filter(|&s| self.fits_stand_in(s, n));
+        let Some(stand_in) = preferred.or_else(|| self.stand_in(node.children, n, &|_| false))
+        else {
             return false;
         };
         let (depth, parent) = (node.depth, self.parent_of(n).expect("non-root attached"));

@@ -1,13 +1,14 @@
 //! Room behaviours driven through a virtual-time harness: every client's view, rebuilt only
 //! from the messages it received, must match the server's tree.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use proptest::prelude::*;
 use serde_json::json;
 use treecast_core::protocol::{
     ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState, Report, Role, ServerMessage,
+    StandbyRole,
 };
 use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig, RoomEvent};
 use treecast_core::tree::WaitReason;
@@ -43,6 +44,10 @@ struct View {
     ice_renewals: Vec<Vec<IceServer>>,
     /// Why it waits, from the last `room` status.
     waiting: Option<WaitReason>,
+    /// Standby links it was asked to hold, with what the other end would become.
+    standby: BTreeMap<PeerId, StandbyRole>,
+    /// Parent and child links that came up on a standby link.
+    warm_links: u32,
 }
 
 impl View {
@@ -62,6 +67,11 @@ impl View {
             }
             ServerMessage::Parent { peer_id, .. } => {
                 v.waiting = None; // as the agent does: a parent ends the wait
+                // As the agent does: a standby link set up the other way round is
+                // closed and the link made afresh.
+                if v.standby.remove(&peer_id) == Some(StandbyRole::Parent) {
+                    v.warm_links += 1;
+                }
                 if let Some(old) = v.parent {
                     // Not dropped: it keeps feeding until the new parent delivers.
                     assert!(v.previous.is_none(), "two parents being left at once");
@@ -75,6 +85,11 @@ impl View {
                 v.parents_received += 1;
             }
             ServerMessage::Child { peer_id } => {
+                // As the agent does: a standby link set up the other way round is
+                // closed and the link made afresh.
+                if v.standby.remove(&peer_id) == Some(StandbyRole::Child) {
+                    v.warm_links += 1;
+                }
                 assert!(v.children.insert(peer_id), "duplicate child {peer_id}");
             }
             ServerMessage::Drop { peer_id } => {
@@ -122,6 +137,24 @@ impl View {
             ServerMessage::Error { code, .. } => v.errors.push(code),
             ServerMessage::Ended { reason } => v.ended = Some(reason),
             ServerMessage::IceServers { ice_servers } => v.ice_renewals.push(ice_servers),
+            ServerMessage::Standby { peer_id, role } => {
+                assert!(
+                    v.parent != Some(peer_id)
+                        && v.previous != Some(peer_id)
+                        && !v.children.contains(&peer_id),
+                    "standby link to a neighbour {peer_id}"
+                );
+                assert!(
+                    v.standby.insert(peer_id, role).is_none(),
+                    "second standby link to {peer_id}"
+                );
+            }
+            ServerMessage::StandbyEnd { peer_id } => {
+                assert!(
+                    v.standby.remove(&peer_id).is_some(),
+                    "end of a standby link it does not hold: {peer_id}"
+                );
+            }
             ServerMessage::Pong => {}
         }
     }
@@ -315,6 +348,33 @@ impl Harness {
                 (c.previous == Some(peer) || (departing && c.parent == Some(peer))).then_some(child)
             }));
             assert_eq!(v.children, children, "children of {peer}");
+        }
+        // Standby links: both ends hold each, each the other way round, and none doubles a
+        // media link.
+        let by_peer: HashMap<PeerId, &View> = known
+            .iter()
+            .filter_map(|(_, v)| Some((v.peer?, v)))
+            .collect();
+        for v in by_peer.values() {
+            let me = v.peer.expect("welcomed");
+            for (&other, &role) in &v.standby {
+                assert!(
+                    !v.children.contains(&other) && v.parent != Some(other),
+                    "{me}: standby link to a neighbour {other}"
+                );
+                let Some(o) = by_peer.get(&other) else {
+                    continue; // left the room: its end was closed with it
+                };
+                let mirrored = match role {
+                    StandbyRole::Parent => StandbyRole::Child,
+                    StandbyRole::Child => StandbyRole::Parent,
+                };
+                assert_eq!(
+                    o.standby.get(&me),
+                    Some(&mirrored),
+                    "{me} holds a standby link to {other} as {role:?}, not mirrored"
+                );
+            }
         }
     }
 }
@@ -2001,4 +2061,87 @@ fn linger_without_children_or_without_handovers_leaves_at_once() {
             .all(|c| h.views[c].parent != Some(relay_id))
     );
     h.check();
+}
+
+/// Warm standby: every relay's stand-in holds idle links to the relay's parent and
+/// children, and when the relay dies the repair uses exactly those links.
+#[test]
+fn a_dead_relays_stand_in_takes_over_on_links_it_prepared() {
+    let mut h = Harness::new(RoomConfig {
+        heartbeat_timeout: None,
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
+    h.check();
+    let relay = conns[0];
+    let r = h.peer(relay);
+    let parent = h.views[&relay].parent.expect("attached");
+    let kids: Vec<PeerId> = h.views[&relay].children.iter().copied().collect();
+    assert_eq!(kids.len(), 2, "a full relay");
+    // The one peer every child of the relay holds a standby parent link to (a child may
+    // hold others: it may itself stand in for a relay elsewhere).
+    let stand_in = {
+        let ups = |k: PeerId| -> BTreeSet<PeerId> {
+            h.views[&h.conn_of(k)]
+                .standby
+                .iter()
+                .filter(|(_, r)| **r == StandbyRole::Parent)
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        let common: Vec<PeerId> = ups(kids[0]).intersection(&ups(kids[1])).copied().collect();
+        assert_eq!(common.len(), 1, "one standby parent in common: {common:?}");
+        common[0]
+    };
+    let s = h.conn_of(stand_in);
+    assert!(!kids.contains(&stand_in) && stand_in != parent);
+    for &k in &kids {
+        assert_eq!(
+            h.views[&h.conn_of(k)].standby.get(&stand_in),
+            Some(&StandbyRole::Parent)
+        );
+        assert_eq!(h.views[&s].standby.get(&k), Some(&StandbyRole::Child));
+    }
+    assert_eq!(h.views[&s].standby.get(&parent), Some(&StandbyRole::Parent));
+    // Standby pairs may signal each other (ICE and DTLS are set up in advance).
+    h.send(
+        s,
+        ClientMessage::Signal {
+            to: kids[0],
+            data: json!({"sdp": "x"}),
+        },
+    );
+    assert!(h.views[&s].errors.is_empty(), "{:?}", h.views[&s].errors);
+    assert_eq!(h.views[&h.conn_of(kids[0])].signals.len(), 1);
+
+    // The relay dies: socket gone, grace over.
+    h.input(Input::Disconnected { conn: relay });
+    h.advance(h.room.config().resume_grace);
+    assert!(!h.room.tree().contains(r));
+    assert_eq!(h.room.tree().parent(stand_in), Some(parent));
+    for &k in &kids {
+        assert_eq!(h.room.tree().parent(k), Some(stand_in));
+        assert_eq!(h.views[&h.conn_of(k)].warm_links, 1, "{k} switched warm");
+    }
+    assert_eq!(h.views[&s].warm_links, 3, "parent and both children warm");
+    h.check();
+}
+
+#[test]
+fn warm_standby_off_tells_nobody() {
+    let mut h = Harness::new(RoomConfig {
+        warm_standby: false,
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
+    h.input(Input::Disconnected { conn: conns[0] });
+    h.advance(h.room.config().resume_grace);
+    h.check();
+    assert!(
+        h.views
+            .values()
+            .all(|v| v.standby.is_empty() && v.warm_links == 0)
+    );
 }

@@ -61,7 +61,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use treecast_core::agent::{Action, Agent, AgentConfig, Input, Measurements, Phase, Status};
 use treecast_core::protocol::{
-    ClientMessage, Connectivity, Delivery, IceServer, LinkKind, MediaState, Role,
+    ClientMessage, Connectivity, Delivery, IceServer, LinkKind, MediaState, Role, StandbyRole,
 };
 use treecast_core::{PeerId, RoomId};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
@@ -247,6 +247,7 @@ impl Peer {
             nat_probe: None,
             next_udp_port: 0,
             active_parent: Arc::new(AtomicU64::new(0)),
+            standby: HashMap::new(),
         };
         let task = tokio::spawn(driver.run());
         Ok(Self {
@@ -448,6 +449,8 @@ struct Driver {
     /// while one is being left, else the current one. Only its reader forwards, so
     /// children never get two streams interleaved while a new parent takes over.
     active_parent: Arc<AtomicU64>,
+    /// Standby links the room asked for; not prepared yet, they open cold when used.
+    standby: HashMap<PeerId, StandbyRole>,
 }
 
 struct Handler {
@@ -689,7 +692,23 @@ impl Driver {
                         tracing::warn!(%peer, "opening a child connection failed: {e}");
                     }
                 }
-                Action::Close { peer } => self.close_conn(peer).await,
+                Action::OpenStandby { peer, role } => {
+                    self.standby.insert(peer, role);
+                }
+                Action::UseStandby { peer } => {
+                    let opened = match self.standby.remove(&peer) {
+                        Some(StandbyRole::Parent) => self.open_conn(peer, true).await,
+                        Some(StandbyRole::Child) => self.open_child(peer).await,
+                        None => Ok(()),
+                    };
+                    if let Err(e) = opened {
+                        tracing::warn!(%peer, "opening a connection failed: {e}");
+                    }
+                }
+                Action::Close { peer } => {
+                    self.standby.remove(&peer);
+                    self.close_conn(peer).await
+                }
                 Action::Signal { from, data } => {
                     if let Err(e) = self.on_signal(from, data).await {
                         tracing::warn!(%from, "a signal failed: {e}");

@@ -1179,6 +1179,8 @@ impl Engine {
                         ),
                         ServerMessage::Ended { .. } => Down::Ended,
                         ServerMessage::Signal { .. }
+                        | ServerMessage::Standby { .. }
+                        | ServerMessage::StandbyEnd { .. }
                         | ServerMessage::IceServers { .. }
                         | ServerMessage::Pong
                         | ServerMessage::Error { .. } => continue,
