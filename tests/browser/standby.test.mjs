@@ -287,6 +287,46 @@ function crashSuite(warm) {
         measured.idle_standby_links_cpu_percent = { none, four_pairs: four, load: load() };
         log('renderer CPU (% of a core) with no connection and with four idle standby pairs (both ends):',
           JSON.stringify(measured.idle_standby_links_cpu_percent));
+        // First decoded frame: after replaceTrack onto one idle pair's senders (warm),
+        // and after a fresh pair is created with the track (cold), same page, same track.
+        const firstFrame = await p.page.evaluate(async () => {
+          const canvas = Object.assign(document.createElement('canvas'), { width: 320, height: 240 });
+          const ctx = canvas.getContext('2d');
+          let n = 0;
+          const draw = setInterval(() => { ctx.fillStyle = `hsl(${(n += 10) % 360} 80% 50%)`; ctx.fillRect(0, 0, 320, 240); }, 66);
+          const track = canvas.captureStream(15).getVideoTracks()[0];
+          await new Promise((r) => setTimeout(r, 500));
+          const decoded = async (pc, since) => {
+            while (performance.now() - since < 10000) {
+              let frames = 0;
+              (await pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') frames = s.framesDecoded || 0; });
+              if (frames > 0) return Math.round(performance.now() - since);
+              await new Promise((r) => setTimeout(r, 5));
+            }
+            return null;
+          };
+          const [a, b] = window.__pairs;
+          const t0 = performance.now();
+          await a.getTransceivers().find((t) => t.receiver.track.kind === 'video').sender.replaceTrack(track);
+          const warm = await decoded(b, t0);
+          const t1 = performance.now();
+          const c = new RTCPeerConnection(), d = new RTCPeerConnection();
+          c.onicecandidate = (e) => e.candidate && d.addIceCandidate(e.candidate);
+          d.onicecandidate = (e) => e.candidate && c.addIceCandidate(e.candidate);
+          c.addTransceiver(track, { direction: 'sendonly', streams: [new MediaStream()], sendEncodings: [{ maxBitrate: 450000 }] });
+          await c.setLocalDescription(await c.createOffer());
+          await d.setRemoteDescription(c.localDescription);
+          await d.setLocalDescription(await d.createAnswer());
+          await c.setRemoteDescription(d.localDescription);
+          const cold = await decoded(d, t1);
+          const ssrcLines = (a.localDescription.sdp.match(/^a=ssrc:/gm) || []).length;
+          clearInterval(draw);
+          c.close(); d.close(); track.stop();
+          return { warm_ms: warm, cold_ms: cold, idle_offer_ssrc_lines: ssrcLines };
+        });
+        measured.first_decoded_frame_same_page = firstFrame;
+        log('first decoded frame, replaceTrack onto an idle standby pair vs a fresh pair (same page):', JSON.stringify(firstFrame));
+        assert.ok(firstFrame.warm_ms !== null, 'media flows on a standby pair once it has a track');
         await p.page.evaluate(() => window.__pairs.forEach((pc) => pc.close()));
         await p.page.close();
       });
