@@ -92,7 +92,7 @@ export class Peer {
     this.onMedia = o.onMedia || (() => {});
     this.onStats = o.onStats || (() => {});
     this.client = new wasm.Client(o.room, o.role, o.token ?? undefined, o.uplinkKbps ?? undefined);
-    this.parent = null;            // {peer, pc, chain, pending, hasRemote, receiving, held}
+    this.parent = null;            // {peer, pc, chain, pending, hasRemote, receiving, held, tracks}
     this.previous = null;          // the parent being left, still feeding until the server drops it
     this.children = new Map();     // peer -> {pc, senders, chain, pending, hasRemote, prevBytes, prevAt}
     this.standby = new Map();      // peer -> idle conn of a standby link: a parent's (receiving) or a child's
@@ -220,7 +220,8 @@ export class Peer {
     }
     this.parent = conn;
     this.prevIn = null;
-    this.info.parentAt = Date.now(); // wall clock: comparable across pages (tests)
+    // The last few parents, when each was taken (wall clock: comparable across pages).
+    this.info.parents = [...(this.info.parents || []).slice(-4), { peer: conn.peer, at: Date.now() }];
     for (const track of conn.tracks) {
       if (this.previous) conn.held.push(track); else this.setTrack(track);
     }

@@ -199,10 +199,18 @@ export async function startBrowser() {
     },
     consoleOf: (page) => (consoles.get(page) || []).join('\n'),
     async close() {
+      // Browser.close shuts every Chromium process down; after a SIGKILL of the browser
+      // alone its children linger for a while on a busy box, still writing the profile.
+      await cdp.send('Browser.close').catch(() => {});
+      if (proc.exitCode === null) await Promise.race([new Promise((r) => proc.once('exit', r)), sleep(5000)]);
       await browser.close().catch(() => {});
       proc.kill('SIGKILL');
       await sleep(200);
-      rmSync(profile, { recursive: true, force: true });
+      try {
+        rmSync(profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 200 });
+      } catch (e) {
+        console.warn(`could not remove the browser profile ${profile}: ${e.message}`);
+      }
     },
   };
 }
@@ -346,11 +354,16 @@ export function liveSuite({ it, before, after, serverArgs, serverRoom, measureme
     suite.browser = await startBrowser();
   });
   after(async () => {
-    if (suite.browser) {
-      if (broken) for (const p of pages()) if (p) console.log(suite.browser.consoleOf(p.page));
-      await suite.browser.close();
+    // The server stops even if closing the browser failed: a signaller left running keeps
+    // the test process alive.
+    try {
+      if (suite.browser) {
+        if (broken) for (const p of pages()) if (p) console.log(suite.browser.consoleOf(p.page));
+        await suite.browser.close();
+      }
+    } finally {
+      if (suite.server) await suite.server.stop();
     }
-    if (suite.server) await suite.server.stop();
     mkdirSync(join(repo, 'target'), { recursive: true });
     writeFileSync(join(repo, 'target', measurementsFile), JSON.stringify(suite.measured, null, 2));
   });

@@ -169,6 +169,18 @@ function crashSuite(warm) {
       const countsBefore = new Map();
       for (const v of rest) countsBefore.set(v, (await standbyOf(v.page)).counts);
       await Promise.all(rest.map((v) => recordFrames(v.page)));
+      // Which track each presented frame came from: closing a dead parent's connection
+      // ends its track, and the element may present a frame for that, which is no media.
+      await Promise.all(rest.map((v) => v.page.evaluate(() => {
+        const el = document.getElementById('video');
+        window.__trackFrames = [];
+        const tick = () => {
+          const t = el.srcObject?.getVideoTracks()[0];
+          window.__trackFrames.push([Date.now(), t ?? null]); // the object: relayed tracks share ids
+          el.requestVideoFrameCallback(tick);
+        };
+        el.requestVideoFrameCallback(tick);
+      })));
       await sleep(1500);
       const loadAt = load();
       // Crash its renderer: it vanishes without a word, like a killed tab.
@@ -194,17 +206,29 @@ function crashSuite(warm) {
         const counts = (await standbyOf(v.page)).counts;
         const was = countsBefore.get(v);
         // When it took its new parent, and its first frame after that.
-        const { parentAt, firstAfter } = await v.page.evaluate(() => {
-          const at = window.treecast.peer.info.parentAt;
-          return { parentAt: at, firstAfter: window.__frames.find((f) => f > at) ?? null };
-        });
-        const moved = parentAt > diedAt;
+        const { parentAt, firstAfter, parents } = await v.page.evaluate((t) => {
+          const parents = (window.treecast.peer.info.parents || []).filter((x) => x.at > t);
+          const at = parents[0]?.at ?? null;
+          return { parentAt: at, parents, firstAfter: at && (window.__frames.find((f) => f > at) ?? null) };
+        }, diedAt);
+        const moved = parentAt !== null;
+        // The interruption as media: from the last frame before the crash to the first
+        // frame of a track the new parent's connection delivers.
+        const media = await v.page.evaluate((t) => {
+          const now = window.treecast.peer.parent?.tracks || [];
+          const f = window.__trackFrames;
+          const last = f.filter(([at]) => at <= t).pop()?.[0] ?? null;
+          const first = f.find(([at, track]) => at > t && now.includes(track))?.[0] ?? null;
+          return { last, first };
+        }, diedAt);
         rows.push({ viewer: v.name, peer: v.peerId,
           role: orphans.includes(v) ? 'orphan' : v === movedIn ? 'stand-in' : 'other',
           parent_before: parentBefore.get(v.peerId), parent_after: parentAfter.get(v.peerId),
           gap_ms: gaps[i].gap, first_frame_after_ms: gaps[i].resumed,
+          media_gap_ms: moved && media.last && media.first ? media.first - media.last : null,
           new_parent_after_ms: moved ? parentAt - diedAt : null,
           new_parent_to_frame_ms: moved && firstAfter ? firstAfter - parentAt : null,
+          parents_taken: parents.map((x) => `${x.peer}@${x.at - diedAt}`),
           warm_uses: counts.usedConnected - was.usedConnected,
           other_uses: counts.usedConnecting - was.usedConnecting + counts.usedCold - was.usedCold });
       }
