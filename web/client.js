@@ -4,7 +4,12 @@
 //   open_socket / close_socket / send      the signalling WebSocket
 //   open_parent {peer}                     receiving connection; the parent sends the offer
 //   open_child {peer}                      sending connection with the current tracks; offer
-//   close {peer}                           close that media connection
+//   open_standby {peer, role}              an idle link prepared in advance (warm standby):
+//                                          role "parent": receiving, like open_parent;
+//                                          role "child": sending without tracks, offer
+//   use_standby {peer}                     that link becomes the parent or a child link;
+//                                          a child's senders get the current tracks
+//   close {peer}                           close that media or standby connection
 //   signal {from, data}                    SDP / ICE for a connection
 //   sample_media                           sample the parent connection now (a watchdog
 //                                          deadline passed; only samples decide a stall)
@@ -12,6 +17,10 @@
 // Relaying: tracks received from the parent are sent on to every child. Each child
 // connection keeps its two senders for its whole life; when the parent changes, the new
 // tracks are swapped in with replaceTrack, so children never renegotiate.
+// Warm standby: a peer the room would name in place of a relay holds idle connections to
+// that relay's parent and children, negotiated exactly like the real links (same
+// transceivers, codecs and encodings, only without tracks), so taking over needs no ICE,
+// DTLS or SDP round: the tracks are put on (or taken from) a connection already up.
 // Networks: once welcomed, the page learns its NAT class from the signaller's two STUN
 // ports (probeNat) and tells the room, which places it under peers it can reach; it
 // reports the candidate-pair type of its parent link and an ICE failure toward the parent.
@@ -83,17 +92,20 @@ export class Peer {
     this.onMedia = o.onMedia || (() => {});
     this.onStats = o.onStats || (() => {});
     this.client = new wasm.Client(o.room, o.role, o.token ?? undefined, o.uplinkKbps ?? undefined);
-    this.parent = null;            // {peer, pc, chain, pending, hasRemote, receiving, held}
+    this.parent = null;            // {peer, pc, chain, pending, hasRemote, receiving, held, tracks}
     this.previous = null;          // the parent being left, still feeding until the server drops it
     this.children = new Map();     // peer -> {pc, senders, chain, pending, hasRemote, prevBytes, prevAt}
-    this.standby = new Map();      // peer -> role ("parent" | "child") of a standby link the room asked for
+    this.standby = new Map();      // peer -> idle conn of a standby link: a parent's (receiving) or a child's
     this.tracks = { video: null, audio: null };
     this.outStream = new MediaStream();
     if (o.stream) for (const t of o.stream.getTracks()) this.setTrack(t);
     this.ws = null;
     this.timer = null;
     this.status = null;
-    this.info = { depth: null, latencyMs: null, kbpsIn: null, loss: null, framesDecoded: 0, firstFrameAt: null };
+    this.info = { depth: null, latencyMs: null, kbpsIn: null, loss: null, framesDecoded: 0, firstFrameAt: null,
+      // Standby links: prepared so far, held now, closed on ICE failure, and how each
+      // use_standby found its link: connected (warm), still connecting, or broken (cold).
+      standby: { opened: 0, held: 0, failed: 0, usedConnected: 0, usedConnecting: 0, usedCold: 0, uses: [] } };
     this.prevIn = null;
     this.lastMeasure = performance.now();
     this.closed = false;
@@ -125,16 +137,9 @@ export class Peer {
       case 'send': if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(a.text); return;
       case 'open_parent': return this.openParent(a.peer);
       case 'open_child': return this.openChild(a.peer);
-      // Standby links are not prepared yet: one that is used opens cold.
-      case 'open_standby': this.standby.set(a.peer, a.role); return;
-      case 'use_standby': {
-        const role = this.standby.get(a.peer);
-        this.standby.delete(a.peer);
-        if (role === 'parent') return this.openParent(a.peer);
-        if (role === 'child') return this.openChild(a.peer);
-        return;
-      }
-      case 'close': this.standby.delete(a.peer); return this.closeConn(a.peer);
+      case 'open_standby': return this.openStandby(a.peer, a.role);
+      case 'use_standby': return this.useStandby(a.peer);
+      case 'close': return this.closeConn(a.peer);
       case 'signal': return this.onSignal(a.from, a.data);
       // An in-flight sample answers it too: sample() runs one at a time.
       case 'sample_media': return void this.sample();
@@ -183,48 +188,143 @@ export class Peer {
   }
 
   openParent(peer) {
+    this.becomeParent(this.receivingConn(peer));
+  }
+
+  /** A receiving connection to `peer` (the upstream end sends the offer). Its tracks are
+   *  kept on it; they are played and relayed only while it is the parent. */
+  receivingConn(peer) {
     const pc = this.newConnection(peer);
     const conn = { peer, pc, chain: Promise.resolve(), pending: [], hasRemote: false,
-      receiving: true, held: [] };
-    // While the old parent still feeds us (a move without drop), its tracks stay on screen
-    // and on the children's senders; the new ones take over when the old connection closes,
-    // on the server's drop (once this peer reported the new parent's media and nobody above
-    // it is still switching).
+      receiving: true, held: [], tracks: [] };
     pc.ontrack = (e) => {
+      conn.tracks.push(e.track);
       if (this.parent !== conn) return;
       if (this.previous) conn.held.push(e.track); else this.setTrack(e.track);
     };
-    // No candidate pair works: tell the room, which never pairs the two again.
-    pc.oniceconnectionstatechange = () => {
-      if (pc.iceConnectionState === 'failed' && this.parent === conn && !this.closed) {
-        this.client.link_failed(this.now(), peer);
-        this.pump();
-      }
-    };
+    this.watchIce(conn);
+    return conn;
+  }
+
+  /**
+   * Makes `conn` the parent. While the old parent still feeds us (a move without drop),
+   * its tracks stay on screen and on the children's senders; the new ones (those already
+   * received, and any still to come) take over when the old connection closes, on the
+   * server's drop (once this peer reported the new parent's media and nobody above it is
+   * still switching).
+   */
+  becomeParent(conn) {
     if (this.parent) {
       if (this.previous) this.closeConn(this.parent.peer);
       else this.previous = this.parent;
     }
     this.parent = conn;
     this.prevIn = null;
+    // The last few parents, when each was taken (wall clock: comparable across pages).
+    this.info.parents = [...(this.info.parents || []).slice(-4), { peer: conn.peer, at: Date.now() }];
+    for (const track of conn.tracks) {
+      if (this.previous) conn.held.push(track); else this.setTrack(track);
+    }
+  }
+
+  /**
+   * ICE failure: no candidate pair works. On the parent link, tell the room, which never
+   * pairs the two again. A standby link that fails is only closed here (it carries
+   * nothing; if the room uses it later, the link is opened cold).
+   */
+  watchIce(conn) {
+    const pc = conn.pc;
+    pc.oniceconnectionstatechange = () => {
+      if (pc.iceConnectionState !== 'failed' || this.closed) return;
+      if (this.parent === conn) {
+        this.client.link_failed(this.now(), conn.peer);
+        this.pump();
+      } else if (this.standby.get(conn.peer) === conn) {
+        // Kept in the map, closed: a use_standby for it then knows which link to open.
+        this.info.standby.failed++;
+        pc.close();
+      }
+    };
   }
 
   openChild(peer) {
+    const conn = this.sendingConn(peer, true);
+    this.children.set(peer, conn);
+    this.offer(conn);
+  }
+
+  /** A sending connection to `peer` with its two senders, carrying the current tracks
+   *  when `withTracks`, else none yet (a standby link: the same transceivers, codecs and
+   *  encodings, so replaceTrack later needs no renegotiation). */
+  sendingConn(peer, withTracks) {
     const pc = this.newConnection(peer);
     const senders = {};
     for (const kind of ['video', 'audio']) {
       const init = { direction: 'sendonly', streams: [this.outStream] };
       if (kind === 'video') init.sendEncodings = [{ maxBitrate: VIDEO_MAX_BITRATE }];
-      senders[kind] = pc.addTransceiver(this.tracks[kind] || kind, init).sender;
+      senders[kind] = pc.addTransceiver((withTracks && this.tracks[kind]) || kind, init).sender;
     }
     const conn = { peer, pc, senders, chain: Promise.resolve(), pending: [], hasRemote: false,
       prevBytes: 0, prevWire: 0, prevAt: performance.now() };
-    this.children.set(peer, conn);
+    this.watchIce(conn);
+    return conn;
+  }
+
+  offer(conn) {
+    const { peer, pc } = conn;
     conn.chain = conn.chain.then(async () => {
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
       this.sendSignal(peer, { type: 'offer', sdp: pc.localDescription.sdp });
     }).catch((e) => console.warn('treecast: offer to', peer, 'failed', e));
+  }
+
+  /** Prepares an idle standby link (see the top of this file). */
+  openStandby(peer, role) {
+    const old = this.standby.get(peer);
+    if (old) old.pc.close();
+    let conn;
+    if (role === 'parent') {
+      conn = this.receivingConn(peer);
+    } else if (role === 'child') {
+      conn = this.sendingConn(peer, false);
+      this.offer(conn);
+    } else {
+      return;
+    }
+    conn.role = role;
+    this.standby.set(peer, conn);
+    this.info.standby.opened++;
+    this.info.standby.held = this.standby.size;
+  }
+
+  /** The standby link to `peer` becomes the parent or a child link; opened cold if it is
+   *  missing or broke. */
+  useStandby(peer) {
+    const conn = this.standby.get(peer);
+    this.standby.delete(peer);
+    this.info.standby.held = this.standby.size;
+    if (!conn) { console.warn('treecast: no standby link to', peer); return; }
+    const pc = conn.pc;
+    const broken = pc.signalingState === 'closed' || pc.connectionState === 'failed' ||
+      pc.connectionState === 'closed' || pc.iceConnectionState === 'failed';
+    if (broken) {
+      pc.close();
+      this.info.standby.usedCold++;
+      return conn.role === 'parent' ? this.openParent(peer) : this.openChild(peer);
+    }
+    if (pc.connectionState === 'connected') this.info.standby.usedConnected++;
+    else this.info.standby.usedConnecting++;
+    // The last few uses, with the wall clock (comparable across pages, for tests).
+    this.info.standby.uses = [...this.info.standby.uses.slice(-9),
+      { peer, role: conn.role, state: pc.connectionState, at: Date.now() }];
+    if (conn.role === 'parent') return this.becomeParent(conn);
+    for (const kind of ['video', 'audio']) {
+      const track = this.tracks[kind];
+      if (track) conn.senders[kind].replaceTrack(track).catch(() => {});
+    }
+    conn.prevAt = performance.now();
+    this.children.set(peer, conn);
   }
 
   closeConn(peer) {
@@ -239,10 +339,13 @@ export class Peer {
     }
     const child = this.children.get(peer);
     if (child) { child.pc.close(); this.children.delete(peer); }
+    const standby = this.standby.get(peer);
+    if (standby) { standby.pc.close(); this.standby.delete(peer); this.info.standby.held = this.standby.size; }
   }
 
   onSignal(from, data) {
-    const conn = [this.parent, this.previous].find((c) => c && c.peer === from) || this.children.get(from);
+    const conn = [this.parent, this.previous].find((c) => c && c.peer === from) || this.children.get(from) ||
+      this.standby.get(from);
     if (!conn || !data) return;
     conn.chain = conn.chain.then(async () => {
       const pc = conn.pc;
@@ -408,6 +511,7 @@ export class Peer {
     clearInterval(this.statsTimer);
     clearTimeout(this.timer);
     for (const peer of [...this.children.keys()]) this.closeConn(peer);
+    for (const peer of [...this.standby.keys()]) this.closeConn(peer);
     if (this.previous) this.closeConn(this.previous.peer);
     if (this.parent) this.closeConn(this.parent.peer);
   }

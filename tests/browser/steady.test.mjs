@@ -13,7 +13,7 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { availableParallelism } from 'node:os';
 import {
-  liveSuite, waitFor, sleep, media, recordFrames, playingAgain, longestGapAfter, rendererPids, cpuSeconds,
+  liveSuite, waitFor, sleep, media, recordFrames, playingAgain, longestGapAfter,
 } from './harness.mjs';
 
 const VIEWERS = 7;
@@ -160,29 +160,6 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     for (const p of burners) p.kill('SIGKILL');
   }
 
-  /**
-   * The page's renderer process when the harness could not tell it at opening (on a busy
-   * machine a short spin earns too little CPU for its absolute threshold): the page spins
-   * longer, and the process that used clearly the most CPU, twice in a row, is its own.
-   * Only for pages that feed nobody yet: a spinning relay stops forwarding.
-   */
-  async function ownRenderer(p) {
-    if (p.pid) return;
-    const cpu = (pid) => { try { return cpuSeconds(pid); } catch { return 0; } };
-    const votes = [];
-    for (let round = 0; round < 6; round++) {
-      const pids = rendererPids(suite.browser.pid);
-      const before = pids.map(cpu);
-      await p.page.evaluate(() => { const end = performance.now() + 800; while (performance.now() < end) { /* spin */ } }).catch(() => {});
-      const deltas = pids.map((pid, i) => cpu(pid) - before[i]);
-      const order = deltas.map((_, i) => i).sort((a, b) => deltas[b] - deltas[a]);
-      const [best, second] = order;
-      votes.push(deltas[best] >= 0.05 && deltas[best] >= 2 * (deltas[second] ?? 0) ? pids[best] : null);
-      if (round > 0 && votes[round] !== null && votes[round] === votes[round - 1]) { p.pid = votes[round]; return; }
-      await sleep(100);
-    }
-  }
-
   async function advancing(v) {
     const a = await media(v.page);
     await sleep(1000);
@@ -206,7 +183,7 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
 
   step('the broadcaster goes live with a test pattern', async () => {
     broadcaster = await suite.browser.open(`${suite.server.base}/?w=320&h=240&fps=15`, 'broadcaster');
-    await ownRenderer(broadcaster);
+    await suite.browser.identifyHarder(broadcaster);
     const page = broadcaster.page;
     await page.check('input[name=source][value=pattern]');
     await page.click('#go-live');
@@ -222,7 +199,7 @@ describe('a steady tree in Chromium: load and one slow page move nobody', { time
     for (let i = 0; i < VIEWERS; i++) {
       const v = await suite.browser.open(link, `viewer${i + 1}`);
       viewers.push(v);
-      await ownRenderer(v);
+      await suite.browser.identifyHarder(v);
       await waitFor(`viewer ${i + 1} decoding`, async () => (await media(v.page)).frames > 0, LIVE_BOUND_MS);
     }
     joinedSnap = await settled();
