@@ -144,7 +144,7 @@ self.onmessage = (e) => {
   if (m.type === 'upstream') {
     const up = upstream[m.kind];
     // The first parent is used at once; a later one from its first key frame on.
-    if (up.current < 0) up.current = m.gen; else up.pending = m.gen;
+    if (up.current < 0) up.current = m.gen; else if (m.gen !== up.current) up.pending = m.gen;
     up.lastKeyRequest = -Infinity;
     // Transformers arrive shortly after the message; ask once they do.
     setTimeout(() => requestKeyFrame(m.kind, 'new parent'), 50);

@@ -99,8 +99,10 @@ function dummyAudioTrack() {
  * The relay of one page: frames from the parent connection to every child connection.
  *   new EncodedRelay({onStats, onEvent, passThrough})  one worker; passThrough false forces
  *                                     track relay for every child (what other browsers do)
- *   setUpstream({video, audio})       the parent connection's RTCRtpReceivers (call it from
- *                                     ontrack, before createAnswer); on a new parent, children
+ *   prepareUpstream({video, audio})   a parent link's RTCRtpReceivers, before its answer
+ *                                     (standby parent links too): frames go via the worker
+ *   setUpstream({video, audio})       they are the parent's now (prepares them if needed: in
+ *                                     time only before the answer); on a new parent, children
  *                                     switch at its first key frame and notice nothing else
  *   addChild(id, pc, {video, audio}, {mode, standby}) → Promise<{video, audio}> (each
  *                                     'pass-through' or 'track') once the self-test decided;
@@ -117,6 +119,7 @@ export class EncodedRelay {
     this.children = new Map(); // id -> {pc, senders, modes, stats}
     this.receivers = { video: null, audio: null };
     this.gen = 0;
+    this.genOf = new WeakMap(); // receiver -> its transform's generation
     this.seq = 0;
     this.replies = new Map();
     this.worker = null;
@@ -145,17 +148,34 @@ export class EncodedRelay {
     return new Promise((ok) => { this.replies.set(seq, ok); this.worker.postMessage({ ...msg, seq }); });
   }
 
-  /** The parent connection's receivers ({video, audio}, either may be missing). */
+  /**
+   * Routes a parent connection's receivers ({video, audio}) through the worker. Call it
+   * for every parent link before its answer (from ontrack or right after
+   * setRemoteDescription), standby links included: Chromium 156 ignores a transform set on
+   * a receiver of a connection already set up (the transformer is created, no frame reaches
+   * it). Frames of a prepared link only play locally until setUpstream takes it.
+   */
+  prepareUpstream(receivers) {
+    if (!this.worker) return;
+    for (const kind of ['video', 'audio']) {
+      const r = receivers[kind];
+      if (!r || this.genOf.has(r)) continue;
+      const gen = ++this.gen;
+      this.genOf.set(r, gen);
+      r.transform = new RTCRtpScriptTransform(this.worker, { kind, gen });
+    }
+  }
+
+  /** These receivers ({video, audio}, either may be missing) are now the parent's: children
+   *  get their frames (from the first key frame on, one is asked for), track-relay children
+   *  their tracks. Prepares them if that was not done (see prepareUpstream). */
   setUpstream(receivers) {
-    const gen = ++this.gen;
+    this.prepareUpstream(receivers);
     for (const kind of ['video', 'audio']) {
       const r = receivers[kind];
       if (!r) continue;
       this.receivers[kind] = r;
-      if (this.worker) {
-        this.worker.postMessage({ type: 'upstream', kind, gen });
-        r.transform = new RTCRtpScriptTransform(this.worker, { kind, gen });
-      }
+      if (this.worker) this.worker.postMessage({ type: 'upstream', kind, gen: this.genOf.get(r) });
     }
     for (const [id, c] of this.children) {
       for (const kind of ['video', 'audio']) {
@@ -310,7 +330,9 @@ export class EncodedRelay {
 
   /** Records every frame the relay forwards (RTP timestamp, arrival time, CRC-32 of the
    *  payload) from now until `stopTrace` returns them: for tests and measurements. */
-  startTrace() { if (this.worker) this.worker.postMessage({ type: 'trace', start: true }); }
+  startTrace() {
+    if (this.worker) this.worker.postMessage({ type: 'trace', start: true });
+  }
   async stopTrace() { return this.worker ? (await this.ask({ type: 'trace' })).frames : []; }
 
   close() {

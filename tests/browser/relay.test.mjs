@@ -180,6 +180,24 @@ describe('pass-through relay (web/relay.js) in Chromium', { timeout: 300000 }, (
     assert.ok(await advancing(child));
   });
 
+  step('a standby parent link used later: the new parent feeds a relay that already has a child', async () => {
+    const [p, c] = await bench(async () => {
+      const b = window.bench;
+      const p = b.addNode();
+      const c = b.addNode();
+      await b.link(p, c);
+      await b.link(1, p, { standby: true, upstreamLater: true });
+      return [p, c];
+    });
+    await waitFor('the standby link connected', () => bench((p) => window.bench.nodes[p].parent.pc.connectionState === 'connected', p), LIVE_BOUND_MS);
+    await sleep(1500);
+    await bench((p) => window.bench.activate(1, p, { upstream: true }), p);
+    await waitFor('the relay decoding', async () => (await inbound(p)).framesDecoded > 5, 15000, 100);
+    await waitFor('its child decoding', async () => (await inbound(c)).framesDecoded > 5, 15000, 100);
+    const modes = await waitFor('the self-test', () => bench(({ p, c }) => window.bench.nodes[p].links.get(`${p}->${c}`).modes, { p, c }), LIVE_BOUND_MS);
+    assert.deepEqual(modes, { video: 'pass-through', audio: 'pass-through' });
+  });
+
   step('a child added after its connection is up (encodedInsertableStreams) passes through', async () => {
     const child = await bench(async () => {
       const b = window.bench;

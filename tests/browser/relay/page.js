@@ -110,7 +110,8 @@ async function link(from, to, opts = {}) {
   }
   const receivers = {};
   for (const r of inc.getReceivers()) receivers[r.track.kind] = r;
-  b.relay.setUpstream(receivers);
+  // A standby parent link is prepared now and taken later (activate).
+  if (opts.upstreamLater) b.relay.prepareUpstream(receivers); else b.relay.setUpstream(receivers);
   const stream = new MediaStream([receivers.video.track, receivers.audio.track]);
   b.video.srcObject = stream;
   b.video.play().catch(() => {});
@@ -131,8 +132,12 @@ async function link(from, to, opts = {}) {
   return { id, replaced: prevParent ? prevParent.from : null };
 }
 
-/** A standby link from → to starts carrying media. */
-function activate(from, to) { nodes[from].relay.activate(`${from}->${to}`); }
+/** A standby link from → to starts carrying media (`upstream`: node `to` hands its
+ *  receivers to its relay only now). */
+function activate(from, to, { upstream = false } = {}) {
+  if (upstream) nodes[to].relay.setUpstream(nodes[to].parent.receivers);
+  nodes[from].relay.activate(`${from}->${to}`);
+}
 
 /** Closes the link from → to. */
 function unlink(from, to) {
