@@ -109,7 +109,7 @@ function dummyAudioTrack() {
  *                                     call it right after addTransceiver, before the offer;
  *                                     a standby child gets nothing (no track, no frames)
  *                                     until activate(id)
- *   activate(id), removeChild(id), mode(id, kind), measure(), close()
+ *   activate(id), useTrack(id, kind?), removeChild(id), mode(id, kind), measure(), close()
  */
 export class EncodedRelay {
   constructor({ onStats = null, onEvent = null, passThrough = passThroughSupported() } = {}) {
@@ -272,10 +272,13 @@ export class EncodedRelay {
     this.useTrack(id, kind, `no ${kind} packets within ${SELF_TEST_MS} ms`);
   }
 
-  /** Falls back to track relay for one kind of one child. */
-  useTrack(id, kind, why) {
+  /** Falls back to track relay for one child (`kind` null: video and audio): its leg gets
+   *  the received tracks, re-encoded under WebRTC's congestion control (for a child whose
+   *  link cannot carry the stream, see measure). There is no way back to pass-through. */
+  useTrack(id, kind = null, why = 'asked') {
+    if (!kind) { for (const k of ['video', 'audio']) this.useTrack(id, k, why); return; }
     const c = this.children.get(id);
-    if (!c || c.modes[kind] === 'track') return;
+    if (!c || !c.modes[kind] || c.modes[kind] === 'track') return;
     c.modes[kind] = 'track';
     if (this.worker) this.worker.postMessage({ type: 'mode', id, kind, mode: 'track' });
     if (!c.standby) this.setSenderTrack(id, c, kind);

@@ -6,7 +6,8 @@
 // RTP timestamps; audio arrives at depth 5; a new child gets a key frame and plays; a new
 // parent is taken without the children noticing; a child forced to track relay still plays;
 // a standby link carries nothing until used; a child added late (encodedInsertableStreams)
-// passes through; a child on another codec falls back to track relay by itself; a child
+// passes through; a running child switched to track relay plays on; a child on another
+// codec falls back to track relay by itself; a child
 // whose leg is capped shows in the relay's measurements. Measured times are printed and
 // written to target/relay-measurements.json, never asserted; latency and CPU of the chain
 // both ways: tests/browser/bench/relay-chain.mjs.
@@ -228,6 +229,26 @@ describe('pass-through relay (web/relay.js) in Chromium', { timeout: 300000 }, (
     assert.ok(out.video.framesEncoded > 10 && out.video.frameWidth > 64, 'the relay re-encodes the received video for it');
   });
 
+  step('a running pass-through child switched to track relay keeps playing', async () => {
+    const child = await bench(async () => {
+      const b = window.bench;
+      const n = b.addNode();
+      await b.link(1, n);
+      return n;
+    });
+    const id = `1->${child}`;
+    await waitFor('the child decoding', async () => (await inbound(child)).framesDecoded > 10, LIVE_BOUND_MS);
+    const before = await inbound(child);
+    await bench((id) => window.bench.nodes[1].relay.useTrack(id), id);
+    await sleep(3000);
+    assert.ok(await advancing(child), 'plays on after the switch');
+    const after = await inbound(child);
+    const out = (await bench(() => window.bench.outbound(1)))[id];
+    log(`switched child: ${after.framesDecoded - before.framesDecoded} frames in the 3 s after the switch; its leg now encodes ${out.video.frameWidth}x${out.video.frameHeight}`);
+    assert.deepEqual(await bench((id) => [window.bench.mode(1, id, 'video'), window.bench.mode(1, id, 'audio')], id), ['track', 'track']);
+    assert.ok(out.video.frameWidth > 64, 'the leg re-encodes the received video');
+  });
+
   step('a child leg on another codec falls back to track relay by itself and plays', async () => {
     const child = await bench(async () => {
       const b = window.bench;
@@ -247,6 +268,7 @@ describe('pass-through relay (web/relay.js) in Chromium', { timeout: 300000 }, (
   step('a child whose leg is capped: the relay measures what its link carries', async () => {
     // maxBitrate on the sender and b=AS in the child's answer cap the leg at 150 kbit/s: a
     // track-relay leg obeys, a pass-through leg cannot (its frames bypass rate control).
+    // Loopback itself is not capped here: bench/relay-weak-child.mjs caps a real leg (tc).
     const [pt, tr] = await bench(async () => {
       const b = window.bench;
       const p = b.addNode(); await b.link(1, p, { maxBitrate: 150000, capKbps: 150 });

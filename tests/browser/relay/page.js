@@ -67,15 +67,19 @@ function addNode({ passThrough = true } = {}) {
 /**
  * Links node `from` to node `to` (its new parent link). opts: mode ('track' forces track
  * relay on that child), maxBitrate (bit/s on the child's video sender), capKbps (b=AS in
- * the answer: the child's receiver asks for at most that much).
+ * the answer: the child's receiver asks for at most that much), addresses ({out, inc}: the
+ * host addresses each end may use).
  */
 async function link(from, to, opts = {}) {
   const a = nodes[from], b = nodes[to];
   const id = `${from}->${to}`;
   const out = newRelayConnection({}, { lateChildren: !!opts.late });
   const inc = new RTCPeerConnection();
-  out.onicecandidate = (e) => { if (e.candidate) inc.addIceCandidate(e.candidate).catch(() => {}); };
-  inc.onicecandidate = (e) => { if (e.candidate) out.addIceCandidate(e.candidate).catch(() => {}); };
+  // opts.addresses {out, inc}: only those host addresses (the capped-leg bench routes one
+  // child's leg through a rate-limited address).
+  const keep = (c, side) => !opts.addresses || c.address === opts.addresses[side];
+  out.onicecandidate = (e) => { if (e.candidate && keep(e.candidate, 'out')) inc.addIceCandidate(e.candidate).catch(() => {}); };
+  inc.onicecandidate = (e) => { if (e.candidate && keep(e.candidate, 'inc')) out.addIceCandidate(e.candidate).catch(() => {}); };
   const senders = {};
   for (const kind of ['video', 'audio']) {
     const init = { direction: 'sendonly' };
@@ -160,6 +164,8 @@ async function inbound(i) {
   stats.forEach((s) => {
     if (s.type !== 'inbound-rtp') return;
     if (s.kind === 'video') {
+      out.freezeCount = s.freezeCount; out.totalFreezesDuration = s.totalFreezesDuration;
+      out.packetsLost = s.packetsLost; out.nackCount = s.nackCount; out.pliCount = s.pliCount;
       out.framesDecoded = s.framesDecoded || 0; out.videoPackets = s.packetsReceived || 0;
       out.keyFramesDecoded = s.keyFramesDecoded || 0; out.fps = s.framesPerSecond || 0;
       out.frameWidth = s.frameWidth; out.frameHeight = s.frameHeight;
