@@ -158,6 +158,30 @@ describe('pass-through relay (web/relay.js) in Chromium', { timeout: 300000 }, (
     assert.deepEqual(modes, { video: 'pass-through', audio: 'pass-through' });
   });
 
+  step('a new parent on another branch of the source (its own encoder): node 5 plays on', async () => {
+    const x = await bench(async () => {
+      const b = window.bench;
+      const x = b.addNode();
+      await b.link(0, x); // the source's second encoder: other frames, other RTP stream
+      return x;
+    });
+    await waitFor('the other branch decoding', async () => (await inbound(x)).framesDecoded > 10, LIVE_BOUND_MS);
+    const t0 = Date.now();
+    await bench((x) => { window.bench.nodes[4].events.length = 0; return window.bench.link(x, 4); }, x);
+    await waitFor('node 4 on its new parent', () => bench(() => window.bench.events(4).some((e) => e.type === 'upstreamSwitched' && e.kind === 'video')), 10000, 100);
+    await bench(() => window.bench.unlink(1, 4));
+    await sleep(3000);
+    const gap = await bench((t0) => {
+      const f = window.__frames5.filter((x) => x >= t0);
+      let g = 0;
+      for (let i = 1; i < f.length; i++) g = Math.max(g, f[i] - f[i - 1]);
+      return { gap: g, frames: f.length };
+    }, t0);
+    log(`node 5 across the switch to another branch: ${gap.frames} frames shown, longest gap ${gap.gap} ms`);
+    measured.other_branch_switch_longest_gap_ms = gap.gap;
+    assert.ok(await advancing(5), 'node 5 plays after the switch');
+  });
+
   step('a standby child link: connected without media, then used', async () => {
     const child = await bench(async () => {
       const b = window.bench;
