@@ -16,6 +16,28 @@ const children = new Map();
 let trace = null; // [{kind, ts, at, crc, key, size}] when tracing
 
 const Frame = { video: self.RTCEncodedVideoFrame, audio: self.RTCEncodedAudioFrame };
+// RTP timestamp step put between the last frame a child got and the first one from a new
+// source (a new parent, or its own encoder after a fallback): 1/30 s of video, 20 ms of audio.
+const STEP = { video: 3000, audio: 960 };
+
+/**
+ * The frame to write for child `c`: the RTP timestamps each child sees must only move
+ * forward. Streams from different senders (another branch of the tree, the relay's own
+ * encoder) have unrelated timestamps and picture ids; a receiver that already decoded a
+ * higher picture id drops a key frame whose timestamp is not ahead either, and stays frozen
+ * (seen in Chromium 156). So at each change of source the child's offset is set to continue
+ * its timestamps, and frames are copied with the shifted timestamp.
+ */
+function stamped(c, kind, frame, copy) {
+  if (c.rebase) {
+    c.offset = c.lastOut === null ? 0 : (c.lastOut + STEP[kind] - frame.timestamp) >>> 0;
+    c.rebase = false;
+  }
+  c.lastOut = (frame.timestamp + c.offset) >>> 0;
+  if (c.offset === 0) return copy ? new Frame[kind](frame) : frame;
+  const md = frame.getMetadata();
+  return new Frame[kind](frame, { metadata: { ...md, rtpTimestamp: (md.rtpTimestamp + c.offset) >>> 0 } });
+}
 
 function post(msg) { self.postMessage(msg); }
 
@@ -70,6 +92,7 @@ async function pumpUpstream(transformer, kind, gen) {
     if (gen === up.pending && isKey(kind, frame)) {
       up.current = gen;
       up.pending = -1;
+      for (const perKind of children.values()) if (perKind[kind]) perKind[kind].rebase = true;
       post({ type: 'upstreamSwitched', kind, gen });
     }
     if (gen === up.current) {
@@ -80,13 +103,13 @@ async function pumpUpstream(transformer, kind, gen) {
       }
       forward(kind, frame);
     }
-    try { await writer.write(frame); } catch { /* receiver gone */ }
+    // Not awaited: the children's copies must not wait for this page's own decoding.
+    writer.write(frame).catch(() => { /* receiver gone */ });
   }
   if (up.gens.get(gen) === transformer) up.gens.delete(gen);
 }
 
 function forward(kind, frame) {
-  const ctor = Frame[kind];
   for (const [id, perKind] of children) {
     const c = perKind[kind];
     if (!c || c.mode !== 'pass-through' || c.failed || c.standby) continue;
@@ -101,7 +124,7 @@ function forward(kind, frame) {
       c.started = true;
     }
     let copy;
-    try { copy = new ctor(frame); } catch (e) { fail(id, kind, c, 'copy: ' + e); continue; }
+    try { copy = stamped(c, kind, frame, true); } catch (e) { fail(id, kind, c, 'copy: ' + e); continue; }
     c.frames++;
     c.writer.write(copy).catch((e) => fail(id, kind, c, 'write: ' + e));
   }
@@ -129,7 +152,15 @@ async function pumpChild(id, kind, c, readable) {
       if (kind === 'video' && frame.type === 'key') requestKeyFrame(kind, `child ${id}`);
       continue;
     }
-    c.writer.write(frame).catch(() => {});
+    // After a switch from pass-through, the child has seen none of this encoder's frames:
+    // start at its first key frame (the switch from the dummy's size makes one).
+    if (c.awaitKey) {
+      if (frame.type !== 'key') continue;
+      c.awaitKey = false;
+    }
+    let out = frame;
+    try { out = stamped(c, kind, frame, false); } catch { /* unchanged */ }
+    c.writer.write(out).catch(() => {});
   }
 }
 
@@ -152,14 +183,15 @@ self.onmessage = (e) => {
   } else if (m.type === 'child') {
     const perKind = children.get(m.id) || {};
     const c = { writer: m.writable.getWriter(), mode: m.mode, frames: 0, failed: false,
-      started: false, payloadType: null, removed: false, standby: !!m.standby };
+      started: false, payloadType: null, removed: false, standby: !!m.standby,
+      offset: 0, lastOut: null, rebase: false };
     perKind[m.kind] = c;
     children.set(m.id, perKind);
     if (m.mode === 'pass-through' && !Frame[m.kind]) fail(m.id, m.kind, c, `no ${m.kind} frame constructor`);
     pumpChild(m.id, m.kind, c, m.readable);
   } else if (m.type === 'mode') {
     const c = children.get(m.id)?.[m.kind];
-    if (c) { c.mode = m.mode; c.failed = false; c.started = false; }
+    if (c) { c.mode = m.mode; c.failed = false; c.started = false; c.awaitKey = m.kind === 'video' && m.mode === 'track'; c.rebase = true; }
   } else if (m.type === 'activate') {
     for (const c of Object.values(children.get(m.id) || {})) { c.standby = false; c.started = false; }
     requestKeyFrame('video', `child ${m.id} activated`);

@@ -273,8 +273,9 @@ export class EncodedRelay {
   }
 
   /** Falls back to track relay for one child (`kind` null: video and audio): its leg gets
-   *  the received tracks, re-encoded under WebRTC's congestion control (for a child whose
-   *  link cannot carry the stream, see measure). There is no way back to pass-through. */
+   *  the received tracks, re-encoded under WebRTC's congestion control, from its encoder's
+   *  next key frame on (RTP timestamps continued, see relay-worker.js). There is no way
+   *  back to pass-through. */
   useTrack(id, kind = null, why = 'asked') {
     if (!kind) { for (const k of ['video', 'audio']) this.useTrack(id, k, why); return; }
     const c = this.children.get(id);

@@ -16,20 +16,33 @@ const seconds = Number(process.argv[4] || 20);
 const server = await serveBench();
 const browser = await startBrowser();
 
-/** CPU seconds so far of every process of the browser (browser, GPU, utility, renderers). */
+/** CPU seconds so far of every process of the browser (browser, GPU, utility, renderers),
+ *  in total and by thread name (WebRTC's, the workers', the codecs' threads). */
 function browserCpu() {
   let total = 0;
+  const byThread = {};
   for (const d of readdirSync('/proc')) {
     if (!/^\d+$/.test(d)) continue;
     try {
       let p = Number(d);
       for (let k = 0; k < 10 && p > 1; k++) {
-        if (p === browser.pid) { total += cpuSeconds(Number(d)); break; }
+        if (p === browser.pid) {
+          total += cpuSeconds(Number(d));
+          for (const t of readdirSync(`/proc/${d}/task`)) {
+            try {
+              const stat = readFileSync(`/proc/${d}/task/${t}/stat`, 'utf8');
+              const name = stat.slice(stat.indexOf('(') + 1, stat.lastIndexOf(')')).replace(/[0-9]+$/, '#');
+              const f = stat.split(') ')[1].split(' ');
+              byThread[name] = (byThread[name] || 0) + (Number(f[11]) + Number(f[12])) / 100;
+            } catch { /* gone */ }
+          }
+          break;
+        }
         p = Number(readFileSync(`/proc/${p}/stat`, 'utf8').split(') ')[1].split(' ')[1]);
       }
     } catch { /* gone */ }
   }
-  return total;
+  return { total, byThread };
 }
 
 try {
@@ -47,7 +60,11 @@ try {
     const c0 = browserCpu();
     const t0 = Date.now();
     await sleep(seconds * 1000);
-    const cores = (browserCpu() - c0) / ((Date.now() - t0) / 1000);
+    const c1 = browserCpu();
+    const secs = (Date.now() - t0) / 1000;
+    const cores = (c1.total - c0.total) / secs;
+    const threads = Object.entries(c1.byThread).map(([k, v]) => [k, (v - (c0.byThread[k] || 0)) / secs])
+      .filter(([, v]) => v >= 0.005).sort((a, b) => b[1] - a[1]).map(([k, v]) => `${k} ${v.toFixed(3)}`);
     const byDepth = lat.map((xs, i) => ({ depth: i + 1, frames: xs.length, p50: percentile(xs, 50), p95: percentile(xs, 95) }));
     const at = [];
     for (let i = 1; i <= depth; i++) { const m = await inbound(i); at.push(`${m.width}x${m.height}@${m.fps}`); }
@@ -55,6 +72,7 @@ try {
       glass_to_glass_ms_by_depth: byDepth,
       added_per_hop_ms: { p50: (byDepth[depth - 1].p50 - byDepth[0].p50) / (depth - 1), p95: (byDepth[depth - 1].p95 - byDepth[0].p95) / (depth - 1) },
       browser_cpu_cores: Number(cores.toFixed(3)),
+      cpu_cores_by_thread: threads,
       received_by_depth: at,
       load_average_before: load0.map((x) => x.toFixed(2)).join(' '),
       load_average_after: loadavg().map((x) => x.toFixed(2)).join(' '),
