@@ -4,13 +4,14 @@
 // Pass-through: the last node decodes at the source's resolution while the relays' own
 // encoders run a 64x64 dummy; frames at depth 5 are byte-identical to depth 1 for the same
 // RTP timestamps; audio arrives at depth 5; a new child gets a key frame and plays; a new
-// parent is taken without the children noticing; a child forced to track relay still plays;
-// a standby link carries nothing until used; a child added late (encodedInsertableStreams)
-// passes through; a running child switched to track relay plays on; a child on another
-// codec falls back to track relay by itself; a child
-// whose leg is capped shows in the relay's measurements. Measured times are printed and
-// written to target/relay-measurements.json, never asserted; latency and CPU of the chain
-// both ways: tests/browser/bench/relay-chain.mjs.
+// parent (same branch or another branch of the source) is taken without the children
+// noticing; standby child and parent links carry nothing until used; a child added late
+// (encodedInsertableStreams) passes through; a child forced to track relay plays; a running
+// child switched to track relay plays on; a child on another codec falls back to track
+// relay by itself; a child whose leg is capped shows in the relay's measurements. Measured
+// times are printed and written to target/relay-measurements.json, never asserted; latency
+// and CPU of the chain both ways: bench/relay-chain.mjs; a leg capped by tc:
+// bench/relay-weak-child.mjs.
 //
 // No signaller: tests/browser/relay/serve.mjs serves the page and web/ (as /assets/).
 import { describe, it, before, after } from 'node:test';
