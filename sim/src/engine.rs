@@ -2,10 +2,10 @@
 //! production [`Room`] in the middle.
 //!
 //! Simulated peers speak the real protocol: they send `hello`, `report` and `leave`, and
-//! act on `welcome`, `parent`, `child`, `drop` and `room` exactly as a client would. Every
-//! message crosses the modelled network to or from the signaller. What the room decides —
-//! placement, promotion, stand-ins, repair — is the production code; the engine only
-//! models what happens around it:
+//! act on `welcome`, `parent`, `child`, `drop`, `room`, `standby` and `standby_end`
+//! exactly as a client would. Every message crosses the modelled network to or from the
+//! signaller. What the room decides — placement, promotion, stand-ins, repair — is the
+//! production code; the engine only models what happens around it:
 //!
 //! - a peer reports its NAT class (`connectivity`) `connectivity.report_ms` after its
 //!   welcome, as a client does once its candidates are gathered;
