@@ -1010,7 +1010,7 @@ impl Engine {
         if let Some(link) = self.standby.get_mut(&pair(up, down)) {
             link.at = ready;
         }
-        self.stats.standby_prepared(self.now);
+        self.stats.standby_prepared(self.now, ready != NEVER);
         // Links whose ends died before the room ended them (or before both were told)
         // are dropped now and then, at a cost proportional to the links added since.
         if self.standby.len() > 2 * self.standby_swept + 4_096 {

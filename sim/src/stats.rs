@@ -220,6 +220,8 @@ pub struct LoadSummary {
 pub struct StandbySummary {
     /// Standby links both ends were told of (set-up started).
     pub prepared: u64,
+    /// Of them, between peers that cannot connect (no direct route, no relay): never up.
+    pub prepared_unreachable: u64,
     /// Media links that used a standby link already set up: media after a round trip.
     pub used_ready: u64,
     /// Media links that used a standby link still being set up: media when it is up.
@@ -390,10 +392,12 @@ impl Stats {
         }
     }
 
-    /// A standby link both ends know of: its set-up starts.
-    pub(crate) fn standby_prepared(&mut self, now: Micros) {
+    /// A standby link both ends know of: its set-up starts (and never ends, if the pair
+    /// cannot connect).
+    pub(crate) fn standby_prepared(&mut self, now: Micros, reachable: bool) {
         if now >= self.from {
             self.standby.prepared += 1;
+            self.standby.prepared_unreachable += u64::from(!reachable);
         }
     }
 
