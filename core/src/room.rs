@@ -54,6 +54,12 @@ const SUSPECT_HOLD: Duration = Duration::from_secs(10);
 /// ([`RoomConfig::rebalance_moves_per_second`]).
 const REBALANCE_EVERY: Duration = Duration::from_secs(1);
 
+/// How long tree changes are gathered before stand-ins are chosen again. Each new standby
+/// link is a connection set-up at both ends: while a crowd joins, a relay's children and
+/// the leaves that fit change many times a second, and only where things stand afterwards
+/// is worth preparing.
+const STANDBY_EVERY: Duration = Duration::from_secs(1);
+
 /// How long a capacity ceiling holds before it is raised by one, on its first strike. Each
 /// further strike doubles it, up to [`CAP_HOLD_MAX`]: a parent convicted by a passing
 /// congestion gets its slots back within minutes, a parent that fails again whenever it is
@@ -569,6 +575,8 @@ enum Timer {
     Suspect(PeerId),
     /// Background moves are due.
     Rebalance,
+    /// Stand-ins of the relays touched lately are due to be looked at again.
+    Standby,
     /// The peer's handover from its old parent should be over.
     Handover(PeerId),
 }
@@ -669,8 +677,10 @@ pub struct Room {
     /// Every standby link both ends were told of, (upstream, downstream), with how many
     /// relays' standbys use it (two relays' arrangements may share one).
     standby_links: FxHashMap<(PeerId, PeerId), u32>,
-    /// Peers whose standby arrangements may have changed since the last flush.
+    /// Peers whose standby arrangements may have changed since the last refresh.
     standby_dirty: Vec<PeerId>,
+    /// A [`Timer::Standby`] is armed.
+    standby_due: bool,
 }
 
 /// A relay's warm standby: who stands in, and the links (upstream end, downstream end)
@@ -713,6 +723,7 @@ impl Room {
             stands_for: FxHashMap::default(),
             standby_links: FxHashMap::default(),
             standby_dirty: Vec::new(),
+            standby_due: false,
         };
         room.arm(now + room.config.start_timeout, Timer::Start);
         if let Some(every) = room.config.audience_interval {
@@ -1468,7 +1479,7 @@ impl Room {
             nat: c.nat,
         });
         let _ = self.tree.set_nat(id, c.nat);
-        self.standby_dirty.push(id);
+        self.touch_standby(id);
         self.set_capacity_from_uplink(id);
         // Last, so the status tells the capacity and position after both changes.
         self.flush_tree_events(Some(id));
@@ -1516,6 +1527,8 @@ impl Room {
         }
         peer.disconnected_at = Some(self.now);
         self.event(RoomEvent::Disconnected { peer: id });
+        // Without signalling it cannot prepare links: another stand-in may be needed.
+        self.touch_standby(id);
         if Some(id) == self.broadcaster {
             self.announce(None);
         }
@@ -1549,6 +1562,10 @@ impl Room {
                 }
                 Timer::Audience => self.tell_audience(),
                 Timer::Rebalance => self.rebalance(),
+                Timer::Standby => {
+                    self.standby_due = false;
+                    self.refresh_standbys();
+                }
                 Timer::Credentials(id) => self.renew_credentials(id),
                 Timer::CapRaise(id) => self.raise_capacity(id),
                 Timer::Suspect(id) => {
@@ -1731,7 +1748,7 @@ impl Room {
             return;
         }
         let _ = self.tree.set_capacity(id, capacity);
-        self.standby_dirty.push(id);
+        self.touch_standby(id);
         self.event(RoomEvent::Capacity { peer: id, capacity });
         let shed = before.saturating_sub(capacity);
         if shed > 0 {
@@ -1795,6 +1812,12 @@ impl Room {
                         c.media = MediaState::Connecting;
                         c.stalled_since = None;
                     }
+                    // A standby link between them (either way round) is theirs now: the
+                    // clients use it, or close it and connect afresh.
+                    if !self.standby_links.is_empty() {
+                        self.standby_links.remove(&(parent, child));
+                        self.standby_links.remove(&(child, parent));
+                    }
                     self.send_to_peer(
                         child,
                         ServerMessage::Parent {
@@ -1839,7 +1862,7 @@ impl Room {
         }
         self.scratch_events = events;
         self.scratch_status = status;
-        self.refresh_standbys();
+        self.arm_standby();
     }
 
     // ---- warm standby ----
@@ -1849,7 +1872,20 @@ impl Room {
     fn remove_from_tree(&mut self, id: PeerId) {
         let stand_in = self.standbys.get(&id).map(|s| s.stand_in);
         let _ = self.tree.remove_preferring(id, stand_in);
+        self.touch_standby(id);
+    }
+
+    /// `id`'s standby arrangements (as a relay or a stand-in) are looked at again soon.
+    fn touch_standby(&mut self, id: PeerId) {
         self.standby_dirty.push(id);
+        self.arm_standby();
+    }
+
+    fn arm_standby(&mut self) {
+        if !self.standby_dirty.is_empty() && !self.standby_due {
+            self.standby_due = true;
+            self.arm(self.now + STANDBY_EVERY, Timer::Standby);
+        }
     }
 
     /// Whether `a` and `b` hold a standby link the room asked for.
@@ -1873,7 +1909,7 @@ impl Room {
             .is_some_and(|p| p.conn.is_some() && p.departure.is_none())
     }
 
-    /// Looks again at the standby of every relay touched since the last flush: keeps the
+    /// Looks again at the standby of every relay touched since the last refresh: keeps the
     /// stand-in while it still fits, otherwise picks another, and tells both ends of each
     /// link that appears or goes. A link that became a media link (the stand-in took its
     /// place, or a move made them neighbours) is forgotten silently: both ends already
@@ -1909,10 +1945,9 @@ impl Room {
                     .get(&s)
                     .is_none_or(|&r| r == relay || !room.standbys.contains_key(&r))
         };
-        let wanted = if self.config.warm_standby
-            && self.can_hold_standby(relay)
-            && self.tree.child_count(relay).unwrap_or(0) > 0
-        {
+        // The relay itself holds none of the links: whether its own signalling is up does
+        // not matter (a relay whose socket just closed is the one most likely to need them).
+        let wanted = if self.config.warm_standby && self.tree.child_count(relay).unwrap_or(0) > 0 {
             let current = self.standbys.get(&relay).map(|s| s.stand_in);
             current
                 .filter(|&s| usable(self, s) && self.tree.can_stand_in(s, relay))
@@ -1939,7 +1974,7 @@ impl Room {
                 !self.media_link(a, b) && !self.standby_links.contains_key(&(b, a))
             });
         }
-        let old = match self.standbys.remove(&relay) {
+        let mut old = match self.standbys.remove(&relay) {
             Some(old) => {
                 if self.stands_for.get(&old.stand_in) == Some(&relay) {
                     self.stands_for.remove(&old.stand_in);
@@ -1948,6 +1983,8 @@ impl Room {
             }
             None => Vec::new(),
         };
+        // Links a `parent`/`child` consumed since are the clients' media links (or gone).
+        old.retain(|l| self.standby_links.contains_key(l));
         for &(up, down) in &old {
             if links.contains(&(up, down)) {
                 continue;
@@ -1961,10 +1998,8 @@ impl Room {
                 continue;
             }
             self.standby_links.remove(&(up, down));
-            if !self.media_link(up, down) {
-                self.send_to_peer(up, ServerMessage::StandbyEnd { peer_id: down });
-                self.send_to_peer(down, ServerMessage::StandbyEnd { peer_id: up });
-            }
+            self.send_to_peer(up, ServerMessage::StandbyEnd { peer_id: down });
+            self.send_to_peer(down, ServerMessage::StandbyEnd { peer_id: up });
         }
         for &(up, down) in &links {
             if old.contains(&(up, down)) {

@@ -2073,6 +2073,8 @@ fn a_dead_relays_stand_in_takes_over_on_links_it_prepared() {
     });
     h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
     let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
+    // Stand-ins are chosen once the joins have settled.
+    h.advance(Duration::from_secs(1));
     h.check();
     let relay = conns[0];
     let r = h.peer(relay);

@@ -264,6 +264,16 @@ pub struct Stats {
     pub last_delivered: Mutex<Vec<treecast_core::protocol::Delivery>>,
     /// Links to a parent whose ICE failed (each reported to the room as `link_failed`).
     pub links_failed: AtomicU64,
+    /// Standby links held now (prepared at the room's request, idle), by the other end's
+    /// id: whether the connection is up (ICE and DTLS done).
+    pub standby: Mutex<std::collections::BTreeMap<u64, bool>>,
+    /// Standby links that became a parent or child link while connected: media flowed
+    /// with no connection set-up.
+    pub standby_warm: AtomicU64,
+    /// Standby links used while still connecting (the set-up already under way goes on).
+    pub standby_connecting: AtomicU64,
+    /// Standby links whose connection was missing or failed when used: opened afresh.
+    pub standby_cold: AtomicU64,
     /// What the NAT probe against the signaller's STUN server found, once it ran.
     pub nat_probe: Mutex<Option<crate::nat::ProbeResult>>,
     /// The candidate-pair type ICE selected on each open connection (parent and children),

@@ -14,6 +14,15 @@
 //!   the subtree below keeps its connections. A move without `drop` keeps the old parent's
 //!   connection (make-before-break): its packets are forwarded until the server's `drop`
 //!   closes it, then the new parent's (whose bytes the agent watches meanwhile).
+//! - `OpenStandby` (warm standby: this peer would stand in for a relay, or is that
+//!   stand-in's parent or future child): the connection is built as for `OpenParent`
+//!   (role parent) or `OpenChild` (role child: track, feeding task and offer), so ICE and
+//!   DTLS are done in advance, but it stays idle: a standby parent's reader never
+//!   forwards and the watchdog does not sample it; a standby child's queue is held out of
+//!   the fan-out. `UseStandby` turns it into the parent (the same make-before-break as a
+//!   new parent) or a child (its queue joins the fan-out, and a keyframe is asked for at
+//!   once), so media flows after the repair's messages with no connection set-up. A
+//!   standby whose connection is missing or failed is opened afresh instead.
 //!
 //! The media watchdog feeds the agent the bytes received from the current parent
 //! connection every tick; the agent reports `stalled` when they stop advancing (and repeats
@@ -342,6 +351,14 @@ struct Conn {
     /// Child connection: payload bytes `write_rtp` accepted for it.
     bytes: Arc<AtomicU64>,
     is_parent: bool,
+    /// A standby link (`OpenStandby`), idle until `UseStandby`, with what the peer would
+    /// become. A standby parent's reader does not forward (its generation is never the
+    /// active one) and the watchdog does not sample it; a standby child's queue is kept
+    /// here, out of the fan-out, so nothing is written to it.
+    standby: Option<StandbyRole>,
+    idle_child: Option<ChildTx>,
+    /// The connection's latest state (a failed standby is not used).
+    state: RTCPeerConnectionState,
     /// Cleared when the connection closes, so its link watcher (which may be mid-step on
     /// another worker when it is aborted) cannot write its kind back after the removal.
     open: Arc<AtomicBool>,
@@ -449,7 +466,8 @@ struct Driver {
     /// while one is being left, else the current one. Only its reader forwards, so
     /// children never get two streams interleaved while a new parent takes over.
     active_parent: Arc<AtomicU64>,
-    /// Standby links the room asked for; not prepared yet, they open cold when used.
+    /// Standby links the room asked for, with what each peer would become: a link whose
+    /// connection is missing or failed when used is opened cold in that role.
     standby: HashMap<PeerId, StandbyRole>,
 }
 
@@ -626,7 +644,11 @@ impl Driver {
             let secs = since.as_secs_f64().max(1e-3);
             let mut delivered = Vec::new();
             let mut bytes_now = HashMap::new();
-            for (&peer, conn) in self.conns.iter().filter(|(_, c)| !c.is_parent) {
+            for (&peer, conn) in self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.is_parent && c.standby.is_none())
+            {
                 let bytes = conn.bytes.load(Ordering::Relaxed);
                 // A child opened during the interval counts from zero.
                 let before = self.delivered_bytes.get(&peer).copied().unwrap_or(0);
@@ -694,14 +716,12 @@ impl Driver {
                 }
                 Action::OpenStandby { peer, role } => {
                     self.standby.insert(peer, role);
+                    if let Err(e) = self.open_standby(peer, role).await {
+                        tracing::warn!(%peer, "preparing a standby link failed: {e}");
+                    }
                 }
                 Action::UseStandby { peer } => {
-                    let opened = match self.standby.remove(&peer) {
-                        Some(StandbyRole::Parent) => self.open_conn(peer, true).await,
-                        Some(StandbyRole::Child) => self.open_child(peer).await,
-                        None => Ok(()),
-                    };
-                    if let Err(e) = opened {
+                    if let Err(e) = self.use_standby(peer).await {
                         tracing::warn!(%peer, "opening a connection failed: {e}");
                     }
                 }
@@ -839,10 +859,11 @@ impl Driver {
                 }
             }
             Event::Track(peer, generation, track) => {
+                let receiving = |c: &Conn| c.is_parent || c.standby == Some(StandbyRole::Parent);
                 let Some(conn) = self
                     .conns
                     .get_mut(&peer)
-                    .filter(|c| c.generation == generation && c.is_parent)
+                    .filter(|c| c.generation == generation && receiving(c))
                 else {
                     return;
                 };
@@ -857,52 +878,66 @@ impl Driver {
             }
             Event::State(peer, generation, state) => {
                 tracing::debug!(%peer, generation, %state, "connection state");
+                let Some(conn) = self
+                    .conns
+                    .get_mut(&peer)
+                    .filter(|c| c.generation == generation)
+                else {
+                    return;
+                };
+                conn.state = state;
+                if let Some(role) = conn.standby {
+                    // Idle: no failure report to the room (nothing depends on it yet) and
+                    // no link watcher until it is used.
+                    let connected = state == RTCPeerConnectionState::Connected;
+                    if let Ok(mut held) = self.stats.standby.lock()
+                        && let Some(ready) = held.get_mut(&peer.0)
+                    {
+                        *ready = connected;
+                    }
+                    if state == RTCPeerConnectionState::Failed {
+                        tracing::info!(%peer, ?role, "a standby link failed");
+                    }
+                    return;
+                }
+                let is_parent = conn.is_parent;
                 // ICE found no path to the parent (nothing arrives, so the stall watchdog,
                 // which waits for media to stop, never fires): the room must place this
                 // peer elsewhere.
-                if state == RTCPeerConnectionState::Failed
-                    && self
-                        .conns
-                        .get(&peer)
-                        .is_some_and(|c| c.generation == generation && c.is_parent)
-                {
+                if state == RTCPeerConnectionState::Failed && is_parent {
                     tracing::info!(%peer, "the link to the parent failed");
                     self.stats.links_failed.fetch_add(1, Ordering::Relaxed);
                     self.agent.handle(now, Input::LinkFailed { peer });
                 }
                 if state == RTCPeerConnectionState::Connected {
-                    let turn_ips = if self.config.use_ice_servers {
-                        turn_server_ips(self.agent.ice_servers())
-                    } else {
-                        Vec::new()
-                    };
-                    let stats = self.stats.clone();
-                    if let Some(conn) = self
-                        .conns
-                        .get_mut(&peer)
-                        .filter(|c| c.generation == generation && !c.watching_link)
-                    {
-                        conn.watching_link = true;
-                        conn.tasks.push(tokio::spawn(watch_link(
-                            conn.pc.clone(),
-                            peer,
-                            conn.open.clone(),
-                            turn_ips,
-                            stats,
-                        )));
+                    self.watch_link(peer);
+                    if is_parent {
+                        self.stats
+                            .parent_connected_us
+                            .store(now_us(), Ordering::Relaxed);
                     }
                 }
-                if state == RTCPeerConnectionState::Connected
-                    && self
-                        .conns
-                        .get(&peer)
-                        .is_some_and(|c| c.generation == generation && c.is_parent)
-                {
-                    self.stats
-                        .parent_connected_us
-                        .store(now_us(), Ordering::Relaxed);
-                }
             }
+        }
+    }
+
+    /// Starts the link watcher of the connection to `peer` unless one runs.
+    fn watch_link(&mut self, peer: PeerId) {
+        let turn_ips = if self.config.use_ice_servers {
+            turn_server_ips(self.agent.ice_servers())
+        } else {
+            Vec::new()
+        };
+        let stats = self.stats.clone();
+        if let Some(conn) = self.conns.get_mut(&peer).filter(|c| !c.watching_link) {
+            conn.watching_link = true;
+            conn.tasks.push(tokio::spawn(watch_link(
+                conn.pc.clone(),
+                peer,
+                conn.open.clone(),
+                turn_ips,
+                stats,
+            )));
         }
     }
 
@@ -963,6 +998,9 @@ impl Driver {
             tasks: Vec::new(),
             bytes: Arc::new(AtomicU64::new(0)),
             is_parent: false,
+            standby: None,
+            idle_child: None,
+            state: RTCPeerConnectionState::New,
             open: Arc::new(AtomicBool::new(true)),
             watching_link: false,
         })
@@ -1005,6 +1043,108 @@ impl Driver {
     }
 
     async fn open_child(&mut self, peer: PeerId) -> Result<(), PeerError> {
+        let tx = self.open_sending(peer, None).await?;
+        if let Ok(mut f) = self.fanout.lock() {
+            f.insert(peer, tx);
+        }
+        Ok(())
+    }
+
+    /// Prepares the idle link the room asked for: the connection is set up as for
+    /// `OpenParent` or `OpenChild` (offer, ICE, DTLS), but nothing is forwarded from or
+    /// to it until `UseStandby`.
+    async fn open_standby(&mut self, peer: PeerId, role: StandbyRole) -> Result<(), PeerError> {
+        match role {
+            StandbyRole::Parent => {
+                self.open_conn(peer, false).await?;
+                if let Some(c) = self.conns.get_mut(&peer) {
+                    c.standby = Some(role);
+                }
+            }
+            StandbyRole::Child => {
+                self.open_sending(peer, Some(role)).await?;
+            }
+        }
+        if let Ok(mut held) = self.stats.standby.lock() {
+            held.insert(peer.0, false);
+        }
+        Ok(())
+    }
+
+    /// The standby link to `peer` becomes a parent or child link. A standby connection
+    /// that is missing or failed is replaced by a new one, as `OpenParent`/`OpenChild`
+    /// would open.
+    async fn use_standby(&mut self, peer: PeerId) -> Result<(), PeerError> {
+        if let Ok(mut held) = self.stats.standby.lock() {
+            held.remove(&peer.0);
+        }
+        let role = self.standby.remove(&peer);
+        let usable = self.conns.get(&peer).filter(|c| {
+            role.is_some()
+                && c.standby == role
+                && !matches!(
+                    c.state,
+                    RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed
+                )
+        });
+        let Some(conn) = usable else {
+            self.stats.standby_cold.fetch_add(1, Ordering::Relaxed);
+            return match role {
+                Some(StandbyRole::Parent) => self.open_conn(peer, true).await,
+                Some(StandbyRole::Child) => self.open_child(peer).await,
+                None => Ok(()),
+            };
+        };
+        let connected = conn.state == RTCPeerConnectionState::Connected;
+        let counter = if connected {
+            &self.stats.standby_warm
+        } else {
+            &self.stats.standby_connecting
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let no_parent = !self.conns.values().any(|c| c.is_parent);
+        let conn = self.conns.get_mut(&peer).expect("checked above");
+        conn.standby = None;
+        match role {
+            Some(StandbyRole::Parent) => {
+                conn.is_parent = true;
+                // As in `open_conn`: forwarded from its first packet, or once the parent
+                // being left closes.
+                if no_parent {
+                    self.active_parent.store(conn.generation, Ordering::Relaxed);
+                }
+                if connected {
+                    self.stats
+                        .parent_connected_us
+                        .store(now_us(), Ordering::Relaxed);
+                }
+            }
+            Some(StandbyRole::Child) => {
+                if let Some(tx) = conn.idle_child.take()
+                    && let Ok(mut f) = self.fanout.lock()
+                {
+                    f.insert(peer, tx);
+                }
+                // The new child needs a keyframe to show anything: ask now rather than
+                // wait for its own request to come up.
+                self.upstream.request();
+            }
+            None => {}
+        }
+        if connected {
+            self.watch_link(peer);
+        }
+        Ok(())
+    }
+
+    /// Opens a sending connection to `peer` (a child's, or a standby child's when `standby`
+    /// is set) with its track and feeding task, sends the offer, and returns the queue
+    /// the fan-out feeds (kept in the connection while it is a standby).
+    async fn open_sending(
+        &mut self,
+        peer: PeerId,
+        standby: Option<StandbyRole>,
+    ) -> Result<ChildTx, PeerError> {
         self.open_conn(peer, false).await?;
         let generation = self.conns[&peer].generation;
         let pc = self.conns[&peer].pc.clone();
@@ -1044,17 +1184,21 @@ impl Driver {
         if let Some(c) = self.conns.get_mut(&peer) {
             c.tasks.push(feed);
             c.tasks.push(feedback);
-        }
-        if let Ok(mut f) = self.fanout.lock() {
-            f.insert(peer, ChildTx { tx });
+            c.standby = standby;
+            if standby.is_some() {
+                c.idle_child = Some(ChildTx { tx: tx.clone() });
+            }
         }
         let data = serde_json::to_value(&offer)?;
         let now = self.now();
         self.agent.handle(now, Input::SendSignal { to: peer, data });
-        Ok(())
+        Ok(ChildTx { tx })
     }
 
     async fn close_conn(&mut self, peer: PeerId) {
+        if let Ok(mut held) = self.stats.standby.lock() {
+            held.remove(&peer.0);
+        }
         if let Some(conn) = self.conns.remove(&peer) {
             conn.open.store(false, Ordering::Relaxed);
             if let Ok(mut links) = self.stats.links.lock() {

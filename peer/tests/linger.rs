@@ -16,11 +16,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{LIVENESS, TestSignaller};
-use treecast_peer::{Peer, Role};
+use common::{Mark, TestSignaller, count};
 
 const STREAM_KBPS: u32 = 300;
 
@@ -29,41 +28,6 @@ const LINK: Duration = Duration::from_millis(40);
 
 /// Steady streaming measured after the switch, so late packets are counted.
 const AFTER: Duration = Duration::from_secs(2);
-
-fn count(c: &AtomicU64) -> u64 {
-    c.load(Ordering::Relaxed)
-}
-
-async fn wait_until(what: &str, done: impl FnMut() -> bool) {
-    common::wait_until(what, LIVENESS, done).await
-}
-
-/// One viewer's counters at an instant.
-#[derive(Debug, Clone, Copy)]
-struct Mark {
-    next_seq: u64,
-    received: u64,
-    duplicates: u64,
-}
-
-impl Mark {
-    fn of(p: &Peer) -> Self {
-        let s = p.stats();
-        Self {
-            next_seq: count(&s.next_seq),
-            received: count(&s.packets_received),
-            duplicates: count(&s.reordered_or_duplicate),
-        }
-    }
-
-    /// Sequence numbers sent between `self` and `later` that never arrived.
-    fn missing_until(self, later: Mark) -> i64 {
-        let span = later.next_seq as i64 - self.next_seq as i64;
-        let unique =
-            (later.received - self.received) as i64 - (later.duplicates - self.duplicates) as i64;
-        span - unique
-    }
-}
 
 /// How the relay goes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -105,32 +69,14 @@ impl std::fmt::Display for Seen {
 /// how long the departure call took.
 async fn depart(how: Departure) -> (Vec<Seen>, Duration) {
     let signaller = TestSignaller::start(1, 2).await;
-    let peer_config = |role| {
-        let mut c = signaller.peer_config(role);
+    let (broadcaster, mut viewers) = common::start_tree(&signaller, 4, |c| {
         c.link_delay = LINK;
         c.stream_kbps = STREAM_KBPS;
-        c
-    };
-    let broadcaster = Peer::start(peer_config(Role::Broadcaster)).unwrap();
-    wait_until("the broadcaster is welcomed", || {
-        broadcaster.status().peer_id.is_some()
     })
     .await;
-    let mut viewers = Vec::new();
-    for _ in 0..4 {
-        let v = Peer::start(peer_config(Role::Viewer)).unwrap();
-        wait_until("a viewer is placed", || v.status().depth.is_some()).await;
-        viewers.push(v);
-    }
     let relay = viewers.remove(0);
     assert_eq!(relay.status().depth, Some(1), "fan-out 1 at the root");
     let relay_id = relay.status().peer_id.unwrap();
-    for v in &viewers {
-        wait_until("every viewer receives", || {
-            count(&v.stats().packets_received) > 0
-        })
-        .await;
-    }
     let children: Vec<bool> = viewers
         .iter()
         .map(|v| v.status().parent == Some(relay_id))
@@ -154,25 +100,7 @@ async fn depart(how: Departure) -> (Vec<Seen>, Duration) {
         Departure::Kill => relay.kill().await,
     }
     let took = started.elapsed();
-    wait_until("every child has another parent", || {
-        viewers
-            .iter()
-            .all(|v| v.status().parent.is_some_and(|p| p != relay_id))
-    })
-    .await;
-    // Media flows again everywhere, then a steady stretch so stragglers are counted.
-    let resumed: Vec<u64> = viewers
-        .iter()
-        .map(|v| count(&v.stats().packets_received))
-        .collect();
-    wait_until("media flows after the departure", || {
-        viewers
-            .iter()
-            .zip(&resumed)
-            .all(|(v, &n)| count(&v.stats().packets_received) > n + 10)
-    })
-    .await;
-    tokio::time::sleep(AFTER).await;
+    common::await_repair(&viewers, relay_id, AFTER).await;
 
     let seen = viewers
         .iter()

@@ -218,7 +218,10 @@ async fn viewers_receive_at_their_depth_and_a_dead_relay_is_repaired() {
     // The signaller carried signalling only: everything it sent to the peers over their
     // WebSockets is a small fraction of the media the peers moved among themselves. The
     // signalling is mostly a fixed cost per join (SDP and ICE, ~3.6 KB per peer) while this
-    // test streams only a few seconds, hence a 10 % bound (measured: ~4 %).
+    // test streams only a few seconds. Warm standby (the room's default) adds a connection
+    // set-up per standby link, each relay's stand-in holding one per child of its relay plus
+    // one, and again when a stand-in is re-chosen as the tree grows: measured 14-17 % of media
+    // with it, 7 % with `warm_standby` off, hence a 25 % bound.
     let signalling: u64 = viewers
         .iter()
         .chain([&broadcaster])
@@ -234,8 +237,8 @@ async fn viewers_receive_at_their_depth_and_a_dead_relay_is_repaired() {
         signalling as f64 * 100.0 / media.max(1) as f64
     );
     assert!(
-        signalling * 10 < media,
-        "signalling {signalling} B is not under 10 % of media {media} B"
+        signalling * 4 < media,
+        "signalling {signalling} B is not under 25 % of media {media} B"
     );
 
     for v in viewers {

@@ -4,10 +4,12 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use treecast_peer::{PeerConfig, Role};
+use treecast_core::PeerId;
+use treecast_peer::{Peer, PeerConfig, Role};
 
 /// Longest wait for anything that should happen.
 pub const LIVENESS: Duration = Duration::from_secs(60);
@@ -33,16 +35,30 @@ impl TestSignaller {
     /// packet leaves loopback) and limits high enough for every peer of a test, and creates
     /// a room.
     pub async fn start(root_fanout: u32, relay_fanout: u32) -> Self {
-        Self::launch(root_fanout, relay_fanout, false).await
+        Self::launch(root_fanout, relay_fanout, false, |_| {}).await
+    }
+
+    /// Like [`TestSignaller::start`], with `configure` changing the room settings last.
+    pub async fn start_with(
+        root_fanout: u32,
+        relay_fanout: u32,
+        configure: impl FnOnce(&mut treecast_signaller::Config),
+    ) -> Self {
+        Self::launch(root_fanout, relay_fanout, false, configure).await
     }
 
     /// Like [`TestSignaller::start`] (root and relay fan-out 4), with the embedded STUN
     /// server on two ephemeral loopback ports: it leads the ICE servers in `welcome`.
     pub async fn start_with_stun() -> Self {
-        Self::launch(4, 4, true).await
+        Self::launch(4, 4, true, |_| {}).await
     }
 
-    async fn launch(root_fanout: u32, relay_fanout: u32, with_stun: bool) -> Self {
+    async fn launch(
+        root_fanout: u32,
+        relay_fanout: u32,
+        with_stun: bool,
+        configure: impl FnOnce(&mut treecast_signaller::Config),
+    ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -53,6 +69,7 @@ impl TestSignaller {
         config.room.root_fanout = root_fanout;
         config.room.relay_fanout = relay_fanout;
         config.room.ice_servers = Vec::new();
+        configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut extras = treecast_signaller::Extras::default();
@@ -121,11 +138,104 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
     (r.status, body)
 }
 
+/// Starts a broadcaster, then `viewers` viewers one after another (each placed before the
+/// next joins, so the tree's shape follows the fan-outs), and waits until every viewer
+/// receives. `configure` adjusts each peer's configuration.
+pub async fn start_tree(
+    signaller: &TestSignaller,
+    viewers: usize,
+    configure: impl Fn(&mut PeerConfig),
+) -> (Peer, Vec<Peer>) {
+    let config = |role| {
+        let mut c = signaller.peer_config(role);
+        configure(&mut c);
+        c
+    };
+    let broadcaster = Peer::start(config(Role::Broadcaster)).unwrap();
+    wait_until("the broadcaster is welcomed", LIVENESS, || {
+        broadcaster.status().peer_id.is_some()
+    })
+    .await;
+    let mut placed = Vec::new();
+    for _ in 0..viewers {
+        let v = Peer::start(config(Role::Viewer)).unwrap();
+        wait_until("a viewer is placed", LIVENESS, || {
+            v.status().depth.is_some()
+        })
+        .await;
+        placed.push(v);
+    }
+    for v in &placed {
+        wait_until("every viewer receives", LIVENESS, || {
+            count(&v.stats().packets_received) > 0
+        })
+        .await;
+    }
+    (broadcaster, placed)
+}
+
+/// After `gone` left: waits until every viewer has another parent and receives again
+/// (ten more packets each), then streams `after` longer so late packets are counted.
+pub async fn await_repair(viewers: &[Peer], gone: PeerId, after: Duration) {
+    wait_until("every child has another parent", LIVENESS, || {
+        viewers
+            .iter()
+            .all(|v| v.status().parent.is_some_and(|p| p != gone))
+    })
+    .await;
+    let resumed: Vec<u64> = viewers
+        .iter()
+        .map(|v| count(&v.stats().packets_received))
+        .collect();
+    wait_until("media flows after the repair", LIVENESS, || {
+        viewers
+            .iter()
+            .zip(&resumed)
+            .all(|(v, &n)| count(&v.stats().packets_received) > n + 10)
+    })
+    .await;
+    tokio::time::sleep(after).await;
+}
+
 /// Polls `done` until it holds; fails the test after `bound`.
 pub async fn wait_until(what: &str, bound: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + bound;
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A counter's value.
+pub fn count(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// One viewer's packet counters at an instant. Every packet carries the broadcaster's
+/// probe sequence number (relays pass payloads through untouched), so the packets a viewer
+/// missed between two marks are the sequence numbers it never received.
+#[derive(Debug, Clone, Copy)]
+pub struct Mark {
+    pub next_seq: u64,
+    pub received: u64,
+    pub duplicates: u64,
+}
+
+impl Mark {
+    pub fn of(p: &Peer) -> Self {
+        let s = p.stats();
+        Self {
+            next_seq: count(&s.next_seq),
+            received: count(&s.packets_received),
+            duplicates: count(&s.reordered_or_duplicate),
+        }
+    }
+
+    /// Sequence numbers sent between `self` and `later` that never arrived.
+    pub fn missing_until(self, later: Mark) -> i64 {
+        let span = later.next_seq as i64 - self.next_seq as i64;
+        let unique =
+            (later.received - self.received) as i64 - (later.duplicates - self.duplicates) as i64;
+        span - unique
     }
 }
