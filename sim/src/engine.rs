@@ -2,10 +2,10 @@
 //! production [`Room`] in the middle.
 //!
 //! Simulated peers speak the real protocol: they send `hello`, `report` and `leave`, and
-//! act on `welcome`, `parent`, `child`, `drop` and `room` exactly as a client would. Every
-//! message crosses the modelled network to or from the signaller. What the room decides —
-//! placement, promotion, stand-ins, repair — is the production code; the engine only
-//! models what happens around it:
+//! act on `welcome`, `parent`, `child`, `drop`, `room`, `standby` and `standby_end`
+//! exactly as a client would. Every message crosses the modelled network to or from the
+//! signaller. What the room decides — placement, promotion, stand-ins, repair — is the
+//! production code; the engine only models what happens around it:
 //!
 //! - a peer reports its NAT class (`connectivity`) `connectivity.report_ms` after its
 //!   welcome, as a client does once its candidates are gathered;
@@ -27,15 +27,21 @@
 //!   itself (`room.handover_timeout`), a viewer reports `receiving` only for its new
 //!   parent's media, and a `drop` closes every link to that peer at once, as the client
 //!   agent does; only a departed in-app leaver is still played and fed;
-//! - with `client.warm_standby`, a viewer moved after its media failed gets its new link
-//!   one round trip after both ends know of each other, as over a connection set up in
-//!   advance.
+//! - with `client.warm_standby`, the two ends of each `standby` the room sends set up an
+//!   idle link as they would a media link (signalled offer/answer, `timing.connect_ms`,
+//!   or never for pairs that cannot connect), and `standby_end` closes it. A `parent` or
+//!   `child` naming a peer whose standby link is up gets media over it one round trip
+//!   after both ends know; one still being set up, when its set-up ends; otherwise the
+//!   link is made cold. Without it the clients ignore both messages, as the web page and
+//!   the native peer do: a standby link named in `parent`/`child` opens cold.
 
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::time::Duration;
 
 use treecast_core::protocol::{
     ClientMessage, Connectivity, Hello, IceServer, MediaState, NatClass, PROTOCOL_VERSION, Report,
-    Role, ServerMessage,
+    Role, ServerMessage, StandbyRole,
 };
 use treecast_core::room::{ConnId, Input, Output, Room};
 use treecast_core::tree::WaitReason;
@@ -55,6 +61,45 @@ const NONE: u32 = u32::MAX;
 
 /// Microseconds of virtual time.
 type Micros = u64;
+
+/// Never (a standby link between peers that cannot connect).
+const NEVER: Micros = Micros::MAX;
+
+/// A standby link, as far as its two ends know of it. Kept by (upstream, downstream)
+/// peer index in [`Engine::standby`] and never put in the queue: its set-up needs no
+/// event of its own, only its end time, read when a media link uses it.
+#[derive(Debug, Clone, Copy)]
+struct StandbyLink {
+    /// Which ends were told: 1 upstream, 2 downstream.
+    told: u8,
+    /// While one end knows: when its message arrives. Once both do: when the idle
+    /// connection is up, or `NEVER`.
+    at: Micros,
+}
+
+/// Hashes a pair of peer indices (already well spread) with one multiplication.
+#[derive(Debug, Default, Clone, Copy)]
+struct PairHasher(u64);
+
+impl std::hash::Hasher for PairHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0 ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type PairMap<V> = HashMap<u64, V, BuildHasherDefault<PairHasher>>;
+
+fn pair(up: u32, down: u32) -> u64 {
+    (u64::from(up) << 32) | u64::from(down)
+}
 
 fn ms(x: f64) -> Micros {
     (x * 1_000.0).max(0.0) as Micros
@@ -182,8 +227,6 @@ pub(crate) struct SimPeer {
     bridge: u32,
     /// Departed by an in-app leave and still forwarding (make-before-break).
     lingering: bool,
-    /// Its next link goes to a warm standby (set up in advance).
-    warm: bool,
     /// The last `media_up` walk that visited it: old links can close a loop (a peer
     /// moved below one it still plays), which must be walked once.
     walked: u32,
@@ -310,6 +353,11 @@ pub struct Engine {
     up_stack: Vec<(u32, bool)>,
     /// Number of the current `media_up` walk.
     walk: u32,
+    /// Standby links the room asked for (`client.warm_standby`), by (upstream,
+    /// downstream).
+    standby: PairMap<StandbyLink>,
+    /// Size of `standby` after its last sweep of dead peers' links.
+    standby_swept: usize,
     pub(crate) stats: Stats,
     events: u64,
 }
@@ -368,6 +416,8 @@ impl Engine {
             stack: Vec::new(),
             up_stack: Vec::new(),
             walk: 0,
+            standby: PairMap::default(),
+            standby_swept: 0,
             stats,
             events: 0,
         };
@@ -665,11 +715,6 @@ impl Engine {
                     self.stats.reparented(self.now);
                 }
                 let old = p.parent;
-                // Warm standby: a viewer moved because its media failed (down before the
-                // room moved it; a `drop` just before says so too) reconnects over a
-                // connection set up in advance.
-                let failed = if old != NONE { !p.media } else { p.warm };
-                p.warm = self.scenario.client.warm_standby && p.got_media && failed;
                 let bridged = self.start_bridge(idx);
                 let p = &mut self.peers[idx as usize];
                 p.parent = q;
@@ -794,7 +839,6 @@ impl Engine {
     /// `idx` was told `drop` for its parent; `bridged`: it keeps playing that link.
     fn leave_parent(&mut self, idx: u32, bridged: bool) {
         let p = &mut self.peers[idx as usize];
-        p.warm = self.scenario.client.warm_standby && !p.media;
         p.parent = NONE;
         p.path = LinkPath::None;
         p.link_gen += 1;
@@ -897,15 +941,93 @@ impl Engine {
             LinkPath::Relayed => ms(connectivity.turn_extra_ms),
             LinkPath::Direct | LinkPath::None => 0,
         };
-        if c.warm {
-            // The connection exists: one round trip between the two starts the media.
-            let rtt = 2 * (ms(self.latency.between(c.pos, q.pos)) + extra);
-            self.schedule(self.now + rtt, Kind::LinkUp { child, epoch });
-            return;
+        if self.scenario.client.warm_standby {
+            let parent = c.parent;
+            // The client takes a standby link only in the role it was prepared for; one
+            // the other way round is closed.
+            self.standby.remove(&pair(child, parent));
+            if let Some(link) = self.standby.remove(&pair(parent, child))
+                && link.told == 3
+            {
+                if link.at == NEVER {
+                    self.stats.standby_used(self.now, None);
+                } else {
+                    // The connection exists (or soon will): one round trip between the two
+                    // starts the media.
+                    let (c, q) = (&self.peers[child as usize], &self.peers[parent as usize]);
+                    let rtt = 2 * (ms(self.latency.between(c.pos, q.pos)) + extra);
+                    let at = (self.now + rtt).max(link.at);
+                    self.stats.standby_used(self.now, Some(link.at <= self.now));
+                    self.schedule(at, Kind::LinkUp { child, epoch });
+                    return;
+                }
+            }
         }
         let jitter = 0.75 + 0.5 * unit(&mut self.streams.connect);
         let setup = ms(self.scenario.timing.connect_ms * jitter) + extra;
         self.schedule(self.now + rtts + setup, Kind::LinkUp { child, epoch });
+    }
+
+    /// The room tells `idx` to prepare a standby link to `other`. Its set-up starts once
+    /// both ends know, and takes what a media link's does.
+    fn standby_told(&mut self, idx: u32, other: u32, role: StandbyRole) {
+        if other == NONE {
+            return;
+        }
+        let (up, down, bit) = match role {
+            StandbyRole::Child => (idx, other, 1),
+            StandbyRole::Parent => (other, idx, 2),
+        };
+        let arrives = self.now + self.peers[idx as usize].to_server;
+        let link = self
+            .standby
+            .entry(pair(up, down))
+            .or_insert(StandbyLink { told: 0, at: 0 });
+        if link.told & bit != 0 {
+            return;
+        }
+        link.told |= bit;
+        link.at = link.at.max(arrives);
+        if link.told != 3 {
+            return;
+        }
+        let start = link.at;
+        let (u, d) = (&self.peers[up as usize], &self.peers[down as usize]);
+        let rtts = 2 * (u.to_server + d.to_server);
+        let connectivity = &self.scenario.connectivity;
+        let ready = match self.path_to(down, up) {
+            LinkPath::Failing => NEVER,
+            path => {
+                let extra = if path == LinkPath::Relayed {
+                    ms(connectivity.turn_extra_ms)
+                } else {
+                    0
+                };
+                let jitter = 0.75 + 0.5 * unit(&mut self.streams.connect);
+                start + rtts + ms(self.scenario.timing.connect_ms * jitter) + extra
+            }
+        };
+        if let Some(link) = self.standby.get_mut(&pair(up, down)) {
+            link.at = ready;
+        }
+        self.stats.standby_prepared(self.now, ready != NEVER);
+        // Links whose ends died before the room ended them (or before both were told)
+        // are dropped now and then, at a cost proportional to the links added since.
+        if self.standby.len() > 2 * self.standby_swept + 4_096 {
+            let peers = &self.peers;
+            self.standby
+                .retain(|&k, _| peers[(k >> 32) as usize].alive && peers[k as u32 as usize].alive);
+            self.standby_swept = self.standby.len();
+        }
+    }
+
+    /// The room ends the standby link between `idx` and `other`: the first end to hear
+    /// of it closes the connection.
+    fn standby_ended(&mut self, idx: u32, other: u32) {
+        if other != NONE {
+            self.standby.remove(&pair(idx, other));
+            self.standby.remove(&pair(other, idx));
+        }
     }
 
     fn link_up(&mut self, child: u32, epoch: u32) {
@@ -1178,9 +1300,21 @@ impl Engine {
                             waiting == Some(WaitReason::NoRoute),
                         ),
                         ServerMessage::Ended { .. } => Down::Ended,
+                        // Standby links need no event: their set-up is timed from when
+                        // each end's message arrives, and read when a link uses them.
+                        ServerMessage::Standby { peer_id, role } => {
+                            if self.scenario.client.warm_standby {
+                                self.standby_told(idx, self.index_of(peer_id), role);
+                            }
+                            continue;
+                        }
+                        ServerMessage::StandbyEnd { peer_id } => {
+                            if self.scenario.client.warm_standby {
+                                self.standby_ended(idx, self.index_of(peer_id));
+                            }
+                            continue;
+                        }
                         ServerMessage::Signal { .. }
-                        | ServerMessage::Standby { .. }
-                        | ServerMessage::StandbyEnd { .. }
                         | ServerMessage::IceServers { .. }
                         | ServerMessage::Pong
                         | ServerMessage::Error { .. } => continue,
@@ -1257,7 +1391,6 @@ impl SimPeer {
             departure: Departure::TabClose,
             bridge: NONE,
             lingering: false,
-            warm: false,
             walked: 0,
             no_route: false,
         }

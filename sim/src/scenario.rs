@@ -379,7 +379,7 @@ impl Default for Timing {
     }
 }
 
-/// Client mechanisms that are modelled but not (yet) in the real clients.
+/// Client mechanisms that are modelled before (or while) the real clients have them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Client {
@@ -390,10 +390,12 @@ pub struct Client {
     pub make_before_break: bool,
     /// The longest an old link is kept after a move or an in-app leave, ms.
     pub bridge_timeout_ms: f64,
-    /// Warm standby: a viewer moved by the room while its media is down (its parent left,
-    /// crashed or stalled) already holds a set-up connection to the new parent, so the new
-    /// link costs one round trip between the two instead of the signalled offer/answer
-    /// and `timing.connect_ms`. Optimistic: assumes the room picks the standby.
+    /// Warm standby: the clients prepare the standby links the room asks for
+    /// (`standby`, when `room.warm_standby` is on), as they would a media link, and a
+    /// `parent` or `child` naming a peer over one that is up gets media after one round
+    /// trip between the two instead of the signalled offer/answer and
+    /// `timing.connect_ms`. Off: they ignore `standby`, as the web page and the native
+    /// peer do, and every link is made cold.
     pub warm_standby: bool,
 }
 

@@ -62,6 +62,8 @@ pub struct Stats {
     arrivals_by_nat: [u64; 6],
     /// `link_failed` reports sent after the warm-up.
     ice_failures: u64,
+    /// Warm standby links after the warm-up.
+    standby: StandbySummary,
     /// Attached viewer samples by the path of their parent link.
     path_sums: [u64; 3],
     /// Viewers waiting with no route, summed over samples.
@@ -213,6 +215,21 @@ pub struct LoadSummary {
     pub capacity_use: f64,
 }
 
+/// Warm standby links (`client.warm_standby`), counted after the warm-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StandbySummary {
+    /// Standby links both ends were told of (set-up started).
+    pub prepared: u64,
+    /// Of them, between peers that cannot connect (no direct route, no relay): never up.
+    pub prepared_unreachable: u64,
+    /// Media links that used a standby link already set up: media after a round trip.
+    pub used_ready: u64,
+    /// Media links that used a standby link still being set up: media when it is up.
+    pub used_setting_up: u64,
+    /// Media links named over a standby pair that cannot connect: made cold (and fail).
+    pub used_failed: u64,
+}
+
 /// NAT classes, the relay and ICE failures.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ConnectivitySummary {
@@ -287,6 +304,8 @@ pub struct Summary {
     pub receiving_fraction: f64,
     /// NAT classes, relay use and ICE failures.
     pub connectivity: ConnectivitySummary,
+    /// Warm standby links prepared and used.
+    pub standby: StandbySummary,
 }
 
 impl Stats {
@@ -312,6 +331,7 @@ impl Stats {
             join_by_nat: NatClass::ALL.iter().map(|_| histogram()).collect(),
             arrivals_by_nat: [0; 6],
             ice_failures: 0,
+            standby: StandbySummary::default(),
             path_sums: [0; 3],
             no_route_sum: 0,
             interruptions: histogram(),
@@ -369,6 +389,27 @@ impl Stats {
     pub(crate) fn ice_failed(&mut self, now: Micros) {
         if now >= self.from {
             self.ice_failures += 1;
+        }
+    }
+
+    /// A standby link both ends know of: its set-up starts (and never ends, if the pair
+    /// cannot connect).
+    pub(crate) fn standby_prepared(&mut self, now: Micros, reachable: bool) {
+        if now >= self.from {
+            self.standby.prepared += 1;
+            self.standby.prepared_unreachable += u64::from(!reachable);
+        }
+    }
+
+    /// A new media link over a standby link: `Some(true)` already up, `Some(false)` still
+    /// setting up, `None` a pair that cannot connect.
+    pub(crate) fn standby_used(&mut self, now: Micros, ready: Option<bool>) {
+        if now >= self.from {
+            match ready {
+                Some(true) => self.standby.used_ready += 1,
+                Some(false) => self.standby.used_setting_up += 1,
+                None => self.standby.used_failed += 1,
+            }
         }
     }
 
@@ -660,6 +701,7 @@ impl Stats {
             waiting_fraction: per(self.waiting_sum as f64, self.viewers_sum),
             receiving_fraction: per(self.receiving_sum as f64, self.viewers_sum),
             connectivity: self.connectivity_summary(viewer_hours),
+            standby: self.standby.clone(),
         }
     }
 
