@@ -33,8 +33,11 @@
 //!   (`stall_step_per_depth` per level), so the peer right below a dead relay normally
 //!   reports first and the server repairs the fault where it is. The simulator measured
 //!   the step's trade-off (docs/performance.md): 100 ms keeps both join time and
-//!   interruptions low, where 300 ms made deep viewers wait seconds to report. Total silence (no byte at all for `silence_after`) means the parent
-//!   itself is gone and is reported sooner, at any depth. A new parent that delivers
+//!   interruptions low, where 300 ms made deep viewers wait seconds to report. Total
+//!   silence (no byte at all for `silence_after`, plus the same step per level) means the
+//!   parent itself is gone and is reported sooner. It is stepped too: a relay that passes
+//!   frames through unchanged sends nothing at all when its own parent fails, so without
+//!   the step its whole subtree would report at once. A new parent that delivers
 //!   nothing within `connect_timeout` also counts as a stall.
 //!
 //!   Only samples decide a stall, never a timer. When a deadline passes the agent asks
@@ -89,9 +92,11 @@ pub struct AgentConfig {
     /// Extra gap per level below depth 1 before reporting `stalled`, so the peer nearest
     /// to a failure reports first.
     pub stall_step_per_depth: Duration,
-    /// No bytes at all from the parent for this long: the parent itself is gone (a relay
-    /// whose own parent failed still sends something, e.g. its decoder's concealment
-    /// audio), so this is reported at once, whatever the depth.
+    /// No bytes at all from the parent for this long (at depth 1, plus
+    /// `stall_step_per_depth` per level below): the parent itself is likely gone, so this
+    /// is reported sooner than the frame window. A re-encoding relay whose own parent
+    /// failed still sends something (its decoder's concealment audio); one that passes
+    /// frames through sends nothing, hence the step.
     pub silence_after: Duration,
     /// After the signaller says the parent's connection dropped (`parent_disconnected`),
     /// a media sample showing no progress for this long is a stall, whatever the depth: a
@@ -1001,6 +1006,12 @@ impl Agent {
         self.config.stall_after + self.config.stall_step_per_depth * below
     }
 
+    /// The total-silence window at the current depth.
+    fn silence_window(&self) -> Duration {
+        let below = self.depth.unwrap_or(1).saturating_sub(1).min(16);
+        self.config.silence_after + self.config.stall_step_per_depth * below
+    }
+
     /// When samples showing no advance would prove a stall, if sampling stays continuous.
     fn watchdog_deadline(&self) -> Option<Duration> {
         self.parent?;
@@ -1011,7 +1022,7 @@ impl Agent {
                     .map(|t| self.evidence_from(t) + self.stall_window());
                 let silence = self
                     .bytes_at
-                    .map(|t| self.evidence_from(t) + self.config.silence_after);
+                    .map(|t| self.evidence_from(t) + self.silence_window());
                 match (frames, silence) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -1360,16 +1371,17 @@ mod tests {
             },
         );
         drain(&mut a);
-        assert_eq!(a.watchdog_deadline(), Some(ms(1300)));
-        for t in (900..=1100).step_by(200) {
+        // Depth 4: 600 ms + 3 steps of 100 ms, sooner than the frame window (1300 ms).
+        assert_eq!(a.watchdog_deadline(), Some(ms(1600)));
+        for t in (900..=1500).step_by(200) {
             assert!(sample(&mut a, t, 10, 2000).is_empty());
         }
-        a.handle_timeout(ms(1300));
+        a.handle_timeout(ms(1600));
         assert!(
             sent(&drain(&mut a)).is_empty(),
             "a timer alone decides nothing"
         );
-        assert_eq!(sample(&mut a, 1300, 10, 2000)[0]["state"], "stalled");
+        assert_eq!(sample(&mut a, 1600, 10, 2000)[0]["state"], "stalled");
     }
 
     #[test]

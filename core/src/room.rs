@@ -54,6 +54,12 @@ const SUSPECT_HOLD: Duration = Duration::from_secs(10);
 /// ([`RoomConfig::rebalance_moves_per_second`]).
 const REBALANCE_EVERY: Duration = Duration::from_secs(1);
 
+/// A parent its child reports stalled, with no other child receiving, that has sent
+/// nothing for this long is presumed dead or frozen: its stand-in takes over at once
+/// (clients report every 1–2 s, so a live one is rarely this quiet, and a wrong guess
+/// costs only make-before-break moves).
+const QUIET_PARENT: Duration = Duration::from_millis(1500);
+
 /// How long tree changes are gathered before stand-ins are chosen again. Each new standby
 /// link is a connection set-up at both ends: while a crowd joins, a relay's children and
 /// the leaves that fit change many times a second, and only where things stand afterwards
@@ -1425,6 +1431,15 @@ impl Room {
             }
             return;
         }
+        // Nothing shows the parent delivers and it has gone quiet too (a live page reports
+        // every second or two): it is likely dead or frozen with its socket still open. Its
+        // prepared stand-in takes its place over links set up in advance, and it moves down
+        // as a leaf. If it was alive after all, every one of these moves is
+        // make-before-break, so nobody sees a gap.
+        let quiet = now.saturating_sub(self.peers[&parent].last_seen) >= QUIET_PARENT;
+        if quiet && self.promote_stand_in(parent) {
+            return;
+        }
         // One child's word does not lower a capacity, but until the parent shows it is
         // alive the slot this move frees is not handed to a newcomer (held before the move,
         // which places waiting peers).
@@ -1446,6 +1461,33 @@ impl Room {
             let children = self.tree.child_count(parent).unwrap_or(0);
             self.lower_capacity(parent, children);
         }
+    }
+
+    /// A relay its children say stopped delivering: its warm-standby stand-in takes its
+    /// place (the repair a departure would get, on the links prepared for it) and the
+    /// relay is placed again without children, its free slots held until it is heard from
+    /// ([`SUSPECT_HOLD`]). False, and nothing changes, without a stand-in that fits.
+    fn promote_stand_in(&mut self, relay: PeerId) -> bool {
+        let Some(stand_in) = self.standbys.get(&relay).map(|s| s.stand_in) else {
+            return false;
+        };
+        if !self.tree.demote(relay, stand_in).unwrap_or(false) {
+            return false;
+        }
+        self.touch_standby(relay);
+        let _ = self.tree.set_held(relay, true);
+        self.peers
+            .get_mut(&relay)
+            .expect("a known peer")
+            .suspect_since = Some(self.now);
+        self.arm(self.now + SUSPECT_HOLD, Timer::Suspect(relay));
+        let subtrees = self.tree.child_count(stand_in).unwrap_or(0);
+        self.event(RoomEvent::Repaired {
+            subtrees,
+            cause: RepairCause::ParentStalled,
+        });
+        self.flush_tree_events(None);
+        true
     }
 
     /// Moves a stalled peer (with its subtree) away from its parent, if a slot is free
@@ -1962,10 +2004,12 @@ impl Room {
                 .parent(relay)
                 .expect("relays with a stand-in are attached");
             links.push((parent, s));
+            // Children the stand-in cannot reach directly are placed elsewhere by the
+            // repair: a link to them would never carry media.
             links.extend(
                 self.tree
                     .children(relay)
-                    .filter(|&c| c != s)
+                    .filter(|&c| c != s && self.tree.is_direct(c, s))
                     .map(|c| (s, c)),
             );
             // A pair holds one connection: not one that already carries media, nor one

@@ -624,6 +624,23 @@ impl RelayTree {
             .map(|x| self.graph[x].peer)
     }
 
+    /// Relay `peer` stopped delivering but is still in the room: `stand_in` takes its
+    /// place and adopts its children as if it had left ([`Self::remove_preferring`]), and
+    /// `peer`, now without children, is placed again like a newcomer (or waits). False,
+    /// and nothing changes, if `stand_in` may not stand in for it.
+    pub fn demote(&mut self, peer: PeerId, stand_in: PeerId) -> Result<bool, TreeError> {
+        let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
+        let s = self
+            .node(stand_in)
+            .ok_or(TreeError::UnknownPeer(stand_in))?;
+        if !self.fits_stand_in(s, n) || !self.replace_with_stand_in(n, Some(s)) {
+            return Ok(false);
+        }
+        self.place_subtree(n);
+        self.fill_waiting();
+        Ok(true)
+    }
+
     /// Whether `candidate` may still take the place of relay `peer` if it left now (see
     /// [`Self::stand_in_for`]).
     pub fn can_stand_in(&self, candidate: PeerId, peer: PeerId) -> bool {

@@ -1660,6 +1660,11 @@ proptest! {
             match n {
                 Nudge::Stall { after_ms } => {
                     h.advance(Duration::from_millis(after_ms));
+                    // Everyone else is alive and talking (pages report every second or
+                    // two): the staller is alone in its trouble.
+                    for &c in viewers.iter().filter(|&&c| c != staller) {
+                        h.send(c, ClientMessage::Ping {});
+                    }
                     h.stalled(staller);
                 }
                 Nudge::Receiving { pick } => {
@@ -1783,10 +1788,14 @@ fn an_old_parent_that_leaves_during_a_handover_is_dropped_at_once() {
 
 /// A relay a child moved away from (nobody vouching for it) keeps its capacity but gets no
 /// newcomer until it is heard from: a crashed relay whose socket has not closed yet must
-/// not catch new viewers.
+/// not catch new viewers. (Without warm standby: with it, the relay's stand-in would take
+/// its place, see the next test.)
 #[test]
 fn a_suspect_parent_gets_no_newcomer_until_heard_from() {
-    let mut h = Harness::new(config());
+    let mut h = Harness::new(RoomConfig {
+        warm_standby: false,
+        ..config()
+    });
     h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
     let viewers: Vec<ConnId> = (0..5).map(|_| h.viewer()).collect();
     h.settle();
@@ -2146,4 +2155,84 @@ fn warm_standby_off_tells_nobody() {
             .values()
             .all(|v| v.standby.is_empty() && v.warm_links == 0)
     );
+}
+
+/// A relay that went quiet and whose child says its media stopped (nobody vouching for
+/// it): its prepared stand-in takes its place over the links it holds, and the relay is
+/// placed again as a leaf whose slots are held until it is heard from. The moves away
+/// from it are make-before-break, in case it was alive after all.
+#[test]
+fn a_quiet_relay_reported_stalled_is_replaced_by_its_stand_in() {
+    let mut h = Harness::new(RoomConfig {
+        heartbeat_timeout: None,
+        handover_timeout: Duration::from_secs(5),
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
+    h.advance(Duration::from_secs(1));
+    let relay = conns[0];
+    let r = h.peer(relay);
+    let kids: Vec<PeerId> = h.room.tree().children(r).collect();
+    let parent = h.room.tree().parent(r).unwrap();
+    for &k in &kids {
+        h.media(h.conn_of(k), MediaState::Receiving);
+    }
+    h.settle();
+    // The relay says nothing more; one child's media stops.
+    h.advance(Duration::from_secs(2));
+    let warm_before: Vec<u32> = kids
+        .iter()
+        .map(|&k| h.views[&h.conn_of(k)].warm_links)
+        .collect();
+    h.stalled(h.conn_of(kids[0]));
+    let stand_in = h.room.tree().parent(kids[0]).unwrap();
+    assert_ne!(stand_in, r, "the child moved");
+    assert_eq!(
+        h.room.tree().parent(stand_in),
+        Some(parent),
+        "in the relay's place"
+    );
+    for (i, &k) in kids.iter().enumerate() {
+        assert_eq!(
+            h.room.tree().parent(k),
+            Some(stand_in),
+            "siblings moved too"
+        );
+        assert_eq!(
+            h.views[&h.conn_of(k)].warm_links,
+            warm_before[i] + 1,
+            "{k} took a prepared link"
+        );
+        // Make-before-break: the relay may still be feeding them.
+        assert_eq!(h.views[&h.conn_of(k)].previous, Some(r));
+    }
+    assert_eq!(h.room.tree().child_count(r), Some(0), "a leaf now");
+    assert!(h.room.tree().depth(r).is_some(), "still in the tree");
+    assert_eq!(h.room.tree().capacity(r), Some(2), "capacity untouched");
+    // Its slots are held: a newcomer goes elsewhere until it is heard from.
+    let newcomer = h.viewer();
+    assert_ne!(h.room.tree().parent(h.peer(newcomer)), Some(r));
+    h.check();
+}
+
+/// A relay that keeps talking is not replaced on one child's word: the child moves alone.
+#[test]
+fn a_talking_relay_is_not_replaced_on_one_childs_stall() {
+    let mut h = Harness::new(RoomConfig {
+        heartbeat_timeout: None,
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
+    h.advance(Duration::from_secs(1));
+    h.settle();
+    let relay = conns[0];
+    let r = h.peer(relay);
+    let kids: Vec<PeerId> = h.room.tree().children(r).collect();
+    h.send(relay, ClientMessage::Ping {});
+    h.stalled(h.conn_of(kids[0]));
+    assert_eq!(h.room.tree().parent(kids[1]), Some(r), "the sibling stays");
+    assert_eq!(h.room.tree().child_count(r), Some(1));
+    h.check();
 }
