@@ -1150,7 +1150,13 @@ impl Engine {
         stack.clear();
         stack.push(top);
         while let Some(i) = stack.pop() {
-            let window = self.stall_window(i);
+            // The top's own link went dark: no byte at all arrives, which the page reports
+            // sooner (below it, a relay that re-encodes still sends concealment audio).
+            let window = if i == top {
+                self.silence_window(i).min(self.stall_window(i))
+            } else {
+                self.stall_window(i)
+            };
             let p = &mut self.peers[i as usize];
             if !p.media || !(p.alive || p.lingering) {
                 continue;
@@ -1190,6 +1196,20 @@ impl Engine {
             .unwrap_or(1)
             .saturating_sub(1);
         ms(t.stall_window_ms + t.stall_step_ms * f64::from(below))
+    }
+
+    /// The page's total-silence watchdog, stepped by depth like the frame window
+    /// (`Micros::MAX` when the scenario turns it off).
+    fn silence_window(&self, idx: u32) -> Micros {
+        let t = &self.scenario.timing;
+        if t.silence_ms <= 0.0 {
+            return Micros::MAX;
+        }
+        let below = self.peers[idx as usize]
+            .depth()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        ms(t.silence_ms + t.stall_step_ms * f64::from(below))
     }
 
     fn send_up(&mut self, idx: u32, up: Up) {

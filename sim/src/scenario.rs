@@ -354,6 +354,11 @@ pub struct Timing {
     /// Extra wait per level below depth 1 before reporting, so the peer nearest a failure
     /// reports first (as the browser client does), ms.
     pub stall_step_ms: f64,
+    /// No byte at all from its parent for this long (plus `stall_step_ms` per level below
+    /// depth 1) makes a peer report a stall before its frame window runs out: the page's
+    /// `silence_after`. Applies to the peers whose own link went dark (a crashed or departed
+    /// parent), ms; 0 turns it off (the native peer has no such rule).
+    pub silence_ms: f64,
     /// How long the signaller takes to notice a crashed peer's socket, ms.
     pub crash_detect_ms: f64,
     /// Once the signaller says a peer's parent disconnected, media missing for this long
@@ -372,6 +377,7 @@ impl Default for Timing {
             hop_ms: 16.0,
             stall_window_ms: 1_000.0,
             stall_step_ms: 100.0,
+            silence_ms: 600.0,
             crash_detect_ms: 5_000.0,
             parent_lost_ms: 400.0,
             connect_fail_ms: 8_000.0,
