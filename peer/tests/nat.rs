@@ -590,8 +590,7 @@ fn spawn_peer(
     let mut args = vec![
         "--url".to_owned(),
         format!("ws://{signaller}/ws"),
-        "--room".to_owned(),
-        room.to_owned(),
+        format!("--room={room}"),
         "--threads".to_owned(),
         "2".to_owned(),
         "--bind-ip".to_owned(),

@@ -175,16 +175,22 @@ impl Rooms {
 /// Characters of a room id: URL-safe, 64 of them, so each is 6 random bits.
 const ID_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-/// Length of a generated room id: 60 random bits.
+/// Length of a generated room id: about 60 random bits.
 const ID_LEN: usize = 10;
 
 /// A fresh random room id from the OS's randomness.
 pub(crate) fn random_room_id() -> Result<RoomId, getrandom::Error> {
     let mut bytes = [0u8; ID_LEN];
     getrandom::fill(&mut bytes)?;
+    // The first character is a letter or digit (62 of the 64): an id that starts with `-`
+    // reads as an option on a command line (`treecast-peer view --room -Hx…`).
     let id: String = bytes
         .iter()
-        .map(|b| char::from(ID_ALPHABET[usize::from(b & 63)]))
+        .enumerate()
+        .map(|(i, b)| {
+            let n = if i == 0 { 62 } else { 64 };
+            char::from(ID_ALPHABET[usize::from(*b) % n])
+        })
         .collect();
     // The alphabet and length are valid by construction; this cannot fail.
     Ok(RoomId::new(id).unwrap_or_else(|_| unreachable!("generated ids are valid")))
@@ -214,5 +220,10 @@ mod tests {
         assert_eq!(token.len(), 32);
         assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(random_token().unwrap(), token);
+        for _ in 0..2_000 {
+            let id = random_room_id().unwrap();
+            let first = id.as_str().as_bytes()[0];
+            assert!(first.is_ascii_alphanumeric(), "{id:?} starts with {first}");
+        }
     }
 }
