@@ -55,9 +55,9 @@ const SUSPECT_HOLD: Duration = Duration::from_secs(10);
 const REBALANCE_EVERY: Duration = Duration::from_secs(1);
 
 /// A parent its child reports stalled, with no other child receiving, that has sent
-/// nothing for this long is presumed dead or frozen: its stand-in takes over at once
-/// (clients report every 1–2 s, so a live one is rarely this quiet, and a wrong guess
-/// costs only make-before-break moves).
+/// nothing for this long is presumed dead or frozen: its stand-in takes over at once. A
+/// live page reports every 2 s, so it is this quiet a quarter of the time; a wrong guess
+/// needs a child's false stall report as well, and costs only make-before-break moves.
 const QUIET_PARENT: Duration = Duration::from_millis(1500);
 
 /// How long tree changes are gathered before stand-ins are chosen again. Each new standby
