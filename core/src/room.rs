@@ -1431,14 +1431,23 @@ impl Room {
             }
             return;
         }
-        // Nothing shows the parent delivers and it has gone quiet too (a live page reports
-        // every second or two): it is likely dead or frozen with its socket still open. Its
-        // prepared stand-in takes its place over links set up in advance, and it moves down
-        // as a leaf. If it was alive after all, every one of these moves is
-        // make-before-break, so nobody sees a gap.
+        // Nothing shows the parent delivers and it has gone quiet too: it is likely dead or
+        // frozen with its socket still open. Once a second child says so (or it has only
+        // this one), its prepared stand-in takes its place over links set up in advance,
+        // and it moves down as a leaf. A busy machine starves pages' timers and makes a
+        // live relay look quiet, so one child's word is not enough: until a sibling
+        // speaks (its stall, or its `receiving`, which clears the parent) or the stall has
+        // lasted the settle window, this report only waits. If the relay was alive after
+        // all, every one of these moves is make-before-break, so nobody sees a gap.
         let quiet = now.saturating_sub(self.peers[&parent].last_seen) >= QUIET_PARENT;
-        if quiet && self.promote_stand_in(parent) {
-            return;
+        if quiet && self.standbys.contains_key(&parent) {
+            let corroborated = stalled_children >= 2 || self.tree.child_count(parent) == Some(1);
+            if corroborated && self.promote_stand_in(parent) {
+                return;
+            }
+            if !corroborated && now.saturating_sub(stalled_since) < self.config.settle_window {
+                return;
+            }
         }
         // One child's word does not lower a capacity, but until the parent shows it is
         // alive the slot this move frees is not handed to a newcomer (held before the move,
