@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use treecast_core::room::RoomConfig;
 
+use crate::access::AccessConfig;
 use crate::tls::TlsConfig;
 use crate::turn_server::{self, TurnServerConfig};
 
@@ -34,6 +35,9 @@ use crate::turn_server::{self, TurnServerConfig};
 ///
 /// [tls]
 /// self_signed = true
+///
+/// [access]
+/// create = "token"    # "open": anyone may create rooms
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -66,6 +70,8 @@ pub struct Config {
     /// The embedded TURN server, if wanted (`[turn_server]`); it checks the credentials
     /// of `room.turn` and its URL is added to theirs.
     pub turn_server: Option<TurnServerConfig>,
+    /// Operator credentials and who may create rooms (`[access]`).
+    pub access: AccessConfig,
 }
 
 impl Default for Config {
@@ -80,6 +86,7 @@ impl Default for Config {
             limits: Limits::default(),
             tls: TlsConfig::default(),
             turn_server: None,
+            access: AccessConfig::default(),
         }
     }
 }
