@@ -4,7 +4,9 @@
 // broadcaster token; a viewer needs nothing. The secret never appears in a URL.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { startServer, startBrowser, waitFor, media } from './harness.mjs';
+import { execFileSync } from 'node:child_process';
+import { join } from 'node:path';
+import { startServer, startBrowser, waitFor, media, repo } from './harness.mjs';
 
 const SECRET = 'browser-test-operator-secret-7f3a';
 const LIVE_BOUND_MS = 60000;
@@ -70,5 +72,39 @@ describe('access: the dashboard login and the broadcaster\'s own tree', { timeou
     await waitFor('the login form again', () => d.evaluate(() =>
       !document.getElementById('login').hidden && document.getElementById('rooms-view').hidden &&
       sessionStorage.getItem('treecast.operator') === null), 15000);
+  });
+});
+
+describe('access: going live where room creation needs a grant', { timeout: 180000 }, () => {
+  let server, browser;
+  const env = { TREECAST_ADMIN_SECRET: SECRET };
+  before(async () => {
+    server = await startServer(['--room-creation', 'token'], { env });
+    browser = await startBrowser();
+  });
+  after(async () => {
+    try { if (browser) await browser.close(); } finally { if (server) await server.stop(); }
+  });
+
+  it('the landing page asks for a grant, refuses a bad one and goes live with a minted one', async () => {
+    const bin = process.env.TREECAST_BIN || join(repo, 'target', 'debug', 'treecast-signaller');
+    const mintEnv = { ...process.env, ...env };
+    delete mintEnv.TREECAST_CONFIG;
+    const grant = execFileSync(bin, ['mint-token', '--ttl', '10m', '--sub', 'browser-test'], { env: mintEnv })
+      .toString().trim();
+    assert.equal(grant.split('.').length, 3);
+
+    const broadcaster = await browser.open(`${server.base}/?w=320&h=240&fps=15`, 'broadcaster');
+    const b = broadcaster.page;
+    await waitFor('the grant field', () => b.evaluate(() => !document.getElementById('grant-box').hidden), 15000);
+    await b.check('input[name=source][value=pattern]');
+    await b.fill('#grant', grant.slice(0, -4) + 'AAAA');
+    await b.click('#go-live');
+    await waitFor('the refusal', () => b.evaluate(() =>
+      /not issued/.test(document.getElementById('setup-error').textContent) && !document.getElementById('go-live').disabled), LIVE_BOUND_MS);
+    await b.fill('#grant', grant);
+    await b.click('#go-live');
+    await waitFor('live', () => b.evaluate(() => document.body.dataset.phase === 'joined'), LIVE_BOUND_MS);
+    assert.ok(!(await b.evaluate(() => location.href)).includes(grant), 'the grant is not in the address');
   });
 });
