@@ -358,6 +358,20 @@ mod tests {
     }
 
     #[test]
+    fn access_section_parses() {
+        let c = Config::from_toml(
+            "[access]\ncreate = \"token\"\nsecret_file = \"/var/lib/t/secret\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.access.create, crate::access::CreateMode::Token);
+        assert_eq!(c.access.secret_file, PathBuf::from("/var/lib/t/secret"));
+        assert!(c.access.admin_secret.is_none());
+        assert!(Config::from_toml("[access]\ncreate = \"closed\"\n").is_err());
+        let c = Config::from_toml("[access]\nadmin_secret = \"s\"\n").unwrap();
+        assert_eq!(format!("{:?}", c.access.admin_secret), "Some(<redacted>)");
+    }
+
+    #[test]
     fn mistakes_are_explained() {
         let e = Config::from_toml("[limits]\nmax_romes = 3\n").unwrap_err();
         assert!(e.to_string().contains("max_romes"), "{e}");
