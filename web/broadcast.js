@@ -1,6 +1,6 @@
 // The broadcaster's page: capture, preview, create a room, go live, share, follow the tree.
 import { loadClient, measureUplink, Peer, describe } from '/assets/client.js';
-import { drawTree, describeTree, followRoom } from '/assets/tree.js';
+import { drawTree, describeTree, followRoom, authHeaders } from '/assets/tree.js';
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -16,6 +16,37 @@ let stopFollowing = null;
 function showError(text) {
   $('setup-error').textContent = text;
   $('setup-error').hidden = !text;
+}
+
+/** The room-creation grant typed into the page, on servers that ask for one. It is sent
+ *  in the Authorization header only, and kept in this tab's sessionStorage. */
+const GRANT = 'treecast.grant';
+function grant() {
+  const typed = $('grant').value.trim();
+  if (typed) { try { sessionStorage.setItem(GRANT, typed); } catch { /* private mode */ } return typed; }
+  try { return sessionStorage.getItem(GRANT) || ''; } catch { return ''; }
+}
+
+/** Shows the grant field; `why` says what was wrong with the last one. */
+function askForGrant(why) {
+  try { sessionStorage.removeItem(GRANT); } catch { /* private mode */ }
+  $('grant-box').hidden = false;
+  showError(why || 'This server lets only invited broadcasters go live: paste the grant you were given, then press Go live.');
+  $('go-live').disabled = false;
+  $('preview').disabled = false;
+  $('grant').focus();
+}
+
+function createRoom() {
+  return fetch('/api/rooms', { method: 'POST', headers: authHeaders(grant()) });
+}
+
+/** Shows the grant field at once on servers that restrict room creation. */
+async function learnAccess() {
+  try {
+    const info = await (await fetch('/api/access')).json();
+    if (info.create === 'token') $('grant-box').hidden = false;
+  } catch { /* the 401 on Go live will tell */ }
 }
 
 /** A canvas with a running clock: the time is also drawn as 48 black/white blocks, which
@@ -117,7 +148,12 @@ async function goLive() {
   try {
     if (!stream && !(await preview())) return;
     const wasm = await loadClient(); // before opening a room nobody could broadcast to
-    const [uplinkKbps, res] = await Promise.all([measureUplink(), fetch('/api/rooms', { method: 'POST' })]);
+    const [uplinkKbps, res] = await Promise.all([measureUplink(), createRoom()]);
+    if (res.status === 401 || res.status === 403) {
+      const body = await res.json().catch(() => ({}));
+      askForGrant(grant() ? (body.message || 'That grant was refused.') : '');
+      return;
+    }
     if (!res.ok) {
       const body = await res.json().catch(() => ({}));
       throw new Error(body.message || `The server could not open a room (HTTP ${res.status}).`);
@@ -148,7 +184,9 @@ function live(wasm, b, resuming) {
   // Resumed: take the room back at once (within the grace period), and send the picture
   // as soon as it is captured again.
   if (!stream) reacquire(b).then(showStatus);
+  // The room's own token opens its snapshot and events, whatever the server asks of others.
   stopFollowing = followRoom(b.room, {
+    auth: b.token,
     onSnapshot: (snap) => {
       $('viewers').textContent = String(snap.viewers);
       $('tree-summary').textContent = describeTree(snap);
@@ -229,7 +267,7 @@ async function resumeSaved() {
   $('mic').checked = !!b.mic;
   let open = false;
   try {
-    const res = await fetch('/api/rooms/' + encodeURIComponent(b.room));
+    const res = await fetch('/api/rooms/' + encodeURIComponent(b.room), { headers: authHeaders(b.token) });
     open = res.ok && !(await res.json()).ended;
   } catch { open = true; /* the WebSocket will tell */ }
   if (!open) {
@@ -255,4 +293,5 @@ $('copy').addEventListener('click', async () => {
   }
 });
 
+learnAccess();
 resumeSaved();

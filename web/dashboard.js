@@ -1,11 +1,44 @@
 // Operator dashboard: every room, and for the chosen room its live tree, counts and
 // recent repairs (from the room's server-sent events).
-import { drawTree, describeTree, followRoom } from '/assets/tree.js';
+//
+// When the server asks for the operator secret, the page asks for it in a form, keeps it in
+// sessionStorage (this tab only, gone when it closes) and sends it in the Authorization
+// header; it never goes in a URL. Nothing about any room is shown before it is accepted.
+import { drawTree, describeTree, followRoom, authHeaders } from '/assets/tree.js';
 
 const $ = (id) => document.getElementById(id);
 let selected = new URLSearchParams(location.search).get('room');
 let stop = null;
+let timer = null;
 const MAX_LOG = 50;
+const SECRET = 'treecast.operator';
+
+function secret() { try { return sessionStorage.getItem(SECRET) || ''; } catch { return ''; } }
+function keep(s) { try { if (s) sessionStorage.setItem(SECRET, s); else sessionStorage.removeItem(SECRET); } catch { /* private mode */ } }
+
+/** Hides every room and asks for the secret; `why` explains a refusal. */
+function askForSecret(why) {
+  if (stop) stop();
+  stop = null;
+  clearInterval(timer);
+  timer = null;
+  keep('');
+  $('rooms-view').hidden = true;
+  $('rooms').replaceChildren();
+  $('tree').replaceChildren();
+  $('login').hidden = false;
+  $('login-error').hidden = !why;
+  $('login-error').textContent = why || '';
+  $('secret').focus();
+}
+
+function showRooms(needsSecret) {
+  $('login').hidden = true;
+  $('rooms-view').hidden = false;
+  $('sign-out').hidden = !needsSecret;
+  if (selected) select(selected); else refresh();
+  timer ??= setInterval(refresh, 3000);
+}
 
 function log(list, text) {
   const li = document.createElement('li');
@@ -39,6 +72,8 @@ function select(room) {
   $('repairs').replaceChildren(Object.assign(document.createElement('li'), { className: 'muted', textContent: 'None yet.' }));
   $('events').replaceChildren(Object.assign(document.createElement('li'), { className: 'muted', textContent: 'None since this page opened.' }));
   stop = followRoom(room, {
+    auth: secret(),
+    onRefused: (res) => { if (res.status === 401) askForSecret('The server no longer accepts that secret.'); },
     onSnapshot: (s) => {
       $('summary').textContent = describeTree(s);
       $('histogram').textContent = 'Peers per depth: ' + (s.depth_histogram || []).map((n, d) => `${d}: ${n}`).join(', ');
@@ -54,7 +89,12 @@ function select(room) {
 
 async function refresh() {
   let rooms;
-  try { rooms = await (await fetch('/api/rooms')).json(); } catch { return; }
+  try {
+    const res = await fetch('/api/rooms', { headers: authHeaders(secret()) });
+    if (res.status === 401) return askForSecret(secret() ? 'That secret is not valid.' : '');
+    if (!res.ok) return;
+    rooms = await res.json();
+  } catch { return; }
   const body = $('rooms');
   if (!rooms.length) {
     body.replaceChildren(Object.assign(document.createElement('tr'), { innerHTML: '<td colspan="4">No rooms yet. <a href="/">Go live</a> to open one.</td>' }));
@@ -79,5 +119,29 @@ async function refresh() {
   if (!selected) { const live = rooms.find((r) => r.live) || rooms[0]; select(live.id); }
 }
 
-if (selected) select(selected); else refresh();
-setInterval(refresh, 3000);
+$('login').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const candidate = $('secret').value.trim();
+  $('sign-in').disabled = true;
+  try {
+    const res = await fetch('/api/rooms', { headers: authHeaders(candidate) });
+    if (res.status === 401) { $('login-error').hidden = false; $('login-error').textContent = 'That secret is not valid.'; return; }
+    keep(candidate);
+    $('secret').value = '';
+    showRooms(true);
+  } catch {
+    $('login-error').hidden = false;
+    $('login-error').textContent = 'The server could not be reached; try again.';
+  } finally {
+    $('sign-in').disabled = false;
+  }
+});
+$('sign-out').addEventListener('click', () => askForSecret(''));
+
+async function start() {
+  let needsSecret = true;
+  try { needsSecret = !!(await (await fetch('/api/access')).json()).operator_required; } catch { /* ask, to be safe */ }
+  if (needsSecret && !secret()) return askForSecret('');
+  showRooms(needsSecret);
+}
+start();

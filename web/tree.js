@@ -1,5 +1,9 @@
 // Draws a room's relay tree as an accessible SVG, layer by layer (depth), and keeps it
 // live from the room's server-sent events (/api/rooms/{room}/events).
+//
+// The snapshot and the event stream may need credentials (the operator secret, or the
+// room's broadcaster token) in an Authorization header. EventSource cannot send headers,
+// and a secret must never go in a URL, so the stream is read with fetch() instead.
 
 const NS = 'http://www.w3.org/2000/svg';
 
@@ -69,32 +73,81 @@ export function describeTree(s) {
 
 const EVENT_KINDS = ['joined', 'disconnected', 'left', 'repaired', 'capacity', 'tree', 'refused', 'ended', 'lagged'];
 
+/** Request headers carrying `auth` (a secret or token), if any. */
+export function authHeaders(auth) {
+  return auth ? { Authorization: 'Bearer ' + auth } : {};
+}
+
+/**
+ * Reads server-sent events from `url` with fetch (so `headers` can carry credentials) and
+ * calls onEvent(name, data) for each. Reconnects after a dropped stream; calls onRefused
+ * with the response on a 4xx answer and stops. Returns a function that stops reading.
+ */
+export function streamEvents(url, headers, { onEvent, onRefused }) {
+  const abort = new AbortController();
+  let stopped = false;
+  (async () => {
+    while (!stopped) {
+      try {
+        const res = await fetch(url, { headers: { ...headers, Accept: 'text/event-stream' }, signal: abort.signal, cache: 'no-store' });
+        if (res.status >= 400 && res.status < 500) { if (onRefused) onRefused(res); return; }
+        if (!res.ok || !res.body) throw new Error(`HTTP ${res.status}`);
+        const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buffer = '';
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += value.replace(/\r\n?/g, '\n');
+          let end;
+          while ((end = buffer.indexOf('\n\n')) >= 0) {
+            const block = buffer.slice(0, end);
+            buffer = buffer.slice(end + 2);
+            let name = 'message';
+            const data = [];
+            for (const line of block.split('\n')) {
+              if (line.startsWith('event:')) name = line.slice(6).trim();
+              else if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
+            }
+            if (data.length) onEvent(name, data.join('\n'));
+          }
+        }
+      } catch { /* dropped or aborted: retry below unless stopped */ }
+      if (!stopped) await new Promise((r) => setTimeout(r, 1000));
+    }
+  })();
+  return () => { stopped = true; abort.abort(); };
+}
+
 /**
  * Follows a room: calls onSnapshot with fresh snapshots (on connect and, debounced, after
- * every change) and onEvent with each event. Returns a function that stops following.
+ * every change) and onEvent with each event. `auth` is the operator secret or the room's
+ * broadcaster token, when the server asks for one; onRefused is called if it is refused.
+ * Returns a function that stops following.
  */
-export function followRoom(room, { onSnapshot, onEvent }) {
+export function followRoom(room, { onSnapshot, onEvent, onRefused, auth }) {
   const base = '/api/rooms/' + encodeURIComponent(room);
+  const headers = authHeaders(auth);
   let pending = null, stopped = false;
   const refresh = () => {
     if (pending || stopped) return;
     pending = setTimeout(async () => {
       pending = null;
       try {
-        const res = await fetch(base);
+        const res = await fetch(base, { headers });
         if (res.ok && !stopped) onSnapshot(await res.json());
       } catch { /* next event retries */ }
     }, 250);
   };
-  const es = new EventSource(base + '/events');
-  es.addEventListener('snapshot', (e) => { try { onSnapshot(JSON.parse(e.data)); } catch { /* ignore */ } });
-  for (const kind of EVENT_KINDS) {
-    es.addEventListener(kind, (e) => {
+  const stopStream = streamEvents(base + '/events', headers, {
+    onRefused,
+    onEvent: (kind, text) => {
+      if (kind === 'snapshot') { try { onSnapshot(JSON.parse(text)); } catch { /* ignore */ } return; }
+      if (!EVENT_KINDS.includes(kind)) return;
       let data = null;
-      try { data = JSON.parse(e.data); } catch { /* lagged carries a number */ }
+      try { data = JSON.parse(text); } catch { /* lagged carries a number */ }
       if (onEvent) onEvent(kind, data);
       refresh();
-    });
-  }
-  return () => { stopped = true; es.close(); clearTimeout(pending); };
+    },
+  });
+  return () => { stopped = true; stopStream(); clearTimeout(pending); };
 }

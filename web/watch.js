@@ -71,7 +71,8 @@ async function start() {
   try {
     const res = await fetch('/api/rooms/' + encodeURIComponent(raw));
     if (res.status === 404) return show({ phase: 'failed', error: { code: 'unknown_room' } });
-    snap = await res.json();
+    // Servers with an operator secret answer 401 here: the WebSocket tells what is needed.
+    snap = res.ok ? await res.json() : null;
   } catch {
     snap = null; // the WebSocket will tell
   }

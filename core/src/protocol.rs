@@ -507,11 +507,16 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A fault on the server side; details are in the server's logs.
     Internal,
+    /// HTTP only: credentials (operator secret, broadcaster token or grant) are missing,
+    /// invalid, expired, or not good for what was asked.
+    Unauthorized,
+    /// HTTP only: valid credentials that do not allow what was asked.
+    Forbidden,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 26] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -536,6 +541,8 @@ impl ErrorCode {
         Self::SlowConsumer,
         Self::ShuttingDown,
         Self::Internal,
+        Self::Unauthorized,
+        Self::Forbidden,
     ];
 
     /// The code as it appears on the wire.
@@ -565,6 +572,8 @@ impl ErrorCode {
             Self::SlowConsumer => "slow_consumer",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
         }
     }
 
@@ -601,6 +610,10 @@ impl ErrorCode {
             Self::SlowConsumer => "You did not read messages fast enough.",
             Self::ShuttingDown => "The server is shutting down.",
             Self::Internal => "Something went wrong on the server.",
+            Self::Unauthorized => {
+                "This needs credentials: send \"Authorization: Bearer <secret or token>\"."
+            }
+            Self::Forbidden => "Your credentials do not allow this.",
         }
     }
 }

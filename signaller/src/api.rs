@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt as _};
@@ -22,6 +22,7 @@ use treecast_core::RoomId;
 use treecast_core::protocol::ErrorCode;
 use treecast_core::room::RoomSnapshot;
 
+use crate::access::{self, CreateMode, GrantRefusal};
 use crate::room_task::{DashboardEvent, RoomCommand, RoomTask};
 use crate::rooms::{self, AddError, RoomHandle};
 use crate::server::ServerState;
@@ -67,7 +68,8 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::TooManyRooms | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::TooManyConnections | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::WrongToken => StatusCode::FORBIDDEN,
+        ErrorCode::WrongToken | ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     }
@@ -85,8 +87,105 @@ impl IntoResponse for ApiError {
             code: self.code.as_str(),
             message: &self.message,
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
+}
+
+/// Refuses unless the request carries the operator secret (or the server has none).
+fn require_operator(state: &ServerState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let bearer = access::bearer(headers);
+    if state.access.is_operator(bearer) {
+        return Ok(());
+    }
+    Err(match bearer {
+        None => ApiError::with(
+            ErrorCode::Unauthorized,
+            "This needs the operator's secret: send \"Authorization: Bearer <secret>\".",
+        ),
+        Some(_) => ApiError::with(ErrorCode::Unauthorized, "The operator secret is not valid."),
+    })
+}
+
+/// The room, if the request may see it: with the operator secret, or with this room's
+/// broadcaster token. Anyone else gets the same `unauthorized` whether the room exists or
+/// not, so the answer tells them nothing about which rooms there are.
+fn room_for(state: &ServerState, headers: &HeaderMap, room: &str) -> Result<RoomHandle, ApiError> {
+    let bearer = access::bearer(headers);
+    if state.access.is_operator(bearer) {
+        return find_room(state, room);
+    }
+    let refused = || {
+        ApiError::with(
+            ErrorCode::Unauthorized,
+            "This needs the operator's secret or this room's broadcaster token in \
+             \"Authorization: Bearer\".",
+        )
+    };
+    let token = bearer.ok_or_else(refused)?;
+    let handle = RoomId::new(room)
+        .ok()
+        .and_then(|id| state.rooms.get(&id))
+        .ok_or_else(refused)?;
+    if access::same_secret(&handle.token, token) {
+        Ok(handle)
+    } else {
+        Err(refused())
+    }
+}
+
+/// With `[access] create = "token"`: refuses unless the request carries a valid grant or
+/// the operator secret.
+fn require_creation_right(state: &ServerState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if state.access.create == CreateMode::Open {
+        return Ok(());
+    }
+    let bearer = access::bearer(headers);
+    if state.access.operator_required() && state.access.is_operator(bearer) {
+        return Ok(());
+    }
+    let Some(grant) = bearer else {
+        return Err(ApiError::with(
+            ErrorCode::Unauthorized,
+            "Creating rooms on this server needs a grant from its operator: send \
+             \"Authorization: Bearer <grant>\".",
+        ));
+    };
+    match state.access.check_grant(grant) {
+        Ok(claims) => {
+            tracing::info!(grant = %claims.sub, "room creation allowed by a grant");
+            Ok(())
+        }
+        Err(GrantRefusal::WrongScope) => Err(ApiError::with(
+            ErrorCode::Forbidden,
+            GrantRefusal::WrongScope.to_string(),
+        )),
+        Err(refusal) => Err(ApiError::with(ErrorCode::Unauthorized, refusal.to_string())),
+    }
+}
+
+/// The answer to `GET /api/access`.
+#[derive(Debug, Serialize)]
+pub(crate) struct AccessInfo {
+    /// Who may create rooms: `open` or `token`.
+    create: CreateMode,
+    /// Whether the listing, dashboards and snapshots need the operator secret.
+    operator_required: bool,
+}
+
+/// `GET /api/access`: what this server asks of whom, so pages know to ask for a secret or
+/// a grant before trying.
+pub(crate) async fn access(State(state): State<Arc<ServerState>>) -> Json<AccessInfo> {
+    Json(AccessInfo {
+        create: state.access.create,
+        operator_required: state.access.operator_required(),
+    })
 }
 
 /// The answer to `POST /api/rooms`.
@@ -104,10 +203,12 @@ struct CreatedRoom {
 pub(crate) async fn create_room(
     State(state): State<Arc<ServerState>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if state.is_shutting_down() {
         return Err(ApiError::new(ErrorCode::ShuttingDown));
     }
+    require_creation_right(&state, &headers)?;
     let limits = &state.config.limits;
     if !state.rooms.admit_creation(
         client.ip(),
@@ -150,8 +251,12 @@ pub(crate) async fn create_room(
 }
 
 /// `GET /api/rooms`: every room, with its audience.
-pub(crate) async fn list_rooms(State(state): State<Arc<ServerState>>) -> Response {
-    Json(state.rooms.summaries()).into_response()
+pub(crate) async fn list_rooms(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require_operator(&state, &headers)?;
+    Ok(Json(state.rooms.summaries()).into_response())
 }
 
 fn find_room(state: &ServerState, room: &str) -> Result<RoomHandle, ApiError> {
@@ -189,8 +294,9 @@ async fn ask<T>(
 pub(crate) async fn room_snapshot(
     State(state): State<Arc<ServerState>>,
     Path(room): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<RoomSnapshot>, ApiError> {
-    let handle = find_room(&state, &room)?;
+    let handle = room_for(&state, &headers, &room)?;
     Ok(Json(ask(&handle, RoomCommand::Snapshot).await?))
 }
 
@@ -201,8 +307,9 @@ pub(crate) async fn room_snapshot(
 pub(crate) async fn room_events(
     State(state): State<Arc<ServerState>>,
     Path(room): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let handle = find_room(&state, &room)?;
+    let handle = room_for(&state, &headers, &room)?;
     let (snapshot, events) = ask(&handle, RoomCommand::Subscribe).await?;
     let first = Event::default()
         .event("snapshot")

@@ -98,7 +98,20 @@ pub async fn request(
     body: Option<&str>,
     limit: Duration,
 ) -> Result<Response, ClientError> {
-    tokio::time::timeout(limit, exchange(authority, method, path, body))
+    request_with_auth(authority, method, path, body, None, limit).await
+}
+
+/// [`request`] with `Authorization: Bearer <bearer>` (an operator secret, a broadcaster
+/// token or a room-creation grant).
+pub async fn request_with_auth(
+    authority: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    bearer: Option<&str>,
+    limit: Duration,
+) -> Result<Response, ClientError> {
+    tokio::time::timeout(limit, exchange(authority, method, path, body, bearer))
         .await
         .map_err(|_| ClientError::Timeout {
             method: method.to_owned(),
@@ -112,6 +125,7 @@ async fn exchange(
     method: &str,
     path: &str,
     body: Option<&str>,
+    bearer: Option<&str>,
 ) -> Result<Response, ClientError> {
     let http_err = |source| ClientError::Http {
         authority: authority.to_owned(),
@@ -134,6 +148,9 @@ async fn exchange(
         .header(hyper::header::HOST, authority);
     if body.is_some() {
         builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    if let Some(bearer) = bearer {
+        builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {bearer}"));
     }
     let request = builder.body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))?;
     let response = sender.send_request(request).await.map_err(http_err)?;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use treecast_core::room::RoomConfig;
 
+use crate::access::AccessConfig;
 use crate::tls::TlsConfig;
 use crate::turn_server::{self, TurnServerConfig};
 
@@ -34,6 +35,9 @@ use crate::turn_server::{self, TurnServerConfig};
 ///
 /// [tls]
 /// self_signed = true
+///
+/// [access]
+/// create = "token"    # "open": anyone may create rooms
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -66,6 +70,8 @@ pub struct Config {
     /// The embedded TURN server, if wanted (`[turn_server]`); it checks the credentials
     /// of `room.turn` and its URL is added to theirs.
     pub turn_server: Option<TurnServerConfig>,
+    /// Operator credentials and who may create rooms (`[access]`).
+    pub access: AccessConfig,
 }
 
 impl Default for Config {
@@ -80,6 +86,7 @@ impl Default for Config {
             limits: Limits::default(),
             tls: TlsConfig::default(),
             turn_server: None,
+            access: AccessConfig::default(),
         }
     }
 }
@@ -348,6 +355,20 @@ mod tests {
         let c = Config::from_toml("[tls]\nself_signed = true\ndir = \"/var/lib/t\"\n").unwrap();
         assert!(c.tls.self_signed);
         assert_eq!(c.tls.dir, PathBuf::from("/var/lib/t"));
+    }
+
+    #[test]
+    fn access_section_parses() {
+        let c = Config::from_toml(
+            "[access]\ncreate = \"token\"\nsecret_file = \"/var/lib/t/secret\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.access.create, crate::access::CreateMode::Token);
+        assert_eq!(c.access.secret_file, PathBuf::from("/var/lib/t/secret"));
+        assert!(c.access.admin_secret.is_none());
+        assert!(Config::from_toml("[access]\ncreate = \"closed\"\n").is_err());
+        let c = Config::from_toml("[access]\nadmin_secret = \"s\"\n").unwrap();
+        assert_eq!(format!("{:?}", c.access.admin_secret), "Some(<redacted>)");
     }
 
     #[test]

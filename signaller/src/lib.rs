@@ -43,10 +43,17 @@
 //!
 //! # Routes
 //! - `GET /ws`: the signalling WebSocket (JSON protocol of [`treecast_core::protocol`]).
-//! - `POST /api/rooms`: creates a room; 201 `{room, token, watch_url}`.
-//! - `GET /api/rooms`: every room: `[{id, live, ended, viewers, max_depth}]`.
-//! - `GET /api/rooms/{room}`: the room's snapshot (tree and peers).
-//! - `GET /api/rooms/{room}/events`: server-sent events, a `snapshot` then every room event.
+//! - `POST /api/rooms`: creates a room; 201 `{room, token, watch_url}` (with
+//!   `[access] create = "token"`, needs a grant or the operator secret).
+//! - `GET /api/rooms`: every room: `[{id, live, ended, viewers, max_depth}]` (operator).
+//! - `GET /api/rooms/{room}`: the room's snapshot (tree and peers) (operator, or the
+//!   room's broadcaster token).
+//! - `GET /api/rooms/{room}/events`: server-sent events, a `snapshot` then every room
+//!   event (operator, or the room's broadcaster token).
+//! - `GET /api/access`: what credentials this server asks for (public).
+//!
+//! Credentials go in `Authorization: Bearer`; see [`access`]. Without an operator secret
+//! and on a loopback-only listener, all of these are open.
 //! - `POST /api/uplink`: a bounded, rate-limited upload a browser times to estimate its
 //!   uplink before joining.
 //! - `GET /healthz`, `GET /metrics` (Prometheus), the pages `/`, `/watch/{room}`,
@@ -60,6 +67,7 @@
 //! Errors are JSON `{code, message}` with the protocol's error codes.
 #![forbid(unsafe_code)]
 
+pub mod access;
 mod api;
 pub mod client;
 mod config;
@@ -75,6 +83,7 @@ mod tls;
 mod turn_server;
 mod uplink;
 
+pub use access::{AccessConfig, AccessError, CreateMode};
 pub use config::{Config, ConfigError, Limits};
 pub use server::{Extras, ServerError, bind, serve, serve_with, serve_with_stun};
 pub use stun::StunSockets;

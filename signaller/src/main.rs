@@ -5,6 +5,10 @@
 //! it serves on <http://127.0.0.1:8080> and answers STUN on UDP 127.0.0.1:3478 and 3479;
 //! use `--bind 0.0.0.0:8080` to accept other hosts.
 //! The `--tls-*` flags serve HTTPS and WSS instead; SIGHUP re-reads the certificate.
+//!
+//! `treecast-signaller mint-token --ttl 1h` prints a room-creation grant signed with the
+//! operator secret (from `TREECAST_ADMIN_SECRET`, `[access] admin_secret`, or the secret
+//! file a server generated).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,8 +18,11 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use treecast_core::protocol::IceServer;
+use treecast_core::turn::Secret;
+use treecast_signaller::access::{self, ADMIN_SECRET_ENV};
 use treecast_signaller::{
-    Config, Extras, LETS_ENCRYPT_STAGING, ServerError, StunSockets, TlsConfig, TlsReload,
+    Config, CreateMode, Extras, LETS_ENCRYPT_STAGING, ServerError, StunSockets, TlsConfig,
+    TlsReload,
 };
 
 mod turn_flags;
@@ -29,6 +36,9 @@ mod turn_flags;
 #[derive(Debug, Parser)]
 #[command(name = "treecast-signaller", version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// TOML configuration file (keys as in the `Config` struct: `bind`, `stun_port`,
     /// `stun_bind`, `public_host`, `web_dir`, `[room]`, `[room.turn]`, `[limits]`, `[tls]`,
     /// `[turn_server]`).
@@ -138,6 +148,40 @@ struct Args {
 
     #[command(flatten, next_help_heading = "TURN")]
     turn: turn_flags::TurnArgs,
+
+    /// Who may create rooms: `open` (anyone) or `token` (a grant from `mint-token`, or the
+    /// operator secret) [default: open]. The operator secret itself comes from
+    /// TREECAST_ADMIN_SECRET or the file's `[access] admin_secret`, never from a flag.
+    #[arg(long, env = "TREECAST_ROOM_CREATION", value_name = "MODE", value_parser = parse_create_mode)]
+    room_creation: Option<CreateMode>,
+
+    /// Where a generated operator secret is written and read back
+    /// [default: ./treecast-admin-secret].
+    #[arg(long, env = "TREECAST_ADMIN_SECRET_FILE", value_name = "FILE")]
+    admin_secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print a room-creation grant (a JWT, HS256) signed with the operator secret, for
+    /// servers with `--room-creation token`. The secret comes from TREECAST_ADMIN_SECRET,
+    /// the file's `[access] admin_secret`, or the server's secret file.
+    MintToken {
+        /// How long the grant is valid: 90s, 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = access::parse_ttl)]
+        ttl: u64,
+        /// Who the grant is for (shown in the server's log when used).
+        #[arg(long, default_value = "operator")]
+        sub: String,
+    },
+}
+
+fn parse_create_mode(text: &str) -> Result<CreateMode, String> {
+    match text {
+        "open" => Ok(CreateMode::Open),
+        "token" => Ok(CreateMode::Token),
+        _ => Err(format!("{text:?}: use open or token")),
+    }
 }
 
 impl Args {
@@ -208,6 +252,17 @@ impl Args {
         if let Some(v) = self.hello_timeout_ms {
             limits.hello_timeout = ms(v);
         }
+        if let Some(mode) = self.room_creation {
+            config.access.create = mode;
+        }
+        if let Some(file) = self.admin_secret_file {
+            config.access.secret_file = file;
+        }
+        if let Ok(secret) = std::env::var(ADMIN_SECRET_ENV)
+            && !secret.is_empty()
+        {
+            config.access.admin_secret = Some(Secret::new(secret));
+        }
         self.tls.apply(&mut config.tls);
         let secret = std::env::var(turn_flags::SECRET_ENV).ok();
         self.turn.apply(&mut config, secret)?;
@@ -217,7 +272,11 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::MintToken { ttl, sub }) = args.command.take() {
+        // Before logging starts: stdout carries the grant and nothing else.
+        return mint_token(args, ttl, &sub);
+    }
     let filter = args
         .log
         .clone()
@@ -262,6 +321,42 @@ fn main() -> ExitCode {
             eprintln!("treecast-signaller: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `mint-token`: prints a grant valid from now for `ttl` seconds.
+fn mint_token(args: Args, ttl: u64, sub: &str) -> ExitCode {
+    let fail = |e: &dyn std::fmt::Display| {
+        eprintln!("treecast-signaller mint-token: {e}");
+        ExitCode::from(2)
+    };
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let secret = match config.access.admin_secret {
+        Some(s) => s,
+        None if config.access.secret_file.exists() => {
+            match access::read_secret_file(&config.access.secret_file) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            }
+        }
+        None => {
+            return fail(&format!(
+                "no operator secret: set {ADMIN_SECRET_ENV}, [access] admin_secret, or run \
+                 this where the server keeps {}",
+                config.access.secret_file.display()
+            ));
+        }
+    };
+    let now = access::now_unix();
+    match access::mint_grant(secret.expose(), sub, now, now.saturating_add(ttl)) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
     }
 }
 

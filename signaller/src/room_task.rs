@@ -109,6 +109,7 @@ impl RoomTask {
     ) -> (Self, RoomHandle) {
         let (tx, commands) = mpsc::channel(state.config.limits.room_queue);
         let stats = Arc::new(RoomStats::default());
+        let handle_token: Arc<str> = token.as_str().into();
         let mut room = Room::new(
             id.clone(),
             token,
@@ -135,6 +136,7 @@ impl RoomTask {
             RoomHandle {
                 commands: tx,
                 stats,
+                token: handle_token,
             },
         )
     }

@@ -24,6 +24,8 @@ pub(crate) struct RoomHandle {
     pub commands: mpsc::Sender<RoomCommand>,
     /// Figures the room task publishes after each step.
     pub stats: Arc<RoomStats>,
+    /// The broadcaster token, which also opens this room's snapshot and event stream.
+    pub token: Arc<str>,
 }
 
 /// Figures a room task publishes after each step, read without asking the task.

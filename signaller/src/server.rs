@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use treecast_core::protocol::EndReason;
 
+use crate::access::{Access, AccessError};
 use crate::config::{Config, ConfigError};
 use crate::pages::Pages;
 use crate::room_task::RoomCommand;
@@ -62,6 +63,9 @@ pub enum ServerError {
     /// The embedded TURN server could not start.
     #[error(transparent)]
     Turn(#[from] crate::turn_server::TurnServerError),
+    /// The operator secret could not be read or generated.
+    #[error(transparent)]
+    Access(#[from] AccessError),
     /// Accepting or serving connections failed.
     #[error("the server stopped on an I/O error: {0}")]
     Serve(#[source] std::io::Error),
@@ -95,6 +99,8 @@ pub(crate) struct ServerState {
     pub metrics: Option<PrometheusHandle>,
     /// The web pages.
     pub pages: Pages,
+    /// Who may do what.
+    pub access: Access,
 }
 
 impl ServerState {
@@ -252,6 +258,7 @@ pub async fn serve_with(
         .map(|sockets| stun::advertise(sockets, &mut config))
         .transpose()?;
     let local = listener.local_addr().ok();
+    let access = Access::resolve(&config.access, local)?;
     let tls = match config.tls.mode()? {
         Some(mode) => Some(tls::start(mode, &config.tls, local, extras.tls_reload)?),
         None => None,
@@ -270,6 +277,7 @@ pub async fn serve_with(
         shutdown: watch::Sender::new(false),
         tasks: Arc::default(),
         metrics: telemetry::install(),
+        access,
     });
     if let Some(addr) = local {
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -353,6 +361,7 @@ fn router(state: Arc<ServerState>) -> Router {
         .route("/api/rooms", get(api::list_rooms).post(api::create_room))
         .route("/api/rooms/{room}", get(api::room_snapshot))
         .route("/api/rooms/{room}/events", get(api::room_events))
+        .route("/api/access", get(api::access))
         .route(
             "/api/uplink",
             axum::routing::post(uplink::probe).layer(axum::extract::DefaultBodyLimit::max(

@@ -59,11 +59,13 @@ async function freeUdpPair() {
 }
 
 /** Starts the signaller on a free loopback port; resolves to {base, stop}. `room`: more
- *  lines for the config file's [room] table (e.g. 'warm_standby = false'). */
-export async function startServer(args = [], { room = '' } = {}) {
+ *  lines for the config file's [room] table (e.g. 'warm_standby = false'). `env`: more
+ *  environment variables (e.g. TREECAST_ADMIN_SECRET for a server that asks for it; on
+ *  loopback without one, the server asks no credentials). */
+export async function startServer(args = [], { room = '', env = {} } = {}) {
   for (let attempt = 1; ; attempt++) {
     try {
-      return await startServerOnce(args, room);
+      return await startServerOnce(args, room, env);
     } catch (e) {
       // Another process took the STUN ports between our check and the bind: pick again.
       if (attempt < 5 && /cannot listen for STUN/.test(e.message)) continue;
@@ -72,7 +74,7 @@ export async function startServer(args = [], { room = '' } = {}) {
   }
 }
 
-async function startServerOnce(args, room) {
+async function startServerOnce(args, room, env) {
   const bin = process.env.TREECAST_BIN || join(repo, 'target', 'debug', 'treecast-signaller');
   if (!existsSync(bin)) throw new Error(`no signaller at ${bin}: build it (scripts/test does)`);
   // No STUN/TURN servers but the signaller's own STUN server, on two free loopback ports
@@ -83,7 +85,7 @@ async function startServerOnce(args, room) {
   writeFileSync(config, `stun_port = ${await freeUdpPair()}\n[room]\nice_servers = []\n${room ? room + '\n' : ''}`);
   const child = spawn(bin, ['--bind', '127.0.0.1:0', '--config', config, ...args], {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, NO_COLOR: '1', TREECAST_LOG: process.env.TREECAST_LOG || 'info' },
+    env: { ...process.env, NO_COLOR: '1', TREECAST_LOG: process.env.TREECAST_LOG || 'info', ...env },
   });
   let output = '';
   const base = await new Promise((ok, fail) => {
