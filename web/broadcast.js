@@ -4,11 +4,62 @@ import { drawTree, describeTree, followRoom, authHeaders } from '/assets/tree.js
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
-const size = {
-  width: Number(params.get('w')) || 640,
-  height: Number(params.get('h')) || 360,
-  fps: Number(params.get('fps')) || 24,
-};
+/** The presets this server offers (GET /api/qualities); the first is what a server that
+ *  does not say streams. */
+let qualities = [{ quality: '360p', label: 'Standard', width: 640, height: 360, fps: 30, stream_kbps: 500, allowed: true }];
+let offersQualities = false;
+
+function chosenQuality() {
+  const value = (document.querySelector('input[name=quality]:checked') || {}).value;
+  return qualities.find((q) => q.quality === value && q.allowed) || qualities.find((q) => q.allowed) || qualities[0];
+}
+
+/** What to capture: the chosen preset; the URL's w, h, fps override it (tests, odd cameras). */
+function captureSize() {
+  const q = chosenQuality();
+  return {
+    width: Number(params.get('w')) || q.width,
+    height: Number(params.get('h')) || q.height,
+    fps: Number(params.get('fps')) || q.fps,
+  };
+}
+
+const mbits = (kbps) => `${(kbps / 1000).toLocaleString('en', { maximumFractionDigits: 1 })} Mbit/s`;
+
+/** Lists the server's presets; those above its limit are shown, disabled, with why. The
+ *  URL's quality=… (or a broadcast being taken back) preselects one. */
+async function loadQualities(preferred) {
+  try {
+    const res = await fetch('/api/qualities');
+    if (res.ok) {
+      const body = await res.json();
+      if (Array.isArray(body.qualities) && body.qualities.some((q) => q.allowed)) {
+        qualities = body.qualities;
+        offersQualities = true;
+      }
+    }
+  } catch { /* an older server: one quality, its default */ }
+  const want = preferred || params.get('quality');
+  const pick = qualities.find((q) => q.quality === want && q.allowed) || qualities.find((q) => q.allowed);
+  const box = $('qualities');
+  box.textContent = '';
+  for (const q of qualities) {
+    const label = document.createElement('label');
+    const input = document.createElement('input');
+    input.type = 'radio';
+    input.name = 'quality';
+    input.value = q.quality;
+    input.disabled = !q.allowed;
+    input.checked = q === pick;
+    input.addEventListener('change', () => { if (stream) preview(); });
+    label.append(input, ` ${q.label} (${q.quality})`);
+    const note = document.createElement('span');
+    note.className = 'muted small';
+    note.textContent = q.allowed ? ` · ${mbits(q.stream_kbps)} per viewer` : ' · not offered by this server (too much bandwidth)';
+    label.append(note);
+    box.append(label);
+  }
+}
 let stream = null;
 let peer = null;
 let stopFollowing = null;
@@ -37,8 +88,14 @@ function askForGrant(why) {
   $('grant').focus();
 }
 
+/** Opens the room: the stream bitrate follows the chosen quality (capacities follow from
+ *  it); a grant goes along where the server restricts creation. */
 function createRoom() {
-  return fetch('/api/rooms', { method: 'POST', headers: authHeaders(grant()) });
+  const headers = authHeaders(grant());
+  if (!offersQualities) return fetch('/api/rooms', { method: 'POST', headers });
+  headers['content-type'] = 'application/json';
+  const body = JSON.stringify({ quality: chosenQuality().quality });
+  return fetch('/api/rooms', { method: 'POST', headers, body });
 }
 
 /** Shows the grant field at once on servers that restrict room creation. */
@@ -90,6 +147,7 @@ function toneTrack() {
 }
 
 async function capture() {
+  const size = captureSize();
   const source = document.querySelector('input[name=source]:checked').value;
   const mic = $('mic').checked;
   const video = { width: { ideal: size.width }, height: { ideal: size.height }, frameRate: { ideal: size.fps } };
@@ -99,7 +157,8 @@ async function capture() {
     tracks.push(...s.getTracks());
   } else {
     if (source === 'screen') {
-      const s = await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: { ideal: size.fps } }, audio: false });
+      const s = await navigator.mediaDevices.getDisplayMedia({
+        video: { width: { max: size.width }, height: { max: size.height }, frameRate: { ideal: size.fps } }, audio: false });
       tracks.push(...s.getVideoTracks());
     } else if (source === 'pattern') {
       tracks.push(testPattern(size.width, size.height, size.fps));
@@ -139,7 +198,8 @@ function save(b) { try { sessionStorage.setItem(SAVED, JSON.stringify(b)); } cat
 function forget() { try { sessionStorage.removeItem(SAVED); } catch { /* private mode */ } }
 
 function chosenSource() {
-  return { source: document.querySelector('input[name=source]:checked').value, mic: $('mic').checked };
+  return { source: document.querySelector('input[name=source]:checked').value, mic: $('mic').checked,
+    quality: chosenQuality().quality };
 }
 
 async function goLive() {
@@ -179,7 +239,12 @@ function live(wasm, b, resuming) {
   $('link').value = b.link;
   try { $('qr').innerHTML = wasm.qr_svg(b.link); } catch { $('qr').hidden = true; }
   document.body.dataset.room = b.room;
-  window.treecast = { peer: null, room: b.room, link: b.link, resumed: resuming };
+  const q = qualities.find((x) => x.quality === b.quality);
+  if (q) {
+    $('quality-live').textContent = `Quality: ${q.label} (${q.width}×${q.height}), ${mbits(q.stream_kbps)} to each viewer you feed.`;
+    $('quality-live').hidden = false;
+  }
+  window.treecast = { peer: null, room: b.room, link: b.link, resumed: resuming, quality: b.quality };
   connect(wasm, b, resuming, 0);
   // Resumed: take the room back at once (within the grace period), and send the picture
   // as soon as it is captured again.
@@ -261,6 +326,7 @@ function finish(s) {
 /** After a reload: take the room back if it is still open. */
 async function resumeSaved() {
   const b = saved();
+  await loadQualities(b && b.quality);
   if (!b || !b.room || !b.token) return;
   const radio = document.querySelector(`input[name=source][value="${CSS.escape(String(b.source))}"]`);
   if (radio) radio.checked = true;

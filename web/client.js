@@ -28,7 +28,8 @@
 const STATS_EVERY_MS = 200;      // watchdog sampling of the parent connection (the agent's
                                  // max_sample_gap, 1.5 s, tolerates a background tab's 1/s)
 const MEASURE_EVERY_MS = 2000;   // loss / latency / delivered bitrate for reports
-const VIDEO_MAX_BITRATE = 450_000; // bit/s per child, within the server's stream_kbps (500)
+const VIDEO_MAX_BITRATE = 450_000; // bit/s per child when the room does not say its stream_kbps
+const AUDIO_KBPS = 32;             // the audio's share of the room's stream_kbps (Opus voice)
 const PROBE_TIMEOUT_MS = 3000;   // longest wait for the STUN answers of the NAT probe
 
 let wasmModule = null;
@@ -253,17 +254,28 @@ export class Peer {
     this.offer(conn);
   }
 
+  /** Bit/s per child for each kind: the room's stream bitrate (welcome.limits), the audio's
+   *  share off the video's. Null audio: the browser's default. */
+  bitrates() {
+    let kbps = 0;
+    try { kbps = JSON.parse(this.client.stream())?.stream_kbps || 0; } catch { /* not said */ }
+    if (!kbps) return { video: VIDEO_MAX_BITRATE, audio: null };
+    return { video: Math.max(100, kbps - AUDIO_KBPS) * 1000, audio: AUDIO_KBPS * 1000 };
+  }
+
   /** A sending connection to `peer` with its two senders, carrying the current tracks
    *  when `withTracks`, else none yet (a standby link: the same transceivers, codecs and
    *  encodings, so replaceTrack later needs no renegotiation). */
   sendingConn(peer, withTracks) {
     const pc = this.newConnection(peer);
     const senders = {};
+    const rates = this.bitrates();
     for (const kind of ['video', 'audio']) {
       const init = { direction: 'sendonly', streams: [this.outStream] };
-      if (kind === 'video') init.sendEncodings = [{ maxBitrate: VIDEO_MAX_BITRATE }];
+      if (rates[kind]) init.sendEncodings = [{ maxBitrate: rates[kind] }];
       senders[kind] = pc.addTransceiver((withTracks && this.tracks[kind]) || kind, init).sender;
     }
+    keepResolution(senders.video);
     const conn = { peer, pc, senders, chain: Promise.resolve(), pending: [], hasRemote: false,
       prevBytes: 0, prevWire: 0, prevAt: performance.now() };
     this.watchIce(conn);
@@ -476,7 +488,8 @@ export class Peer {
           hopLatency, JSON.stringify(delivered), link);
         // WebRTC's own bandwidth estimate may update the uplink the server knows; the rule
         // (when it may raise or lower it) is client-wasm's uplink module.
-        const uplink = this.client.uplink(this.now(), JSON.stringify(estimates), VIDEO_MAX_BITRATE / 1000);
+        const perChild = Math.round((this.bitrates().video + (this.bitrates().audio || 0)) / 1000);
+        const uplink = this.client.uplink(this.now(), JSON.stringify(estimates), perChild);
         if (uplink !== undefined && uplink !== null) this.info.uplinkReports = [...(this.info.uplinkReports || []).slice(-9), uplink];
         this.info.uplinkEstimateKbps = this.client.uplink_estimate() ?? null;
       }
@@ -515,6 +528,19 @@ export class Peer {
     if (this.previous) this.closeConn(this.previous.peer);
     if (this.parent) this.closeConn(this.parent.peer);
   }
+}
+
+/**
+ * The room's picture is the broadcaster's choice: when bandwidth or CPU run short the
+ * encoder drops frames rather than scaling the picture down (a track-relayed leg would
+ * otherwise re-encode at a lower resolution at every hop).
+ */
+function keepResolution(sender) {
+  try {
+    const p = sender.getParameters();
+    p.degradationPreference = 'maintain-resolution';
+    sender.setParameters(p).catch(() => {});
+  } catch { /* not supported: the browser's default */ }
 }
 
 /**

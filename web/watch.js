@@ -60,6 +60,7 @@ function show(status) {
 function showStats(info) {
   $('o-latency').textContent = info.latencyMs == null ? '–' : `~${info.latencyMs} ms`;
   $('o-bitrate').textContent = info.kbpsIn == null ? '–' : `${info.kbpsIn} kbit/s`;
+  $('o-picture').textContent = video.videoWidth ? `${video.videoWidth}×${video.videoHeight}` : '–';
 }
 
 async function start() {

@@ -219,6 +219,13 @@ impl Client {
             .and_then(|a| serde_json::to_string(&a).ok())
     }
 
+    /// The room's stream from `welcome`, as JSON `{"stream_kbps": …, "video": {"quality",
+    /// "width", "height", "fps"} | null}`, or `null` before `welcome` (or from a server
+    /// that does not say). Senders aim for `stream_kbps` per child.
+    pub fn stream(&self) -> String {
+        serde_json::to_string(&self.agent.stream()).unwrap_or_else(|_| "null".into())
+    }
+
     /// The ICE servers from `welcome`, as JSON in `RTCIceServer` shape.
     pub fn ice_servers(&self) -> String {
         serde_json::to_string(self.agent.ice_servers()).unwrap_or_else(|_| "[]".into())

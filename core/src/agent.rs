@@ -74,6 +74,7 @@ use crate::protocol::{
     ClientMessage, Connectivity, Delivery, EndReason, ErrorCode, Hello, IceServer, LinkKind,
     MediaState, PROTOCOL_VERSION, Report, Role, ServerMessage, StandbyRole,
 };
+use crate::quality::VideoFormat;
 use crate::tree::WaitReason;
 
 /// Settings of one agent. `Default` gives the values the web client uses.
@@ -321,6 +322,15 @@ pub struct Status {
     pub error: Option<ErrorInfo>,
 }
 
+/// The room's stream, from `welcome.limits`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RoomStream {
+    /// Bitrate of the whole stream (video and audio), kbit/s, per child.
+    pub stream_kbps: u32,
+    /// The picture the broadcaster chose, when the room was created with a quality.
+    pub video: Option<VideoFormat>,
+}
+
 /// A refusal from the signaller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ErrorInfo {
@@ -343,6 +353,8 @@ pub struct Agent {
     welcomed: bool,
     resume: Option<String>,
     ice_servers: Vec<IceServer>,
+    /// The room's stream bitrate and picture, from the last `welcome`.
+    stream: Option<RoomStream>,
     /// What the driver said about the network, and whether the room has still to hear it
     /// (not yet sent, or a fresh join since).
     connectivity: Option<Connectivity>,
@@ -409,6 +421,7 @@ impl Agent {
             welcomed: false,
             resume: None,
             ice_servers: Vec::new(),
+            stream: None,
             connectivity: None,
             connectivity_due: false,
             heartbeat: Duration::from_secs(5),
@@ -452,6 +465,12 @@ impl Agent {
     /// STUN/TURN servers from the last `welcome`, for new connections.
     pub fn ice_servers(&self) -> &[IceServer] {
         &self.ice_servers
+    }
+
+    /// The room's stream as the last `welcome` told it: what the encoder aims for (none
+    /// before `welcome`, or from a server that does not say).
+    pub fn stream(&self) -> Option<&RoomStream> {
+        self.stream.as_ref()
     }
 
     /// The current status.
@@ -625,6 +644,10 @@ impl Agent {
                 self.ice_servers = ice_servers;
                 self.heartbeat = Duration::from_millis(limits.heartbeat_ms.max(200));
                 self.capacity = limits.capacity;
+                self.stream = (limits.stream_kbps > 0).then_some(RoomStream {
+                    stream_kbps: limits.stream_kbps,
+                    video: limits.video,
+                });
                 self.phase = Phase::Joined;
                 self.welcomed = true;
                 self.backoff = self.config.reconnect_min;
@@ -1202,6 +1225,25 @@ mod tests {
         );
         assert_eq!(sent(&drain(&mut a))[0]["state"], "receiving");
         a
+    }
+
+    #[test]
+    fn welcome_tells_the_rooms_stream() {
+        let mut a = viewer();
+        drain(&mut a);
+        a.handle(ms(0), Input::SocketOpened);
+        drain(&mut a);
+        assert_eq!(a.stream(), None);
+        // A server that does not say leaves it unknown.
+        server(&mut a, 10, welcome(false));
+        assert_eq!(a.stream(), None);
+        let mut w = welcome(true);
+        w["limits"]["stream_kbps"] = json!(1500);
+        w["limits"]["video"] = json!({"quality":"720p","width":1280,"height":720,"fps":30});
+        server(&mut a, 20, w);
+        let stream = a.stream().copied().unwrap();
+        assert_eq!(stream.stream_kbps, 1500);
+        assert_eq!(stream.video, Some(crate::quality::Quality::Hd.video()));
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod agent;
 mod buckets;
 pub mod ids;
 pub mod protocol;
+pub mod quality;
 pub mod room;
 pub mod tree;
 pub mod turn;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ids::{PeerId, RoomId};
+use crate::quality::VideoFormat;
 use crate::tree::WaitReason;
 
 /// Protocol version spoken by this build. A `hello` with another `v` is refused.
@@ -287,6 +288,15 @@ pub struct ClientLimits {
     pub resume_grace_ms: u64,
     /// Children this peer may be asked to feed.
     pub capacity: u32,
+    /// Bitrate of the room's stream (video and audio), kbit/s: what a sender sends each
+    /// child, and what one child costs in the capacity formula. 0 from a server that does
+    /// not say.
+    #[serde(default)]
+    pub stream_kbps: u32,
+    /// The picture the broadcaster chose (resolution and frame rate), when the room was
+    /// created with a quality.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video: Option<VideoFormat>,
 }
 
 /// Why a room ended.
@@ -499,6 +509,8 @@ pub enum ErrorCode {
     TooManyConnections,
     /// The server has its maximum number of rooms.
     TooManyRooms,
+    /// A room asked for with a quality above the server's stream bitrate limit.
+    QualityNotAllowed,
     /// The client did not send anything within the heartbeat timeout.
     Timeout,
     /// The client could not keep up with the messages sent to it.
@@ -516,7 +528,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -537,6 +549,7 @@ impl ErrorCode {
         Self::UnknownPeer,
         Self::TooManyConnections,
         Self::TooManyRooms,
+        Self::QualityNotAllowed,
         Self::Timeout,
         Self::SlowConsumer,
         Self::ShuttingDown,
@@ -568,6 +581,7 @@ impl ErrorCode {
             Self::UnknownPeer => "unknown_peer",
             Self::TooManyConnections => "too_many_connections",
             Self::TooManyRooms => "too_many_rooms",
+            Self::QualityNotAllowed => "quality_not_allowed",
             Self::Timeout => "timeout",
             Self::SlowConsumer => "slow_consumer",
             Self::ShuttingDown => "shutting_down",
@@ -606,6 +620,9 @@ impl ErrorCode {
             Self::UnknownPeer => "That peer is not in this room.",
             Self::TooManyConnections => "Too many connections from your address.",
             Self::TooManyRooms => "The server cannot open more rooms right now.",
+            Self::QualityNotAllowed => {
+                "This server does not offer that quality; choose a lower one."
+            }
             Self::Timeout => "Nothing was heard from you for too long.",
             Self::SlowConsumer => "You did not read messages fast enough.",
             Self::ShuttingDown => "The server is shutting down.",

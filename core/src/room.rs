@@ -32,6 +32,7 @@ use crate::protocol::{
     ClientLimits, ClientMessage, Connectivity, EndReason, ErrorCode, Hello, IceServer, LinkKind,
     MediaState, NatClass, PROTOCOL_VERSION, Report, Role, ServerMessage, StandbyRole,
 };
+use crate::quality::{Quality, QualityNotAllowed, VideoFormat};
 use crate::tree::{RelayTree, TreeEvent, WaitReason};
 use crate::turn::{self, TurnRest};
 
@@ -92,8 +93,17 @@ pub struct RoomConfig {
     pub relay_fanout: u32,
     /// Deepest allowed position (broadcaster = 0). Peers wait rather than go deeper.
     pub max_depth: u32,
-    /// Bitrate of the stream in kbit/s: one child costs this much uplink.
+    /// Bitrate of the stream in kbit/s: one child costs this much uplink. A room created
+    /// with a [`Quality`] gets that preset's bitrate instead ([`RoomConfig::for_quality`]);
+    /// this is the bitrate of rooms created without one.
     pub stream_kbps: u32,
+    /// Highest stream bitrate a broadcaster may choose, kbit/s: presets above it are not
+    /// offered and are refused when asked for.
+    pub max_stream_kbps: u32,
+    /// The preset the broadcaster chose for this room, if any. Set per room from the
+    /// room's creation (never from a configuration file); told to clients in `welcome`.
+    #[serde(skip)]
+    pub quality: Option<Quality>,
     /// Share of a declared uplink that may be spent on children, in percent.
     pub usable_uplink_percent: u32,
     /// Uplink assumed for a peer that declares none, in kbit/s.
@@ -162,6 +172,8 @@ impl Default for RoomConfig {
             relay_fanout: 4,
             max_depth: 16,
             stream_kbps: 500,
+            max_stream_kbps: Quality::Hd.stream_kbps(),
+            quality: None,
             usable_uplink_percent: 80,
             default_uplink_kbps: 2_000,
             loss_threshold: 0.05,
@@ -195,6 +207,30 @@ impl RoomConfig {
                     .iter()
                     .any(|u| u.starts_with("turn:") || u.starts_with("turns:"))
             })
+    }
+
+    /// This configuration for a room whose broadcaster chose `quality`: the stream bitrate
+    /// becomes the preset's. Refused when the preset's bitrate is above
+    /// [`RoomConfig::max_stream_kbps`].
+    pub fn for_quality(&self, quality: Quality) -> Result<RoomConfig, QualityNotAllowed> {
+        let needs_kbps = quality.stream_kbps();
+        if needs_kbps > self.max_stream_kbps {
+            return Err(QualityNotAllowed {
+                quality,
+                needs_kbps,
+                max_kbps: self.max_stream_kbps,
+            });
+        }
+        Ok(RoomConfig {
+            stream_kbps: needs_kbps,
+            quality: Some(quality),
+            ..self.clone()
+        })
+    }
+
+    /// Whether a broadcaster may choose `quality` on this server.
+    pub fn allows(&self, quality: Quality) -> bool {
+        quality.stream_kbps() <= self.max_stream_kbps
     }
 
     /// Children a peer of `role` with this uplink may feed.
@@ -639,6 +675,10 @@ pub struct RoomSnapshot {
     pub depth_histogram: Vec<u64>,
     /// Every peer, sorted by id.
     pub peers: Vec<PeerSnapshot>,
+    /// The room's stream bitrate, kbit/s (what one child costs).
+    pub stream_kbps: u32,
+    /// The picture the broadcaster chose, if it chose one.
+    pub video: Option<VideoFormat>,
 }
 
 /// A room: the relay tree plus the peers' sessions. See the module docs for the loop.
@@ -878,6 +918,8 @@ impl Room {
             max_depth: self.tree.max_depth(),
             depth_histogram: self.tree.depth_histogram().to_vec(),
             peers,
+            stream_kbps: self.config.stream_kbps,
+            video: self.config.quality.map(Quality::video),
         }
     }
 
@@ -1043,6 +1085,8 @@ impl Room {
             heartbeat_ms: self.config.heartbeat_interval.as_millis() as u64,
             resume_grace_ms: self.config.resume_grace.as_millis() as u64,
             capacity,
+            stream_kbps: self.config.stream_kbps,
+            video: self.config.quality.map(Quality::video),
         };
         let ice_servers = self.ice_servers_for(id);
         self.send(

@@ -7,9 +7,10 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::json;
 use treecast_core::protocol::{
-    ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState, Report, Role, ServerMessage,
-    StandbyRole,
+    ClientLimits, ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState, Report, Role,
+    ServerMessage, StandbyRole,
 };
+use treecast_core::quality::Quality;
 use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig, RoomEvent};
 use treecast_core::tree::WaitReason;
 use treecast_core::turn::{self, Secret, TurnRest};
@@ -48,6 +49,8 @@ struct View {
     standby: BTreeMap<PeerId, StandbyRole>,
     /// Parent and child links that came up on a standby link.
     warm_links: u32,
+    /// Limits of the last `welcome`.
+    limits: Option<ClientLimits>,
 }
 
 impl View {
@@ -59,11 +62,13 @@ impl View {
                 peer_id,
                 resume,
                 ice_servers,
+                limits,
                 ..
             } => {
                 v.peer = Some(peer_id);
                 v.resume = Some(resume);
                 v.ice = ice_servers;
+                v.limits = Some(limits);
             }
             ServerMessage::Parent { peer_id, .. } => {
                 v.waiting = None; // as the agent does: a parent ends the wait
@@ -1051,6 +1056,89 @@ fn a_loss_ceiling_survives_new_uplink_reports() {
     h.send(relay_conn, report(None, Some(1_000_000)));
     assert_eq!(h.room.tree().capacity(relay), Some(1));
     h.check();
+}
+
+fn uplink_report(uplink: u32) -> ClientMessage {
+    ClientMessage::Report(Report {
+        state: MediaState::Receiving,
+        loss: None,
+        latency_ms: None,
+        uplink_kbps: Some(uplink),
+        delivered: vec![],
+        link: None,
+    })
+}
+
+#[test]
+fn the_chosen_quality_sets_capacities_and_reaches_every_client() {
+    let base = RoomConfig {
+        root_fanout: 4,
+        relay_fanout: 4,
+        max_stream_kbps: 3_000,
+        handover_timeout: Duration::ZERO,
+        ..RoomConfig::default()
+    };
+    let full_hd = base.for_quality(Quality::FullHd).unwrap();
+    assert_eq!(full_hd.stream_kbps, 3_000);
+    let mut h = Harness::new(full_hd);
+    // Its uplink carries two 3000 kbit/s copies within 80 %: two children, not four at a
+    // lower bitrate.
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 7_500);
+    let limits = h.views[&b].limits.clone().unwrap();
+    assert_eq!(limits.stream_kbps, 3_000);
+    assert_eq!(limits.video, Some(Quality::FullHd.video()));
+    assert_eq!(limits.capacity, 2);
+    // Viewers' capacity follows the bitrate too: 4000 × 0.8 / 3000 = 1, 2000 → a leaf.
+    let strong: Vec<ConnId> = (0..3)
+        .map(|_| h.connect(Role::Viewer, None, 4_000))
+        .collect();
+    let weak = h.connect(Role::Viewer, None, 2_000);
+    h.check();
+    assert_eq!(h.views[&b].children.len(), 2);
+    for v in &strong {
+        assert_eq!(h.views[v].limits.as_ref().unwrap().capacity, 1);
+        assert_eq!(h.views[v].limits.as_ref().unwrap().stream_kbps, 3_000);
+    }
+    assert_eq!(h.views[&weak].limits.as_ref().unwrap().capacity, 0);
+    assert!(
+        h.room.tree().max_depth() >= 2,
+        "four viewers under two children"
+    );
+    // The broadcaster measures less: one copy fits, so it keeps one child and the other
+    // moves down; the stream's bitrate is untouched.
+    h.send(b, uplink_report(4_000));
+    let broadcaster = h.peer(b);
+    assert_eq!(h.room.tree().capacity(broadcaster), Some(1));
+    assert_eq!(h.room.tree().child_count(broadcaster), Some(1));
+    assert_eq!(h.room.config().stream_kbps, 3_000);
+    h.check();
+
+    // The same uplinks at 360p: the fan-out limits bind.
+    let mut h = Harness::new(base.for_quality(Quality::Standard).unwrap());
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 7_500);
+    let v = h.connect(Role::Viewer, None, 4_000);
+    assert_eq!(h.views[&b].limits.as_ref().unwrap().capacity, 4);
+    assert_eq!(h.views[&v].limits.as_ref().unwrap().capacity, 4);
+    assert_eq!(h.views[&v].limits.as_ref().unwrap().stream_kbps, 500);
+}
+
+#[test]
+fn a_quality_above_the_limit_is_refused_and_no_quality_keeps_stream_kbps() {
+    let config = RoomConfig {
+        max_stream_kbps: 1_500,
+        stream_kbps: 800,
+        ..RoomConfig::default()
+    };
+    let refused = config.for_quality(Quality::FullHd).unwrap_err();
+    assert_eq!(refused.needs_kbps, 3_000);
+    assert_eq!(refused.max_kbps, 1_500);
+    assert!(refused.to_string().contains("1080p"), "{refused}");
+    assert!(config.allows(Quality::Hd) && !config.allows(Quality::FullHd));
+    // A room created without a choice streams at the configured bitrate, no picture told.
+    let mut h = Harness::new(config);
+    let b = h.connect(Role::Broadcaster, Some(TOKEN), 10_000);
+    let limits = h.views[&b].limits.clone().unwrap();
+    assert_eq!((limits.stream_kbps, limits.video), (800, None));
 }
 
 #[test]

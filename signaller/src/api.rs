@@ -10,17 +10,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt as _};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::time::Instant;
 use treecast_core::RoomId;
 use treecast_core::protocol::ErrorCode;
-use treecast_core::room::RoomSnapshot;
+use treecast_core::quality::{Quality, VideoFormat};
+use treecast_core::room::{RoomConfig, RoomSnapshot};
 
 use crate::access::{self, CreateMode, GrantRefusal};
 use crate::room_task::{DashboardEvent, RoomCommand, RoomTask};
@@ -197,18 +200,148 @@ struct CreatedRoom {
     token: String,
     /// Where viewers watch, relative to this server.
     watch_url: String,
+    /// The room's stream bitrate, kbit/s (the chosen quality's, or the server's default).
+    stream_kbps: u32,
+    /// The picture the broadcaster chose, if it chose one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    video: Option<VideoFormat>,
 }
 
-/// `POST /api/rooms`: creates a room and starts its task.
+/// Largest `POST /api/rooms` body: a quality name fits many times over.
+pub(crate) const MAX_ROOM_BODY: usize = 4 * 1024;
+
+/// The optional body of `POST /api/rooms`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRoom {
+    /// A preset name (`"720p"`); absent: the server's `stream_kbps`, no picture told.
+    #[serde(default)]
+    quality: Option<String>,
+}
+
+/// The room settings for a `POST /api/rooms` body: the server's, with the chosen quality.
+/// An empty body chooses nothing.
+pub(crate) fn room_config_for(base: &RoomConfig, body: &[u8]) -> Result<RoomConfig, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(base.clone());
+    }
+    let not_object = |detail: String| {
+        ApiError::with(
+            ErrorCode::BadJson,
+            format!(
+                "The request body must be a JSON object such as {{\"quality\":\"720p\"}}{detail}."
+            ),
+        )
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| not_object(format!(": {e}")))?;
+    if !value.is_object() {
+        return Err(not_object(String::new()));
+    }
+    let request: NewRoom = serde_json::from_value(value).map_err(|e| {
+        ApiError::with(
+            ErrorCode::InvalidField,
+            format!("The request body has a bad field: {e}. It may only hold \"quality\"."),
+        )
+    })?;
+    let Some(name) = request.quality else {
+        return Ok(base.clone());
+    };
+    let offered: Vec<&str> = Quality::ALL.iter().map(|q| q.as_str()).collect();
+    let quality = Quality::from_name(&name).ok_or_else(|| {
+        ApiError::with(
+            ErrorCode::InvalidField,
+            format!(
+                "Field \"quality\": there is no quality \"{}\"; the presets are {}.",
+                shorten(&name),
+                offered.join(", ")
+            ),
+        )
+    })?;
+    base.for_quality(quality).map_err(|e| {
+        ApiError::with(
+            ErrorCode::QualityNotAllowed,
+            format!("Field \"quality\": {e}"),
+        )
+    })
+}
+
+/// One preset in `GET /api/qualities`.
+#[derive(Debug, Serialize)]
+struct OfferedQuality {
+    /// Wire name, for `POST /api/rooms`.
+    quality: Quality,
+    /// A name for people.
+    label: &'static str,
+    width: u32,
+    height: u32,
+    fps: u32,
+    /// Bitrate of the stream, kbit/s.
+    stream_kbps: u32,
+    /// Whether this server offers it (its bitrate is within `max_stream_kbps`).
+    allowed: bool,
+}
+
+/// The answer to `GET /api/qualities`.
+#[derive(Debug, Serialize)]
+struct Qualities {
+    /// The highest stream bitrate a broadcaster may choose, kbit/s.
+    max_stream_kbps: u32,
+    /// Bitrate of rooms created without a quality, kbit/s.
+    default_stream_kbps: u32,
+    /// Every preset, lowest first, with whether it is offered.
+    qualities: Vec<OfferedQuality>,
+}
+
+/// `GET /api/qualities`: the presets a broadcaster may choose on this server.
+pub(crate) async fn qualities(State(state): State<Arc<ServerState>>) -> Response {
+    let room = &state.config.room;
+    let qualities = Quality::ALL
+        .into_iter()
+        .map(|q| {
+            let v = q.video();
+            OfferedQuality {
+                quality: q,
+                label: q.label(),
+                width: v.width,
+                height: v.height,
+                fps: v.fps,
+                stream_kbps: q.stream_kbps(),
+                allowed: room.allows(q),
+            }
+        })
+        .collect();
+    Json(Qualities {
+        max_stream_kbps: room.max_stream_kbps,
+        default_stream_kbps: room.stream_kbps,
+        qualities,
+    })
+    .into_response()
+}
+
+/// `POST /api/rooms`: creates a room and starts its task. The optional JSON body
+/// `{"quality": "720p"}` chooses the stream ([`room_config_for`]).
 pub(crate) async fn create_room(
     State(state): State<Arc<ServerState>>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     if state.is_shutting_down() {
         return Err(ApiError::new(ErrorCode::ShuttingDown));
     }
     require_creation_right(&state, &headers)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::with(
+                ErrorCode::TooLarge,
+                format!("The request body is larger than {MAX_ROOM_BODY} bytes."),
+            )
+        } else {
+            ApiError::with(ErrorCode::InvalidField, e.body_text())
+        }
+    })?;
+    let config = room_config_for(&state.config.room, &body)?;
     let limits = &state.config.limits;
     if !state.rooms.admit_creation(
         client.ip(),
@@ -229,7 +362,7 @@ pub(crate) async fn create_room(
     // 60 random bits make a clash unlikely; a few tries make it harmless.
     for _ in 0..8 {
         let id = rooms::random_room_id().map_err(ApiError::internal)?;
-        let (task, handle) = RoomTask::new(&state, id.clone(), token.clone(), seed);
+        let (task, handle) = RoomTask::new(&state, id.clone(), token.clone(), seed, config.clone());
         match state.rooms.add(id.clone(), handle, max) {
             Ok(()) => {
                 tokio::spawn(task.run());
@@ -238,6 +371,8 @@ pub(crate) async fn create_room(
                     watch_url: format!("/watch/{id}"),
                     room: id,
                     token,
+                    stream_kbps: config.stream_kbps,
+                    video: config.quality.map(Quality::video),
                 };
                 return Ok((StatusCode::CREATED, Json(body)).into_response());
             }

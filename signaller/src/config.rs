@@ -219,6 +219,9 @@ impl Config {
         if room.stream_kbps == 0 {
             return fail("room.stream_kbps must be above zero");
         }
+        if room.max_stream_kbps == 0 {
+            return fail("room.max_stream_kbps must be above zero");
+        }
         if !(1..=100).contains(&room.usable_uplink_percent) {
             return fail("room.usable_uplink_percent must be between 1 and 100");
         }

@@ -90,6 +90,11 @@ struct Args {
     #[arg(long, env = "TREECAST_STREAM_KBPS", value_name = "KBPS")]
     stream_kbps: Option<u32>,
 
+    /// Highest stream bitrate a broadcaster may choose, kbit/s: quality presets above it
+    /// are not offered (360p 500, 720p 1500, 1080p 3000).
+    #[arg(long, env = "TREECAST_MAX_STREAM_KBPS", value_name = "KBPS")]
+    max_stream_kbps: Option<u32>,
+
     /// How often clients must show a sign of life; also the WebSocket ping interval.
     #[arg(long, env = "TREECAST_HEARTBEAT_INTERVAL_MS", value_name = "MS")]
     heartbeat_interval_ms: Option<u64>,
@@ -217,6 +222,7 @@ impl Args {
         set(&mut room.relay_fanout, self.relay_fanout);
         set(&mut room.max_depth, self.max_depth);
         set(&mut room.stream_kbps, self.stream_kbps);
+        set(&mut room.max_stream_kbps, self.max_stream_kbps);
         set(&mut room.max_peers, self.max_peers);
         set(&mut room.max_message_bytes, self.max_message_bytes);
         set(&mut room.messages_per_second, self.messages_per_second);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use treecast_core::RoomId;
 use treecast_core::protocol::{EndReason, ErrorCode, Hello, ServerMessage};
-use treecast_core::room::{ConnId, Input, Output, Room, RoomEvent, RoomSnapshot};
+use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig, RoomEvent, RoomSnapshot};
 
 use crate::connection::{CloseCode, Outbound};
 use crate::rooms::{RoomHandle, RoomStats};
@@ -100,23 +100,20 @@ pub(crate) struct RoomTask {
 }
 
 impl RoomTask {
-    /// A room task and the handle to reach it. Register the handle, then spawn `run`.
+    /// A room task and the handle to reach it, with the room's own settings (the server's
+    /// `[room]` settings, with the stream the broadcaster chose). Register the handle, then
+    /// spawn `run`.
     pub(crate) fn new(
         state: &Arc<ServerState>,
         id: RoomId,
         token: String,
         seed: u64,
+        config: RoomConfig,
     ) -> (Self, RoomHandle) {
         let (tx, commands) = mpsc::channel(state.config.limits.room_queue);
         let stats = Arc::new(RoomStats::default());
         let handle_token: Arc<str> = token.as_str().into();
-        let mut room = Room::new(
-            id.clone(),
-            token,
-            state.config.room.clone(),
-            seed,
-            state.now(),
-        );
+        let mut room = Room::new(id.clone(), token, config, seed, state.now());
         room.set_unix_epoch(state.start_unix);
         let (dashboard, _) = broadcast::channel(DASHBOARD_BUFFER);
         let task = Self {

@@ -358,7 +358,13 @@ async fn upkeep(handle: Option<PrometheusHandle>) {
 fn router(state: Arc<ServerState>) -> Router {
     Router::new()
         .route("/ws", get(connection::upgrade))
-        .route("/api/rooms", get(api::list_rooms).post(api::create_room))
+        .route(
+            "/api/rooms",
+            get(api::list_rooms)
+                .post(api::create_room)
+                .layer(axum::extract::DefaultBodyLimit::max(api::MAX_ROOM_BODY)),
+        )
+        .route("/api/qualities", get(api::qualities))
         .route("/api/rooms/{room}", get(api::room_snapshot))
         .route("/api/rooms/{room}/events", get(api::room_events))
         .route("/api/access", get(api::access))
