@@ -337,6 +337,27 @@ export function percentile(xs, p) {
 }
 
 /**
+ * A broadcaster page goes live with the 320x240 test pattern at 15 fps, then `viewers`
+ * pages open its link one at a time (so placement is in joining order), each decoding
+ * before the next opens. Resolves to {broadcaster, room, link, viewers}; `pushTo`, when
+ * given, gets each viewer as it opens (so a failing suite can print its console).
+ */
+export async function broadcastWithViewers(browser, base, viewers, boundMs, pushTo = []) {
+  const broadcaster = await browser.open(`${base}/?w=320&h=240&fps=15`, 'broadcaster');
+  const page = broadcaster.page;
+  await page.check('input[name=source][value=pattern]');
+  await page.click('#go-live');
+  await waitFor('the room link', () => page.evaluate(() => window.treecast && window.treecast.link), boundMs);
+  const { room, link } = await page.evaluate(() => ({ room: window.treecast.room, link: window.treecast.link }));
+  for (let i = 0; i < viewers; i++) {
+    const v = await browser.open(link, `viewer${i + 1}`);
+    pushTo.push(v);
+    await waitFor(`viewer ${i + 1} decoding`, async () => (await media(v.page)).frames > 0, boundMs);
+  }
+  return { broadcaster, room, link, viewers: pushTo };
+}
+
+/**
  * The scaffolding of a live-broadcast suite: a signaller (with `serverArgs`, and
  * `serverRoom` lines in its config's [room] table) and a browser
  * started before the steps, both stopped after them, and what the steps measured written to
