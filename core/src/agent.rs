@@ -1596,31 +1596,11 @@ mod tests {
                 role: StandbyRole::Parent
             }]
         );
-        // Told twice, about a neighbour or about itself: nothing new.
-        assert!(
-            server(
-                &mut a,
-                605,
-                json!({"type":"standby","peer_id":5,"role":"parent"})
-            )
-            .is_empty()
-        );
-        assert!(
-            server(
-                &mut a,
-                610,
-                json!({"type":"standby","peer_id":6,"role":"parent"})
-            )
-            .is_empty()
-        );
-        assert!(
-            server(
-                &mut a,
-                620,
-                json!({"type":"standby","peer_id":1,"role":"child"})
-            )
-            .is_empty()
-        );
+        // About itself, told twice, or about a neighbour (its parent): nothing new.
+        for (peer, role) in [(5, "parent"), (6, "parent"), (1, "child")] {
+            let msg = json!({"type":"standby","peer_id":peer,"role":role});
+            assert!(server(&mut a, 610, msg).is_empty(), "{peer}");
+        }
         let down = server(
             &mut a,
             630,

@@ -2165,18 +2165,24 @@ fn linger_without_children_or_without_handovers_leaves_at_once() {
     h.check();
 }
 
+/// A broadcaster and 14 viewers (fan-out 2: depth 3 full), no heartbeats, stand-ins chosen
+/// (they are, once the joins have settled for a second).
+fn standby_room(config: RoomConfig) -> (Harness, Vec<ConnId>) {
+    let mut h = Harness::new(RoomConfig {
+        heartbeat_timeout: None,
+        ..config
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
+    h.advance(Duration::from_secs(1));
+    (h, conns)
+}
+
 /// Warm standby: every relay's stand-in holds idle links to the relay's parent and
 /// children, and when the relay dies the repair uses exactly those links.
 #[test]
 fn a_dead_relays_stand_in_takes_over_on_links_it_prepared() {
-    let mut h = Harness::new(RoomConfig {
-        heartbeat_timeout: None,
-        ..config()
-    });
-    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
-    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
-    // Stand-ins are chosen once the joins have settled.
-    h.advance(Duration::from_secs(1));
+    let (mut h, conns) = standby_room(config());
     h.check();
     let relay = conns[0];
     let r = h.peer(relay);
@@ -2256,14 +2262,10 @@ fn warm_standby_off_tells_nobody() {
 /// from it are make-before-break, in case it was alive after all.
 #[test]
 fn a_quiet_relay_reported_stalled_is_replaced_by_its_stand_in() {
-    let mut h = Harness::new(RoomConfig {
-        heartbeat_timeout: None,
+    let (mut h, conns) = standby_room(RoomConfig {
         handover_timeout: Duration::from_secs(5),
         ..config()
     });
-    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
-    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
-    h.advance(Duration::from_secs(1));
     let relay = conns[0];
     let r = h.peer(relay);
     let kids: Vec<PeerId> = h.room.tree().children(r).collect();
@@ -2316,13 +2318,7 @@ fn a_quiet_relay_reported_stalled_is_replaced_by_its_stand_in() {
 /// A relay that keeps talking is not replaced on its children's word: the child moves alone.
 #[test]
 fn a_talking_relay_is_not_replaced_on_one_childs_stall() {
-    let mut h = Harness::new(RoomConfig {
-        heartbeat_timeout: None,
-        ..config()
-    });
-    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
-    let conns: Vec<ConnId> = (0..14).map(|_| h.viewer()).collect();
-    h.advance(Duration::from_secs(1));
+    let (mut h, conns) = standby_room(config());
     h.settle();
     let relay = conns[0];
     let r = h.peer(relay);
