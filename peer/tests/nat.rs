@@ -28,6 +28,9 @@ use treecast_core::turn::{Secret, TurnRest};
 /// Longest wait for anything that should happen.
 const LIVENESS: Duration = Duration::from_secs(60);
 const TURN_SECRET: &str = "netbed-shared-secret";
+/// The operator secret: the signaller binds beyond loopback, so the room snapshots the
+/// tests read need it (without one the server would write a generated secret to disk).
+const ADMIN_SECRET: &str = "netbed-operator-secret";
 const STREAM_KBPS: u32 = 150;
 
 /// The room, in join order (broadcaster first). Placement is the room's choice, but the
@@ -338,6 +341,7 @@ fn signaller_config() -> treecast_signaller::Config {
     config.room.root_fanout = 2;
     config.room.relay_fanout = 2;
     config.room.stream_kbps = STREAM_KBPS;
+    config.access.admin_secret = Some(Secret::new(ADMIN_SECRET));
     config.room.ice_servers = vec![IceServer {
         urls: vec![format!("stun:{SERVER_IP}:{TURN_PORT}")],
         username: None,
@@ -355,11 +359,12 @@ fn signaller_config() -> treecast_signaller::Config {
 fn request(bed: &Netbed, signaller: std::net::SocketAddr, method: &str, path: &str) -> Value {
     let (method_owned, path_owned) = (method.to_owned(), path.to_owned());
     let response = bed.in_public(async move {
-        treecast_signaller::client::request(
+        treecast_signaller::client::request_with_auth(
             &signaller.to_string(),
             &method_owned,
             &path_owned,
             None,
+            Some(ADMIN_SECRET),
             LIVENESS,
         )
         .await
@@ -498,11 +503,12 @@ fn get(bed: &Netbed, signaller: std::net::SocketAddr, path: &str) -> (u16, Strin
     let path_owned = path.to_owned();
     let r = bed
         .in_public(async move {
-            treecast_signaller::client::request(
+            treecast_signaller::client::request_with_auth(
                 &signaller.to_string(),
                 "GET",
                 &path_owned,
                 None,
+                Some(ADMIN_SECRET),
                 LIVENESS,
             )
             .await
