@@ -676,14 +676,23 @@ const CLIENT_TYPES: [&str; 7] = [
     "leave",
 ];
 
+/// Deepest nesting of arrays and objects a client message may have, the message object
+/// itself included (the JSON parser's own limit, which keeps a hostile message from
+/// exhausting the stack): a `signal`'s `data` may nest one level less.
+pub const MAX_NESTING: usize = 127;
+
 impl ClientMessage {
     /// Decodes a text frame, classifying every failure with an [`ErrorCode`].
     pub fn decode(text: &str) -> Result<Self, DecodeError> {
         let value: Value = serde_json::from_str(text).map_err(|e| {
-            DecodeError::new(
-                ErrorCode::BadJson,
-                format!("The message is not valid JSON ({e})."),
-            )
+            let message = if e.to_string().starts_with("recursion limit exceeded") {
+                format!(
+                    "The message nests arrays and objects more than {MAX_NESTING} levels deep."
+                )
+            } else {
+                format!("The message is not valid JSON ({e}).")
+            };
+            DecodeError::new(ErrorCode::BadJson, message)
         })?;
         let Some(kind) = value.get("type").and_then(Value::as_str).map(str::to_owned) else {
             return Err(DecodeError::new(
@@ -734,6 +743,15 @@ mod tests {
     fn decode_failures_are_classified() {
         let code = |s: &str| ClientMessage::decode(s).unwrap_err().code;
         assert_eq!(code("{nope"), ErrorCode::BadJson);
+        // `data` may nest up to the documented limit, and no deeper.
+        let signal = |levels: usize| {
+            let data = format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+            ClientMessage::decode(&format!(r#"{{"type":"signal","to":1,"data":{data}}}"#))
+        };
+        assert!(signal(MAX_NESTING - 1).is_ok());
+        let deep = signal(MAX_NESTING).unwrap_err();
+        assert_eq!(deep.code, ErrorCode::BadJson);
+        assert!(deep.message.contains("127 levels"), "{}", deep.message);
         assert_eq!(code("[1,2]"), ErrorCode::BadMessage);
         assert_eq!(code(r#"{"type":7}"#), ErrorCode::BadMessage);
         assert_eq!(code(r#"{"type":"launch"}"#), ErrorCode::UnknownType);

@@ -525,9 +525,19 @@ pub(crate) async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
 
 /// Anything else: a JSON 404.
 pub(crate) async fn not_found() -> Response {
+    not_found_response()
+}
+
+/// The JSON 404 every unknown address gets, `/assets/...` included.
+pub(crate) fn not_found_response() -> Response {
     let body = ErrorBody {
         code: "not_found",
         message: "There is nothing at this address.",
     };
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CACHE_CONTROL, "no-cache")],
+        Json(body),
+    )
+        .into_response()
 }
