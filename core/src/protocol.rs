@@ -686,9 +686,7 @@ impl ClientMessage {
     pub fn decode(text: &str) -> Result<Self, DecodeError> {
         let value: Value = serde_json::from_str(text).map_err(|e| {
             let message = if e.to_string().starts_with("recursion limit exceeded") {
-                format!(
-                    "The message nests arrays and objects more than {MAX_NESTING} levels deep."
-                )
+                format!("The message nests arrays and objects more than {MAX_NESTING} levels deep.")
             } else {
                 format!("The message is not valid JSON ({e}).")
             };
