@@ -80,6 +80,8 @@ function select(room) {
       drawTree($('tree'), s, null);
     },
     onEvent: (kind, d) => {
+      // A viewer's media state shows on its node; the log would drown in it.
+      if (kind === 'media') return;
       if (kind === 'repaired') log($('repairs'), describeEvent(kind, d));
       log($('events'), describeEvent(kind, d));
     },

@@ -454,6 +454,14 @@ pub enum RoomEvent {
         /// Its parent.
         parent: PeerId,
     },
+    /// A peer's reported media state changed (reported when it changes), so that what a
+    /// dashboard draws follows the viewers.
+    Media {
+        /// The peer.
+        peer: PeerId,
+        /// Its new state.
+        state: MediaState,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -1315,13 +1323,14 @@ impl Room {
                 "\"loss\" must be a fraction between 0 and 1.",
             );
         }
-        let was_receiving;
+        let (was_receiving, media_changed);
         {
             let peer = self
                 .peers
                 .get_mut(&id)
                 .expect("bound connections map to peers");
             was_receiving = peer.media == MediaState::Receiving;
+            media_changed = peer.media != report.state;
             peer.media = report.state;
             peer.reported_at = Some(self.now);
             peer.latency_ms = report.latency_ms.or(peer.latency_ms);
@@ -1335,6 +1344,12 @@ impl Room {
             if report.uplink_kbps.is_some() {
                 peer.uplink_kbps = report.uplink_kbps;
             }
+        }
+        if media_changed {
+            self.event(RoomEvent::Media {
+                peer: id,
+                state: report.state,
+            });
         }
         if report.uplink_kbps.is_some() {
             self.set_capacity_from_uplink(id);

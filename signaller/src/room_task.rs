@@ -356,6 +356,7 @@ fn event_name(event: &RoomEvent) -> &'static str {
         RoomEvent::Connectivity { .. } => "connectivity",
         RoomEvent::Link { .. } => "link",
         RoomEvent::LinkFailed { .. } => "link_failed",
+        RoomEvent::Media { .. } => "media",
     }
 }
 
