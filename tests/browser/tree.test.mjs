@@ -233,6 +233,13 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
     const repairs = await dashboard.page.$$eval('#repairs li:not(.muted)', (li) => li.map((x) => x.textContent));
     log('dashboard repairs:', JSON.stringify(repairs));
     assert.ok(repairs.length >= 2, 'both repairs listed');
+    // Written for an operator: sentences, no codes or arrows.
+    const events = await dashboard.page.$$eval('#events li:not(.muted)', (li) => li.map((x) => x.textContent));
+    log('dashboard events:', JSON.stringify(events.slice(0, 8)));
+    for (const line of [...repairs, ...events]) {
+      assert.doesNotMatch(line, /[_→↛]|\bpeer\b|subtree/, line);
+    }
+    assert.ok(repairs.every((r) => /moved .* to a new source/.test(r)), JSON.stringify(repairs));
     assert.match(await dashboard.page.textContent('#rooms'), new RegExp(room));
   });
 
