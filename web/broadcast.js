@@ -184,6 +184,7 @@ async function preview() {
   }
   $('preview-video').srcObject = stream;
   $('preview-video').play().catch(() => {});
+  $('preview-empty').hidden = true;
   return true;
 }
 
@@ -349,10 +350,14 @@ async function resumeSaved() {
 $('preview').addEventListener('click', preview);
 $('go-live').addEventListener('click', goLive);
 $('end').addEventListener('click', () => { forget(); if (peer) peer.leave(); });
+let copiedTimer = null;
 $('copy').addEventListener('click', async () => {
+  clearTimeout(copiedTimer);
   try {
     await navigator.clipboard.writeText($('link').value);
     $('copied').textContent = 'Link copied.';
+    // A confirmation, not a state: it goes once read.
+    copiedTimer = setTimeout(() => { $('copied').textContent = ''; }, 4000);
   } catch {
     $('link').select();
     $('copied').textContent = 'Select the link and copy it (Ctrl+C or long-press).';
