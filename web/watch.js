@@ -112,5 +112,24 @@ $('unmute').addEventListener('click', () => {
   if (!video.muted) video.play().catch(() => {});
   $('unmute-label').textContent = video.muted ? 'Unmute' : 'Mute';
 });
+$('volume').addEventListener('input', () => {
+  video.volume = Number($('volume').value);
+  // Turning the sound up is asking for sound.
+  if (video.volume > 0 && video.muted) $('unmute').click();
+});
+$('details').addEventListener('click', () => {
+  const open = $('overlay').hidden;
+  $('overlay').hidden = !open;
+  $('details').setAttribute('aria-expanded', String(open));
+});
+$('fullscreen').addEventListener('click', () => {
+  const player = $('player');
+  if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
+  else if (player.requestFullscreen) player.requestFullscreen().catch(() => {});
+  else if (video.webkitEnterFullscreen) video.webkitEnterFullscreen(); // iPhone Safari
+});
+document.addEventListener('fullscreenchange', () => {
+  $('fullscreen').textContent = document.fullscreenElement ? 'Exit full screen' : 'Full screen';
+});
 
 start();

@@ -156,6 +156,11 @@ describe('the pages on a phone screen', { timeout: 180000 }, () => {
     const page = viewer.page;
     await noSideScroll(page, 'the watch page while playing');
     await tapTarget(page, '#unmute');
+    for (const control of ['#details', '#fullscreen']) await tapTarget(page, control);
+    // The details are there on demand, not over the picture by default.
+    assert.ok(!(await page.isVisible('#overlay')), 'details hidden until asked for');
+    await page.click('#details');
+    assert.equal(await page.getAttribute('#details', 'aria-expanded'), 'true');
     const video = await page.locator('#video').boundingBox();
     const details = await page.locator('#overlay').boundingBox();
     assert.ok(details.y >= video.y + video.height - 1, `stream details below the picture: ${JSON.stringify({ video, details })}`);
@@ -168,6 +173,11 @@ describe('the pages on a phone screen', { timeout: 180000 }, () => {
     await page.keyboard.press('Enter');
     assert.equal(await page.evaluate(() => document.getElementById('video').muted), false, 'unmuted');
     assert.match(await page.textContent('#unmute'), /^\s*Mute\s*$/);
+    // The volume follows its slider.
+    await page.fill('#volume', '0.4');
+    assert.equal(await page.evaluate(() => document.getElementById('video').volume), 0.4);
+    // The Dashboard (every room, for the operator) is not offered to viewers.
+    assert.equal(await page.locator('header a[href="/dashboard"]').count(), 0);
     // At desktop width the details are an overlay on the picture again.
     await page.setViewportSize(SIZES[1]);
     await sleep(250);
