@@ -666,7 +666,7 @@ impl DecodeError {
 }
 
 /// Message type names a client may send, in wire form.
-const CLIENT_TYPES: [&str; 7] = [
+pub const CLIENT_TYPES: [&str; 7] = [
     "hello",
     "signal",
     "report",
