@@ -426,13 +426,28 @@ mod soak {
         reports: AtomicU64,
         errors: AtomicU64,
         failures: AtomicU64,
+        /// Error codes the server sent, with how often.
+        codes: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     }
 
     impl Counts {
+        fn error(&self, v: &Value) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            let code = v["code"].as_str().unwrap_or("?").to_owned();
+            if let Ok(mut codes) = self.codes.lock() {
+                *codes.entry(code).or_default() += 1;
+            }
+        }
+
         fn line(&self) -> String {
             let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let codes = self
+                .codes
+                .lock()
+                .map(|c| format!("{c:?}"))
+                .unwrap_or_default();
             format!(
-                "joins {} resumes {} (refused {}) leaves {} vanished {} reports {} errors {} failed {}",
+                "joins {} resumes {} (refused {}) leaves {} vanished {} reports {} errors {} {codes} failed {}",
                 g(&self.joins),
                 g(&self.resumes),
                 g(&self.resume_refused),
@@ -591,6 +606,8 @@ mod soak {
                 if resuming {
                     counts.resume_refused.fetch_add(1, Ordering::Relaxed);
                 }
+                // As a page does: wait a little before trying again.
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             };
             if resuming {
@@ -643,7 +660,7 @@ mod soak {
                     match v["type"].as_str() {
                         Some("welcome") => return Some(v),
                         Some("error") => {
-                            counts.errors.fetch_add(1, Ordering::Relaxed);
+                            counts.error(&v);
                             return None;
                         }
                         _ => {}
@@ -675,8 +692,10 @@ mod soak {
                 }
                 next = ws.next() => match next {
                     Some(Ok(msg)) => {
-                        if msg.to_text().is_ok_and(|t| t.contains("\"type\":\"error\"")) {
-                            counts.errors.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(v) = serde_json::from_str::<Value>(msg.to_text().unwrap_or(""))
+                            && v["type"] == "error"
+                        {
+                            counts.error(&v);
                         }
                     }
                     Some(Err(_)) | None => {
@@ -710,7 +729,20 @@ mod soak {
                         return;
                     }
                 }
-                next = ws.next() => if !matches!(next, Some(Ok(_))) { return },
+                next = ws.next() => match next {
+                    Some(Ok(msg)) => {
+                        if let Ok(v) = serde_json::from_str::<Value>(msg.to_text().unwrap_or(""))
+                            && v["type"] == "error"
+                        {
+                            println!("the broadcaster got an error: {v}");
+                        }
+                    }
+                    other => {
+                        println!("the broadcaster's socket ended: {other:?}");
+                        counts.failures.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                },
             }
         }
         let _ = send(&mut ws, &json!({"type": "leave"})).await;
