@@ -320,6 +320,8 @@ pub struct Status {
     pub ended: Option<EndReason>,
     /// Why the agent failed, when it did.
     pub error: Option<ErrorInfo>,
+    /// The broadcast's title, from `welcome`, if it has one.
+    pub title: Option<String>,
 }
 
 /// The room's stream, from `welcome.limits`.
@@ -355,6 +357,8 @@ pub struct Agent {
     ice_servers: Vec<IceServer>,
     /// The room's stream bitrate and picture, from the last `welcome`.
     stream: Option<RoomStream>,
+    /// The broadcast's title, from `welcome`.
+    title: Option<String>,
     /// What the driver said about the network, and whether the room has still to hear it
     /// (not yet sent, or a fresh join since).
     connectivity: Option<Connectivity>,
@@ -422,6 +426,7 @@ impl Agent {
             resume: None,
             ice_servers: Vec::new(),
             stream: None,
+            title: None,
             connectivity: None,
             connectivity_due: false,
             heartbeat: Duration::from_secs(5),
@@ -488,6 +493,7 @@ impl Agent {
             waiting: self.waiting,
             ended: self.ended,
             error: self.error.clone(),
+            title: self.title.clone(),
         }
     }
 
@@ -632,8 +638,10 @@ impl Agent {
                 resumed,
                 ice_servers,
                 limits,
+                title,
                 ..
             } => {
+                self.title = title;
                 if !resumed {
                     // A new identity: whatever links the old one had are gone.
                     self.close_all_media();

@@ -343,6 +343,9 @@ pub enum ServerMessage {
         limits: ClientLimits,
         /// Protocol version of the server.
         protocol: u32,
+        /// The broadcast's title, as the broadcaster gave it when creating the room.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
     },
     /// Pull the stream from this peer. It opens the connection and sends the offer.
     Parent {

@@ -104,6 +104,10 @@ pub struct RoomConfig {
     /// room's creation (never from a configuration file); told to clients in `welcome`.
     #[serde(skip)]
     pub quality: Option<Quality>,
+    /// The broadcast's title, if the broadcaster gave one. Set per room from its creation
+    /// (never from a configuration file); told to clients in `welcome`.
+    #[serde(skip)]
+    pub title: Option<String>,
     /// Share of a declared uplink that may be spent on children, in percent.
     pub usable_uplink_percent: u32,
     /// Uplink assumed for a peer that declares none, in kbit/s.
@@ -174,6 +178,7 @@ impl Default for RoomConfig {
             stream_kbps: 500,
             max_stream_kbps: Quality::Hd.stream_kbps(),
             quality: None,
+            title: None,
             usable_uplink_percent: 80,
             default_uplink_kbps: 2_000,
             loss_threshold: 0.05,
@@ -687,6 +692,8 @@ pub struct RoomSnapshot {
     pub stream_kbps: u32,
     /// The picture the broadcaster chose, if it chose one.
     pub video: Option<VideoFormat>,
+    /// The broadcast's title, if it has one.
+    pub title: Option<String>,
 }
 
 /// A room: the relay tree plus the peers' sessions. See the module docs for the loop.
@@ -928,6 +935,7 @@ impl Room {
             peers,
             stream_kbps: self.config.stream_kbps,
             video: self.config.quality.map(Quality::video),
+            title: self.config.title.clone(),
         }
     }
 
@@ -1107,6 +1115,7 @@ impl Room {
                 ice_servers,
                 limits,
                 protocol: PROTOCOL_VERSION,
+                title: self.config.title.clone(),
             },
         );
     }
