@@ -86,6 +86,8 @@ pub struct AgentConfig {
     pub role: Role,
     /// The broadcaster token (broadcaster only).
     pub token: Option<String>,
+    /// The signed viewer link token of a private room (`hello.link`).
+    pub link: Option<String>,
     /// Measured upload bandwidth, sent in `hello` so the server can place capacity well.
     pub uplink_kbps: Option<u32>,
     /// Media gap after which a peer at depth 1 reports `stalled`.
@@ -133,6 +135,7 @@ impl AgentConfig {
             room,
             role,
             token: None,
+            link: None,
             uplink_kbps: None,
             stall_after: Duration::from_millis(1000),
             stall_step_per_depth: Duration::from_millis(100),
@@ -478,6 +481,11 @@ impl Agent {
         self.stream.as_ref()
     }
 
+    /// Sets the signed viewer link sent in every later `hello` (a private room's).
+    pub fn set_link(&mut self, link: Option<String>) {
+        self.config.link = link;
+    }
+
     /// The current status.
     pub fn status(&self) -> Status {
         Status {
@@ -618,6 +626,7 @@ impl Agent {
             token: self.config.token.clone(),
             uplink_kbps: self.config.uplink_kbps,
             resume: self.resume.clone(),
+            link: self.config.link.clone(),
         };
         self.send_now(now, &ClientMessage::Hello(hello));
     }
@@ -780,6 +789,8 @@ impl Agent {
             | ErrorCode::BroadcasterExists
             | ErrorCode::UnsupportedVersion
             | ErrorCode::TooManyConnections
+            | ErrorCode::LinkExpired
+            | ErrorCode::LinkUsedUp
             | ErrorCode::ShuttingDown => {
                 self.error = Some(ErrorInfo { code, message });
                 self.finish(Phase::Failed);

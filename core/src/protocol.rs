@@ -45,6 +45,10 @@ pub struct Hello {
     /// after a signalling blip, within the room's resume grace period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<String>,
+    /// A signed viewer link token (the `t` of a private room's `/watch/{room}#t=...`
+    /// link); needed to join a private room without its broadcaster token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -527,11 +531,17 @@ pub enum ErrorCode {
     Unauthorized,
     /// HTTP only: valid credentials that do not allow what was asked.
     Forbidden,
+    /// A private room's viewer link is genuine but past its expiry.
+    LinkExpired,
+    /// A private room's viewer link has been used as many times as it allows.
+    LinkUsedUp,
+    /// HTTP only: signed viewer links asked for a room that is public.
+    NotPrivate,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 30] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -559,6 +569,9 @@ impl ErrorCode {
         Self::Internal,
         Self::Unauthorized,
         Self::Forbidden,
+        Self::LinkExpired,
+        Self::LinkUsedUp,
+        Self::NotPrivate,
     ];
 
     /// The code as it appears on the wire.
@@ -591,6 +604,9 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
+            Self::LinkExpired => "link_expired",
+            Self::LinkUsedUp => "link_used_up",
+            Self::NotPrivate => "not_private",
         }
     }
 
@@ -634,6 +650,11 @@ impl ErrorCode {
                 "This needs credentials: send \"Authorization: Bearer <secret or token>\"."
             }
             Self::Forbidden => "Your credentials do not allow this.",
+            Self::LinkExpired => "This invitation link has expired; ask for a new one.",
+            Self::LinkUsedUp => {
+                "This invitation link has been used as many times as it allows; ask for a new one."
+            }
+            Self::NotPrivate => "This room is public: its plain link needs no signature.",
         }
     }
 }

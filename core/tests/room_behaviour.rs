@@ -234,6 +234,7 @@ impl Harness {
             token: token.map(str::to_owned),
             uplink_kbps: Some(uplink),
             resume: None,
+            link: None,
         };
         self.input(Input::Hello { conn, hello });
         conn
@@ -272,6 +273,7 @@ impl Harness {
                 token: None,
                 uplink_kbps: None,
                 resume: Some(token),
+                link: None,
             },
         });
         conn
@@ -508,6 +510,7 @@ fn bad_resume_token_is_refused() {
             token: None,
             uplink_kbps: None,
             resume: Some("nope".into()),
+            link: None,
         },
     });
     assert_eq!(h.views[&conn].errors, [ErrorCode::BadResume]);
@@ -1024,6 +1027,7 @@ fn room_full_and_double_hello_are_refused() {
         token: None,
         uplink_kbps: None,
         resume: None,
+        link: None,
     };
     h.input(Input::Hello { conn: v, hello });
     assert_eq!(h.views[&v].errors, [ErrorCode::AlreadyJoined]);
@@ -1063,6 +1067,7 @@ fn broadcaster_presence_is_announced() {
             token: Some(TOKEN.into()),
             uplink_kbps: None,
             resume: Some(token),
+            link: None,
         },
     });
     assert_eq!(h.views[&v].live, Some(true));
