@@ -136,6 +136,7 @@ const KEYS: &[&str] = &[
     "relay",
     "linger",
     "mode",
+    "link",
 ];
 
 /// Every type a client may send, and one only the server sends.
@@ -425,6 +426,8 @@ impl Driver {
                     token: (broadcaster && right_token).then(|| TOKEN.to_owned()),
                     uplink_kbps: uplink,
                     resume,
+                    // Links are checked by the driver before the room sees a hello.
+                    link: None,
                 };
                 self.input(Input::Hello { conn, hello })
             }
