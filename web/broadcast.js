@@ -100,6 +100,8 @@ function createRoom() {
   const want = {};
   if (offersQualities) want.quality = chosenQuality().quality;
   if (wantsPrivate()) want.private = true;
+  const title = $('broadcast-title').value.trim();
+  if (title) want.title = title;
   if (!Object.keys(want).length) return fetch('/api/rooms', { method: 'POST', headers });
   headers['content-type'] = 'application/json';
   return fetch('/api/rooms', { method: 'POST', headers, body: JSON.stringify(want) });

@@ -29,9 +29,18 @@ function fail(code, html) {
 
 const escape = (s) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 
+// The broadcast's title, once the server has told it (welcome.title).
+let title = null;
+function showTitle(t) {
+  if (!t || t === title) return;
+  title = t;
+  document.title = `${t} — treecast`;
+  if (document.body.dataset.phase !== 'ended' && document.body.dataset.phase !== 'failed') $('title').textContent = t;
+}
+
 function ended(reason) {
   document.body.dataset.phase = 'ended';
-  $('title').textContent = `Ended: room ${raw}`;
+  $('title').textContent = title ? `Ended: ${title}` : 'This broadcast has ended';
   $('relay-note').hidden = true;
   const m = $('message');
   m.className = 'notice';
@@ -45,6 +54,7 @@ function ended(reason) {
 
 function show(status) {
   document.body.dataset.phase = status.phase;
+  showTitle(status.title);
   if (status.phase === 'ended') return ended(status.ended);
   if (status.phase === 'failed') {
     const code = status.error ? status.error.code : 'failed';
@@ -78,8 +88,8 @@ function showStats(info) {
 async function start() {
   if (!raw) return fail('no_room', '<strong>This link has no room in it.</strong> A watch link looks like <code>/watch/q7Xc-2_kLm</code>; ask the broadcaster for theirs.');
   if (!/^[A-Za-z0-9_-]{1,64}$/.test(raw)) return fail('bad_room', `<strong>“${escape(raw)}” is not a room id.</strong> Check the link you were given.`);
-  document.title = `Room ${raw} — treecast`;
-  $('title').textContent = `Live: room ${raw}`;
+  document.title = 'Live broadcast — treecast';
+  $('title').textContent = 'Live broadcast';
   let snap;
   try {
     // With an invitation, only the WebSocket can tell (a private room answers no one else).

@@ -223,6 +223,9 @@ struct CreatedRoom {
     video: Option<VideoFormat>,
     /// Viewers need a signed link (`POST /api/rooms/{room}/links`).
     private: bool,
+    /// The broadcast's title, as it will be shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    title: Option<String>,
 }
 
 /// Largest `POST /api/rooms` body: a quality name fits many times over.
@@ -238,6 +241,31 @@ struct NewRoom {
     /// Viewers need a signed link (`POST /api/rooms/{room}/links`); absent: public.
     #[serde(default)]
     private: bool,
+    /// The broadcast's title, shown to viewers ([`MAX_TITLE_CHARS`] at most).
+    #[serde(default)]
+    title: Option<String>,
+}
+
+/// Longest broadcast title, in characters.
+pub(crate) const MAX_TITLE_CHARS: usize = 100;
+
+/// A title as given, trimmed; blank is none. Control characters and overlong titles are
+/// refused rather than cut, so the broadcaster sees what viewers will see.
+fn title_from(text: &str) -> Result<Option<String>, ApiError> {
+    let title = text.trim();
+    let bad = |why: &str| {
+        Err(ApiError::with(
+            ErrorCode::InvalidField,
+            format!("Field \"title\": {why}"),
+        ))
+    };
+    if title.chars().any(char::is_control) {
+        return bad("it may not hold control characters such as line breaks.");
+    }
+    if title.chars().count() > MAX_TITLE_CHARS {
+        return bad(&format!("it is longer than {MAX_TITLE_CHARS} characters."));
+    }
+    Ok((!title.is_empty()).then(|| title.to_owned()))
 }
 
 /// Reads an optional JSON object body into `T`: an empty body is `T::default()`, one that
@@ -274,7 +302,7 @@ fn new_room(body: &[u8]) -> Result<NewRoom, ApiError> {
     json_body(
         body,
         "{\"quality\":\"720p\"}",
-        "\"quality\" and \"private\"",
+        "\"quality\", \"private\" and \"title\"",
     )
 }
 
@@ -282,16 +310,29 @@ fn new_room(body: &[u8]) -> Result<NewRoom, ApiError> {
 /// An empty body chooses nothing.
 pub(crate) fn room_config_for(base: &RoomConfig, body: &[u8]) -> Result<RoomConfig, ApiError> {
     let request = new_room(body)?;
-    let Some(name) = request.quality else {
-        return Ok(base.clone());
+    let title = request
+        .title
+        .as_deref()
+        .map(title_from)
+        .transpose()?
+        .flatten();
+    let mut config = match request.quality {
+        None => base.clone(),
+        Some(name) => with_quality(base, &name)?,
     };
+    config.title = title;
+    Ok(config)
+}
+
+/// `base` with the preset named `name`.
+fn with_quality(base: &RoomConfig, name: &str) -> Result<RoomConfig, ApiError> {
     let offered: Vec<&str> = Quality::ALL.iter().map(|q| q.as_str()).collect();
-    let quality = Quality::from_name(&name).ok_or_else(|| {
+    let quality = Quality::from_name(name).ok_or_else(|| {
         ApiError::with(
             ErrorCode::InvalidField,
             format!(
                 "Field \"quality\": there is no quality \"{}\"; the presets are {}.",
-                shorten(&name),
+                shorten(name),
                 offered.join(", ")
             ),
         )
@@ -424,6 +465,7 @@ pub(crate) async fn create_room(
                     stream_kbps: config.stream_kbps,
                     video: config.quality.map(Quality::video),
                     private,
+                    title: config.title.clone(),
                 };
                 return Ok((StatusCode::CREATED, Json(body)).into_response());
             }

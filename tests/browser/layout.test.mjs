@@ -103,6 +103,7 @@ describe('the pages on a phone screen', { timeout: 180000 }, () => {
     // Before any preview, the empty picture box says what it is for.
     assert.match(await page.textContent('#preview-empty'), /Press Preview/);
     await page.check('input[name=source][value=pattern]');
+    await page.fill('#broadcast-title', 'Friday quiz, round 2');
     await page.click('#preview');
     await waitFor('the preview', () => page.evaluate(() => document.getElementById('preview-video').readyState >= 2), 15000);
     assert.ok(!(await page.isVisible('#preview-empty')), 'the hint goes once the picture shows');
@@ -154,6 +155,9 @@ describe('the pages on a phone screen', { timeout: 180000 }, () => {
 
   step('watching on a phone: the picture is clear of details, unmute is a real button', async () => {
     const page = viewer.page;
+    // The broadcaster's title heads the page and names the tab.
+    assert.equal(await page.textContent('#title'), 'Friday quiz, round 2');
+    assert.equal(await page.title(), 'Friday quiz, round 2 — treecast');
     await noSideScroll(page, 'the watch page while playing');
     await tapTarget(page, '#unmute');
     for (const control of ['#details', '#fullscreen']) await tapTarget(page, control);
