@@ -71,7 +71,7 @@ export function describeTree(s) {
     (s.waiting ? `, ${s.waiting} waiting` : '') + (s.ended ? `; ended (${s.ended})` : s.live ? '; live' : '; broadcaster offline');
 }
 
-const EVENT_KINDS = ['joined', 'disconnected', 'left', 'repaired', 'capacity', 'tree', 'refused', 'ended', 'lagged'];
+const EVENT_KINDS = ['joined', 'disconnected', 'left', 'repaired', 'capacity', 'tree', 'refused', 'ended', 'lagged', 'reconfigured'];
 
 /** Request headers carrying `auth` (a secret or token), if any. */
 export function authHeaders(auth) {
