@@ -867,9 +867,9 @@ impl Room {
                 cause: RepairCause::Rebalance,
             });
         }
-        if shed + lifted + moved > 0 {
-            self.flush_tree_events(None);
-        }
+        // Also when nothing moved: a peer done shedding (its surplus children left on
+        // their own) offers its slots again, and waiting peers may have taken them.
+        self.flush_tree_events(None);
     }
 
     /// Tells the room the wall-clock (Unix) time at the driver's epoch, i.e. when `now`

@@ -2545,3 +2545,42 @@ fn without_handovers_a_lower_fanout_applies_at_once() {
         assert!(p.children.len() as u32 <= p.capacity);
     }
 }
+
+/// A relay shedding after a lower fan-out whose surplus children all left on their own
+/// offers its slot again at the next round, and the waiting peer that takes it is told
+/// `parent` in that round (found by the proptest above).
+#[test]
+fn a_relay_done_shedding_by_departures_tells_the_peer_it_takes() {
+    let steps = vec![
+        Step::Join { uplink: 1250 },
+        Step::Drop { pick: 0 },
+        Step::Join { uplink: 0 },
+        Step::Join { uplink: 0 },
+        Step::Retune(Tuning {
+            relay_fanout: Some(1),
+            ..Tuning::default()
+        }),
+        Step::Receive { pick: 0 },
+        Step::Drop { pick: 0 },
+        Step::Join { uplink: 0 },
+        Step::Drop {
+            pick: 36_762_465_114_070_127,
+        },
+        Step::Resume {
+            pick: 1_591_113_795_992_059_412,
+        },
+        Step::Join { uplink: 0 },
+        Step::Linger {
+            pick: 2_114_619_576_194_539_113,
+        },
+        Step::Resume {
+            pick: 12_171_059_867_838_473_179,
+        },
+        Step::Leave {
+            pick: 685_845_374_597_117_888,
+        },
+        Step::Linger { pick: 25 },
+        Step::Wait { ms: 2972 },
+    ];
+    client_views_match_the_tree_with(Duration::from_secs(5), steps).unwrap();
+}
