@@ -783,8 +783,8 @@ impl RelayTree {
     }
 
     /// Moves children away from peers above their capacity goal ([`Self::limit_capacity`]),
-    /// at most `max_moves`, one child (with its subtree) per move: the weakest child
-    /// first, to the best free slot outside its own subtree where the whole subtree stays
+    /// at most `max_moves`, one child (with its subtree) per move: leaves first, then the
+    /// children feeding fewest, each to the best free slot outside its own subtree where the whole subtree stays
     /// within the depth limit. Children for which `skip` is true stay this time (the room
     /// passes over peers still switching from an earlier move). A surplus with no slot to
     /// go to stays where it is, fed, until one frees: lowering a fan-out never makes
@@ -836,8 +836,10 @@ impl RelayTree {
     /// Moves one child of shedding, attached `n` elsewhere (see [`Self::shed`]). False
     /// if none may move now.
     fn shed_one(&mut self, n: NodeIndex, skip: &impl Fn(PeerId) -> bool) -> bool {
+        // Leaves first, then the children feeding fewest: the smaller the subtree that
+        // moves, the less it deepens the tree before rebalancing lifts it.
         let mut children: Vec<NodeIndex> = self.graph.neighbors_directed(n, Outgoing).collect();
-        children.sort_by_key(|&c| (self.graph[c].capacity, c.index()));
+        children.sort_by_key(|&c| (self.graph[c].children, self.graph[c].capacity, c.index()));
         let depth = self.graph[n].depth;
         for c in children {
             if skip(self.graph[c].peer) {
