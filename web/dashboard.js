@@ -104,10 +104,63 @@ function describeEvent(kind, d) {
       if (d.event === 'waiting') return `viewer ${d.peer} waits for a free place`;
       return null; // unlinks and depth changes are told by the move they belong to
     case 'refused': return `refused a request (${d.code})`;
+    case 'reconfigured': return `an operator changed the settings: the broadcaster feeds up to ${d.root_fanout}, each viewer up to ${d.relay_fanout}, at most ${d.max_depth} steps deep, at most ${d.max_peers} viewers`;
     case 'ended': return `the broadcast ended: ${ENDED[d.reason] || d.reason}`;
     default: return null;
   }
 }
+
+/** Children per peer: how many peers feed 0, 1, 2… children, and who is still over its
+ * capacity after a fan-out was lowered. */
+function describeFanout(s) {
+  const counts = [];
+  let over = 0;
+  for (const p of s.peers || []) {
+    const n = (p.children || []).length;
+    counts[n] = (counts[n] || 0) + 1;
+    if (n > p.capacity) over += 1;
+  }
+  const text = 'Peers by children fed: ' + Array.from(counts, (c, n) => `${n}: ${c || 0}`).join(', ');
+  return over ? `${text}; ${over} still over capacity, moving children on` : text;
+}
+
+let editing = false;
+
+/** Puts the room's settings in the form, unless the operator is changing them. */
+function showSettings(settings) {
+  if (!settings || editing) return;
+  $('set-root').value = settings.root_fanout;
+  $('set-relay').value = settings.relay_fanout;
+  $('set-depth').value = settings.max_depth;
+  $('set-viewers').value = settings.max_peers;
+}
+
+$('tuning').addEventListener('focusin', () => { editing = true; });
+$('tuning').addEventListener('focusout', (e) => { if (!$('tuning').contains(e.relatedTarget)) editing = false; });
+$('tuning').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  if (!selected) return;
+  const body = {};
+  for (const input of $('tuning').querySelectorAll('input')) body[input.name] = Number(input.value);
+  $('apply').disabled = true;
+  $('tuning-status').textContent = 'Applying…';
+  try {
+    const res = await fetch('/api/rooms/' + encodeURIComponent(selected), {
+      method: 'PATCH',
+      headers: { ...authHeaders(secret()), 'Content-Type': 'application/json' },
+      body: JSON.stringify(body),
+    });
+    const answer = await res.json().catch(() => ({}));
+    if (res.status === 401) return askForSecret('The server no longer accepts that secret.');
+    if (!res.ok) { $('tuning-status').textContent = answer.message || `Refused (${res.status}).`; return; }
+    editing = false;
+    $('tuning-status').textContent = `Applied: broadcaster fan-out ${answer.root_fanout}, relay fan-out ${answer.relay_fanout}, max depth ${answer.max_depth}, max viewers ${answer.max_viewers}.`;
+  } catch {
+    $('tuning-status').textContent = 'The server could not be reached; try again.';
+  } finally {
+    $('apply').disabled = false;
+  }
+});
 
 function select(room) {
   if (stop) stop();
@@ -124,6 +177,8 @@ function select(room) {
       broadcasterId = (s.peers || []).find((p) => p.role === 'broadcaster')?.id ?? broadcasterId;
       $('summary').textContent = describeTree(s);
       $('histogram').textContent = 'Peers per depth: ' + (s.depth_histogram || []).map((n, d) => `${d}: ${n}`).join(', ');
+      $('fanout').textContent = describeFanout(s);
+      showSettings(s.settings);
       drawTree($('tree'), s, null);
     },
     onEvent: (kind, d) => {

@@ -78,7 +78,7 @@ export function describeTree(s) {
   return text + (s.live ? '.' : '. The broadcaster is offline.');
 }
 
-const EVENT_KINDS = ['joined', 'disconnected', 'left', 'repaired', 'capacity', 'tree', 'refused', 'ended', 'media', 'lagged'];
+const EVENT_KINDS = ['joined', 'disconnected', 'left', 'repaired', 'capacity', 'tree', 'refused', 'ended', 'media', 'lagged', 'reconfigured'];
 
 /** Request headers carrying `auth` (a secret or token), if any. */
 export function authHeaders(auth) {

@@ -318,6 +318,49 @@ pub enum Input {
     Tick,
     /// End the room now (server shutdown, operator action).
     End(EndReason),
+    /// An operator changed the room's settings while it runs ([`Room::reconfigure`]).
+    Reconfigure(Tuning),
+}
+
+/// Settings an operator may change while a room runs; absent fields stay as they are.
+/// The driver checks them against its own limits; the room only keeps fan-outs and depth
+/// sane (the broadcaster feeds at least one child, the depth limit is at least 1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tuning {
+    /// New [`RoomConfig::root_fanout`].
+    pub root_fanout: Option<u32>,
+    /// New [`RoomConfig::relay_fanout`].
+    pub relay_fanout: Option<u32>,
+    /// New [`RoomConfig::max_depth`].
+    pub max_depth: Option<u32>,
+    /// New [`RoomConfig::max_peers`].
+    pub max_peers: Option<u32>,
+}
+
+/// The settings of a room an operator may change, as they are now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RoomSettings {
+    /// Most children the broadcaster may feed.
+    pub root_fanout: u32,
+    /// Most children a viewer may feed.
+    pub relay_fanout: u32,
+    /// Deepest allowed position.
+    pub max_depth: u32,
+    /// Most viewers; more are refused with `room_full` (nobody already in is removed).
+    pub max_peers: u32,
+}
+
+impl RoomConfig {
+    /// The settings an operator may change, from this configuration.
+    pub fn settings(&self) -> RoomSettings {
+        RoomSettings {
+            root_fanout: self.root_fanout,
+            relay_fanout: self.relay_fanout,
+            max_depth: self.max_depth,
+            max_peers: self.max_peers,
+        }
+    }
 }
 
 /// What the room asks the driver to do, or tells it happened.
@@ -369,6 +412,9 @@ pub enum RepairCause {
     LinkFailed,
     /// A background move: a stronger peer took a shallower place (make-before-break).
     Rebalance,
+    /// An operator lowered a fan-out or the depth limit: a surplus child, or a peer too
+    /// deep, moved to a free slot (make-before-break).
+    Tuning,
 }
 
 impl RepairCause {
@@ -380,6 +426,7 @@ impl RepairCause {
             Self::ParentCapacity => "parent_capacity",
             Self::LinkFailed => "link_failed",
             Self::Rebalance => "rebalance",
+            Self::Tuning => "tuning",
         }
     }
 }
@@ -467,6 +514,8 @@ pub enum RoomEvent {
         /// Its new state.
         state: MediaState,
     },
+    /// An operator changed the room's settings; these are the settings now.
+    Reconfigured(RoomSettings),
 }
 
 #[derive(Debug, Clone)]
@@ -694,6 +743,11 @@ pub struct RoomSnapshot {
     pub video: Option<VideoFormat>,
     /// The broadcast's title, if it has one.
     pub title: Option<String>,
+    /// The settings an operator may change (fan-outs, depth limit, most viewers).
+    pub settings: RoomSettings,
+    /// Peers still feeding more children than their capacity after a fan-out was
+    /// lowered; they shed them a few moves per second.
+    pub shedding: u32,
 }
 
 /// A room: the relay tree plus the peers' sessions. See the module docs for the loop.
@@ -803,17 +857,34 @@ impl Room {
     }
 
     /// Up to a second's budget of background moves; each is a handover like any move.
+    /// Moves an operator's change calls for (surplus children of a lowered fan-out, peers
+    /// below a lowered depth limit) go first; peers still switching from an earlier move
+    /// wait for the next round, so nobody is moved twice before its new parent delivers.
     fn rebalance(&mut self) {
         self.arm(self.now + REBALANCE_EVERY, Timer::Rebalance);
-        let budget = self.config.rebalance_moves_per_second + std::mem::take(&mut self.departed);
-        let moved = self.tree.rebalance(budget as usize);
+        let budget =
+            (self.config.rebalance_moves_per_second + std::mem::take(&mut self.departed)) as usize;
+        let handovers = &self.handovers;
+        let shed = self.tree.shed(budget, |p| handovers.contains_key(&p));
+        let lifted = self
+            .tree
+            .lift_deep(budget - shed, |p| handovers.contains_key(&p));
+        if shed + lifted > 0 {
+            self.event(RoomEvent::Repaired {
+                subtrees: (shed + lifted) as u32,
+                cause: RepairCause::Tuning,
+            });
+        }
+        let moved = self.tree.rebalance(budget - shed - lifted);
         if moved > 0 {
             self.event(RoomEvent::Repaired {
                 subtrees: moved as u32,
                 cause: RepairCause::Rebalance,
             });
-            self.flush_tree_events(None);
         }
+        // Also when nothing moved: a peer done shedding (its surplus children left on
+        // their own) offers its slots again, and waiting peers may have taken them.
+        self.flush_tree_events(None);
     }
 
     /// Tells the room the wall-clock (Unix) time at the driver's epoch, i.e. when `now`
@@ -893,6 +964,7 @@ impl Room {
             Input::Disconnected { conn } => self.on_disconnect(conn),
             Input::Tick => self.on_tick(),
             Input::End(reason) => self.end(reason),
+            Input::Reconfigure(tuning) => self.reconfigure(tuning),
         }
     }
 
@@ -936,6 +1008,86 @@ impl Room {
             stream_kbps: self.config.stream_kbps,
             video: self.config.quality.map(Quality::video),
             title: self.config.title.clone(),
+            settings: self.config.settings(),
+            shedding: self.tree.shedding_len() as u32,
+        }
+    }
+
+    /// Changes settings while the room runs. Nobody is removed or left without media:
+    ///
+    /// - a lower fan-out: peers now feeding more children than they may keep them, take no
+    ///   new ones, and hand the surplus on a few moves per second (the rebalancing budget,
+    ///   [`RoomConfig::rebalance_moves_per_second`]), each move make-before-break, and
+    ///   only to a free slot: a surplus with nowhere to go stays until one frees;
+    /// - a higher fan-out: the new slots take waiting peers at once, and rebalancing lifts
+    ///   deep peers into them;
+    /// - a lower depth limit: no slot beyond it is offered, and peers already deeper move
+    ///   up (make-before-break, same budget) where a slot is free;
+    /// - fewer viewers allowed: further joins are refused with `room_full`.
+    ///
+    /// Without a move budget (or with make-before-break off) the change applies at once.
+    pub fn reconfigure(&mut self, tuning: Tuning) {
+        if self.ended.is_some() {
+            return;
+        }
+        let c = &mut self.config;
+        if let Some(v) = tuning.root_fanout {
+            c.root_fanout = v.max(1);
+        }
+        if let Some(v) = tuning.relay_fanout {
+            c.relay_fanout = v;
+        }
+        if let Some(v) = tuning.max_peers {
+            c.max_peers = v;
+        }
+        if let Some(v) = tuning.max_depth {
+            c.max_depth = v.max(1);
+            self.tree.set_max_depth(c.max_depth);
+        }
+        let mut ids: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.departure.is_none())
+            .map(|(&id, _)| id)
+            .collect();
+        ids.sort_unstable(); // deterministic output order for simulations
+        for id in ids {
+            let target = self.target_capacity(id);
+            self.retune_capacity(id, target);
+        }
+        self.event(RoomEvent::Reconfigured(self.config.settings()));
+        if !self.rebalances() {
+            let moved =
+                self.tree.shed(usize::MAX, |_| false) + self.tree.lift_deep(usize::MAX, |_| false);
+            if moved > 0 {
+                self.event(RoomEvent::Repaired {
+                    subtrees: moved as u32,
+                    cause: RepairCause::Tuning,
+                });
+            }
+        }
+        self.flush_tree_events(None);
+    }
+
+    /// A peer's capacity after a settings change: lowered below its child count, it sheds
+    /// gradually ([`RelayTree::limit_capacity`]) when moves are make-before-break.
+    fn retune_capacity(&mut self, id: PeerId, target: u32) {
+        let Some(goal) = self.tree.capacity_goal(id) else {
+            return;
+        };
+        if goal == target {
+            return;
+        }
+        let children = self.tree.child_count(id).unwrap_or(0);
+        if target < children && self.rebalances() {
+            let _ = self.tree.limit_capacity(id, target);
+            self.touch_standby(id);
+            self.event(RoomEvent::Capacity {
+                peer: id,
+                capacity: target,
+            });
+        } else {
+            self.apply_capacity(id, target);
         }
     }
 
@@ -1829,7 +1981,7 @@ impl Room {
         let at = now + cap_hold(peer.cap_strikes);
         peer.cap_raise_at = Some(at);
         self.arm(at, Timer::CapRaise(id));
-        if self.tree.capacity(id).is_some_and(|c| capacity < c) {
+        if self.tree.capacity_goal(id).is_some_and(|c| capacity < c) {
             self.apply_capacity(id, capacity);
         }
     }
@@ -1863,7 +2015,21 @@ impl Room {
 
     fn apply_capacity(&mut self, id: PeerId, capacity: u32) {
         let before = self.tree.child_count(id).unwrap_or(0);
-        if self.tree.capacity(id) == Some(capacity) {
+        if self.tree.capacity_goal(id) == Some(capacity) {
+            return;
+        }
+        if self.tree.is_shedding(id)
+            && self
+                .tree
+                .capacity_goal(id)
+                .is_some_and(|goal| capacity > goal)
+        {
+            // Raised while it sheds after a lower fan-out: it keeps shedding gently,
+            // towards the new goal (or stops, if it is already there).
+            let _ = self.tree.limit_capacity(id, capacity);
+            self.touch_standby(id);
+            self.event(RoomEvent::Capacity { peer: id, capacity });
+            self.flush_tree_events(None);
             return;
         }
         let _ = self.tree.set_capacity(id, capacity);

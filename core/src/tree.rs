@@ -245,6 +245,10 @@ struct Node {
     /// Takes no new children for now (its free slots are not offered); see
     /// [`RelayTree::set_held`].
     held: bool,
+    /// The capacity it is being brought down to, one moved child at a time, while it
+    /// still feeds more children than that ([`RelayTree::limit_capacity`]); `capacity`
+    /// then follows its child count down and it offers no slot.
+    shed_to: Option<u32>,
 }
 
 impl Node {
@@ -309,6 +313,12 @@ pub struct RelayTree {
     /// Whether a TURN relay is available: peers whose NAT classes cannot connect directly
     /// may then be linked when no direct slot exists (TURN carries the link).
     relay_allowed: bool,
+    /// Peers with a capacity goal below their child count ([`RelayTree::limit_capacity`]).
+    /// Entries of peers that left are dropped lazily.
+    shedding: BTreeSet<PeerId>,
+    /// After the depth limit was lowered, the depth peers already placed deeper may keep
+    /// until [`RelayTree::lift_deep`] brings them up (0 once nobody is deeper).
+    overhang: u32,
 }
 
 impl RelayTree {
@@ -331,6 +341,8 @@ impl RelayTree {
             stack: Vec::new(),
             avoided: Default::default(),
             relay_allowed: true,
+            shedding: BTreeSet::new(),
+            overhang: 0,
         }
     }
 
@@ -413,9 +425,37 @@ impl RelayTree {
         (node.status == Status::Attached).then_some(node.depth)
     }
 
-    /// The peer's capacity.
+    /// The peer's capacity: how many children it may feed now. Above
+    /// [`Self::capacity_goal`] while it sheds children after a lower limit.
     pub fn capacity(&self, peer: PeerId) -> Option<u32> {
         self.node(peer).map(|n| self.graph[n].capacity)
+    }
+
+    /// The capacity the peer is to end up with: its capacity, or the lower one it is
+    /// shedding children towards ([`Self::limit_capacity`]).
+    pub fn capacity_goal(&self, peer: PeerId) -> Option<u32> {
+        self.node(peer)
+            .map(|n| self.graph[n].shed_to.unwrap_or(self.graph[n].capacity))
+    }
+
+    /// Whether the peer feeds more children than its capacity goal and sheds them.
+    pub fn is_shedding(&self, peer: PeerId) -> bool {
+        self.node(peer)
+            .is_some_and(|n| self.graph[n].shed_to.is_some())
+    }
+
+    /// Peers that still feed more children than their capacity goal.
+    pub fn shedding_len(&self) -> usize {
+        self.graph
+            .node_weights()
+            .filter(|n| n.shed_to.is_some())
+            .count()
+    }
+
+    /// The depth attached peers may have: the limit, or deeper while peers placed before
+    /// the limit was lowered wait to be lifted ([`Self::lift_deep`]).
+    fn depth_bound(&self) -> u32 {
+        self.max_depth.max(self.overhang)
     }
 
     /// The number of children the peer feeds.
@@ -499,7 +539,7 @@ impl RelayTree {
             peer,
             parent: self.parent(peer),
             depth: (node.status == Status::Attached).then_some(node.depth),
-            capacity: node.capacity,
+            capacity: node.shed_to.unwrap_or(node.capacity),
             children,
         })
     }
@@ -684,14 +724,23 @@ impl RelayTree {
         Ok(true)
     }
 
-    /// Changes a peer's capacity. Children above the new capacity are moved elsewhere
-    /// (lowest-capacity children first: they are most likely leaves, cheap to move).
+    /// Changes a peer's capacity. Children above the new capacity are moved elsewhere at
+    /// once (lowest-capacity children first: they are most likely leaves, cheap to move).
+    /// Ends any gradual shedding ([`Self::limit_capacity`]).
     pub fn set_capacity(&mut self, peer: PeerId, capacity: u32) -> Result<(), TreeError> {
         let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
+        let attached = self.graph[n].status == Status::Attached;
+        if self.graph[n].shed_to.take().is_some() {
+            self.shedding.remove(&peer);
+            if attached {
+                // Its spare slots (children that left meanwhile) are offered again.
+                self.reindex(n);
+            }
+        }
         if self.graph[n].capacity == capacity {
+            self.fill_waiting();
             return Ok(());
         }
-        let attached = self.graph[n].status == Status::Attached;
         self.graph[n].capacity = capacity;
         let excess = self.graph[n].children.saturating_sub(capacity) as usize;
         if excess > 0 {
@@ -711,6 +760,203 @@ impl RelayTree {
         self.place_orphans();
         self.fill_waiting();
         Ok(())
+    }
+
+    /// Lowers a peer's capacity without moving anyone now: when it feeds more children
+    /// than `capacity`, it keeps them, offers no slot, and [`Self::shed`] moves the
+    /// surplus elsewhere one subtree at a time (an operator lowered the fan-out, and the
+    /// room carries each move out make-before-break). Otherwise this is
+    /// [`Self::set_capacity`]. A peer inside a waiting subtree feeds nobody yet: its
+    /// surplus is cut at once.
+    pub fn limit_capacity(&mut self, peer: PeerId, capacity: u32) -> Result<(), TreeError> {
+        let n = self.node(peer).ok_or(TreeError::UnknownPeer(peer))?;
+        let node = &self.graph[n];
+        if capacity >= node.children || node.status != Status::Attached {
+            return self.set_capacity(peer, capacity);
+        }
+        let node = &mut self.graph[n];
+        node.capacity = node.children;
+        node.shed_to = Some(capacity);
+        self.shedding.insert(peer);
+        self.reindex(n);
+        Ok(())
+    }
+
+    /// Moves children away from peers above their capacity goal ([`Self::limit_capacity`]),
+    /// at most `max_moves`, one child (with its subtree) per move: leaves first, then the
+    /// children feeding fewest, each to the best free slot outside its own subtree where the whole subtree stays
+    /// within the depth limit. Children for which `skip` is true stay this time (the room
+    /// passes over peers still switching from an earlier move). A surplus with no slot to
+    /// go to stays where it is, fed, until one frees: lowering a fan-out never makes
+    /// anyone wait. Returns how many peers changed parent.
+    pub fn shed(&mut self, max_moves: usize, skip: impl Fn(PeerId) -> bool) -> usize {
+        let mut moves = 0;
+        let peers: Vec<PeerId> = self.shedding.iter().copied().collect();
+        for peer in peers {
+            if moves >= max_moves {
+                break;
+            }
+            let Some(n) = self.node(peer) else {
+                self.shedding.remove(&peer);
+                continue;
+            };
+            self.settle_shed(n);
+            while moves < max_moves
+                && self.graph[n].shed_to.is_some()
+                && self.graph[n].status == Status::Attached
+                && self.shed_one(n, &skip)
+            {
+                moves += 1;
+            }
+        }
+        self.fill_waiting();
+        moves
+    }
+
+    /// Brings a shedding peer's capacity down to its child count, or to its goal once it
+    /// is there (children may have left on their own).
+    fn settle_shed(&mut self, n: NodeIndex) {
+        let node = &mut self.graph[n];
+        let Some(goal) = node.shed_to else {
+            return;
+        };
+        if node.children <= goal {
+            node.capacity = goal;
+            node.shed_to = None;
+            let peer = node.peer;
+            self.shedding.remove(&peer);
+        } else {
+            node.capacity = node.children;
+        }
+        if self.graph[n].status == Status::Attached {
+            self.reindex(n);
+        }
+    }
+
+    /// Moves one child of shedding, attached `n` elsewhere (see [`Self::shed`]). False
+    /// if none may move now.
+    fn shed_one(&mut self, n: NodeIndex, skip: &impl Fn(PeerId) -> bool) -> bool {
+        // Leaves first, then the children feeding fewest: the smaller the subtree that
+        // moves, the less it deepens the tree before rebalancing lifts it.
+        let mut children: Vec<NodeIndex> = self.graph.neighbors_directed(n, Outgoing).collect();
+        children.sort_by_key(|&c| (self.graph[c].children, self.graph[c].capacity, c.index()));
+        let depth = self.graph[n].depth;
+        for c in children {
+            if skip(self.graph[c].peer) {
+                continue;
+            }
+            let height = self.subtree_height(c);
+            // Look before cutting: with the subtree out of the indexes the placement
+            // query cannot pick a slot inside it (`n` offers none while it sheds).
+            self.detach_subtree(c);
+            match self.best_slot(c) {
+                Some((d, q)) if d + 1 + height <= self.max_depth => {
+                    self.unlink(n, c);
+                    self.link(q, c);
+                    self.attach_subtree(c, d + 1);
+                    self.settle_shed(n);
+                    self.place_orphans();
+                    return true;
+                }
+                // Same depths as before, so re-attaching records no event.
+                _ => self.attach_subtree(c, depth + 1),
+            }
+        }
+        false
+    }
+
+    /// Levels below `top` in its subtree (0 for a leaf). O(subtree).
+    fn subtree_height(&self, top: NodeIndex) -> u32 {
+        let mut height = 0;
+        let mut stack = vec![(top, 0u32)];
+        while let Some((n, h)) = stack.pop() {
+            height = height.max(h);
+            stack.extend(
+                self.graph
+                    .neighbors_directed(n, Outgoing)
+                    .map(|c| (c, h + 1)),
+            );
+        }
+        height
+    }
+
+    /// Changes the depth limit. Raised, the slots it opens are offered (waiting peers
+    /// take them) at once. Lowered, no slot at or below the new limit is offered from now
+    /// on, and peers already deeper stay, fed, until [`Self::lift_deep`] moves them up.
+    pub fn set_max_depth(&mut self, max_depth: u32) {
+        let max_depth = max_depth.max(1);
+        let old = self.max_depth;
+        if max_depth == old {
+            return;
+        }
+        self.max_depth = max_depth;
+        let deepest = self.max_depth();
+        self.overhang = if deepest > max_depth {
+            deepest.max(self.overhang)
+        } else {
+            0
+        };
+        // Peers between the two limits change whether their slots are offered: O(N), for
+        // a configuration change.
+        let (lo, hi) = (old.min(max_depth), old.max(max_depth));
+        let affected: Vec<NodeIndex> = self
+            .graph
+            .node_indices()
+            .filter(|&n| {
+                let node = &self.graph[n];
+                node.status == Status::Attached && (lo..hi).contains(&node.depth)
+            })
+            .collect();
+        for n in affected {
+            self.reindex(n);
+        }
+        self.fill_waiting();
+    }
+
+    /// Moves peers deeper than the depth limit (it was lowered) up into free slots within
+    /// it, at most `max_moves`: the deepest first, each a leaf (everyone at the deepest
+    /// level is), so one peer changes parent per move. Peers for which `skip` is true stay
+    /// this time. Peers with no slot to go to stay where they are. Returns the moves.
+    pub fn lift_deep(&mut self, max_moves: usize, skip: impl Fn(PeerId) -> bool) -> usize {
+        let mut moves = 0;
+        while moves < max_moves {
+            let deepest = self.max_depth();
+            if deepest <= self.max_depth {
+                self.overhang = 0;
+                break;
+            }
+            let candidates: Vec<NodeIndex> = (0..CLASSES)
+                .rev()
+                .flat_map(|class| self.leaves.cell(deepest, class).iter().rev().copied())
+                .map(|i| NodeIndex::new(i as usize))
+                .collect();
+            let mut moved = false;
+            for leaf in candidates {
+                if skip(self.graph[leaf].peer) {
+                    continue;
+                }
+                // Only slots above the limit are offered, and none is the leaf's own.
+                let Some((slot_depth, parent)) = self.best_slot(leaf) else {
+                    continue;
+                };
+                let old = self.parent_of(leaf).expect("leaves are never the root");
+                self.unindex(leaf);
+                self.count_depth(deepest, false);
+                self.graph[leaf].status = Status::Detached;
+                self.unlink(old, leaf);
+                self.link(parent, leaf);
+                self.set_attached(leaf, slot_depth + 1);
+                self.reindex(leaf);
+                moves += 1;
+                moved = true;
+                break;
+            }
+            if !moved {
+                break;
+            }
+        }
+        self.fill_waiting();
+        moves
     }
 
     /// Records the peer's NAT class. Links it can no longer make directly move to a
@@ -966,7 +1212,12 @@ impl RelayTree {
     /// change parent no more than `budget`.
     fn swap_plan(&self, strong: NodeIndex, weak: NodeIndex, budget: usize) -> Option<SwapPlan> {
         let (s, w) = (&self.graph[strong], &self.graph[weak]);
-        if s.capacity <= w.capacity || s.depth <= w.depth {
+        // A peer shedding children would take on more: its capacity is on its way down.
+        if s.capacity <= w.capacity
+            || s.depth <= w.depth
+            || s.shed_to.is_some()
+            || w.shed_to.is_some()
+        {
             return None;
         }
         let (s_parent, w_parent) = (self.parent_of(strong)?, self.parent_of(weak)?);
@@ -1079,6 +1330,7 @@ impl RelayTree {
             wait_seq: None,
             nat: NatClass::Unknown,
             held: false,
+            shed_to: None,
         });
         self.nodes.insert(peer, n.index() as u32);
         Ok(n)
@@ -1149,8 +1401,9 @@ impl RelayTree {
         let node = &self.graph[n];
         let (depth, spare, capacity) = (node.depth, node.spare(), node.capacity);
         let group = group_of(node.nat);
-        let free_slot = (spare > 0 && depth < self.max_depth && !node.held)
-            .then(|| self.free[group].insert(depth, class_of(spare), i));
+        let free_slot =
+            (spare > 0 && depth < self.max_depth && !node.held && node.shed_to.is_none())
+                .then(|| self.free[group].insert(depth, class_of(spare), i));
         let leaf_slot = (node.children == 0 && depth > 0)
             .then(|| self.leaves.insert(depth, class_of(capacity), i));
         // The rank entry depends on depth and capacity only, which change far less often
@@ -1274,8 +1527,9 @@ impl RelayTree {
     fn attach_subtree(&mut self, top: NodeIndex, depth: u32) {
         self.stack.clear();
         self.stack.push((top, depth));
+        let bound = self.depth_bound();
         while let Some((n, d)) = self.stack.pop() {
-            if d >= self.max_depth {
+            if d >= bound {
                 // Cut while `n` is still detached, so unlinking does not index it early.
                 let cut: Vec<NodeIndex> = self.graph.neighbors_directed(n, Outgoing).collect();
                 for c in cut {
@@ -1668,12 +1922,20 @@ impl RelayTree {
                     node.children, node.capacity
                 ));
             }
+            if let Some(goal) = node.shed_to
+                && (goal >= node.capacity || !self.shedding.contains(&peer))
+            {
+                return fail(format!(
+                    "{peer} sheds to {goal} from capacity {} untracked",
+                    node.capacity
+                ));
+            }
             match node.status {
                 Status::Attached => {
                     if node.wait_seq.is_some() {
                         return fail(format!("attached {peer} is queued as waiting"));
                     }
-                    if node.depth > self.max_depth {
+                    if node.depth > self.depth_bound() {
                         return fail(format!("{peer} at depth {} over the limit", node.depth));
                     }
                     match parent {
@@ -1694,7 +1956,11 @@ impl RelayTree {
                     }
                     depth_counts[node.depth as usize] += 1;
                     let i = n.index() as u32;
-                    if node.spare() > 0 && node.depth < self.max_depth && !node.held {
+                    if node.spare() > 0
+                        && node.depth < self.max_depth
+                        && !node.held
+                        && node.shed_to.is_none()
+                    {
                         free.insert((group_of(node.nat), node.depth, class_of(node.spare()), i));
                     }
                     if let Some(p) = parent {

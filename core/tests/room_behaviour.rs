@@ -11,8 +11,8 @@ use treecast_core::protocol::{
     ServerMessage, StandbyRole,
 };
 use treecast_core::quality::Quality;
-use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig, RoomEvent};
-use treecast_core::tree::WaitReason;
+use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig, RoomEvent, Tuning};
+use treecast_core::tree::{WaitReason, min_depth};
 use treecast_core::turn::{self, Secret, TurnRest};
 use treecast_core::{PeerId, RoomId};
 
@@ -1253,10 +1253,28 @@ enum Step {
     Wait {
         ms: u64,
     },
+    /// An operator changes the room's settings.
+    Retune(Tuning),
+}
+
+fn tuning() -> impl Strategy<Value = Tuning> {
+    (
+        proptest::option::of(1u32..5),
+        proptest::option::of(0u32..5),
+        proptest::option::of(1u32..7),
+        proptest::option::of(0u32..40),
+    )
+        .prop_map(|(root_fanout, relay_fanout, max_depth, max_peers)| Tuning {
+            root_fanout,
+            relay_fanout,
+            max_depth,
+            max_peers,
+        })
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
+        1 => tuning().prop_map(Step::Retune),
         8 => (0u32..3_000).prop_map(|uplink| Step::Join { uplink }),
         2 => any::<usize>().prop_map(|pick| Step::Leave { pick }),
         2 => any::<usize>().prop_map(|pick| Step::Linger { pick }),
@@ -1340,6 +1358,7 @@ fn client_views_match_the_tree_with(
                 }
             }
             Step::Wait { ms } => h.advance(Duration::from_millis(ms)),
+            Step::Retune(tuning) => h.input(Input::Reconfigure(tuning)),
             _ => {}
         }
         live.retain(|c| !h.views[c].closed);
@@ -2372,4 +2391,240 @@ fn a_talking_relay_is_not_replaced_on_one_childs_stall() {
     assert_eq!(h.room.tree().parent(kids[1]), Some(r), "the sibling stays");
     assert_eq!(h.room.tree().child_count(r), Some(1));
     h.check();
+}
+
+/// Every client that got a `parent`, with its old parent still feeding it mid-move: the
+/// one gap-free rule of a settings change. A client that reports media from its new
+/// parent ends the handover, as a browser does once frames arrive.
+fn deliver_all(h: &mut Harness) {
+    let switching: Vec<ConnId> = h
+        .views
+        .iter()
+        .filter(|(_, v)| !v.closed && v.previous.is_some())
+        .map(|(&c, _)| c)
+        .collect();
+    for c in switching {
+        h.media(c, MediaState::Receiving);
+    }
+}
+
+/// Each viewer of the room is fed: it has a parent, or its old one still feeds it.
+fn assert_everyone_fed(h: &Harness, viewers: &[ConnId]) {
+    for c in viewers {
+        let v = &h.views[c];
+        assert!(
+            v.parent.is_some() || v.previous.is_some(),
+            "{:?} has no parent link",
+            v.peer
+        );
+    }
+}
+
+fn tuned_room(relay_fanout: u32, viewers: usize) -> (Harness, Vec<ConnId>) {
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 4,
+        relay_fanout,
+        max_depth: 16,
+        handover_timeout: Duration::from_secs(5),
+        rebalance_moves_per_second: 6,
+        heartbeat_timeout: None,
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let conns: Vec<ConnId> = (0..viewers).map(|_| h.viewer()).collect();
+    for _ in 0..30 {
+        deliver_all(&mut h);
+        h.advance(Duration::from_secs(1));
+    }
+    deliver_all(&mut h);
+    h.check();
+    (h, conns)
+}
+
+fn d_min(h: &Harness) -> u32 {
+    let tree = h.room.tree();
+    let root = tree.root().expect("a broadcaster");
+    let caps = tree
+        .peers()
+        .filter(|&p| p != root)
+        .map(|p| tree.capacity_goal(p).unwrap());
+    min_depth(tree.capacity_goal(root).unwrap(), caps).expect("all fit")
+}
+
+/// Lowering the relay fan-out moves nobody at once; peers over it hand their surplus on
+/// a few moves per second, each make-before-break (nobody is ever without a parent
+/// link), and the tree ends within the new capacities and within a level of `d_min`.
+/// Raising it again lets rebalancing pull the deep subtrees back up.
+#[test]
+fn a_lower_relay_fanout_is_shed_gradually_and_make_before_break() {
+    let (mut h, viewers) = tuned_room(4, 120);
+    let depth_at_4 = h.room.tree().max_depth();
+    let parents: Vec<Option<PeerId>> = viewers.iter().map(|c| h.views[c].parent).collect();
+
+    h.input(Input::Reconfigure(Tuning {
+        relay_fanout: Some(2),
+        ..Tuning::default()
+    }));
+    h.check();
+    let now: Vec<Option<PeerId>> = viewers.iter().map(|c| h.views[c].parent).collect();
+    assert_eq!(parents, now, "nobody moves at the change itself");
+    assert!(h.room.snapshot().shedding > 0, "relays now over capacity");
+    assert_eq!(h.room.snapshot().settings.relay_fanout, 2);
+
+    let budget = h.room.config().rebalance_moves_per_second as usize;
+    let mut seconds = 0;
+    while h.room.snapshot().shedding > 0 {
+        let before: Vec<Option<PeerId>> = viewers.iter().map(|c| h.views[c].parent).collect();
+        h.advance(Duration::from_secs(1));
+        h.check();
+        assert_everyone_fed(&h, &viewers);
+        let moved = viewers
+            .iter()
+            .zip(&before)
+            .filter(|(c, b)| h.views[*c].parent != **b)
+            .count();
+        assert!(
+            moved <= budget,
+            "{moved} moves in a second, budget {budget}"
+        );
+        deliver_all(&mut h);
+        h.check();
+        seconds += 1;
+        assert!(seconds < 600, "shedding never ends");
+    }
+    // Rebalancing settles the depth.
+    for _ in 0..120 {
+        h.advance(Duration::from_secs(1));
+        deliver_all(&mut h);
+        assert_everyone_fed(&h, &viewers);
+    }
+    h.check();
+    let snap = h.room.snapshot();
+    for p in &snap.peers {
+        assert!(
+            p.children.len() as u32 <= p.capacity && p.capacity <= 4,
+            "{} feeds {} over {}",
+            p.id,
+            p.children.len(),
+            p.capacity
+        );
+        if p.role == Role::Viewer {
+            assert!(p.capacity <= 2, "{} kept capacity {}", p.id, p.capacity);
+        }
+    }
+    let depth_at_2 = h.room.tree().max_depth();
+    assert!(
+        depth_at_2 <= d_min(&h) + 1,
+        "depth {depth_at_2}, d_min {}",
+        d_min(&h)
+    );
+    assert!(
+        depth_at_2 > depth_at_4,
+        "fewer slots per relay: a deeper tree"
+    );
+
+    h.input(Input::Reconfigure(Tuning {
+        relay_fanout: Some(4),
+        ..Tuning::default()
+    }));
+    for _ in 0..300 {
+        h.advance(Duration::from_secs(1));
+        deliver_all(&mut h);
+        assert_everyone_fed(&h, &viewers);
+    }
+    h.check();
+    let depth_back = h.room.tree().max_depth();
+    assert!(
+        depth_back < depth_at_2,
+        "raising the fan-out pulls peers up: {depth_back} vs {depth_at_2}"
+    );
+}
+
+/// A lower depth limit lifts the peers below it into free slots above it,
+/// make-before-break; a lower viewer limit removes nobody and refuses newcomers.
+#[test]
+fn a_lower_depth_limit_lifts_deep_peers_and_fewer_viewers_refuses_newcomers() {
+    let (mut h, viewers) = tuned_room(1, 24);
+    // Fan-out 1 makes chains: 24 viewers under 4 chains reach depth 6.
+    assert_eq!(h.room.tree().max_depth(), 6);
+    h.input(Input::Reconfigure(Tuning {
+        relay_fanout: Some(3),
+        max_depth: Some(3),
+        max_peers: Some(10),
+        ..Tuning::default()
+    }));
+    h.check();
+    for _ in 0..60 {
+        h.advance(Duration::from_secs(1));
+        h.check();
+        assert_everyone_fed(&h, &viewers);
+        deliver_all(&mut h);
+    }
+    assert!(
+        h.room.tree().max_depth() <= 3,
+        "everyone within the new limit"
+    );
+    assert_eq!(h.room.viewers(), 24, "nobody was removed");
+    let late = h.viewer();
+    assert_eq!(h.views[&late].errors, vec![ErrorCode::RoomFull]);
+}
+
+/// Without make-before-break a change applies at once, like any capacity drop.
+#[test]
+fn without_handovers_a_lower_fanout_applies_at_once() {
+    let mut h = Harness::new(RoomConfig {
+        root_fanout: 4,
+        relay_fanout: 4,
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let _viewers: Vec<ConnId> = (0..40).map(|_| h.viewer()).collect();
+    h.input(Input::Reconfigure(Tuning {
+        relay_fanout: Some(2),
+        ..Tuning::default()
+    }));
+    h.check();
+    assert_eq!(h.room.snapshot().shedding, 0);
+    for p in h.room.snapshot().peers {
+        assert!(p.children.len() as u32 <= p.capacity);
+    }
+}
+
+/// A relay shedding after a lower fan-out whose surplus children all left on their own
+/// offers its slot again at the next round, and the waiting peer that takes it is told
+/// `parent` in that round (found by the proptest above).
+#[test]
+fn a_relay_done_shedding_by_departures_tells_the_peer_it_takes() {
+    let steps = vec![
+        Step::Join { uplink: 1250 },
+        Step::Drop { pick: 0 },
+        Step::Join { uplink: 0 },
+        Step::Join { uplink: 0 },
+        Step::Retune(Tuning {
+            relay_fanout: Some(1),
+            ..Tuning::default()
+        }),
+        Step::Receive { pick: 0 },
+        Step::Drop { pick: 0 },
+        Step::Join { uplink: 0 },
+        Step::Drop {
+            pick: 36_762_465_114_070_127,
+        },
+        Step::Resume {
+            pick: 1_591_113_795_992_059_412,
+        },
+        Step::Join { uplink: 0 },
+        Step::Linger {
+            pick: 2_114_619_576_194_539_113,
+        },
+        Step::Resume {
+            pick: 12_171_059_867_838_473_179,
+        },
+        Step::Leave {
+            pick: 685_845_374_597_117_888,
+        },
+        Step::Linger { pick: 25 },
+        Step::Wait { ms: 2972 },
+    ];
+    client_views_match_the_tree_with(Duration::from_secs(5), steps).unwrap();
 }

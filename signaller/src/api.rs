@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use treecast_core::RoomId;
 use treecast_core::protocol::ErrorCode;
 use treecast_core::quality::{Quality, VideoFormat};
-use treecast_core::room::{RoomConfig, RoomSnapshot};
+use treecast_core::room::{RoomConfig, RoomSettings, RoomSnapshot, Tuning};
 
 use crate::access::{self, CreateMode, GrantRefusal, LinkKey};
 use crate::room_task::{DashboardEvent, RoomCommand, RoomTask};
@@ -244,6 +244,109 @@ struct NewRoom {
     /// The broadcast's title, shown to viewers ([`MAX_TITLE_CHARS`] at most).
     #[serde(default)]
     title: Option<String>,
+    /// Room settings ([`SettingsRequest`]); absent ones are the server's.
+    #[serde(default)]
+    root_fanout: Option<u32>,
+    #[serde(default)]
+    relay_fanout: Option<u32>,
+    #[serde(default)]
+    max_depth: Option<u32>,
+    #[serde(default)]
+    max_viewers: Option<u32>,
+}
+
+/// The settings a request may choose for a room: at creation (`POST /api/rooms`) or while
+/// it runs (`PATCH /api/rooms/{room}`). Each is bounded by the server's `[room]` value of
+/// the same setting, which is its maximum (`max_viewers` by `max_peers`).
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SettingsRequest {
+    /// Most children the broadcaster may feed: 1 to the server's `root_fanout`.
+    #[serde(default)]
+    root_fanout: Option<u32>,
+    /// Most children a viewer may feed: 0 (viewers never relay) to the server's
+    /// `relay_fanout`.
+    #[serde(default)]
+    relay_fanout: Option<u32>,
+    /// Deepest position: 1 to the server's `max_depth`.
+    #[serde(default)]
+    max_depth: Option<u32>,
+    /// Most viewers: 1 to the server's `max_peers`.
+    #[serde(default)]
+    max_viewers: Option<u32>,
+}
+
+impl SettingsRequest {
+    fn is_empty(&self) -> bool {
+        self.root_fanout.is_none()
+            && self.relay_fanout.is_none()
+            && self.max_depth.is_none()
+            && self.max_viewers.is_none()
+    }
+
+    /// The change, if each field is within the server's limits (`limits`, the `[room]`
+    /// settings); `invalid_field` naming the first one that is not.
+    pub(crate) fn tuning(&self, limits: &RoomConfig) -> Result<Tuning, ApiError> {
+        let check = |field: &str, value: Option<u32>, min: u32, max: u32| match value {
+            Some(v) if !(min..=max).contains(&v) => Err(ApiError::with(
+                ErrorCode::InvalidField,
+                format!(
+                    "Field \"{field}\": {v} is out of range; this server allows {min} to {max}."
+                ),
+            )),
+            v => Ok(v),
+        };
+        Ok(Tuning {
+            root_fanout: check("root_fanout", self.root_fanout, 1, limits.root_fanout)?,
+            relay_fanout: check("relay_fanout", self.relay_fanout, 0, limits.relay_fanout)?,
+            max_depth: check("max_depth", self.max_depth, 1, limits.max_depth)?,
+            max_peers: check("max_viewers", self.max_viewers, 1, limits.max_peers)?,
+        })
+    }
+}
+
+/// Refuses settings under which the room could never hold `max_viewers`, whatever the
+/// viewers' uplinks: the broadcaster's fan-out times the relays' over every level within
+/// the depth limit is the most the tree can place. The field named is the one `tuning`
+/// set that matters most (`max_viewers`, then the depth, then the fan-outs).
+pub(crate) fn check_settings(settings: &RoomSettings, tuning: &Tuning) -> Result<(), ApiError> {
+    let mut level = u64::from(settings.root_fanout);
+    let mut room = 0u64;
+    for _ in 0..settings.max_depth {
+        room = room.saturating_add(level);
+        level = level.saturating_mul(u64::from(settings.relay_fanout));
+        if level == 0 || room >= u64::from(settings.max_peers) {
+            break;
+        }
+    }
+    if room >= u64::from(settings.max_peers) {
+        return Ok(());
+    }
+    let field = [
+        (tuning.max_peers.is_some(), "max_viewers"),
+        (tuning.max_depth.is_some(), "max_depth"),
+        (tuning.relay_fanout.is_some(), "relay_fanout"),
+        (tuning.root_fanout.is_some(), "root_fanout"),
+    ]
+    .into_iter()
+    .find(|(set, _)| *set)
+    .map_or("max_viewers", |(_, name)| name);
+    Err(ApiError::with(
+        ErrorCode::InvalidField,
+        format!(
+            "Field \"{field}\": with root_fanout {}, relay_fanout {} and max_depth {} the tree \
+             holds at most {room} viewers, fewer than max_viewers {}.",
+            settings.root_fanout, settings.relay_fanout, settings.max_depth, settings.max_peers
+        ),
+    ))
+}
+
+/// `config` with the change applied (no moves: the room is not running yet).
+fn apply_tuning(config: &mut RoomConfig, t: &Tuning) {
+    config.root_fanout = t.root_fanout.unwrap_or(config.root_fanout);
+    config.relay_fanout = t.relay_fanout.unwrap_or(config.relay_fanout);
+    config.max_depth = t.max_depth.unwrap_or(config.max_depth);
+    config.max_peers = t.max_peers.unwrap_or(config.max_peers);
 }
 
 /// Longest broadcast title, in characters.
@@ -302,12 +405,13 @@ fn new_room(body: &[u8]) -> Result<NewRoom, ApiError> {
     json_body(
         body,
         "{\"quality\":\"720p\"}",
-        "\"quality\", \"private\" and \"title\"",
+        "\"quality\", \"private\", \"title\", \"root_fanout\", \"relay_fanout\", \"max_depth\" \
+         and \"max_viewers\"",
     )
 }
 
-/// The room settings for a `POST /api/rooms` body: the server's, with the chosen quality.
-/// An empty body chooses nothing.
+/// The room settings for a `POST /api/rooms` body: the server's, narrowed by the settings
+/// it chooses, with the chosen quality and title. An empty body chooses nothing.
 pub(crate) fn room_config_for(base: &RoomConfig, body: &[u8]) -> Result<RoomConfig, ApiError> {
     let request = new_room(body)?;
     let title = request
@@ -316,9 +420,22 @@ pub(crate) fn room_config_for(base: &RoomConfig, body: &[u8]) -> Result<RoomConf
         .map(title_from)
         .transpose()?
         .flatten();
+    let settings = SettingsRequest {
+        root_fanout: request.root_fanout,
+        relay_fanout: request.relay_fanout,
+        max_depth: request.max_depth,
+        max_viewers: request.max_viewers,
+    };
+    let tuning = settings.tuning(base)?;
+    let mut tuned = base.clone();
+    apply_tuning(&mut tuned, &tuning);
+    // The server's own settings are the operator's choice; only a request's are checked.
+    if !settings.is_empty() {
+        check_settings(&tuned.settings(), &tuning)?;
+    }
     let mut config = match request.quality {
-        None => base.clone(),
-        Some(name) => with_quality(base, &name)?,
+        None => tuned,
+        Some(name) => with_quality(&tuned, &name)?,
     };
     config.title = title;
     Ok(config)
@@ -661,6 +778,104 @@ pub(crate) async fn room_snapshot(
 ) -> Result<Json<RoomSnapshot>, ApiError> {
     let handle = room_for(&state, &headers, &room)?;
     Ok(Json(ask(&handle, RoomCommand::Snapshot).await?))
+}
+
+/// The answer to `PATCH /api/rooms/{room}`: the room's settings after the change.
+#[derive(Debug, Serialize)]
+struct SettingsBody {
+    root_fanout: u32,
+    relay_fanout: u32,
+    max_depth: u32,
+    max_viewers: u32,
+}
+
+/// Refuses unless the request carries the operator secret: `unauthorized` without it (or
+/// with a wrong one), `forbidden` for this room's broadcaster token, which shows the room
+/// but may not retune it.
+fn require_operator_for(
+    state: &ServerState,
+    headers: &HeaderMap,
+    room: &str,
+) -> Result<(), ApiError> {
+    let bearer = access::bearer(headers);
+    if state.access.is_operator(bearer) {
+        return Ok(());
+    }
+    let broadcaster = bearer.is_some_and(|b| {
+        RoomId::new(room)
+            .ok()
+            .and_then(|id| state.rooms.get(&id))
+            .is_some_and(|h| access::same_secret(&h.token, b))
+    });
+    if broadcaster {
+        return Err(ApiError::with(
+            ErrorCode::Forbidden,
+            "Only the operator may change a room's settings; the broadcaster token may not.",
+        ));
+    }
+    require_operator(state, headers)
+}
+
+/// `PATCH /api/rooms/{room}`: an operator changes a running room's fan-outs, depth limit or
+/// most viewers (JSON object with any of `root_fanout`, `relay_fanout`, `max_depth`,
+/// `max_viewers`, bounded like at creation). The room moves peers gradually,
+/// make-before-break ([`treecast_core::room::Room::reconfigure`]); the answer is its
+/// settings now.
+pub(crate) async fn tune_room(
+    State(state): State<Arc<ServerState>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    require_operator_for(&state, &headers, &room)?;
+    let handle = find_room(&state, &room)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::with(
+                ErrorCode::TooLarge,
+                format!("The request body is larger than {MAX_ROOM_BODY} bytes."),
+            )
+        } else {
+            ApiError::with(ErrorCode::InvalidField, e.body_text())
+        }
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::with(
+            ErrorCode::BadJson,
+            format!("The request body must be a JSON object such as {{\"relay_fanout\":2}}: {e}."),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::with(
+            ErrorCode::BadJson,
+            "The request body must be a JSON object such as {\"relay_fanout\":2}.",
+        ));
+    }
+    let request: SettingsRequest = serde_json::from_value(value).map_err(|e| {
+        ApiError::with(
+            ErrorCode::InvalidField,
+            format!(
+                "The request body has a bad field: {e}. It may hold \"root_fanout\", \
+                 \"relay_fanout\", \"max_depth\" and \"max_viewers\"."
+            ),
+        )
+    })?;
+    if request.is_empty() {
+        return Err(ApiError::with(
+            ErrorCode::InvalidField,
+            "The request body changes nothing: set at least one of \"root_fanout\", \
+             \"relay_fanout\", \"max_depth\" and \"max_viewers\".",
+        ));
+    }
+    let tuning = request.tuning(&state.config.room)?;
+    let settings = ask(&handle, |reply| RoomCommand::Reconfigure(tuning, reply)).await??;
+    Ok(Json(SettingsBody {
+        root_fanout: settings.root_fanout,
+        relay_fanout: settings.relay_fanout,
+        max_depth: settings.max_depth,
+        max_viewers: settings.max_peers,
+    })
+    .into_response())
 }
 
 /// `GET /api/rooms/{room}/events`: server-sent events for dashboards: first `snapshot`

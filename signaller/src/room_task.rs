@@ -24,9 +24,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use treecast_core::RoomId;
 use treecast_core::protocol::{EndReason, ErrorCode, Hello, ServerMessage};
-use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig, RoomEvent, RoomSnapshot};
+use treecast_core::room::{
+    ConnId, Input, Output, Room, RoomConfig, RoomEvent, RoomSettings, RoomSnapshot, Tuning,
+};
 
 use crate::access::{self, Admit, LinkKey, PrivateRoom};
+use crate::api::{ApiError, check_settings};
 use crate::connection::{CloseCode, Outbound};
 use crate::rooms::{RoomHandle, RoomStats};
 use crate::server::{ServerState, TaskGuard};
@@ -57,6 +60,9 @@ pub(crate) enum RoomCommand {
     /// End the room (server shutdown). With [`EndReason::Shutdown`] the task stops after
     /// telling its peers, without keeping a tombstone.
     End(EndReason),
+    /// An operator's settings change (already checked against the server's limits); the
+    /// answer is the room's settings after it.
+    Reconfigure(Tuning, oneshot::Sender<Result<RoomSettings, ApiError>>),
 }
 
 /// One room event, serialized once for every dashboard subscriber.
@@ -225,6 +231,27 @@ impl RoomTask {
                     }
                     None => Flow::Stop,
                 }
+            }
+            RoomCommand::Reconfigure(tuning, reply) => {
+                if self.room.ended().is_some() {
+                    let _ = reply.send(Err(ApiError::new(ErrorCode::RoomEnded)));
+                    return Flow::Continue;
+                }
+                // Checked here, against the settings the room has now: a combination is
+                // refused as a whole, before anything moves.
+                let mut after = self.room.config().settings();
+                after.root_fanout = tuning.root_fanout.unwrap_or(after.root_fanout);
+                after.relay_fanout = tuning.relay_fanout.unwrap_or(after.relay_fanout);
+                after.max_depth = tuning.max_depth.unwrap_or(after.max_depth);
+                after.max_peers = tuning.max_peers.unwrap_or(after.max_peers);
+                if let Err(e) = check_settings(&after, &tuning) {
+                    let _ = reply.send(Err(e));
+                    return Flow::Continue;
+                }
+                tracing::info!(room = %self.id, ?tuning, "room settings changed by the operator");
+                let flow = self.input(Input::Reconfigure(tuning), Duration::ZERO);
+                let _ = reply.send(Ok(self.room.config().settings()));
+                flow
             }
             RoomCommand::End(reason) => {
                 let flow = self.input(Input::End(reason), Duration::ZERO);
@@ -421,6 +448,7 @@ fn event_name(event: &RoomEvent) -> &'static str {
         RoomEvent::Link { .. } => "link",
         RoomEvent::LinkFailed { .. } => "link_failed",
         RoomEvent::Media { .. } => "media",
+        RoomEvent::Reconfigured(_) => "reconfigured",
     }
 }
 

@@ -365,7 +365,12 @@ fn router(state: Arc<ServerState>) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(api::MAX_ROOM_BODY)),
         )
         .route("/api/qualities", get(api::qualities))
-        .route("/api/rooms/{room}", get(api::room_snapshot))
+        .route(
+            "/api/rooms/{room}",
+            get(api::room_snapshot)
+                .patch(api::tune_room)
+                .layer(axum::extract::DefaultBodyLimit::max(api::MAX_ROOM_BODY)),
+        )
         .route("/api/rooms/{room}/events", get(api::room_events))
         .route(
             "/api/rooms/{room}/links",

@@ -202,7 +202,8 @@ pub(crate) fn room_event(event: &RoomEvent) {
         RoomEvent::Disconnected { .. }
         | RoomEvent::Capacity { .. }
         | RoomEvent::Tree(_)
-        | RoomEvent::Media { .. } => {}
+        | RoomEvent::Media { .. }
+        | RoomEvent::Reconfigured(_) => {}
     }
 }
 

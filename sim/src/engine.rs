@@ -176,6 +176,8 @@ enum Kind {
         epoch: u32,
     },
     Sample,
+    /// The operator's change `scenario.events[i]`.
+    Retune(u32),
 }
 
 // Queue entries are this plus 16 bytes of time and order: two per cache line.
@@ -479,6 +481,10 @@ impl Engine {
             self.schedule(0, Kind::FlashArrival);
         }
         self.schedule(0, Kind::Sample);
+        for i in 0..self.scenario.events.len() {
+            let at = ms(self.scenario.events[i].at_s * 1_000.0);
+            self.schedule(at, Kind::Retune(i as u32));
+        }
     }
 
     fn schedule(&mut self, at: Micros, kind: Kind) {
@@ -538,6 +544,10 @@ impl Engine {
                 }
             }
             Kind::Depart(peer) => self.depart(peer),
+            Kind::Retune(i) => {
+                let tuning = self.scenario.events[i as usize].tuning();
+                self.room_input(Input::Reconfigure(tuning));
+            }
             Kind::LingerEnd(peer) => self.linger_end(peer),
             Kind::BridgeEnd { child, epoch } => {
                 let c = &self.peers[child as usize];

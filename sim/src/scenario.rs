@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use treecast_core::protocol::NatClass;
-use treecast_core::room::RoomConfig;
+use treecast_core::room::{RoomConfig, Tuning};
 
 /// A whole simulation run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +44,41 @@ pub struct Scenario {
     pub client: Client,
     /// The room's operator settings, exactly as the signaller takes them.
     pub room: RoomConfig,
+    /// Settings an operator changes mid-run (`[[events]]`), as `PATCH /api/rooms/{room}`
+    /// does on the signaller.
+    pub events: Vec<ScriptedChange>,
+}
+
+/// An operator's change of the room's settings at a simulated time: absent fields stay.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScriptedChange {
+    /// When, in simulated seconds.
+    pub at_s: f64,
+    /// New `room.root_fanout`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_fanout: Option<u32>,
+    /// New `room.relay_fanout`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay_fanout: Option<u32>,
+    /// New `room.max_depth`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_depth: Option<u32>,
+    /// New `room.max_peers` (most viewers; named as in the HTTP API).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_viewers: Option<u32>,
+}
+
+impl ScriptedChange {
+    /// The change as the room takes it.
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            root_fanout: self.root_fanout,
+            relay_fanout: self.relay_fanout,
+            max_depth: self.max_depth,
+            max_peers: self.max_viewers,
+        }
+    }
 }
 
 impl Default for Scenario {
@@ -64,6 +99,7 @@ impl Default for Scenario {
             in_app_leave_fraction: 0.0,
             client: Client::default(),
             room: sim_room_config(),
+            events: Vec::new(),
         }
     }
 }
@@ -508,6 +544,17 @@ impl Scenario {
                 "in_app_leave_fraction must be between 0 and 1, and crash_fraction + \
                  in_app_leave_fraction at most 1 (the rest are tab closes)",
             );
+        }
+        for e in &self.events {
+            if !(e.at_s.is_finite() && e.at_s >= 0.0 && e.at_s < self.duration_s) {
+                return bad("events: at_s must be at least 0 and before duration_s");
+            }
+            if e.root_fanout == Some(0) {
+                return bad("events: root_fanout must be at least 1");
+            }
+            if e.max_depth == Some(0) {
+                return bad("events: max_depth must be at least 1");
+            }
         }
         if !(self.client.bridge_timeout_ms.is_finite() && self.client.bridge_timeout_ms >= 0.0) {
             return bad("client.bridge_timeout_ms must be at least 0");
