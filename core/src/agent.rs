@@ -1151,6 +1151,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::RelayMode;
     use serde_json::json;
 
     fn ms(n: u64) -> Duration {
@@ -1847,6 +1848,7 @@ mod tests {
                 delivered: vec![Delivery {
                     peer: PeerId(7),
                     kbps: 480,
+                    mode: Some(RelayMode::PassThrough),
                 }],
                 link: Some(LinkKind::Srflx),
             }),
@@ -1864,7 +1866,7 @@ mod tests {
         assert_eq!(
             r[0],
             json!({"type":"report","state":"receiving","loss":0.01,
-                   "latency_ms":40,"delivered":[{"peer":7,"kbps":480}],"link":"srflx"})
+                   "latency_ms":40,"delivered":[{"peer":7,"kbps":480,"mode":"pass_through"}],"link":"srflx"})
         );
         let mut b = Agent::new(AgentConfig::new(
             RoomId::new("r").unwrap(),
