@@ -116,6 +116,7 @@ export class Peer {
     this.tracks = { video: null, audio: null };
     this.outStream = new MediaStream();
     this.test = o.test || {};
+    this.weakPeers = new Set();  // children whose link could not carry a pass-through leg
     // Every viewer relays through one EncodedRelay (pass-through where the browser can);
     // the broadcaster sends its own tracks.
     this.relay = this.role === 'viewer'
@@ -311,7 +312,8 @@ export class Peer {
     this.watchIce(conn);
     if (this.relay) {
       // Before the offer: the sender's encoded streams cannot be had after it.
-      const mode = this.test.relay === 'track' ? 'track' : undefined;
+      // A child found weak before gets a track leg at once (the room may move it back here).
+      const mode = this.test.relay === 'track' || this.weakPeers.has(peer) ? 'track' : undefined;
       this.relay.addChild(peer, pc, senders, { mode, standby: !withTracks }).then((modes) => {
         if (this.relay && this.relay.children.has(peer)) this.info.relay.modes[peer] = modes.video;
       });
@@ -604,6 +606,7 @@ export class Peer {
         m.availableOutgoingBitrate < WEAK_SHARE * m.sendBitrate;
       child.weak = lossy || short ? child.weak + 1 : 0;
       if (child.weak >= WEAK_SAMPLES) {
+        this.weakPeers.add(m.id);
         this.relay.useTrack(m.id, null, `weak link: loss ${m.fractionLost}, ` +
           `available ${Math.round((m.availableOutgoingBitrate ?? 0) / 1000)} of ${Math.round(m.sendBitrate / 1000)} kbit/s sent`);
       }
