@@ -88,14 +88,55 @@ function askForGrant(why) {
   $('grant').focus();
 }
 
+/** Whether the broadcast is for invited viewers only (the box, or ?private=1). */
+function wantsPrivate() {
+  return $('private').checked || params.get('private') === '1';
+}
+
 /** Opens the room: the stream bitrate follows the chosen quality (capacities follow from
  *  it); a grant goes along where the server restricts creation. */
 function createRoom() {
   const headers = authHeaders(grant());
-  if (!offersQualities) return fetch('/api/rooms', { method: 'POST', headers });
+  const want = {};
+  if (offersQualities) want.quality = chosenQuality().quality;
+  if (wantsPrivate()) want.private = true;
+  if (!Object.keys(want).length) return fetch('/api/rooms', { method: 'POST', headers });
   headers['content-type'] = 'application/json';
-  const body = JSON.stringify({ quality: chosenQuality().quality });
-  return fetch('/api/rooms', { method: 'POST', headers, body });
+  return fetch('/api/rooms', { method: 'POST', headers, body: JSON.stringify(want) });
+}
+
+/** A fresh signed viewer link for a private room (the server's longest lifetime, any
+ *  number of viewers): {link, expires_at}, or null if the server would not make one. */
+async function signedLink(b) {
+  try {
+    const res = await fetch(`/api/rooms/${encodeURIComponent(b.room)}/links`, { method: 'POST', headers: authHeaders(b.token) });
+    if (!res.ok) return null;
+    const body = await res.json();
+    return { link: new URL(body.watch_url, location.href).href, expiresAt: body.expires_at };
+  } catch { return null; }
+}
+
+/** Puts `link` in the share box and its QR code. */
+function showLink(wasm, link) {
+  $('link').value = link;
+  try { $('qr').innerHTML = wasm.qr_svg(link); $('qr').hidden = false; } catch { $('qr').hidden = true; }
+  if (window.treecast) window.treecast.link = link;
+}
+
+/** A private room: asks for a signed link and says until when it works. */
+async function showSignedLink(wasm, b) {
+  $('link-intro').textContent = 'Private broadcast: only people with this link can watch. Share it with them:';
+  $('link').value = '';
+  $('link-note').hidden = false;
+  $('link-note').textContent = 'Making a signed link…';
+  const signed = await signedLink(b);
+  if (!signed) {
+    $('link-note').textContent = 'The server did not make a signed link; reload the page to try again.';
+    return;
+  }
+  showLink(wasm, signed.link);
+  const until = new Date(signed.expiresAt * 1000);
+  $('link-note').textContent = `The link works until ${until.toLocaleString()}. Anyone you pass it to can watch; reload this page for a new link.`;
 }
 
 /** Shows the grant field at once on servers that restrict room creation. */
@@ -184,6 +225,7 @@ async function preview() {
   }
   $('preview-video').srcObject = stream;
   $('preview-video').play().catch(() => {});
+  $('preview-empty').hidden = true;
   return true;
 }
 
@@ -220,7 +262,7 @@ async function goLive() {
     }
     const room = await res.json();
     const b = { room: room.room, token: room.token, link: new URL(room.watch_url, location.href).href,
-      uplinkKbps, ...chosenSource() };
+      private: !!room.private, uplinkKbps, ...chosenSource() };
     save(b);
     live(wasm, b, false);
   } catch (e) {
@@ -236,15 +278,17 @@ function live(wasm, b, resuming) {
   $('intro').hidden = true;
   $('title').textContent = 'You are live';
   $('live').hidden = false;
-  $('link').value = b.link;
-  try { $('qr').innerHTML = wasm.qr_svg(b.link); } catch { $('qr').hidden = true; }
   document.body.dataset.room = b.room;
   const q = qualities.find((x) => x.quality === b.quality);
   if (q) {
     $('quality-live').textContent = `Quality: ${q.label} (${q.width}×${q.height}), ${mbits(q.stream_kbps)} to each viewer you feed.`;
     $('quality-live').hidden = false;
   }
-  window.treecast = { peer: null, room: b.room, link: b.link, resumed: resuming, quality: b.quality };
+  window.treecast = { peer: null, room: b.room, link: b.private ? null : b.link, resumed: resuming,
+    quality: b.quality, private: !!b.private };
+  // A private room's bare link opens nothing: share a signed one instead.
+  if (b.private) showSignedLink(wasm, b);
+  else showLink(wasm, b.link);
   connect(wasm, b, resuming, 0);
   // Resumed: take the room back at once (within the grace period), and send the picture
   // as soon as it is captured again.
@@ -349,10 +393,14 @@ async function resumeSaved() {
 $('preview').addEventListener('click', preview);
 $('go-live').addEventListener('click', goLive);
 $('end').addEventListener('click', () => { forget(); if (peer) peer.leave(); });
+let copiedTimer = null;
 $('copy').addEventListener('click', async () => {
+  clearTimeout(copiedTimer);
   try {
     await navigator.clipboard.writeText($('link').value);
     $('copied').textContent = 'Link copied.';
+    // A confirmation, not a state: it goes once read.
+    copiedTimer = setTimeout(() => { $('copied').textContent = ''; }, 4000);
   } catch {
     $('link').select();
     $('copied').textContent = 'Select the link and copy it (Ctrl+C or long-press).';

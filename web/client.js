@@ -92,6 +92,7 @@ export class Peer {
    * @param {string} o.room
    * @param {'broadcaster'|'viewer'} o.role
    * @param {string} [o.token] broadcaster token
+   * @param {string} [o.link] a private room's signed viewer link token (hello.link)
    * @param {number} [o.uplinkKbps]
    * @param {MediaStream} [o.stream] what the broadcaster sends
    * @param {(status: object) => void} [o.onStatus]
@@ -109,6 +110,7 @@ export class Peer {
     this.onMedia = o.onMedia || (() => {});
     this.onStats = o.onStats || (() => {});
     this.client = new wasm.Client(o.room, o.role, o.token ?? undefined, o.uplinkKbps ?? undefined);
+    if (o.link) this.client.set_link(o.link);
     this.parent = null;            // {peer, pc, chain, pending, hasRemote, receiving, held, tracks}
     this.previous = null;          // the parent being left, still feeding until the server drops it
     this.children = new Map();     // peer -> {pc, senders, chain, pending, hasRemote, prevBytes, prevAt}

@@ -48,18 +48,64 @@ function log(list, text) {
   while (list.children.length > MAX_LOG) list.lastElementChild.remove();
 }
 
+// Who a peer is, for an operator: the broadcaster, or a viewer by number.
+let broadcasterId = null;
+const who = (id) => (id === broadcasterId ? 'the broadcaster' : `viewer ${id}`);
+// The last departure, so that the repair it causes can say why.
+let lastLeft = null;
+
+const LEFT = {
+  left: 'left',
+  lost: 'lost its connection and did not come back',
+  failed: 'stopped sending (its page crashed or its network went down)',
+  overflow: 'was disconnected: it fell too far behind with its messages',
+  room_ended: 'left as the broadcast ended',
+};
+const ENDED = {
+  broadcaster_left: 'the broadcaster ended it',
+  broadcaster_lost: 'the broadcaster\'s connection was lost',
+  expired: 'no broadcaster came',
+  shutdown: 'the server is shutting down',
+};
+
+/** One plain sentence per event, or null for those an operator need not read. */
 function describeEvent(kind, d) {
-  if (!d || typeof d !== 'object') return `${kind} ${d ?? ''}`;
+  if (kind === 'lagged') return 'Some events were missed; the drawing was refreshed.';
+  if (!d || typeof d !== 'object') return null;
   switch (kind) {
-    case 'joined': return `peer ${d.peer} joined as ${d.role}${d.resumed ? ' (resumed)' : ''}, capacity ${d.capacity}`;
-    case 'left': return `peer ${d.peer} left (${d.cause})`;
-    case 'disconnected': return `peer ${d.peer} lost signalling`;
-    case 'repaired': return `repaired ${d.subtrees} subtree${d.subtrees === 1 ? '' : 's'} (${d.cause.replace('_', ' ')})`;
-    case 'capacity': return `peer ${d.peer} capacity now ${d.capacity}`;
-    case 'tree': return d.event === 'linked' ? `${d.parent} → ${d.child} (depth ${d.depth})` :
-      d.event === 'unlinked' ? `${d.parent} ↛ ${d.child}` : `${d.event} ${d.peer ?? ''}`;
-    case 'ended': return `room ended (${d.reason})`;
-    default: return `${kind} ${JSON.stringify(d)}`;
+    case 'joined':
+      if (d.role === 'broadcaster') broadcasterId = d.peer;
+      return d.resumed ? `${who(d.peer)} reconnected and kept its place` :
+        d.role === 'broadcaster' ? 'the broadcaster went live' :
+        `viewer ${d.peer} joined (can feed ${d.capacity} other${d.capacity === 1 ? '' : 's'})`;
+    case 'left':
+      lastLeft = d;
+      return `${who(d.peer)} ${LEFT[d.cause] || 'left'}`;
+    case 'disconnected': return `${who(d.peer)} lost its connection to the server; its place is kept for a few seconds`;
+    case 'repaired': {
+      const n = d.subtrees === 1 ? 'a viewer (with those it feeds)' : `${d.subtrees} viewers (with those they feed)`;
+      const from = lastLeft ? who(lastLeft.peer) : 'their source';
+      const why = {
+        parent_left: lastLeft && lastLeft.cause !== 'left' ? `after ${from} ${lastLeft.cause === 'failed' ? 'crashed or lost its network' : 'was lost'}` : `after ${from} left`,
+        parent_stalled: 'after its picture froze',
+        parent_capacity: 'because its source can feed fewer viewers now',
+        link_failed: 'because it could not connect to its source',
+        rebalance: 'to keep the tree shallow',
+      }[d.cause] || `(${d.cause})`;
+      lastLeft = null;
+      return `moved ${n} to a new source ${why}`;
+    }
+    case 'capacity': return `${who(d.peer)} can now feed ${d.capacity} viewer${d.capacity === 1 ? '' : 's'}`;
+    case 'tree':
+      if (d.event === 'linked') {
+        return d.parent === broadcasterId || d.depth === 1 ? `viewer ${d.child} now watches directly from the broadcaster` :
+          `viewer ${d.child} now watches through viewer ${d.parent}, ${d.depth} hops from the broadcaster`;
+      }
+      if (d.event === 'waiting') return `viewer ${d.peer} waits for a free place`;
+      return null; // unlinks and depth changes are told by the move they belong to
+    case 'refused': return `refused a request (${d.code})`;
+    case 'ended': return `the broadcast ended: ${ENDED[d.reason] || d.reason}`;
+    default: return null;
   }
 }
 
@@ -75,13 +121,18 @@ function select(room) {
     auth: secret(),
     onRefused: (res) => { if (res.status === 401) askForSecret('The server no longer accepts that secret.'); },
     onSnapshot: (s) => {
+      broadcasterId = (s.peers || []).find((p) => p.role === 'broadcaster')?.id ?? broadcasterId;
       $('summary').textContent = describeTree(s);
       $('histogram').textContent = 'Peers per depth: ' + (s.depth_histogram || []).map((n, d) => `${d}: ${n}`).join(', ');
       drawTree($('tree'), s, null);
     },
     onEvent: (kind, d) => {
-      if (kind === 'repaired') log($('repairs'), describeEvent(kind, d));
-      log($('events'), describeEvent(kind, d));
+      // A viewer's media state shows on its node; the log would drown in it.
+      if (kind === 'media') return;
+      const text = describeEvent(kind, d);
+      if (!text) return;
+      if (kind === 'repaired') log($('repairs'), text);
+      log($('events'), text);
     },
   });
   refresh();

@@ -38,6 +38,8 @@ export function drawTree(svg, snapshot, self) {
   svg.setAttribute('viewBox', `0 0 ${width} ${height}`);
   // Never shrink nodes below ~60 %: a wide tree scrolls inside its box instead.
   svg.style.minWidth = `${Math.round(width * 0.6)}px`;
+  // …nor blow a small tree up to the box's width (one huge disc right after going live).
+  svg.style.maxWidth = `${Math.round(width * 1.25)}px`;
   const desc = document.createElementNS(NS, 'desc');
   desc.textContent = describeTree(snapshot);
   svg.append(desc);
@@ -78,14 +80,19 @@ export function drawTree(svg, snapshot, self) {
   }
 }
 
-/** One sentence for screen readers and the caption. */
+/** One sentence in plain words, for the caption and screen readers. */
 export function describeTree(s) {
+  const n = s.viewers || 0;
   const depth = s.max_depth ?? 0;
-  return `${s.viewers} viewer${s.viewers === 1 ? '' : 's'}, tree depth ${depth}` +
-    (s.waiting ? `, ${s.waiting} waiting` : '') + (s.ended ? `; ended (${s.ended})` : s.live ? '; live' : '; broadcaster offline');
+  let text = n === 0 ? 'No viewers yet' : `${n} viewer${n === 1 ? '' : 's'}`;
+  if (n > 0 && depth > 1) text += `, the farthest ${depth} steps from the broadcaster`;
+  else if (n > 0 && depth === 1) text += ', all watching directly from the broadcaster';
+  if (s.waiting) text += `, ${s.waiting} waiting for a place`;
+  if (s.ended) return text + '. The broadcast has ended.';
+  return text + (s.live ? '.' : '. The broadcaster is offline.');
 }
 
-const EVENT_KINDS = ['joined', 'disconnected', 'left', 'repaired', 'capacity', 'tree', 'refused', 'ended', 'lagged'];
+const EVENT_KINDS = ['joined', 'disconnected', 'left', 'repaired', 'capacity', 'tree', 'refused', 'ended', 'media', 'lagged'];
 
 /** Request headers carrying `auth` (a secret or token), if any. */
 export function authHeaders(auth) {

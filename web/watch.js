@@ -5,10 +5,17 @@ import { loadClient, measureUplink, Peer, describe, ClientMissing } from '/asset
 const $ = (id) => document.getElementById(id);
 const video = $('video');
 const raw = decodeURIComponent(location.pathname.replace(/^\/watch\/?/, '').replace(/\/$/, ''));
+// A private room's invitation: the signed token after #t= (a fragment never reaches the
+// server's logs or another site's Referer). It goes to the server in hello.link only.
+const link = new URLSearchParams(location.hash.slice(1)).get('t') || null;
 
 function fail(code, html) {
   document.body.dataset.phase = 'failed';
-  $('title').textContent = code === 'unknown_room' ? 'No such broadcast' : 'Cannot play this link';
+  $('title').textContent = {
+    unknown_room: link ? 'This link does not open a broadcast' : 'No broadcast to watch here',
+    link_expired: 'This invitation has expired',
+    link_used_up: 'This invitation has been used up',
+  }[code] || 'Cannot play this link';
   $('relay-note').hidden = true;
   document.body.dataset.error = code;
   const m = $('message');
@@ -41,7 +48,12 @@ function show(status) {
   if (status.phase === 'ended') return ended(status.ended);
   if (status.phase === 'failed') {
     const code = status.error ? status.error.code : 'failed';
-    if (code === 'unknown_room') return fail(code, `<strong>There is no broadcast “${escape(raw)}” on this server.</strong> Check the link you were given.`);
+    // A private broadcast answers a missing or wrong invitation exactly like a broadcast
+    // that does not exist, so these words must not say which it is.
+    if (code === 'unknown_room' && link) return fail(code, '<strong>This link does not open any broadcast on this server.</strong> It may be incomplete or mistyped, or the broadcast may be over. Ask whoever shared it to send the whole link again.');
+    if (code === 'unknown_room') return fail(code, `<strong>No broadcast “${escape(raw)}” is open to watch here.</strong> It may need an invitation link: ask the broadcaster for the whole link, including the part after <code>#t=</code>. Or it does not exist or is over: check the link you were given.`);
+    if (code === 'link_expired') return fail(code, '<strong>This invitation link has expired.</strong> Invitations work for a limited time; ask the broadcaster for a new link.');
+    if (code === 'link_used_up') return fail(code, '<strong>This invitation link has already been used as many times as the broadcaster allowed.</strong> Ask them for a new link.');
     return fail(code, `<strong>Could not join.</strong> ${escape(describe(status))}`);
   }
   $('message').textContent = describe(status);
@@ -70,6 +82,8 @@ async function start() {
   $('title').textContent = `Live: room ${raw}`;
   let snap;
   try {
+    // With an invitation, only the WebSocket can tell (a private room answers no one else).
+    if (link) throw new Error('ask the WebSocket');
     const res = await fetch('/api/rooms/' + encodeURIComponent(raw));
     if (res.status === 404) return show({ phase: 'failed', error: { code: 'unknown_room' } });
     // Servers with an operator secret answer 401 here: the WebSocket tells what is needed.
@@ -90,7 +104,7 @@ async function start() {
   const q = new URLSearchParams(location.search);
   const test = { relay: q.get('relay') === 'track' ? 'track' : undefined, iceOnly: q.get('ice_only') || undefined };
   const peer = new Peer(wasm, {
-    room: raw, role: 'viewer', uplinkKbps, test,
+    room: raw, role: 'viewer', uplinkKbps, link, test,
     onStatus: show,
     onStats: showStats,
     onMedia: (stream) => {
@@ -114,6 +128,25 @@ $('unmute').addEventListener('click', () => {
   video.muted = !video.muted;
   if (!video.muted) video.play().catch(() => {});
   $('unmute-label').textContent = video.muted ? 'Unmute' : 'Mute';
+});
+$('volume').addEventListener('input', () => {
+  video.volume = Number($('volume').value);
+  // Turning the sound up is asking for sound.
+  if (video.volume > 0 && video.muted) $('unmute').click();
+});
+$('details').addEventListener('click', () => {
+  const open = $('overlay').hidden;
+  $('overlay').hidden = !open;
+  $('details').setAttribute('aria-expanded', String(open));
+});
+$('fullscreen').addEventListener('click', () => {
+  const player = $('player');
+  if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
+  else if (player.requestFullscreen) player.requestFullscreen().catch(() => {});
+  else if (video.webkitEnterFullscreen) video.webkitEnterFullscreen(); // iPhone Safari
+});
+document.addEventListener('fullscreenchange', () => {
+  $('fullscreen').textContent = document.fullscreenElement ? 'Exit full screen' : 'Full screen';
 });
 
 start();

@@ -73,6 +73,12 @@ impl Client {
         })
     }
 
+    /// The signed viewer link token of a private room, sent in `hello`. Set it before
+    /// the socket opens.
+    pub fn set_link(&mut self, link: Option<String>) {
+        self.agent.set_link(link);
+    }
+
     /// The WebSocket is open.
     pub fn socket_opened(&mut self, now_ms: f64) {
         self.agent.handle(at(now_ms), Input::SocketOpened);

@@ -86,6 +86,8 @@ pub struct AgentConfig {
     pub role: Role,
     /// The broadcaster token (broadcaster only).
     pub token: Option<String>,
+    /// The signed viewer link token of a private room (`hello.link`).
+    pub link: Option<String>,
     /// Measured upload bandwidth, sent in `hello` so the server can place capacity well.
     pub uplink_kbps: Option<u32>,
     /// Media gap after which a peer at depth 1 reports `stalled`.
@@ -133,6 +135,7 @@ impl AgentConfig {
             room,
             role,
             token: None,
+            link: None,
             uplink_kbps: None,
             stall_after: Duration::from_millis(1000),
             stall_step_per_depth: Duration::from_millis(100),
@@ -320,6 +323,8 @@ pub struct Status {
     pub ended: Option<EndReason>,
     /// Why the agent failed, when it did.
     pub error: Option<ErrorInfo>,
+    /// The broadcast's title, from `welcome`, if it has one.
+    pub title: Option<String>,
 }
 
 /// The room's stream, from `welcome.limits`.
@@ -355,6 +360,8 @@ pub struct Agent {
     ice_servers: Vec<IceServer>,
     /// The room's stream bitrate and picture, from the last `welcome`.
     stream: Option<RoomStream>,
+    /// The broadcast's title, from `welcome`.
+    title: Option<String>,
     /// What the driver said about the network, and whether the room has still to hear it
     /// (not yet sent, or a fresh join since).
     connectivity: Option<Connectivity>,
@@ -422,6 +429,7 @@ impl Agent {
             resume: None,
             ice_servers: Vec::new(),
             stream: None,
+            title: None,
             connectivity: None,
             connectivity_due: false,
             heartbeat: Duration::from_secs(5),
@@ -473,6 +481,11 @@ impl Agent {
         self.stream.as_ref()
     }
 
+    /// Sets the signed viewer link sent in every later `hello` (a private room's).
+    pub fn set_link(&mut self, link: Option<String>) {
+        self.config.link = link;
+    }
+
     /// The current status.
     pub fn status(&self) -> Status {
         Status {
@@ -488,6 +501,7 @@ impl Agent {
             waiting: self.waiting,
             ended: self.ended,
             error: self.error.clone(),
+            title: self.title.clone(),
         }
     }
 
@@ -612,6 +626,7 @@ impl Agent {
             token: self.config.token.clone(),
             uplink_kbps: self.config.uplink_kbps,
             resume: self.resume.clone(),
+            link: self.config.link.clone(),
         };
         self.send_now(now, &ClientMessage::Hello(hello));
     }
@@ -632,8 +647,10 @@ impl Agent {
                 resumed,
                 ice_servers,
                 limits,
+                title,
                 ..
             } => {
+                self.title = title;
                 if !resumed {
                     // A new identity: whatever links the old one had are gone.
                     self.close_all_media();
@@ -772,6 +789,8 @@ impl Agent {
             | ErrorCode::BroadcasterExists
             | ErrorCode::UnsupportedVersion
             | ErrorCode::TooManyConnections
+            | ErrorCode::LinkExpired
+            | ErrorCode::LinkUsedUp
             | ErrorCode::ShuttingDown => {
                 self.error = Some(ErrorInfo { code, message });
                 self.finish(Phase::Failed);

@@ -45,6 +45,10 @@ pub struct Hello {
     /// after a signalling blip, within the room's resume grace period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<String>,
+    /// A signed viewer link token (the `t` of a private room's `/watch/{room}#t=...`
+    /// link); needed to join a private room without its broadcaster token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -358,6 +362,9 @@ pub enum ServerMessage {
         limits: ClientLimits,
         /// Protocol version of the server.
         protocol: u32,
+        /// The broadcast's title, as the broadcaster gave it when creating the room.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        title: Option<String>,
     },
     /// Pull the stream from this peer. It opens the connection and sends the offer.
     Parent {
@@ -539,11 +546,17 @@ pub enum ErrorCode {
     Unauthorized,
     /// HTTP only: valid credentials that do not allow what was asked.
     Forbidden,
+    /// A private room's viewer link is genuine but past its expiry.
+    LinkExpired,
+    /// A private room's viewer link has been used as many times as it allows.
+    LinkUsedUp,
+    /// HTTP only: signed viewer links asked for a room that is public.
+    NotPrivate,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 30] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -571,6 +584,9 @@ impl ErrorCode {
         Self::Internal,
         Self::Unauthorized,
         Self::Forbidden,
+        Self::LinkExpired,
+        Self::LinkUsedUp,
+        Self::NotPrivate,
     ];
 
     /// The code as it appears on the wire.
@@ -603,6 +619,9 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
+            Self::LinkExpired => "link_expired",
+            Self::LinkUsedUp => "link_used_up",
+            Self::NotPrivate => "not_private",
         }
     }
 
@@ -646,6 +665,11 @@ impl ErrorCode {
                 "This needs credentials: send \"Authorization: Bearer <secret or token>\"."
             }
             Self::Forbidden => "Your credentials do not allow this.",
+            Self::LinkExpired => "This invitation link has expired; ask for a new one.",
+            Self::LinkUsedUp => {
+                "This invitation link has been used as many times as it allows; ask for a new one."
+            }
+            Self::NotPrivate => "This room is public: its plain link needs no signature.",
         }
     }
 }
@@ -681,7 +705,7 @@ impl DecodeError {
 }
 
 /// Message type names a client may send, in wire form.
-const CLIENT_TYPES: [&str; 7] = [
+pub const CLIENT_TYPES: [&str; 7] = [
     "hello",
     "signal",
     "report",
@@ -691,14 +715,21 @@ const CLIENT_TYPES: [&str; 7] = [
     "leave",
 ];
 
+/// Deepest nesting of arrays and objects a client message may have, the message object
+/// itself included (the JSON parser's own limit, which keeps a hostile message from
+/// exhausting the stack): a `signal`'s `data` may nest one level less.
+pub const MAX_NESTING: usize = 127;
+
 impl ClientMessage {
     /// Decodes a text frame, classifying every failure with an [`ErrorCode`].
     pub fn decode(text: &str) -> Result<Self, DecodeError> {
         let value: Value = serde_json::from_str(text).map_err(|e| {
-            DecodeError::new(
-                ErrorCode::BadJson,
-                format!("The message is not valid JSON ({e})."),
-            )
+            let message = if e.to_string().starts_with("recursion limit exceeded") {
+                format!("The message nests arrays and objects more than {MAX_NESTING} levels deep.")
+            } else {
+                format!("The message is not valid JSON ({e}).")
+            };
+            DecodeError::new(ErrorCode::BadJson, message)
         })?;
         let Some(kind) = value.get("type").and_then(Value::as_str).map(str::to_owned) else {
             return Err(DecodeError::new(
@@ -749,6 +780,15 @@ mod tests {
     fn decode_failures_are_classified() {
         let code = |s: &str| ClientMessage::decode(s).unwrap_err().code;
         assert_eq!(code("{nope"), ErrorCode::BadJson);
+        // `data` may nest up to the documented limit, and no deeper.
+        let signal = |levels: usize| {
+            let data = format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+            ClientMessage::decode(&format!(r#"{{"type":"signal","to":1,"data":{data}}}"#))
+        };
+        assert!(signal(MAX_NESTING - 1).is_ok());
+        let deep = signal(MAX_NESTING).unwrap_err();
+        assert_eq!(deep.code, ErrorCode::BadJson);
+        assert!(deep.message.contains("127 levels"), "{}", deep.message);
         assert_eq!(code("[1,2]"), ErrorCode::BadMessage);
         assert_eq!(code(r#"{"type":7}"#), ErrorCode::BadMessage);
         assert_eq!(code(r#"{"type":"launch"}"#), ErrorCode::UnknownType);

@@ -104,6 +104,10 @@ pub struct RoomConfig {
     /// room's creation (never from a configuration file); told to clients in `welcome`.
     #[serde(skip)]
     pub quality: Option<Quality>,
+    /// The broadcast's title, if the broadcaster gave one. Set per room from its creation
+    /// (never from a configuration file); told to clients in `welcome`.
+    #[serde(skip)]
+    pub title: Option<String>,
     /// Share of a declared uplink that may be spent on children, in percent.
     pub usable_uplink_percent: u32,
     /// Uplink assumed for a peer that declares none, in kbit/s.
@@ -174,6 +178,7 @@ impl Default for RoomConfig {
             stream_kbps: 500,
             max_stream_kbps: Quality::Hd.stream_kbps(),
             quality: None,
+            title: None,
             usable_uplink_percent: 80,
             default_uplink_kbps: 2_000,
             loss_threshold: 0.05,
@@ -454,6 +459,14 @@ pub enum RoomEvent {
         /// Its parent.
         parent: PeerId,
     },
+    /// A peer's reported media state changed (reported when it changes), so that what a
+    /// dashboard draws follows the viewers.
+    Media {
+        /// The peer.
+        peer: PeerId,
+        /// Its new state.
+        state: MediaState,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -693,6 +706,8 @@ pub struct RoomSnapshot {
     pub stream_kbps: u32,
     /// The picture the broadcaster chose, if it chose one.
     pub video: Option<VideoFormat>,
+    /// The broadcast's title, if it has one.
+    pub title: Option<String>,
 }
 
 /// A room: the relay tree plus the peers' sessions. See the module docs for the loop.
@@ -946,6 +961,7 @@ impl Room {
             peers,
             stream_kbps: self.config.stream_kbps,
             video: self.config.quality.map(Quality::video),
+            title: self.config.title.clone(),
         }
     }
 
@@ -1126,6 +1142,7 @@ impl Room {
                 ice_servers,
                 limits,
                 protocol: PROTOCOL_VERSION,
+                title: self.config.title.clone(),
             },
         );
     }
@@ -1342,13 +1359,14 @@ impl Room {
                 "\"loss\" must be a fraction between 0 and 1.",
             );
         }
-        let was_receiving;
+        let (was_receiving, media_changed);
         {
             let peer = self
                 .peers
                 .get_mut(&id)
                 .expect("bound connections map to peers");
             was_receiving = peer.media == MediaState::Receiving;
+            media_changed = peer.media != report.state;
             peer.media = report.state;
             peer.reported_at = Some(self.now);
             peer.latency_ms = report.latency_ms.or(peer.latency_ms);
@@ -1371,6 +1389,12 @@ impl Room {
                 peer.relay_modes.sort_unstable_by_key(|&(c, _)| c);
                 peer.relay_modes.dedup_by_key(|&mut (c, _)| c);
             }
+        }
+        if media_changed {
+            self.event(RoomEvent::Media {
+                peer: id,
+                state: report.state,
+            });
         }
         if report.uplink_kbps.is_some() {
             self.set_capacity_from_uplink(id);

@@ -234,6 +234,7 @@ impl Harness {
             token: token.map(str::to_owned),
             uplink_kbps: Some(uplink),
             resume: None,
+            link: None,
         };
         self.input(Input::Hello { conn, hello });
         conn
@@ -272,6 +273,7 @@ impl Harness {
                 token: None,
                 uplink_kbps: None,
                 resume: Some(token),
+                link: None,
             },
         });
         conn
@@ -508,6 +510,7 @@ fn bad_resume_token_is_refused() {
             token: None,
             uplink_kbps: None,
             resume: Some("nope".into()),
+            link: None,
         },
     });
     assert_eq!(h.views[&conn].errors, [ErrorCode::BadResume]);
@@ -605,6 +608,37 @@ fn quiet_room(root_fanout: u32, relay_fanout: u32) -> Harness {
     h
 }
 
+/// Dashboards follow media states through events: one per change, none for a repeat.
+#[test]
+fn a_media_state_change_is_an_event_and_a_repeat_is_not() {
+    let mut h = quiet_room(2, 2);
+    let viewer = h.viewer();
+    let id = h.peer(viewer);
+    let media = |events: Vec<RoomEvent>| {
+        events
+            .into_iter()
+            .filter(|e| matches!(e, RoomEvent::Media { .. }))
+            .collect::<Vec<_>>()
+    };
+    let first = media(events_of(&mut h, viewer, report(MediaState::Receiving)));
+    assert_eq!(
+        first,
+        [RoomEvent::Media {
+            peer: id,
+            state: MediaState::Receiving
+        }]
+    );
+    assert!(media(events_of(&mut h, viewer, report(MediaState::Receiving))).is_empty());
+    let stalled = media(events_of(&mut h, viewer, report(MediaState::Stalled)));
+    assert_eq!(
+        stalled,
+        [RoomEvent::Media {
+            peer: id,
+            state: MediaState::Stalled
+        }]
+    );
+}
+
 #[test]
 fn a_stall_with_no_other_slot_moves_nothing_and_tells_nobody() {
     // Broadcaster → relay → two leaves; the tree is full, so the only free slot a stalled
@@ -621,7 +655,15 @@ fn a_stall_with_no_other_slot_moves_nothing_and_tells_nobody() {
     h.media(other, MediaState::Stalled);
     let before = h.views[&leaf].clone();
     let events = events_of(&mut h, leaf, report(MediaState::Stalled));
-    assert!(events.is_empty(), "no move, no events: {events:?}");
+    let leaf_id = h.peer(leaf);
+    assert_eq!(
+        events,
+        [RoomEvent::Media {
+            peer: leaf_id,
+            state: MediaState::Stalled
+        }],
+        "no move: only the new media state"
+    );
     let after = &h.views[&leaf];
     assert_eq!(after.parent, Some(relay_id));
     assert_eq!(
@@ -985,6 +1027,7 @@ fn room_full_and_double_hello_are_refused() {
         token: None,
         uplink_kbps: None,
         resume: None,
+        link: None,
     };
     h.input(Input::Hello { conn: v, hello });
     assert_eq!(h.views[&v].errors, [ErrorCode::AlreadyJoined]);
@@ -1024,6 +1067,7 @@ fn broadcaster_presence_is_announced() {
             token: Some(TOKEN.into()),
             uplink_kbps: None,
             resume: Some(token),
+            link: None,
         },
     });
     assert_eq!(h.views[&v].live, Some(true));

@@ -11,12 +11,20 @@
 //!   with a key derived from the operator secret; with `[access] create = "token"` it is
 //!   what `POST /api/rooms` needs. `treecast-signaller mint-token` mints one.
 //!
+//! - A **private room** has its own random HMAC key, made when the room is and never
+//!   stored or sent anywhere. Its viewers need a **link token** signed with it: a JWT
+//!   (HS256) naming the room, an expiry, an optional number of uses and a random nonce.
+//!   The room's task checks it at `hello` ([`PrivateRoom::admit`]); a missing or forged
+//!   token is refused exactly like a room that does not exist.
+//!
 //! With neither a secret nor a non-loopback listener, everything stays open as it always
 //! was: one person trying the server on their own machine needs no credentials.
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use jsonwebtoken::crypto::{CryptoProvider, JwkUtils, JwtSigner, JwtVerifier};
 use jsonwebtoken::errors::ErrorKind;
@@ -24,7 +32,9 @@ use jsonwebtoken::signature::{self, Signer, Verifier};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use ring::hmac;
 use serde::{Deserialize, Serialize};
+use treecast_core::protocol::{ErrorCode, Hello};
 use treecast_core::turn::Secret;
+use treecast_core::{PeerId, RoomId};
 
 /// Environment variable the binary reads the operator secret from.
 pub const ADMIN_SECRET_ENV: &str = "TREECAST_ADMIN_SECRET";
@@ -49,7 +59,17 @@ pub struct AccessConfig {
     pub secret_file: PathBuf,
     /// Who may create rooms: `open` (anyone) or `token` (a grant, or the operator secret).
     pub create: CreateMode,
+    /// Longest lifetime of a private room's viewer link, in milliseconds (whole seconds
+    /// count); also the lifetime of a link asked for without `expires_in_s`.
+    #[serde(with = "crate::config::millis")]
+    pub max_link_ttl: Duration,
 }
+
+/// Default [`AccessConfig::max_link_ttl`]: a day.
+pub const DEFAULT_MAX_LINK_TTL: Duration = Duration::from_secs(24 * 3_600);
+
+/// Most uses one viewer link may allow.
+pub const MAX_LINK_USES: u32 = 1_000_000;
 
 impl Default for AccessConfig {
     fn default() -> Self {
@@ -57,6 +77,7 @@ impl Default for AccessConfig {
             admin_secret: None,
             secret_file: PathBuf::from("treecast-admin-secret"),
             create: CreateMode::Open,
+            max_link_ttl: DEFAULT_MAX_LINK_TTL,
         }
     }
 }
@@ -97,6 +118,8 @@ pub(crate) struct Access {
     operator: Option<OperatorKey>,
     /// Who may create rooms.
     pub create: CreateMode,
+    /// Longest lifetime of a viewer link, whole seconds (at least one).
+    pub max_link_ttl_s: u64,
 }
 
 struct OperatorKey {
@@ -140,6 +163,7 @@ impl Access {
         Ok(Self {
             operator,
             create: config.create,
+            max_link_ttl_s: config.max_link_ttl.as_secs().max(1),
         })
     }
 
@@ -345,6 +369,202 @@ pub fn now_unix() -> u64 {
         .unwrap_or_default()
 }
 
+/// The claims of a private room's viewer link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkClaims {
+    /// The room it opens (checked too, though another room's key could not have signed it).
+    pub room: String,
+    /// Expires at (Unix seconds).
+    pub exp: u64,
+    /// How many joins it allows; absent: any number until it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u32>,
+    /// 128 random bits as 32 hex digits: uses are counted per nonce.
+    pub nonce: String,
+}
+
+/// A private room's signing key: 256 random bits, held by the room's task and handle, and
+/// forgotten with the room.
+pub(crate) struct LinkKey([u8; 32]);
+
+impl std::fmt::Debug for LinkKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkKey(<redacted>)")
+    }
+}
+
+/// Why a link token does not let its bearer in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LinkRefusal {
+    /// Not signed with this room's key, not a token, or naming another room.
+    Invalid,
+    /// Genuine, past its `exp`.
+    Expired,
+}
+
+impl LinkKey {
+    /// A fresh key from the OS's randomness.
+    pub(crate) fn generate() -> Result<Self, getrandom::Error> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key)?;
+        Ok(Self(key))
+    }
+
+    /// Signs a link for `room`, valid until `exp` (Unix seconds), for at most `max_uses`
+    /// joins, with a fresh nonce.
+    pub(crate) fn mint(
+        &self,
+        room: &RoomId,
+        exp: u64,
+        max_uses: Option<u32>,
+    ) -> Result<String, String> {
+        let mut nonce = [0u8; 16];
+        getrandom::fill(&mut nonce).map_err(|e| e.to_string())?;
+        self.mint_claims(&LinkClaims {
+            room: room.as_str().to_owned(),
+            exp,
+            max_uses,
+            nonce: nonce.iter().map(|b| format!("{b:02x}")).collect(),
+        })
+    }
+
+    fn mint_claims(&self, claims: &LinkClaims) -> Result<String, String> {
+        install_provider();
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(&self.0),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Checks a link for `room` at `now` (Unix seconds). The signature is checked first:
+    /// only a genuine token can be told apart as expired.
+    pub(crate) fn verify(
+        &self,
+        room: &RoomId,
+        token: &str,
+        now: u64,
+    ) -> Result<LinkClaims, LinkRefusal> {
+        install_provider();
+        let mut validation = Validation::new(Algorithm::HS256);
+        // The expiry is checked below against the caller's clock, with no leeway: the
+        // same server signs and checks.
+        validation.validate_exp = false;
+        validation.leeway = 0;
+        validation.set_required_spec_claims(&["exp"]);
+        let claims = jsonwebtoken::decode::<LinkClaims>(
+            token,
+            &DecodingKey::from_secret(&self.0),
+            &validation,
+        )
+        .map_err(|_| LinkRefusal::Invalid)?
+        .claims;
+        if claims.room != room.as_str() {
+            return Err(LinkRefusal::Invalid);
+        }
+        if now >= claims.exp {
+            return Err(LinkRefusal::Expired);
+        }
+        Ok(claims)
+    }
+}
+
+/// How a `hello` got past a private room's door.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Admit {
+    /// The broadcaster token, or a resume token the room handed out: no link needed, no
+    /// use counted.
+    Free,
+    /// A valid link: one use of this nonce is counted if the room welcomes the peer as new.
+    Link(String),
+}
+
+/// A private room's door, kept by its task: the key, the uses counted per link nonce, and
+/// the resume tokens of the peers it let in (so a resume needs no link and costs no use).
+#[derive(Debug)]
+pub(crate) struct PrivateRoom {
+    key: std::sync::Arc<LinkKey>,
+    room: RoomId,
+    token: std::sync::Arc<str>,
+    uses: HashMap<String, u32>,
+    resumes: HashMap<String, PeerId>,
+    resume_of: HashMap<PeerId, String>,
+}
+
+impl PrivateRoom {
+    /// The door of `room`, whose broadcaster token is `token`.
+    pub(crate) fn new(
+        key: std::sync::Arc<LinkKey>,
+        room: RoomId,
+        token: std::sync::Arc<str>,
+    ) -> Self {
+        Self {
+            key,
+            room,
+            token,
+            uses: HashMap::new(),
+            resumes: HashMap::new(),
+            resume_of: HashMap::new(),
+        }
+    }
+
+    /// Whether `hello` may go on to the room at `now` (Unix seconds), or the code to refuse
+    /// it with. Anything short of a genuine link for this room (or the broadcaster token, or
+    /// a resume token this room issued) is `unknown_room`, as if there were no room.
+    pub(crate) fn admit(&self, hello: &Hello, now: u64) -> Result<Admit, ErrorCode> {
+        if hello
+            .token
+            .as_deref()
+            .is_some_and(|t| same_secret(t, &self.token))
+        {
+            return Ok(Admit::Free);
+        }
+        if hello
+            .resume
+            .as_deref()
+            .is_some_and(|r| self.resumes.contains_key(r))
+        {
+            return Ok(Admit::Free);
+        }
+        let Some(link) = hello.link.as_deref() else {
+            return Err(ErrorCode::UnknownRoom);
+        };
+        let claims = self
+            .key
+            .verify(&self.room, link, now)
+            .map_err(|r| match r {
+                LinkRefusal::Invalid => ErrorCode::UnknownRoom,
+                LinkRefusal::Expired => ErrorCode::LinkExpired,
+            })?;
+        if let Some(max) = claims.max_uses
+            && self.uses.get(&claims.nonce).copied().unwrap_or(0) >= max
+        {
+            return Err(ErrorCode::LinkUsedUp);
+        }
+        Ok(Admit::Link(claims.nonce))
+    }
+
+    /// The room welcomed `peer` with resume token `resume`; `admit` is how its `hello` got
+    /// in. A new peer let in by a link uses it once.
+    pub(crate) fn welcomed(&mut self, peer: PeerId, resume: &str, resumed: bool, admit: &Admit) {
+        if !resumed && let Admit::Link(nonce) = admit {
+            *self.uses.entry(nonce.clone()).or_insert(0) += 1;
+        }
+        if self.resume_of.insert(peer, resume.to_owned()).is_none() {
+            self.resumes.insert(resume.to_owned(), peer);
+        }
+    }
+
+    /// `peer` left the room for good: its resume token opens nothing any more.
+    pub(crate) fn left(&mut self, peer: PeerId) {
+        if let Some(resume) = self.resume_of.remove(&peer) {
+            self.resumes.remove(&resume);
+        }
+    }
+}
+
 /// HS256 over `ring`, already in the build for TLS: `jsonwebtoken` otherwise wants
 /// RustCrypto's whole RSA/ECDSA/EdDSA stack or aws-lc, for an algorithm we never accept.
 static PROVIDER: CryptoProvider = CryptoProvider {
@@ -503,6 +723,83 @@ mod tests {
             }
             out
         }
+    }
+
+    fn hello(link: Option<&str>, resume: Option<&str>, token: Option<&str>) -> Hello {
+        Hello {
+            v: 1,
+            room: RoomId::new("room-a").unwrap(),
+            role: treecast_core::protocol::Role::Viewer,
+            token: token.map(str::to_owned),
+            uplink_kbps: None,
+            resume: resume.map(str::to_owned),
+            link: link.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn link_tokens_are_checked_signature_first() {
+        let room = RoomId::new("room-a").unwrap();
+        let other_room = RoomId::new("room-b").unwrap();
+        let key = LinkKey::generate().unwrap();
+        let other_key = LinkKey::generate().unwrap();
+        let now = 1_000_000;
+        let good = key.mint(&room, now + 60, Some(3)).unwrap();
+        let claims = key.verify(&room, &good, now).unwrap();
+        assert_eq!((claims.exp, claims.max_uses), (now + 60, Some(3)));
+        assert_eq!(claims.nonce.len(), 32);
+        assert_eq!(
+            key.verify(&room, &good, now + 60),
+            Err(LinkRefusal::Expired)
+        );
+        // Another key's token, even expired, is only ever "invalid".
+        let foreign = other_key.mint(&room, now - 10, None).unwrap();
+        assert_eq!(key.verify(&room, &foreign, now), Err(LinkRefusal::Invalid));
+        // Signed by this key for another room id.
+        let misnamed = key.mint(&other_room, now + 60, None).unwrap();
+        assert_eq!(key.verify(&room, &misnamed, now), Err(LinkRefusal::Invalid));
+        assert_eq!(key.verify(&room, "a.b.c", now), Err(LinkRefusal::Invalid));
+        // Two links never share a nonce.
+        let again = key.mint(&room, now + 60, Some(3)).unwrap();
+        assert_ne!(key.verify(&room, &again, now).unwrap().nonce, claims.nonce);
+    }
+
+    #[test]
+    fn a_private_room_counts_uses_per_link_and_frees_resumes() {
+        let room = RoomId::new("room-a").unwrap();
+        let key = std::sync::Arc::new(LinkKey::generate().unwrap());
+        let mut door = PrivateRoom::new(key.clone(), room.clone(), "b-token".into());
+        let now = now_unix();
+        let once = key.mint(&room, now + 60, Some(1)).unwrap();
+        assert_eq!(
+            door.admit(&hello(None, None, None), now),
+            Err(ErrorCode::UnknownRoom)
+        );
+        assert_eq!(
+            door.admit(&hello(None, None, Some("b-token")), now),
+            Ok(Admit::Free)
+        );
+        let Ok(admit @ Admit::Link(_)) = door.admit(&hello(Some(&once), None, None), now) else {
+            panic!("a genuine link is let in");
+        };
+        // Refused by the room (no welcome): nothing counted, the link still works.
+        assert!(door.admit(&hello(Some(&once), None, None), now).is_ok());
+        door.welcomed(PeerId(7), "r7", false, &admit);
+        assert_eq!(
+            door.admit(&hello(Some(&once), None, None), now),
+            Err(ErrorCode::LinkUsedUp)
+        );
+        // Its resume needs no link and costs nothing.
+        assert_eq!(
+            door.admit(&hello(None, Some("r7"), None), now),
+            Ok(Admit::Free)
+        );
+        door.welcomed(PeerId(7), "r7", true, &Admit::Free);
+        door.left(PeerId(7));
+        assert_eq!(
+            door.admit(&hello(None, Some("r7"), None), now),
+            Err(ErrorCode::UnknownRoom)
+        );
     }
 
     #[test]

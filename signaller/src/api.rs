@@ -25,7 +25,7 @@ use treecast_core::protocol::ErrorCode;
 use treecast_core::quality::{Quality, VideoFormat};
 use treecast_core::room::{RoomConfig, RoomSnapshot};
 
-use crate::access::{self, CreateMode, GrantRefusal};
+use crate::access::{self, CreateMode, GrantRefusal, LinkKey};
 use crate::room_task::{DashboardEvent, RoomCommand, RoomTask};
 use crate::rooms::{self, AddError, RoomHandle};
 use crate::server::ServerState;
@@ -71,7 +71,11 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::TooManyRooms | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::TooManyConnections | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        ErrorCode::WrongToken | ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::WrongToken
+        | ErrorCode::Forbidden
+        | ErrorCode::LinkExpired
+        | ErrorCode::LinkUsedUp => StatusCode::FORBIDDEN,
+        ErrorCode::NotPrivate => StatusCode::CONFLICT,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
@@ -119,10 +123,22 @@ fn require_operator(state: &ServerState, headers: &HeaderMap) -> Result<(), ApiE
 /// The room, if the request may see it: with the operator secret, or with this room's
 /// broadcaster token. Anyone else gets the same `unauthorized` whether the room exists or
 /// not, so the answer tells them nothing about which rooms there are.
+///
+/// Without an operator secret everyone counts as the operator, except for private rooms:
+/// those show themselves only to their broadcaster token, and answer anyone else exactly
+/// as a room that does not exist.
 fn room_for(state: &ServerState, headers: &HeaderMap, room: &str) -> Result<RoomHandle, ApiError> {
     let bearer = access::bearer(headers);
     if state.access.is_operator(bearer) {
-        return find_room(state, room);
+        let handle = find_room(state, room)?;
+        let hidden = !state.access.operator_required()
+            && handle.link_key.is_some()
+            && !bearer.is_some_and(|b| access::same_secret(&handle.token, b));
+        return if hidden {
+            Err(unknown_room(room))
+        } else {
+            Ok(handle)
+        };
     }
     let refused = || {
         ApiError::with(
@@ -205,6 +221,8 @@ struct CreatedRoom {
     /// The picture the broadcaster chose, if it chose one.
     #[serde(skip_serializing_if = "Option::is_none")]
     video: Option<VideoFormat>,
+    /// Viewers need a signed link (`POST /api/rooms/{room}/links`).
+    private: bool,
 }
 
 /// Largest `POST /api/rooms` body: a quality name fits many times over.
@@ -217,20 +235,26 @@ struct NewRoom {
     /// A preset name (`"720p"`); absent: the server's `stream_kbps`, no picture told.
     #[serde(default)]
     quality: Option<String>,
+    /// Viewers need a signed link (`POST /api/rooms/{room}/links`); absent: public.
+    #[serde(default)]
+    private: bool,
 }
 
-/// The room settings for a `POST /api/rooms` body: the server's, with the chosen quality.
-/// An empty body chooses nothing.
-pub(crate) fn room_config_for(base: &RoomConfig, body: &[u8]) -> Result<RoomConfig, ApiError> {
+/// Reads an optional JSON object body into `T`: an empty body is `T::default()`, one that
+/// is not a JSON object is `bad_json`, a field `T` does not take (or of the wrong type) is
+/// `invalid_field` naming it. `example` and `fields` go into the messages.
+fn json_body<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+    example: &str,
+    fields: &str,
+) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(base.clone());
+        return Ok(T::default());
     }
     let not_object = |detail: String| {
         ApiError::with(
             ErrorCode::BadJson,
-            format!(
-                "The request body must be a JSON object such as {{\"quality\":\"720p\"}}{detail}."
-            ),
+            format!("The request body must be a JSON object such as {example}{detail}."),
         )
     };
     let value: serde_json::Value =
@@ -238,12 +262,26 @@ pub(crate) fn room_config_for(base: &RoomConfig, body: &[u8]) -> Result<RoomConf
     if !value.is_object() {
         return Err(not_object(String::new()));
     }
-    let request: NewRoom = serde_json::from_value(value).map_err(|e| {
+    serde_json::from_value(value).map_err(|e| {
         ApiError::with(
             ErrorCode::InvalidField,
-            format!("The request body has a bad field: {e}. It may only hold \"quality\"."),
+            format!("The request body has a bad field: {e}. It may only hold {fields}."),
         )
-    })?;
+    })
+}
+
+fn new_room(body: &[u8]) -> Result<NewRoom, ApiError> {
+    json_body(
+        body,
+        "{\"quality\":\"720p\"}",
+        "\"quality\" and \"private\"",
+    )
+}
+
+/// The room settings for a `POST /api/rooms` body: the server's, with the chosen quality.
+/// An empty body chooses nothing.
+pub(crate) fn room_config_for(base: &RoomConfig, body: &[u8]) -> Result<RoomConfig, ApiError> {
+    let request = new_room(body)?;
     let Some(name) = request.quality else {
         return Ok(base.clone());
     };
@@ -342,6 +380,7 @@ pub(crate) async fn create_room(
         }
     })?;
     let config = room_config_for(&state.config.room, &body)?;
+    let private = new_room(&body)?.private;
     let limits = &state.config.limits;
     if !state.rooms.admit_creation(
         client.ip(),
@@ -362,7 +401,18 @@ pub(crate) async fn create_room(
     // 60 random bits make a clash unlikely; a few tries make it harmless.
     for _ in 0..8 {
         let id = rooms::random_room_id().map_err(ApiError::internal)?;
-        let (task, handle) = RoomTask::new(&state, id.clone(), token.clone(), seed, config.clone());
+        let link_key = match private {
+            true => Some(LinkKey::generate().map_err(ApiError::internal)?),
+            false => None,
+        };
+        let (task, handle) = RoomTask::new(
+            &state,
+            id.clone(),
+            token.clone(),
+            seed,
+            config.clone(),
+            link_key,
+        );
         match state.rooms.add(id.clone(), handle, max) {
             Ok(()) => {
                 tokio::spawn(task.run());
@@ -373,6 +423,7 @@ pub(crate) async fn create_room(
                     token,
                     stream_kbps: config.stream_kbps,
                     video: config.quality.map(Quality::video),
+                    private,
                 };
                 return Ok((StatusCode::CREATED, Json(body)).into_response());
             }
@@ -391,18 +442,153 @@ pub(crate) async fn list_rooms(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     require_operator(&state, &headers)?;
-    Ok(Json(state.rooms.summaries()).into_response())
+    let mut rooms = state.rooms.summaries();
+    if !state.access.operator_required() {
+        // Without an operator secret this list is everyone's: private rooms stay off it.
+        rooms.retain(|r| !r.private);
+    }
+    Ok(Json(rooms).into_response())
 }
 
 fn find_room(state: &ServerState, room: &str) -> Result<RoomHandle, ApiError> {
-    let unknown = || {
-        ApiError::with(
-            ErrorCode::UnknownRoom,
-            format!("There is no room \"{}\".", shorten(room)),
-        )
+    let id = RoomId::new(room).map_err(|_| unknown_room(room))?;
+    state.rooms.get(&id).ok_or_else(|| unknown_room(room))
+}
+
+/// The answer for a room that does not exist (or that must look as if it did not).
+fn unknown_room(room: &str) -> ApiError {
+    ApiError::with(
+        ErrorCode::UnknownRoom,
+        format!("There is no room \"{}\".", shorten(room)),
+    )
+}
+
+/// The optional body of `POST /api/rooms/{room}/links`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewLink {
+    /// Seconds the link works for; absent: `[access] max_link_ttl`.
+    #[serde(default)]
+    expires_in_s: Option<u64>,
+    /// Joins the link allows; absent: any number until it expires.
+    #[serde(default)]
+    max_uses: Option<u32>,
+}
+
+/// The answer to `POST /api/rooms/{room}/links`.
+#[derive(Debug, Serialize)]
+struct CreatedLink {
+    /// The whole watch address, with the token in its fragment.
+    link: String,
+    /// The same, relative to this server.
+    watch_url: String,
+    /// The signed link token (what `hello.link` carries).
+    token: String,
+    /// When it stops working (Unix seconds).
+    expires_at: u64,
+    /// Joins it allows, if limited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_uses: Option<u32>,
+}
+
+/// `POST /api/rooms/{room}/links`: a signed viewer link for a private room, for its
+/// broadcaster token or the operator. Body (optional): `{"expires_in_s": N, "max_uses": M}`.
+pub(crate) async fn create_link(
+    State(state): State<Arc<ServerState>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let handle = room_for(&state, &headers, &room)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::with(
+                ErrorCode::TooLarge,
+                format!("The request body is larger than {MAX_ROOM_BODY} bytes."),
+            )
+        } else {
+            ApiError::with(ErrorCode::InvalidField, e.body_text())
+        }
+    })?;
+    let request: NewLink = json_body(
+        &body,
+        "{\"expires_in_s\":3600,\"max_uses\":30}",
+        "\"expires_in_s\" and \"max_uses\"",
+    )?;
+    let max_ttl = state.access.max_link_ttl_s;
+    let ttl = request.expires_in_s.unwrap_or(max_ttl);
+    if !(1..=max_ttl).contains(&ttl) {
+        return Err(ApiError::with(
+            ErrorCode::InvalidField,
+            format!(
+                "Field \"expires_in_s\": a link works for 1 to {max_ttl} seconds on this server."
+            ),
+        ));
+    }
+    if request
+        .max_uses
+        .is_some_and(|n| !(1..=access::MAX_LINK_USES).contains(&n))
+    {
+        return Err(ApiError::with(
+            ErrorCode::InvalidField,
+            format!(
+                "Field \"max_uses\": a link allows 1 to {} joins; leave it out for no limit.",
+                access::MAX_LINK_USES
+            ),
+        ));
+    }
+    if handle
+        .stats
+        .ended
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        return Err(ApiError::new(ErrorCode::RoomEnded));
+    }
+    let Some(key) = &handle.link_key else {
+        return Err(ApiError::new(ErrorCode::NotPrivate));
     };
-    let id = RoomId::new(room).map_err(|_| unknown())?;
-    state.rooms.get(&id).ok_or_else(unknown)
+    let id = RoomId::new(room.as_str()).map_err(|_| unknown_room(&room))?;
+    let expires_at = access::now_unix().saturating_add(ttl);
+    let token = key
+        .mint(&id, expires_at, request.max_uses)
+        .map_err(ApiError::internal)?;
+    let watch_url = format!("/watch/{id}#t={token}");
+    let body = CreatedLink {
+        link: format!("{}{watch_url}", origin(&state, &headers)),
+        watch_url,
+        token,
+        expires_at,
+        max_uses: request.max_uses,
+    };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `scheme://host` as the client reached this server: the `Host` header (if it is a plain
+/// host and port), HTTPS when this server serves TLS or a proxy says so in
+/// `X-Forwarded-Proto`.
+fn origin(state: &ServerState, headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 260
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| state.config.bind.to_string());
+    let forwarded_https = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    let tls = matches!(state.config.tls.mode(), Ok(Some(_)));
+    let scheme = if tls || forwarded_https {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{host}")
 }
 
 /// At most 64 characters of a client-supplied string, for messages.
@@ -525,9 +711,19 @@ pub(crate) async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
 
 /// Anything else: a JSON 404.
 pub(crate) async fn not_found() -> Response {
+    not_found_response()
+}
+
+/// The JSON 404 every unknown address gets, `/assets/...` included.
+pub(crate) fn not_found_response() -> Response {
     let body = ErrorBody {
         code: "not_found",
         message: "There is nothing at this address.",
     };
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CACHE_CONTROL, "no-cache")],
+        Json(body),
+    )
+        .into_response()
 }

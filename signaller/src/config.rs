@@ -257,6 +257,9 @@ impl Config {
         if self.limits.hello_timeout.is_zero() {
             return fail("limits.hello_timeout must be above zero");
         }
+        if self.access.max_link_ttl < Duration::from_secs(1) {
+            return fail("access.max_link_ttl must be at least 1000 (one second)");
+        }
         if self.stun_port == u16::MAX {
             return fail("stun_port must be below 65535: the STUN server also uses the next port");
         }

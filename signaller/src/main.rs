@@ -21,8 +21,8 @@ use treecast_core::protocol::IceServer;
 use treecast_core::turn::Secret;
 use treecast_signaller::access::{self, ADMIN_SECRET_ENV};
 use treecast_signaller::{
-    Config, CreateMode, Extras, LETS_ENCRYPT_STAGING, ServerError, StunSockets, TlsConfig,
-    TlsReload,
+    Config, ConfigError, CreateMode, Extras, LETS_ENCRYPT_STAGING, ServerError, StunSockets,
+    TlsConfig, TlsReload,
 };
 
 mod turn_flags;
@@ -108,7 +108,7 @@ struct Args {
     resume_grace_ms: Option<u64>,
 
     /// A STUN/TURN URL handed to clients after the signaller's own STUN server (repeat for
-    /// several; replaces the configured list).
+    /// several; replaces the configured list). `none` empties the list.
     #[arg(
         long = "ice-server",
         env = "TREECAST_ICE_SERVERS",
@@ -235,7 +235,18 @@ impl Args {
         if let Some(v) = self.resume_grace_ms {
             room.resume_grace = ms(v);
         }
-        if !self.ice_servers.is_empty() {
+        if self.ice_servers.iter().any(|url| url == "none") {
+            // The only way to empty a list the configuration file filled.
+            if self.ice_servers.len() > 1 {
+                return Err(ConfigError::Invalid(
+                    "--ice-server none (TREECAST_ICE_SERVERS=none) empties the list and \
+                     cannot be combined with URLs"
+                        .into(),
+                )
+                .into());
+            }
+            room.ice_servers = Vec::new();
+        } else if !self.ice_servers.is_empty() {
             room.ice_servers = self
                 .ice_servers
                 .into_iter()

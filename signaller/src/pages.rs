@@ -51,14 +51,7 @@ impl Pages {
 
     /// The contents of `web/<path>`, if there is such a file.
     async fn file(&self, path: &str) -> Result<Cow<'static, [u8]>, Response> {
-        let missing = || {
-            (
-                StatusCode::NOT_FOUND,
-                [(header::CACHE_CONTROL, "no-cache")],
-                "There is nothing at this address.",
-            )
-                .into_response()
-        };
+        let missing = crate::api::not_found_response;
         if !is_safe(path) {
             return Err(missing());
         }

@@ -26,6 +26,7 @@ use treecast_core::RoomId;
 use treecast_core::protocol::{EndReason, ErrorCode, Hello, ServerMessage};
 use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig, RoomEvent, RoomSnapshot};
 
+use crate::access::{self, Admit, LinkKey, PrivateRoom};
 use crate::connection::{CloseCode, Outbound};
 use crate::rooms::{RoomHandle, RoomStats};
 use crate::server::{ServerState, TaskGuard};
@@ -95,13 +96,19 @@ pub(crate) struct RoomTask {
     lost: Vec<ConnId>,
     /// When the room ended, to drop the tombstone later.
     ended_at: Option<Instant>,
+    /// A private room's door: which `hello`s may reach the room at all.
+    private: Option<PrivateRoom>,
+    /// The connection whose `hello` is being fed to the room, and how it got in: its
+    /// `welcome` (if any) is seen while the outputs drain.
+    admitting: Option<(ConnId, Admit)>,
     /// Keeps the server's shutdown waiting for this task.
     _task: TaskGuard,
 }
 
 impl RoomTask {
     /// A room task and the handle to reach it, with the room's own settings (the server's
-    /// `[room]` settings, with the stream the broadcaster chose). Register the handle, then
+    /// `[room]` settings, with the stream the broadcaster chose). With a `link_key` the
+    /// room is private: viewers need a link signed with it. Register the handle, then
     /// spawn `run`.
     pub(crate) fn new(
         state: &Arc<ServerState>,
@@ -109,10 +116,15 @@ impl RoomTask {
         token: String,
         seed: u64,
         config: RoomConfig,
+        link_key: Option<LinkKey>,
     ) -> (Self, RoomHandle) {
         let (tx, commands) = mpsc::channel(state.config.limits.room_queue);
         let stats = Arc::new(RoomStats::default());
         let handle_token: Arc<str> = token.as_str().into();
+        let link_key = link_key.map(Arc::new);
+        let private = link_key
+            .as_ref()
+            .map(|key| PrivateRoom::new(Arc::clone(key), id.clone(), Arc::clone(&handle_token)));
         let mut room = Room::new(id.clone(), token, config, seed, state.now());
         room.set_unix_epoch(state.start_unix);
         let (dashboard, _) = broadcast::channel(DASHBOARD_BUFFER);
@@ -126,6 +138,8 @@ impl RoomTask {
             dashboard,
             lost: Vec::new(),
             ended_at: None,
+            private,
+            admitting: None,
             _task: state.tasks.enter(),
         };
         (
@@ -134,6 +148,7 @@ impl RoomTask {
                 commands: tx,
                 stats,
                 token: handle_token,
+                link_key,
             },
         )
     }
@@ -172,8 +187,21 @@ impl RoomTask {
                 hello,
                 outbound,
             } => {
+                let admit = match &self.private {
+                    None => Admit::Free,
+                    Some(door) => match door.admit(&hello, access::now_unix()) {
+                        Ok(admit) => admit,
+                        Err(code) => {
+                            self.refuse_at_door(conn, &outbound, code);
+                            return Flow::Continue;
+                        }
+                    },
+                };
                 self.links.insert(conn, outbound);
-                self.input(Input::Hello { conn, hello }, Duration::ZERO)
+                self.admitting = Some((conn, admit));
+                let flow = self.input(Input::Hello { conn, hello }, Duration::ZERO);
+                self.admitting = None;
+                flow
             }
             RoomCommand::Input(input) => {
                 if let Input::Disconnected { conn } = &input {
@@ -207,6 +235,16 @@ impl RoomTask {
                 }
             }
         }
+    }
+
+    /// Refuses a `hello` at a private room's door. `unknown_room` goes out exactly as the
+    /// connection layer sends it for a room that does not exist.
+    fn refuse_at_door(&mut self, conn: ConnId, outbound: &Outbound, code: ErrorCode) {
+        tracing::debug!(room = %self.id, conn = conn.0, code = code.as_str(), "refused at a private room's door");
+        telemetry::error_sent(code);
+        outbound.send(ServerMessage::error(code));
+        outbound.close(CloseCode::Normal);
+        self.publish(&RoomEvent::Refused { code });
     }
 
     /// Time on the room's clock, never earlier than `floor` (the timer being served).
@@ -259,6 +297,7 @@ impl RoomTask {
             while let Some(out) = self.room.poll_output() {
                 match out {
                     Output::Send { conn, msg } => {
+                        self.note_welcome(conn, &msg);
                         if let Some(link) = self.links.get(&conn)
                             && !link.send(msg)
                         {
@@ -299,7 +338,32 @@ impl RoomTask {
         Flow::Continue
     }
 
+    /// Tells a private room's door about a `welcome`: the resume token it carries opens
+    /// the door from now on, and a new peer let in by a link uses it once.
+    fn note_welcome(&mut self, conn: ConnId, msg: &ServerMessage) {
+        let (
+            Some(door),
+            ServerMessage::Welcome {
+                peer_id,
+                resume,
+                resumed,
+                ..
+            },
+        ) = (&mut self.private, msg)
+        else {
+            return;
+        };
+        let admit = match &self.admitting {
+            Some((c, admit)) if *c == conn => admit,
+            _ => &Admit::Free,
+        };
+        door.welcomed(*peer_id, resume, *resumed, admit);
+    }
+
     fn publish(&mut self, event: &RoomEvent) {
+        if let (Some(door), RoomEvent::Left { peer, .. }) = (&mut self.private, event) {
+            door.left(*peer);
+        }
         telemetry::room_event(event);
         if let RoomEvent::Ended { reason } = event {
             tracing::info!(room = %self.id, reason = telemetry::end_reason(*reason), "room ended");
@@ -356,6 +420,7 @@ fn event_name(event: &RoomEvent) -> &'static str {
         RoomEvent::Connectivity { .. } => "connectivity",
         RoomEvent::Link { .. } => "link",
         RoomEvent::LinkFailed { .. } => "link_failed",
+        RoomEvent::Media { .. } => "media",
     }
 }
 

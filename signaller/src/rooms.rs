@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use treecast_core::RoomId;
 
+use crate::access::LinkKey;
 use crate::rate::{Admission, TokenBucket};
 use crate::room_task::RoomCommand;
 
@@ -26,6 +27,8 @@ pub(crate) struct RoomHandle {
     pub stats: Arc<RoomStats>,
     /// The broadcaster token, which also opens this room's snapshot and event stream.
     pub token: Arc<str>,
+    /// A private room's link key (signs viewer links); `None` for a public room.
+    pub link_key: Option<Arc<LinkKey>>,
 }
 
 /// Figures a room task publishes after each step, read without asking the task.
@@ -56,6 +59,8 @@ pub(crate) struct RoomSummary {
     pub viewers: u32,
     /// Deepest attached depth.
     pub max_depth: u32,
+    /// Viewers need a signed link.
+    pub private: bool,
 }
 
 /// All rooms of this server.
@@ -151,6 +156,7 @@ impl Rooms {
                     ended: h.stats.ended.load(Ordering::Relaxed),
                     viewers: h.stats.viewers.load(Ordering::Relaxed),
                     max_depth: h.stats.max_depth.load(Ordering::Relaxed),
+                    private: h.link_key.is_some(),
                 })
                 .collect()
         };

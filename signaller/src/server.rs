@@ -367,6 +367,11 @@ fn router(state: Arc<ServerState>) -> Router {
         .route("/api/qualities", get(api::qualities))
         .route("/api/rooms/{room}", get(api::room_snapshot))
         .route("/api/rooms/{room}/events", get(api::room_events))
+        .route(
+            "/api/rooms/{room}/links",
+            axum::routing::post(api::create_link)
+                .layer(axum::extract::DefaultBodyLimit::max(api::MAX_ROOM_BODY)),
+        )
         .route("/api/access", get(api::access))
         .route(
             "/api/uplink",

@@ -199,7 +199,10 @@ pub(crate) fn room_event(event: &RoomEvent) {
         RoomEvent::Connectivity { nat, .. } => {
             counter!("treecast_connectivity_reports_total", "nat" => nat.as_str()).increment(1);
         }
-        RoomEvent::Disconnected { .. } | RoomEvent::Capacity { .. } | RoomEvent::Tree(_) => {}
+        RoomEvent::Disconnected { .. }
+        | RoomEvent::Capacity { .. }
+        | RoomEvent::Tree(_)
+        | RoomEvent::Media { .. } => {}
     }
 }
 

@@ -59,6 +59,11 @@ async fn bad_input_is_answered_and_good_peers_are_still_served() {
     let wrong_type =
         json!({"type": "hello", "room": room, "role": "viewer", "uplink_kbps": "fast"}).to_string();
     refused_unjoined_kept(&mut c, &wrong_type, "invalid_field").await;
+    // uplink_kbps is a u32, as docs/protocol.md says.
+    let too_fast =
+        json!({"type": "hello", "room": room, "role": "viewer", "uplink_kbps": 1u64 << 32})
+            .to_string();
+    refused_unjoined_kept(&mut c, &too_fast, "invalid_field").await;
     let unknown_field =
         json!({"type": "hello", "room": room, "role": "viewer", "colour": "red"}).to_string();
     refused_unjoined_kept(&mut c, &unknown_field, "invalid_field").await;
@@ -121,6 +126,15 @@ async fn bad_input_is_answered_and_good_peers_are_still_served() {
     refused_joined_kept(&mut w, to_sibling, "not_neighbour").await;
     let to_nobody = json!({"type": "signal", "to": 999_999, "data": {}});
     refused_joined_kept(&mut w, to_nobody, "unknown_peer").await;
+    let deep = format!(
+        r#"{{"type":"signal","to":{},"data":{}1{}}}"#,
+        viewer.id(),
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    w.send_text(&deep).await;
+    w.expect_error("bad_json").await;
+    w.sync().await;
     let bad_loss = json!({"type": "report", "state": "receiving", "loss": 1.5});
     refused_joined_kept(&mut w, bad_loss, "invalid_field").await;
     refused_joined_kept(

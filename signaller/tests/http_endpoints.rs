@@ -59,9 +59,21 @@ async fn health_metrics_and_pages_answer() {
         assert!(t.contains(title), "{path}: title {t:?}");
         assert!(r.body.contains("<p"), "{path} says something");
     }
-    let r = http(addr, "GET", "/no/such/page", None).await;
-    assert_eq!(r.status, 404);
-    assert_eq!(r.json()["code"], "not_found");
+    // Unknown pages and unknown (or unsafe) asset paths get the same JSON 404.
+    for path in [
+        "/no/such/page",
+        "/assets/no-such-file.js",
+        "/assets/.hidden",
+    ] {
+        let r = http(addr, "GET", path, None).await;
+        assert_eq!(r.status, 404, "{path}");
+        assert!(
+            r.headers.contains("content-type: application/json"),
+            "{path}: {}",
+            r.headers
+        );
+        assert_eq!(r.json()["code"], "not_found", "{path}");
+    }
     server.shutdown().await.unwrap();
 }
 

@@ -1242,6 +1242,7 @@ impl Engine {
                         token: broadcaster.then(|| TOKEN.to_owned()),
                         uplink_kbps: Some(uplink.min(u64::from(u32::MAX)) as u32),
                         resume: None,
+                        link: None,
                     },
                 }
             }

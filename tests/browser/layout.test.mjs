@@ -100,9 +100,12 @@ describe('the pages on a phone screen', { timeout: 180000 }, () => {
     broadcaster = await browser.open(`${server.base}/?w=320&h=240&fps=15`, 'broadcaster');
     const page = broadcaster.page;
     await page.setViewportSize(PHONE);
+    // Before any preview, the empty picture box says what it is for.
+    assert.match(await page.textContent('#preview-empty'), /Press Preview/);
     await page.check('input[name=source][value=pattern]');
     await page.click('#preview');
     await waitFor('the preview', () => page.evaluate(() => document.getElementById('preview-video').readyState >= 2), 15000);
+    assert.ok(!(await page.isVisible('#preview-empty')), 'the hint goes once the picture shows');
     await noSideScroll(page, 'the set-up page');
     await tapTarget(page, '#go-live');
     await tapTarget(page, '#preview');
@@ -127,6 +130,17 @@ describe('the pages on a phone screen', { timeout: 180000 }, () => {
     await tapTarget(page, '#copy');
     await tapTarget(page, '#end');
     assert.ok(await page.isVisible('#link'), 'the link is shown');
+    // All of it, room id included: it wraps rather than scrolling out of sight.
+    const field = await page.$eval('#link', (t) => ({ sw: t.scrollWidth, cw: t.clientWidth, sh: t.scrollHeight, ch: t.clientHeight, value: t.value }));
+    assert.ok(field.sw <= field.cw + 1 && field.sh <= field.ch + 1, `the whole link is visible: ${JSON.stringify(field)}`);
+    // Right after going live with one viewer, the tree is a small drawing, not a huge disc.
+    const root = await page.locator('#tree .node.root circle').boundingBox();
+    assert.ok(root && root.width <= 60, `the broadcaster's disc is ${root && root.width} px wide`);
+    assert.match(await page.textContent('#tree-summary'), /^1 viewer, all watching directly from the broadcaster\.$/);
+    // "Link copied." is a confirmation that goes away.
+    await page.click('#copy');
+    await waitFor('the copy confirmation', () => page.evaluate(() => document.getElementById('copied').textContent !== ''), 5000);
+    await waitFor('the confirmation to go', () => page.evaluate(() => document.getElementById('copied').textContent === ''), 10000);
     const qr = await page.locator('#qr svg').boundingBox();
     assert.ok(qr && qr.width >= 120 && qr.x + qr.width <= PHONE.width, `QR code on screen and scannable: ${JSON.stringify(qr)}`);
     const tree = await page.locator('#tree').boundingBox();
@@ -142,6 +156,11 @@ describe('the pages on a phone screen', { timeout: 180000 }, () => {
     const page = viewer.page;
     await noSideScroll(page, 'the watch page while playing');
     await tapTarget(page, '#unmute');
+    for (const control of ['#details', '#fullscreen']) await tapTarget(page, control);
+    // The details are there on demand, not over the picture by default.
+    assert.ok(!(await page.isVisible('#overlay')), 'details hidden until asked for');
+    await page.click('#details');
+    assert.equal(await page.getAttribute('#details', 'aria-expanded'), 'true');
     const video = await page.locator('#video').boundingBox();
     const details = await page.locator('#overlay').boundingBox();
     assert.ok(details.y >= video.y + video.height - 1, `stream details below the picture: ${JSON.stringify({ video, details })}`);
@@ -154,6 +173,11 @@ describe('the pages on a phone screen', { timeout: 180000 }, () => {
     await page.keyboard.press('Enter');
     assert.equal(await page.evaluate(() => document.getElementById('video').muted), false, 'unmuted');
     assert.match(await page.textContent('#unmute'), /^\s*Mute\s*$/);
+    // The volume follows its slider.
+    await page.fill('#volume', '0.4');
+    assert.equal(await page.evaluate(() => document.getElementById('video').volume), 0.4);
+    // The Dashboard (every room, for the operator) is not offered to viewers.
+    assert.equal(await page.locator('header a[href="/dashboard"]').count(), 0);
     // At desktop width the details are an overlay on the picture again.
     await page.setViewportSize(SIZES[1]);
     await sleep(250);

@@ -43,6 +43,26 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
     return (await fetch(`${suite.server.base}/api/rooms/${room}`)).json();
   }
 
+  // Every node's state on the dashboard follows the server: a viewer's media state change
+  // is an event, so the drawing catches up within a second or so of it, not at the next
+  // tree change. Returns how long it took.
+  async function dashboardFollows(what) {
+    const drawnStatesMatch = async () => {
+      const expected = {};
+      for (const p of (await snapshot()).peers) {
+        if (p.role === 'viewer' && p.depth != null) expected[p.id] = p.media || 'connecting';
+      }
+      const drawn = await dashboard.page.$$eval('#tree .node', (nodes) => Object.fromEntries(nodes
+        .filter((g) => !g.classList.contains('root') && !g.classList.contains('waiting'))
+        .map((g) => [g.querySelector('text').textContent,
+          ['receiving', 'stalled', 'connecting'].find((k) => g.classList.contains(k))])));
+      return JSON.stringify(drawn) === JSON.stringify(expected);
+    };
+    const since = Date.now();
+    await waitFor(`dashboard node states equal the snapshot's ${what}`, drawnStatesMatch, 5000, 100);
+    return Date.now() - since;
+  }
+
 
   step('the broadcaster goes live with a test pattern and gets a link and a QR code', async () => {
     broadcaster = await suite.browser.open(`${suite.server.base}/?w=320&h=240&fps=15`, 'broadcaster');
@@ -184,6 +204,7 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
       v.depth = m.depth; v.parent = m.parent; v.peerId = m.peerId;
     }
     log('tree after repair (peer:parent@depth):', snap.peers.map((p) => `${p.id}:${p.parent}@${p.depth}`).join(' '));
+    measured.dashboard_lag_after_close_ms = await dashboardFollows('after the relay closed');
   });
 
   step('a relay whose renderer dies: the stall watchdog repairs its subtree', async () => {
@@ -202,6 +223,7 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
     const gaps = (await Promise.all(rest.map((v) => longestGapAfter(v.page, diedAt)))).map((g) => g.gap);
     measured.interruption_after_relay_dies_ms = rest.map((v, i) => ({ viewer: v.name, depth_before: v.depth, gap_ms: gaps[i] }));
     log('interruption after a relay died:', JSON.stringify(measured.interruption_after_relay_dies_ms));
+    measured.dashboard_lag_after_crash_ms = await dashboardFollows('after the relay died');
   });
 
   step('the dashboard shows the room, its repaired tree and the recent repairs', async () => {
@@ -211,6 +233,13 @@ describe('a broadcast relayed by six viewers in Chromium', { timeout: 300000 }, 
     const repairs = await dashboard.page.$$eval('#repairs li:not(.muted)', (li) => li.map((x) => x.textContent));
     log('dashboard repairs:', JSON.stringify(repairs));
     assert.ok(repairs.length >= 2, 'both repairs listed');
+    // Written for an operator: sentences, no codes or arrows.
+    const events = await dashboard.page.$$eval('#events li:not(.muted)', (li) => li.map((x) => x.textContent));
+    log('dashboard events:', JSON.stringify(events.slice(0, 8)));
+    for (const line of [...repairs, ...events]) {
+      assert.doesNotMatch(line, /[_→↛]|\bpeer\b|subtree/, line);
+    }
+    assert.ok(repairs.every((r) => /moved .* to a new source/.test(r)), JSON.stringify(repairs));
     assert.match(await dashboard.page.textContent('#rooms'), new RegExp(room));
   });
 
