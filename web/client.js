@@ -14,9 +14,14 @@
 //   sample_media                           sample the parent connection now (a watchdog
 //                                          deadline passed; only samples decide a stall)
 //   status {...}                           what the page shows
-// Relaying: tracks received from the parent are sent on to every child. Each child
-// connection keeps its two senders for its whole life; when the parent changes, the new
-// tracks are swapped in with replaceTrack, so children never renegotiate.
+// Relaying (relay.js): a viewer passes what it receives from its parent on to every child.
+// In Chromium the encoded frames go through unchanged ("pass-through": no decode, no
+// re-encode, the same picture at every depth); elsewhere, and for a child whose
+// pass-through leg fails its self-test or cannot carry the stream (weak child, see
+// watchChildren), the received tracks are re-encoded per child ("track" relay). Each child
+// connection keeps its two senders for its whole life; when the parent changes, the relay
+// switches them over, so children never renegotiate. Every hop prefers VP8: pass-through
+// frames keep their codec and payload type.
 // Warm standby: a peer the room would name in place of a relay holds idle connections to
 // that relay's parent and children, negotiated exactly like the real links (same
 // transceivers, codecs and encodings, only without tracks), so taking over needs no ICE,
@@ -25,12 +30,20 @@
 // ports (probeNat) and tells the room, which places it under peers it can reach; it
 // reports the candidate-pair type of its parent link and an ICE failure toward the parent.
 
+import { EncodedRelay, preferRelayCodec } from './relay.js';
+
 const STATS_EVERY_MS = 200;      // watchdog sampling of the parent connection (the agent's
                                  // max_sample_gap, 1.5 s, tolerates a background tab's 1/s)
 const MEASURE_EVERY_MS = 2000;   // loss / latency / delivered bitrate for reports
 const VIDEO_MAX_BITRATE = 450_000; // bit/s per child when the room does not say its stream_kbps
 const AUDIO_KBPS = 32;             // the audio's share of the room's stream_kbps (Opus voice)
 const PROBE_TIMEOUT_MS = 3000;   // longest wait for the STUN answers of the NAT probe
+// A pass-through child whose link does not keep up (loss above this, or the congestion
+// controller's estimate under this share of what is sent) in WEAK_SAMPLES relay
+// measurements in a row (2 s apart) gets a re-encoded leg under congestion control.
+const WEAK_LOSS = 0.1;
+const WEAK_SHARE = 0.8;
+const WEAK_SAMPLES = 2;
 
 let wasmModule = null;
 
@@ -85,6 +98,9 @@ export class Peer {
    * @param {(status: object) => void} [o.onStatus]
    * @param {(stream: MediaStream) => void} [o.onMedia] a viewer's playable stream changed
    * @param {(info: object) => void} [o.onStats] measurements for an overlay
+   * @param {{relay?: 'track', iceOnly?: string}} [o.test] test switches: `relay: 'track'`
+   *   feeds this page's children by track relay; `iceOnly` offers only host candidates
+   *   with that address (tests route one link through a capped interface)
    */
   constructor(wasm, o) {
     this.wasm = wasm;
@@ -101,6 +117,13 @@ export class Peer {
     this.standby = new Map();      // peer -> idle conn of a standby link: a parent's (receiving) or a child's
     this.tracks = { video: null, audio: null };
     this.outStream = new MediaStream();
+    this.test = o.test || {};
+    this.weakPeers = new Set();  // children whose link could not carry a pass-through leg
+    // Every viewer relays through one EncodedRelay (pass-through where the browser can);
+    // the broadcaster sends its own tracks.
+    this.relay = this.role === 'viewer'
+      ? new EncodedRelay({ onStats: (s) => this.watchChildren(s), onEvent: (e) => this.relayEvent(e) })
+      : null;
     if (o.stream) for (const t of o.stream.getTracks()) this.setTrack(t);
     this.ws = null;
     this.timer = null;
@@ -108,7 +131,9 @@ export class Peer {
     this.info = { depth: null, latencyMs: null, kbpsIn: null, loss: null, framesDecoded: 0, firstFrameAt: null,
       // Standby links: prepared so far, held now, closed on ICE failure, and how each
       // use_standby found its link: connected (warm), still connecting, or broken (cold).
-      standby: { opened: 0, held: 0, failed: 0, usedConnected: 0, usedConnecting: 0, usedCold: 0, uses: [] } };
+      standby: { opened: 0, held: 0, failed: 0, usedConnected: 0, usedConnecting: 0, usedCold: 0, uses: [] },
+      // How each child is fed ('pass-through' or 'track'), and the fallbacks so far.
+      relay: { modes: {}, fallbacks: [] } };
     this.prevIn = null;
     this.lastMeasure = performance.now();
     this.closed = false;
@@ -170,7 +195,9 @@ export class Peer {
     try { servers = JSON.parse(this.client.ice_servers()); } catch { /* none */ }
     const pc = new RTCPeerConnection({ iceServers: servers });
     pc.onicecandidate = (e) => {
-      if (e.candidate) this.sendSignal(peer, e.candidate.toJSON());
+      if (!e.candidate) return;
+      if (this.test.iceOnly && e.candidate.address !== this.test.iceOnly) return;
+      this.sendSignal(peer, e.candidate.toJSON());
     };
     return pc;
   }
@@ -275,12 +302,25 @@ export class Peer {
     for (const kind of ['video', 'audio']) {
       const init = { direction: 'sendonly', streams: [this.outStream] };
       if (rates[kind]) init.sendEncodings = [{ maxBitrate: rates[kind] }];
-      senders[kind] = pc.addTransceiver((withTracks && this.tracks[kind]) || kind, init).sender;
+      // A relay's senders get their tracks from the relay.
+      const track = !this.relay && withTracks && this.tracks[kind];
+      const t = pc.addTransceiver(track || kind, init);
+      if (kind === 'video') preferRelayCodec(t);
+      senders[kind] = t.sender;
     }
     keepResolution(senders.video);
     const conn = { peer, pc, senders, chain: Promise.resolve(), pending: [], hasRemote: false,
-      prevBytes: 0, prevWire: 0, prevAt: performance.now() };
+      prevBytes: 0, prevWire: 0, prevAt: performance.now(), weak: 0 };
     this.watchIce(conn);
+    if (this.relay) {
+      // Before the offer: the sender's encoded streams cannot be had after it.
+      // A child found weak before gets a track leg at once (the room may move it back here).
+      const mode = this.test.relay === 'track' || this.weakPeers.has(peer) ? 'track' : undefined;
+      this.relay.addChild(peer, pc, senders, { mode, standby: !withTracks }).then((modes) => {
+        if (this.relay && this.relay.children.has(peer)) this.info.relay.modes[peer] = modes.video;
+      });
+      this.info.relay.modes[peer] = this.relay.mode(peer, 'video');
+    }
     return conn;
   }
 
@@ -333,9 +373,13 @@ export class Peer {
     this.info.standby.uses = [...this.info.standby.uses.slice(-9),
       { peer, role: conn.role, state: pc.connectionState, at: Date.now() }];
     if (conn.role === 'parent') return this.becomeParent(conn);
-    for (const kind of ['video', 'audio']) {
-      const track = this.tracks[kind];
-      if (track) conn.senders[kind].replaceTrack(track).catch(() => {});
+    if (this.relay) {
+      this.relay.activate(peer);
+    } else {
+      for (const kind of ['video', 'audio']) {
+        const track = this.tracks[kind];
+        if (track) conn.senders[kind].replaceTrack(track).catch(() => {});
+      }
     }
     conn.prevAt = performance.now();
     this.children.set(peer, conn);
@@ -355,6 +399,10 @@ export class Peer {
     if (child) { child.pc.close(); this.children.delete(peer); }
     const standby = this.standby.get(peer);
     if (standby) { standby.pc.close(); this.standby.delete(peer); this.info.standby.held = this.standby.size; }
+    if ((child || standby?.role === 'child') && this.relay) {
+      this.relay.removeChild(peer);
+      delete this.info.relay.modes[peer];
+    }
   }
 
   onSignal(from, data) {
@@ -367,6 +415,11 @@ export class Peer {
       if (data.type === 'offer' && conn.receiving) {
         await pc.setRemoteDescription({ type: 'offer', sdp: data.sdp });
         conn.hasRemote = true;
+        if (this.relay) {
+          // Before the answer: a receiver transform set later is ignored (Chromium 156).
+          preferRelayCodec(pc);
+          this.relay.prepareUpstream(receiversOf(pc));
+        }
         const answer = await pc.createAnswer();
         await pc.setLocalDescription(answer);
         this.sendSignal(from, { type: 'answer', sdp: pc.localDescription.sdp });
@@ -390,9 +443,14 @@ export class Peer {
     this.tracks[track.kind] = track;
     if (old) this.outStream.removeTrack(old);
     this.outStream.addTrack(track);
-    for (const child of this.children.values()) {
-      const sender = child.senders[track.kind];
-      if (sender && sender.track !== track) sender.replaceTrack(track).catch(() => {});
+    if (this.relay) {
+      const receiver = this.parent?.pc.getReceivers().find((r) => r.track === track);
+      if (receiver) this.relay.setUpstream({ [track.kind]: receiver });
+    } else {
+      for (const child of this.children.values()) {
+        const sender = child.senders[track.kind];
+        if (sender && sender.track !== track) sender.replaceTrack(track).catch(() => {});
+      }
     }
     if (this.role === 'viewer') {
       this.onMedia(new MediaStream([this.tracks.video, this.tracks.audio].filter(Boolean)));
@@ -475,7 +533,9 @@ export class Peer {
           if (pair && pair.availableOutgoingBitrate > 0) available = Math.round(pair.availableOutgoingBitrate / 1000);
           const t = performance.now();
           const dt = Math.max(1, t - child.prevAt);
-          delivered.push([peer, Math.max(0, Math.round(((sent - child.prevBytes) * 8) / dt))]);
+          const mode = this.relay?.mode(peer, 'video');
+          delivered.push([peer, Math.max(0, Math.round(((sent - child.prevBytes) * 8) / dt)),
+            mode ? mode.replace('-', '_') : null]);
           estimates.push([peer, available ?? null, Math.max(0, Math.round(((onWire - (child.prevWire || 0)) * 8) / dt))]);
           child.prevBytes = sent;
           child.prevWire = onWire;
@@ -529,7 +589,48 @@ export class Peer {
     for (const peer of [...this.standby.keys()]) this.closeConn(peer);
     if (this.previous) this.closeConn(this.previous.peer);
     if (this.parent) this.closeConn(this.parent.peer);
+    if (this.relay) this.relay.close();
   }
+
+  /**
+   * Pass-through frames bypass WebRTC's rate control: a child whose link cannot carry the
+   * stream would get a flood of retransmissions and almost no pictures. Such a child gets
+   * a track leg instead (re-encoded under its own congestion control).
+   */
+  watchChildren(samples) {
+    this.info.relay.samples = samples.map((m) => ({ peer: m.id, mode: m.modes.video, lost: m.fractionLost,
+      available: m.availableOutgoingBitrate, sent: m.sendBitrate, weak: this.children.get(m.id)?.weak ?? null }));
+    for (const m of samples) {
+      const child = this.children.get(m.id);
+      if (!child || m.modes.video !== 'pass-through') continue;
+      const lossy = m.fractionLost !== null && m.fractionLost > WEAK_LOSS;
+      const short = m.availableOutgoingBitrate !== null && m.sendBitrate !== null && m.sendBitrate > 0 &&
+        m.availableOutgoingBitrate < WEAK_SHARE * m.sendBitrate;
+      child.weak = lossy || short ? child.weak + 1 : 0;
+      if (child.weak >= WEAK_SAMPLES) {
+        this.weakPeers.add(m.id);
+        this.relay.useTrack(m.id, null, `weak link: loss ${m.fractionLost}, ` +
+          `available ${Math.round((m.availableOutgoingBitrate ?? 0) / 1000)} of ${Math.round(m.sendBitrate / 1000)} kbit/s sent`);
+      }
+    }
+  }
+
+  relayEvent(e) {
+    if (e.type !== 'fallback') return;
+    if (this.relay.children.has(e.id)) this.info.relay.modes[e.id] = this.relay.mode(e.id, 'video');
+    this.info.relay.fallbacks = [...this.info.relay.fallbacks.slice(-9), { peer: e.id, kind: e.kind, why: e.why, at: Date.now() }];
+    console.info('treecast: child', e.id, e.kind, 'now by track relay:', e.why);
+  }
+}
+
+/** A connection's receivers by kind. */
+function receiversOf(pc) {
+  const out = {};
+  for (const t of pc.getTransceivers()) {
+    const kind = t.receiver.track?.kind;
+    if (kind && !out[kind]) out[kind] = t.receiver;
+  }
+  return out;
 }
 
 /**

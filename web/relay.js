@@ -96,6 +96,83 @@ function dummyAudioTrack() {
 }
 
 /**
+ * The received video as one local track for every track-relay sender, its frames stamped
+ * with this page's clock. A received track's frames carry the capture time estimated from
+ * the parent's RTCP sender reports, and a sender's encoder drops every frame whose capture
+ * time is not after the last one it encoded ("Same/old NTP timestamp", libwebrtc). A new
+ * parent's estimates can lag the old one's by seconds (a pass-through relay's reports map
+ * its own clock to timestamps its encoder did not make), and so can the received track's
+ * against the dummy's local frames: a sender switched over froze until they caught up, or
+ * for good. Fed through here, a sender keeps one track across parent changes and its
+ * capture times only move forward.
+ */
+class RetimedVideo {
+  static supported() {
+    return typeof MediaStreamTrackProcessor === 'function' && typeof MediaStreamTrackGenerator === 'function' &&
+      typeof VideoFrame === 'function';
+  }
+
+  constructor() {
+    this.generator = new MediaStreamTrackGenerator({ kind: 'video' });
+    this.track = this.generator;
+    this.writer = this.generator.writable.getWriter();
+    this.source = null;
+    this.reader = null;
+    this.last = 0; // the last timestamp given (µs): they only move forward
+  }
+
+  /** Takes its frames from `track` from now on. */
+  feed(track) {
+    if (!track || track === this.source) return;
+    this.source = track;
+    if (this.reader) this.reader.cancel().catch(() => {});
+    const reader = new MediaStreamTrackProcessor({ track }).readable.getReader();
+    this.reader = reader;
+    (async () => {
+      for (;;) {
+        let r;
+        try { r = await reader.read(); } catch { return; }
+        if (r.done) return;
+        const frame = r.value;
+        if (this.reader !== reader) { frame.close(); return; }
+        const ts = Math.max(this.last + 1000, Math.round(performance.now() * 1000));
+        this.last = ts;
+        let out = null;
+        try { out = await copyFrame(frame, ts); } catch { /* closed meanwhile */ }
+        frame.close();
+        if (out) this.writer.write(out).catch(() => out.close());
+      }
+    })();
+  }
+
+  close() {
+    if (this.reader) this.reader.cancel().catch(() => {});
+    this.reader = null;
+    this.generator.stop();
+  }
+}
+
+/**
+ * A copy of `frame`'s pixels stamped `timestamp` (µs). Only the pixels: a frame built from
+ * the received one (new VideoFrame(frame, …)) keeps its capture time, which the encoder
+ * goes by.
+ */
+async function copyFrame(frame, timestamp) {
+  const init = { format: frame.format, codedWidth: frame.codedWidth, codedHeight: frame.codedHeight,
+    visibleRect: frame.visibleRect, displayWidth: frame.displayWidth, displayHeight: frame.displayHeight,
+    colorSpace: frame.colorSpace, timestamp };
+  if (frame.format) {
+    const buf = new Uint8Array(frame.allocationSize());
+    const layout = await frame.copyTo(buf);
+    return new VideoFrame(buf, { ...init, layout });
+  }
+  // Pixels the page cannot read as planes (a GPU frame): through a canvas.
+  const canvas = new OffscreenCanvas(frame.displayWidth, frame.displayHeight);
+  canvas.getContext('2d').drawImage(frame, 0, 0);
+  return new VideoFrame(canvas, { timestamp });
+}
+
+/**
  * The relay of one page: frames from the parent connection to every child connection.
  *   new EncodedRelay({onStats, onEvent, passThrough})  one worker; passThrough false forces
  *                                     track relay for every child (what other browsers do)
@@ -177,6 +254,7 @@ export class EncodedRelay {
       this.receivers[kind] = r;
       if (this.worker) this.worker.postMessage({ type: 'upstream', kind, gen: this.genOf.get(r) });
     }
+    if (receivers.video && this.retimed) this.retimed.feed(receivers.video.track);
     for (const [id, c] of this.children) {
       for (const kind of ['video', 'audio']) {
         if (receivers[kind] && !c.standby) this.setSenderTrack(id, c, kind);
@@ -184,7 +262,8 @@ export class EncodedRelay {
     }
   }
 
-  /** What a child's sender carries: the received track (track relay) or a dummy. */
+  /** What a child's sender carries: the received track (track relay; video through
+   *  `retimed`, see RetimedVideo) or a dummy. */
   setSenderTrack(id, c, kind) {
     const sender = c.senders[kind];
     if (!sender) return;
@@ -192,6 +271,10 @@ export class EncodedRelay {
     let track = received;
     if (c.modes[kind] === 'pass-through') {
       track = kind === 'video' ? dummyVideoTrack() : (received || dummyAudioTrack());
+    } else if (kind === 'video' && received && RetimedVideo.supported()) {
+      this.retimed ??= new RetimedVideo();
+      this.retimed.feed(received);
+      track = this.retimed.track;
     }
     if (track && sender.track !== track) sender.replaceTrack(track).catch(() => {});
   }
@@ -341,6 +424,7 @@ export class EncodedRelay {
 
   close() {
     if (this.statsTimer) clearInterval(this.statsTimer);
+    if (this.retimed) this.retimed.close();
     for (const id of [...this.children.keys()]) this.removeChild(id);
     if (this.worker) this.worker.terminate();
     this.worker = null;

@@ -6,6 +6,11 @@
 // and a secret must never go in a URL, so the stream is read with fetch() instead.
 
 const NS = 'http://www.w3.org/2000/svg';
+// A relay passes the stream on either unchanged or decoded and encoded again (drawn dashed).
+const MODE_WORDS = {
+  pass_through: 'passed on unchanged (same picture as the broadcaster sent)',
+  track: 're-encoded by the relay (some quality lost at this hop)',
+};
 
 /** Renders `snapshot` (GET /api/rooms/{room}) into `svg`; `self` is highlighted. */
 export function drawTree(svg, snapshot, self) {
@@ -38,13 +43,21 @@ export function drawTree(svg, snapshot, self) {
   const desc = document.createElementNS(NS, 'desc');
   desc.textContent = describeTree(snapshot);
   svg.append(desc);
+  // How each relay feeds each child, as the relay reported it (none from the broadcaster).
+  const modes = new Map();
+  for (const p of peers) for (const m of p.relay_modes || []) modes.set(m.peer, m.mode);
   for (const p of peers) {
     if (p.parent === null || p.parent === undefined) continue;
     const a = pos.get(p.parent), b = pos.get(p.id);
     if (!a || !b) continue;
     const line = document.createElementNS(NS, 'line');
     Object.entries({ x1: a.x, y1: a.y, x2: b.x, y2: b.y }).forEach(([k, v]) => line.setAttribute(k, v));
-    line.setAttribute('class', 'edge' + (p.media === 'stalled' ? ' stalled' : ''));
+    const mode = modes.get(p.id);
+    line.setAttribute('class', 'edge' + (p.media === 'stalled' ? ' stalled' : '') + (mode === 'track' ? ' track' : ''));
+    if (mode) line.dataset.mode = mode;
+    const title = document.createElementNS(NS, 'title');
+    title.textContent = `${p.parent} → ${p.id}: ` + (MODE_WORDS[mode] || 'sent by the broadcaster');
+    line.append(title);
     svg.append(line);
   }
   for (const p of peers) {
@@ -60,7 +73,8 @@ export function drawTree(svg, snapshot, self) {
     t.textContent = p.role === 'broadcaster' ? 'B' : String(p.id);
     const title = document.createElementNS(NS, 'title');
     title.textContent = `${p.role} ${p.id}, depth ${p.depth ?? 'waiting'}, ${p.children.length}/${p.capacity} children, media ${p.media}` +
-      (p.latency_ms != null ? `, ~${p.latency_ms} ms behind` : '') + (p.connected ? '' : ', signalling lost');
+      (p.latency_ms != null ? `, ~${p.latency_ms} ms behind` : '') + (p.connected ? '' : ', signalling lost') +
+      (p.parent != null && modes.get(p.id) ? `; gets the video ${MODE_WORDS[modes.get(p.id)]}` : '');
     g.append(title, c, t);
     svg.append(g);
   }

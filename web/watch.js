@@ -110,8 +110,11 @@ async function start() {
   }
   const uplinkKbps = await measureUplink();
   $('player').hidden = false;
+  // Switches for tests only (not linked anywhere): ?relay=track, ?ice_only=ADDRESS.
+  const q = new URLSearchParams(location.search);
+  const test = { relay: q.get('relay') === 'track' ? 'track' : undefined, iceOnly: q.get('ice_only') || undefined };
   const peer = new Peer(wasm, {
-    room: raw, role: 'viewer', uplinkKbps, link,
+    room: raw, role: 'viewer', uplinkKbps, link, test,
     onStatus: show,
     onStats: showStats,
     onMedia: (stream) => {

@@ -30,7 +30,7 @@ pub mod uplink;
 use std::time::Duration;
 
 use treecast_core::agent::{Agent, AgentConfig, Input, Measurements};
-use treecast_core::protocol::{Connectivity, Delivery, Role};
+use treecast_core::protocol::{Connectivity, Delivery, RelayMode, Role};
 use treecast_core::{PeerId, RoomId};
 use wasm_bindgen::prelude::*;
 
@@ -107,9 +107,10 @@ impl Client {
         );
     }
 
-    /// Measurements for the next report; `delivered` is `[[peer, kbps], …]` as JSON,
-    /// `link` the selected candidate pair's type toward the parent (`host`, `srflx`,
-    /// `prflx`, `relay`), when known.
+    /// Measurements for the next report; `delivered` is `[[peer, kbps, mode?], …]` as JSON
+    /// (`mode`: `pass_through` or `track`, how this relay feeds that child; null or
+    /// missing when it is no relay), `link` the selected candidate pair's type toward the
+    /// parent (`host`, `srflx`, `prflx`, `relay`), when known.
     pub fn measured(
         &mut self,
         now_ms: f64,
@@ -118,12 +119,22 @@ impl Client {
         delivered: &str,
         link: Option<String>,
     ) {
-        let pairs: Vec<(u64, u32)> = serde_json::from_str(delivered).unwrap_or_default();
-        let delivered = pairs
+        // Entries are tuples; a third element is optional (older pages send pairs).
+        let entries: Vec<Vec<serde_json::Value>> =
+            serde_json::from_str(delivered).unwrap_or_default();
+        let delivered = entries
             .into_iter()
-            .map(|(peer, kbps)| Delivery {
-                peer: PeerId(peer),
-                kbps,
+            .filter_map(|e| {
+                let peer = e.first()?.as_u64()?;
+                let kbps = u32::try_from(e.get(1)?.as_u64()?).ok()?;
+                let mode = e
+                    .get(2)
+                    .and_then(|m| serde_json::from_value::<RelayMode>(m.clone()).ok());
+                Some(Delivery {
+                    peer: PeerId(peer),
+                    kbps,
+                    mode,
+                })
             })
             .collect();
         self.agent.handle(

@@ -1170,6 +1170,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::RelayMode;
     use serde_json::json;
 
     fn ms(n: u64) -> Duration {
@@ -1866,6 +1867,7 @@ mod tests {
                 delivered: vec![Delivery {
                     peer: PeerId(7),
                     kbps: 480,
+                    mode: Some(RelayMode::PassThrough),
                 }],
                 link: Some(LinkKind::Srflx),
             }),
@@ -1883,7 +1885,7 @@ mod tests {
         assert_eq!(
             r[0],
             json!({"type":"report","state":"receiving","loss":0.01,
-                   "latency_ms":40,"delivered":[{"peer":7,"kbps":480}],"link":"srflx"})
+                   "latency_ms":40,"delivered":[{"peer":7,"kbps":480,"mode":"pass_through"}],"link":"srflx"})
         );
         let mut b = Agent::new(AgentConfig::new(
             RoomId::new("r").unwrap(),

@@ -79,6 +79,21 @@ pub struct Delivery {
     pub peer: PeerId,
     /// Delivered bitrate in kbit/s.
     pub kbps: u32,
+    /// How the relay feeds this child, when it says (older clients and the broadcaster
+    /// do not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RelayMode>,
+}
+
+/// How a relay passes the stream on to one child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayMode {
+    /// The received encoded frames unchanged: same picture at every depth.
+    PassThrough,
+    /// Decoded and encoded again (one generation of quality loss, the leg under
+    /// WebRTC's congestion control).
+    Track,
 }
 
 /// How other peers can reach this one, as it learned while gathering ICE candidates.

@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::ids::{PeerId, PeerIndex, RoomId};
 use crate::protocol::{
     ClientLimits, ClientMessage, Connectivity, EndReason, ErrorCode, Hello, IceServer, LinkKind,
-    MediaState, NatClass, PROTOCOL_VERSION, Report, Role, ServerMessage, StandbyRole,
+    MediaState, NatClass, PROTOCOL_VERSION, RelayMode, Report, Role, ServerMessage, StandbyRole,
 };
 use crate::quality::{Quality, QualityNotAllowed, VideoFormat};
 use crate::tree::{RelayTree, TreeEvent, WaitReason};
@@ -555,6 +555,8 @@ struct Peer {
     nat: NatClass,
     /// The candidate-pair type of its link to its parent, as last reported.
     link: Option<LinkKind>,
+    /// How it relays to each child, as its last report with modes said.
+    relay_modes: Vec<(PeerId, RelayMode)>,
     /// When its TURN credentials are due for renewal (earlier timers are stale).
     renew_at: Option<Duration>,
     /// When it last reported loss above the threshold.
@@ -712,8 +714,20 @@ pub struct PeerSnapshot {
     pub nat: NatClass,
     /// The candidate-pair type of its link to its parent, as last reported.
     pub link: Option<LinkKind>,
+    /// How it relays to each of its current children that it reported a mode for,
+    /// sorted by child.
+    pub relay_modes: Vec<ChildRelayMode>,
     /// Why it has no parent, while it waits.
     pub waiting: Option<WaitReason>,
+}
+
+/// How a relay feeds one child, as shown in a [`PeerSnapshot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ChildRelayMode {
+    /// The child.
+    pub peer: PeerId,
+    /// Pass-through or track relay.
+    pub mode: RelayMode,
 }
 
 /// The whole room at one instant, for the HTTP API and dashboards.
@@ -977,19 +991,31 @@ impl Room {
             .filter(|(_, p)| p.departure.is_none())
             .map(|(&id, p)| {
                 let view = self.tree.view(id);
+                let children: Vec<PeerId> = view
+                    .as_ref()
+                    .map(|v| v.children.clone())
+                    .unwrap_or_default();
+                // Only current children: a report may predate a move.
+                let relay_modes = p
+                    .relay_modes
+                    .iter()
+                    .filter(|(c, _)| children.contains(c))
+                    .map(|&(peer, mode)| ChildRelayMode { peer, mode })
+                    .collect();
                 PeerSnapshot {
                     id,
                     role: p.role,
                     parent: view.as_ref().and_then(|v| v.parent),
                     depth: view.as_ref().and_then(|v| v.depth),
                     capacity: view.as_ref().map_or(0, |v| v.capacity),
-                    children: view.map(|v| v.children).unwrap_or_default(),
+                    children,
                     connected: p.conn.is_some(),
                     media: p.media,
                     latency_ms: p.latency_ms,
                     loss: p.loss,
                     nat: p.nat,
                     link: p.link,
+                    relay_modes,
                     waiting: self.tree.wait_reason(id),
                 }
             })
@@ -1161,6 +1187,7 @@ impl Room {
                 pending: Vec::new(),
                 nat: NatClass::Unknown,
                 link: None,
+                relay_modes: Vec::new(),
                 renew_at: None,
                 lossy_at: None,
                 handing_over: Vec::new(),
@@ -1504,6 +1531,15 @@ impl Room {
             }
             if report.uplink_kbps.is_some() {
                 peer.uplink_kbps = report.uplink_kbps;
+            }
+            if report.delivered.iter().any(|d| d.mode.is_some()) {
+                peer.relay_modes = report
+                    .delivered
+                    .iter()
+                    .filter_map(|d| d.mode.map(|m| (d.peer, m)))
+                    .collect();
+                peer.relay_modes.sort_unstable_by_key(|&(c, _)| c);
+                peer.relay_modes.dedup_by_key(|&mut (c, _)| c);
             }
         }
         if media_changed {

@@ -7,11 +7,13 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::json;
 use treecast_core::protocol::{
-    ClientLimits, ClientMessage, EndReason, ErrorCode, Hello, IceServer, MediaState, Report, Role,
-    ServerMessage, StandbyRole,
+    ClientLimits, ClientMessage, Delivery, EndReason, ErrorCode, Hello, IceServer, MediaState,
+    RelayMode, Report, Role, ServerMessage, StandbyRole,
 };
 use treecast_core::quality::Quality;
-use treecast_core::room::{ConnId, Input, Output, Room, RoomConfig, RoomEvent, Tuning};
+use treecast_core::room::{
+    ChildRelayMode, ConnId, Input, Output, Room, RoomConfig, RoomEvent, Tuning,
+};
 use treecast_core::tree::{WaitReason, min_depth};
 use treecast_core::turn::{self, Secret, TurnRest};
 use treecast_core::{PeerId, RoomId};
@@ -2627,4 +2629,58 @@ fn a_relay_done_shedding_by_departures_tells_the_peer_it_takes() {
         Step::Wait { ms: 2972 },
     ];
     client_views_match_the_tree_with(Duration::from_secs(5), steps).unwrap();
+}
+
+#[test]
+fn relay_modes_reported_per_child_show_in_the_snapshot() {
+    let mut h = quiet_room(1, 3);
+    let relay = h.viewer();
+    let kid = h.viewer();
+    let (relay_id, kid_id) = (h.peer(relay), h.peer(kid));
+    h.settle();
+    let ClientMessage::Report(mut r) = report(MediaState::Receiving) else {
+        unreachable!()
+    };
+    r.delivered = vec![
+        Delivery {
+            peer: kid_id,
+            kbps: 400,
+            mode: Some(RelayMode::Track),
+        },
+        // Not its child (any more): left out of the snapshot.
+        Delivery {
+            peer: PeerId(999),
+            kbps: 0,
+            mode: Some(RelayMode::PassThrough),
+        },
+    ];
+    h.send(relay, ClientMessage::Report(r.clone()));
+    let modes = |h: &Harness| {
+        h.room
+            .snapshot()
+            .peers
+            .into_iter()
+            .find(|p| p.id == relay_id)
+            .unwrap()
+            .relay_modes
+    };
+    assert_eq!(
+        modes(&h),
+        vec![ChildRelayMode {
+            peer: kid_id,
+            mode: RelayMode::Track
+        }]
+    );
+    // A report without modes (an older client) keeps what was known.
+    r.delivered = vec![Delivery {
+        peer: kid_id,
+        kbps: 400,
+        mode: None,
+    }];
+    h.send(relay, ClientMessage::Report(r));
+    assert_eq!(modes(&h).len(), 1);
+    // Older clients' entries still parse.
+    let old: Delivery = serde_json::from_value(json!({"peer": 3, "kbps": 10})).unwrap();
+    assert_eq!(old.mode, None);
+    h.check();
 }

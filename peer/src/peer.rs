@@ -70,7 +70,8 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use treecast_core::agent::{Action, Agent, AgentConfig, Input, Measurements, Phase, Status};
 use treecast_core::protocol::{
-    ClientMessage, Connectivity, Delivery, IceServer, LinkKind, MediaState, Role, StandbyRole,
+    ClientMessage, Connectivity, Delivery, IceServer, LinkKind, MediaState, RelayMode, Role,
+    StandbyRole,
 };
 use treecast_core::{PeerId, RoomId};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
@@ -656,6 +657,9 @@ impl Driver {
                 delivered.push(Delivery {
                     peer,
                     kbps: kbps.min(u32::MAX as f64) as u32,
+                    // A native relay forwards the RTP it receives as is; the broadcaster's
+                    // own stream is no relay.
+                    mode: (self.config.role != Role::Broadcaster).then_some(RelayMode::PassThrough),
                 });
                 bytes_now.insert(peer, bytes);
             }

@@ -145,14 +145,17 @@ describe('the broadcaster chooses 720p and every depth gets it', { timeout: 2400
       assert.equal(s[0].video + s[0].audio, STREAM_KBPS * 1000, 'video and audio make the room\'s stream_kbps');
       assert.equal(s[0].degradation, 'maintain-resolution');
     }
-    // The relay re-encodes what it received at the same size.
+    // The relay passes the received frames on unchanged (Chromium's pass-through; its own
+    // encoder only runs a tiny dummy), so depth 2 decoded the broadcaster's 720p above.
     const out = await viewers[0].page.evaluate(async () => {
-      const c = [...window.treecast.peer.children.values()][0];
+      const p = window.treecast.peer;
+      const [id, c] = [...p.children.entries()][0];
       let o = null;
       (await c.pc.getStats()).forEach((s) => { if (s.type === 'outbound-rtp' && s.kind === 'video') o = s; });
-      return o && { frameWidth: o.frameWidth, frameHeight: o.frameHeight, limitation: o.qualityLimitationReason };
+      return { mode: p.relay.mode(id, 'video'), bytesSent: o?.bytesSent ?? 0 };
     });
-    log('relay outbound video:', JSON.stringify(out));
-    assert.equal(`${out.frameWidth}x${out.frameHeight}`, '1280x720');
+    log('relay leg:', JSON.stringify(out));
+    assert.equal(out.mode, 'pass-through');
+    assert.ok(out.bytesSent > 0);
   });
 });

@@ -229,6 +229,11 @@ function crashSuite(warm) {
           new_parent_after_ms: moved ? parentAt - diedAt : null,
           new_parent_to_frame_ms: moved && firstAfter ? firstAfter - parentAt : null,
           parents_taken: parents.map((x) => `${x.peer}@${x.at - diedAt}`),
+          // How it feeds its children now, and its falls back to track relay so far.
+          relay: await v.page.evaluate(() => {
+            const r = window.treecast.peer.info.relay;
+            return { modes: Object.values(r.modes), fallbacks: r.fallbacks.map((f) => `${f.peer} ${f.kind}: ${f.why}`) };
+          }),
           warm_uses: counts.usedConnected - was.usedConnected,
           other_uses: counts.usedConnecting - was.usedConnecting + counts.usedCold - was.usedCold });
       }
