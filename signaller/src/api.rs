@@ -371,6 +371,20 @@ fn title_from(text: &str) -> Result<Option<String>, ApiError> {
     Ok((!title.is_empty()).then(|| title.to_owned()))
 }
 
+/// The request body, or why it could not be read (over [`MAX_ROOM_BODY`], or cut off).
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::with(
+                ErrorCode::TooLarge,
+                format!("The request body is larger than {MAX_ROOM_BODY} bytes."),
+            )
+        } else {
+            ApiError::with(ErrorCode::InvalidField, e.body_text())
+        }
+    })
+}
+
 /// Reads an optional JSON object body into `T`: an empty body is `T::default()`, one that
 /// is not a JSON object is `bad_json`, a field `T` does not take (or of the wrong type) is
 /// `invalid_field` naming it. `example` and `fields` go into the messages.
@@ -527,16 +541,7 @@ pub(crate) async fn create_room(
         return Err(ApiError::new(ErrorCode::ShuttingDown));
     }
     require_creation_right(&state, &headers)?;
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::with(
-                ErrorCode::TooLarge,
-                format!("The request body is larger than {MAX_ROOM_BODY} bytes."),
-            )
-        } else {
-            ApiError::with(ErrorCode::InvalidField, e.body_text())
-        }
-    })?;
+    let body = read_body(body)?;
     let config = room_config_for(&state.config.room, &body)?;
     let private = new_room(&body)?.private;
     let limits = &state.config.limits;
@@ -659,16 +664,7 @@ pub(crate) async fn create_link(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let handle = room_for(&state, &headers, &room)?;
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::with(
-                ErrorCode::TooLarge,
-                format!("The request body is larger than {MAX_ROOM_BODY} bytes."),
-            )
-        } else {
-            ApiError::with(ErrorCode::InvalidField, e.body_text())
-        }
-    })?;
+    let body = read_body(body)?;
     let request: NewLink = json_body(
         &body,
         "{\"expires_in_s\":3600,\"max_uses\":30}",
@@ -829,37 +825,12 @@ pub(crate) async fn tune_room(
 ) -> Result<Response, ApiError> {
     require_operator_for(&state, &headers, &room)?;
     let handle = find_room(&state, &room)?;
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::with(
-                ErrorCode::TooLarge,
-                format!("The request body is larger than {MAX_ROOM_BODY} bytes."),
-            )
-        } else {
-            ApiError::with(ErrorCode::InvalidField, e.body_text())
-        }
-    })?;
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::with(
-            ErrorCode::BadJson,
-            format!("The request body must be a JSON object such as {{\"relay_fanout\":2}}: {e}."),
-        )
-    })?;
-    if !value.is_object() {
-        return Err(ApiError::with(
-            ErrorCode::BadJson,
-            "The request body must be a JSON object such as {\"relay_fanout\":2}.",
-        ));
-    }
-    let request: SettingsRequest = serde_json::from_value(value).map_err(|e| {
-        ApiError::with(
-            ErrorCode::InvalidField,
-            format!(
-                "The request body has a bad field: {e}. It may hold \"root_fanout\", \
-                 \"relay_fanout\", \"max_depth\" and \"max_viewers\"."
-            ),
-        )
-    })?;
+    let body = read_body(body)?;
+    let request: SettingsRequest = json_body(
+        &body,
+        "{\"relay_fanout\":2}",
+        "\"root_fanout\", \"relay_fanout\", \"max_depth\" and \"max_viewers\"",
+    )?;
     if request.is_empty() {
         return Err(ApiError::with(
             ErrorCode::InvalidField,

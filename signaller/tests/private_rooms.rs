@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Client, LIVENESS, TestServer};
+use common::{Client, TestServer, call};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use treecast_core::turn::Secret;
@@ -17,30 +17,6 @@ use treecast_signaller::Config;
 use treecast_signaller::access;
 
 const SECRET: &str = "operator-secret-for-private-room-tests";
-
-/// One request with an optional bearer and body: (status, JSON body or null).
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    bearer: Option<&str>,
-) -> (u16, Value) {
-    let r = treecast_signaller::client::request_with_auth(
-        &addr.to_string(),
-        method,
-        path,
-        body,
-        bearer,
-        LIVENESS,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    (
-        r.status,
-        serde_json::from_str(&r.body).unwrap_or(Value::Null),
-    )
-}
 
 /// Creates a private room: (room id, broadcaster token).
 async fn private_room(addr: SocketAddr, bearer: Option<&str>) -> (String, String) {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Client, LIVENESS, TestServer};
+use common::{Client, TestServer, call};
 use serde_json::{Value, json};
 use treecast_core::tree::min_depth;
 use treecast_signaller::Config;
@@ -24,30 +24,6 @@ fn config() -> Config {
     config.room.root_fanout = 4;
     config.room.relay_fanout = 4;
     config
-}
-
-/// One request with an optional body and bearer: (status, JSON body).
-async fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-    bearer: Option<&str>,
-) -> (u16, Value) {
-    let r = treecast_signaller::client::request_with_auth(
-        &addr.to_string(),
-        method,
-        path,
-        body,
-        bearer,
-        LIVENESS,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    (
-        r.status,
-        serde_json::from_str(&r.body).unwrap_or(Value::Null),
-    )
 }
 
 async fn snapshot(addr: SocketAddr, room: &str) -> Value {

@@ -113,6 +113,31 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>
     }
 }
 
+/// One request with an optional body and bearer: the status and the JSON body (`null`
+/// when the body is not JSON).
+pub async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    bearer: Option<&str>,
+) -> (u16, Value) {
+    let r = treecast_signaller::client::request_with_auth(
+        &addr.to_string(),
+        method,
+        path,
+        body,
+        bearer,
+        LIVENESS,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    (
+        r.status,
+        serde_json::from_str(&r.body).unwrap_or(Value::Null),
+    )
+}
+
 /// Creates a room; returns its id and broadcaster token.
 pub async fn create_room(addr: SocketAddr) -> (String, String) {
     let r = http(addr, "POST", "/api/rooms", None).await;
