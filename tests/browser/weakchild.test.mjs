@@ -107,14 +107,22 @@ if (!process.env.TREECAST_WEAK_NS) {
 
     step('the relay notices the weak child and gives it a track leg (or the room moves it)', async () => {
       const t0 = Date.now();
+      let last = null;
       const how = await waitFor('the weak child handled', async () => {
         const s = await snapshot();
+        last = s;
         // Its downlink is what is capped: whichever relay feeds it (the room may move it
         // under the sibling, a pass-through relay too) must end up re-encoding for it.
         const parent = s.peers.find((p) => p.id === weak.peerId)?.parent;
         const mode = s.peers.find((p) => p.id === parent)?.relay_modes.find((m) => m.peer === weak.peerId)?.mode;
         return mode === 'track' ? `track leg from ${parent === relay.peerId ? 'the relay' : parent === sibling.peerId ? 'the sibling' : parent}` : null;
-      }, WEAK_BOUND_MS, 500);
+      }, WEAK_BOUND_MS, 500).catch(async (e) => {
+        // What the room and the relay saw, to tell why.
+        log('last snapshot:', JSON.stringify(last && last.peers.map((p) => ({ id: p.id, parent: p.parent, capacity: p.capacity,
+          children: p.children, media: p.media, loss: p.loss, modes: p.relay_modes }))));
+        log('relay info:', JSON.stringify(await relay.page.evaluate(() => window.treecast.peer.info.relay)));
+        throw e;
+      });
       const info = await relay.page.evaluate(() => window.treecast.peer.info.relay);
       const sib = await sibling.page.evaluate(() => window.treecast.peer.info.relay);
       measured.weak = { how, after_ms: Date.now() - t0, relay: { fallbacks: info.fallbacks, samples: info.samples },
