@@ -244,7 +244,8 @@ struct NewRoom {
     /// The broadcast's title, shown to viewers ([`MAX_TITLE_CHARS`] at most).
     #[serde(default)]
     title: Option<String>,
-    /// Room settings ([`SettingsRequest`]); absent ones are the server's.
+    /// Room settings, the fields of [`SettingsRequest`] repeated: serde cannot flatten a
+    /// struct into one that denies unknown fields. Absent ones are the server's.
     #[serde(default)]
     root_fanout: Option<u32>,
     #[serde(default)]
