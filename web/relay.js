@@ -106,8 +106,9 @@ function dummyAudioTrack() {
  * for good. Fed through here, a sender keeps one track across parent changes and its
  * capture times only move forward.
  *
- * The pixels are copied in `worker` (relay-worker.js), never on the page's thread: the
- * processor's readable and the generator's writable are handed over to it.
+ * The pixels are copied in `worker` (relay-worker.js, an instance apart from the relay's),
+ * never on the page's thread: the processor's readable and the generator's writable are
+ * handed over to it.
  */
 class RetimedVideo {
   static supported() {
@@ -240,9 +241,8 @@ export class EncodedRelay {
     if (c.modes[kind] === 'pass-through') {
       track = kind === 'video' ? dummyVideoTrack() : (received || dummyAudioTrack());
     } else if (kind === 'video' && received && RetimedVideo.supported()) {
-      // The relay's worker when there is one; a page relaying by track only gets a worker
-      // for this alone.
-      this.retimeWorker ??= this.worker || new Worker(new URL('./relay-worker.js', import.meta.url));
+      // A worker of its own: pixel copies must not hold up the pass-through frames.
+      this.retimeWorker ??= new Worker(new URL('./relay-worker.js', import.meta.url));
       this.retimed ??= new RetimedVideo(this.retimeWorker);
       this.retimed.feed(received);
       track = this.retimed.track;
@@ -397,7 +397,7 @@ export class EncodedRelay {
     if (this.statsTimer) clearInterval(this.statsTimer);
     if (this.retimed) this.retimed.close();
     for (const id of [...this.children.keys()]) this.removeChild(id);
-    if (this.retimeWorker && this.retimeWorker !== this.worker) this.retimeWorker.terminate();
+    if (this.retimeWorker) this.retimeWorker.terminate();
     if (this.worker) this.worker.terminate();
     this.worker = null;
     this.retimeWorker = null;
