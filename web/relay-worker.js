@@ -1,6 +1,7 @@
 // The worker of web/relay.js: it sees every encoded frame the parent connection delivers
 // (RTCRtpScriptTransform on the receivers) and writes a copy of each into every child's
-// sender (createEncodedStreams), so frames travel down the tree unchanged. See relay.js.
+// sender (createEncodedStreams), so frames travel down the tree unchanged; and it restamps
+// the decoded video that track-relay legs re-encode (RetimedVideo). See relay.js.
 'use strict';
 
 const KEY_REQUEST_EVERY_MS = 300; // at most one key-frame request upstream per kind per 300 ms
@@ -98,8 +99,12 @@ async function pumpUpstream(transformer, kind, gen) {
     if (gen === up.current) {
       if (trace && trace.length < TRACE_MAX) {
         const md = frame.getMetadata();
-        trace.push({ kind, ts: frame.timestamp, at: performance.timeOrigin + performance.now(),
-          crc: crc32(frame.data), key: frame.type === 'key', size: frame.data.byteLength, pt: md.payloadType });
+        // hold: ms from the frame's last packet to this transform (Chromium holds received
+        // video frames for a tick of its 64 Hz metronome; audio frames are not held).
+        const now = performance.now();
+        trace.push({ kind, ts: frame.timestamp, at: performance.timeOrigin + now,
+          crc: crc32(frame.data), key: frame.type === 'key', size: frame.data.byteLength, pt: md.payloadType,
+          hold: md.receiveTime > 0 ? now - md.receiveTime : null });
       }
       forward(kind, frame);
     }
@@ -164,6 +169,51 @@ async function pumpChild(id, kind, c, readable) {
   }
 }
 
+/**
+ * Track-relay video (RetimedVideo in relay.js): every received frame's pixels copied into a
+ * new frame stamped with the page's clock (µs, only moving forward), written to the
+ * page's generator track. Here so that the copies never hold up the page's thread.
+ */
+const retime = { writer: null, reader: null, origin: 0, last: 0 };
+
+async function pumpRetime(reader) {
+  for (;;) {
+    let r;
+    try { r = await reader.read(); } catch { return; }
+    if (r.done) return;
+    const frame = r.value;
+    if (retime.reader !== reader || !retime.writer) { frame.close(); return; }
+    const now = Math.round((performance.timeOrigin + performance.now() - retime.origin) * 1000);
+    const ts = Math.max(retime.last + 1000, now);
+    retime.last = ts;
+    let out = null;
+    try { out = await copyFrame(frame, ts); } catch { /* closed meanwhile */ }
+    frame.close();
+    if (out && retime.writer) retime.writer.write(out).catch(() => out.close());
+    else if (out) out.close();
+  }
+}
+
+/**
+ * A copy of `frame`'s pixels stamped `timestamp` (µs). Only the pixels: a frame built from
+ * the received one (new VideoFrame(frame, …)) keeps its capture time, which the encoder
+ * goes by.
+ */
+async function copyFrame(frame, timestamp) {
+  const init = { format: frame.format, codedWidth: frame.codedWidth, codedHeight: frame.codedHeight,
+    visibleRect: frame.visibleRect, displayWidth: frame.displayWidth, displayHeight: frame.displayHeight,
+    colorSpace: frame.colorSpace, timestamp };
+  if (frame.format) {
+    const buf = new Uint8Array(frame.allocationSize());
+    const layout = await frame.copyTo(buf);
+    return new VideoFrame(buf, { ...init, layout });
+  }
+  // Pixels that cannot be read as planes (a GPU frame): through a canvas.
+  const canvas = new OffscreenCanvas(frame.displayWidth, frame.displayHeight);
+  canvas.getContext('2d').drawImage(frame, 0, 0);
+  return new VideoFrame(canvas, { timestamp });
+}
+
 self.onrtctransform = (e) => {
   const t = e.transformer;
   const { kind, gen } = t.options;
@@ -202,6 +252,18 @@ self.onmessage = (e) => {
   } else if (m.type === 'count') {
     const perKind = children.get(m.id) || {};
     post({ type: 'count', seq: m.seq, video: perKind.video?.frames ?? 0, audio: perKind.audio?.frames ?? 0 });
+  } else if (m.type === 'retime') {
+    retime.writer = m.writable.getWriter();
+    retime.origin = m.origin;
+  } else if (m.type === 'retimeFeed') {
+    if (retime.reader) retime.reader.cancel().catch(() => {});
+    retime.reader = m.readable.getReader();
+    pumpRetime(retime.reader);
+  } else if (m.type === 'retimeStop') {
+    if (retime.reader) retime.reader.cancel().catch(() => {});
+    retime.reader = null;
+    if (retime.writer) retime.writer.close().catch(() => {});
+    retime.writer = null;
   } else if (m.type === 'trace') {
     if (m.start) trace = [];
     else { post({ type: 'trace', seq: m.seq, frames: trace || [] }); trace = null; }

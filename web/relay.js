@@ -105,71 +105,40 @@ function dummyAudioTrack() {
  * against the dummy's local frames: a sender switched over froze until they caught up, or
  * for good. Fed through here, a sender keeps one track across parent changes and its
  * capture times only move forward.
+ *
+ * The pixels are copied in `worker` (relay-worker.js, an instance apart from the relay's),
+ * never on the page's thread: the processor's readable and the generator's writable are
+ * handed over to it.
  */
 class RetimedVideo {
   static supported() {
     return typeof MediaStreamTrackProcessor === 'function' && typeof MediaStreamTrackGenerator === 'function' &&
-      typeof VideoFrame === 'function';
+      typeof VideoFrame === 'function' && typeof Worker === 'function';
   }
 
-  constructor() {
+  constructor(worker) {
+    this.worker = worker;
     this.generator = new MediaStreamTrackGenerator({ kind: 'video' });
     this.track = this.generator;
-    this.writer = this.generator.writable.getWriter();
     this.source = null;
-    this.reader = null;
-    this.last = 0; // the last timestamp given (µs): they only move forward
+    const writable = this.generator.writable;
+    // The worker stamps frames with this page's clock (its own performance.now() has
+    // another origin).
+    worker.postMessage({ type: 'retime', writable, origin: performance.timeOrigin }, [writable]);
   }
 
   /** Takes its frames from `track` from now on. */
   feed(track) {
     if (!track || track === this.source) return;
     this.source = track;
-    if (this.reader) this.reader.cancel().catch(() => {});
-    const reader = new MediaStreamTrackProcessor({ track }).readable.getReader();
-    this.reader = reader;
-    (async () => {
-      for (;;) {
-        let r;
-        try { r = await reader.read(); } catch { return; }
-        if (r.done) return;
-        const frame = r.value;
-        if (this.reader !== reader) { frame.close(); return; }
-        const ts = Math.max(this.last + 1000, Math.round(performance.now() * 1000));
-        this.last = ts;
-        let out = null;
-        try { out = await copyFrame(frame, ts); } catch { /* closed meanwhile */ }
-        frame.close();
-        if (out) this.writer.write(out).catch(() => out.close());
-      }
-    })();
+    const readable = new MediaStreamTrackProcessor({ track }).readable;
+    this.worker.postMessage({ type: 'retimeFeed', readable }, [readable]);
   }
 
   close() {
-    if (this.reader) this.reader.cancel().catch(() => {});
-    this.reader = null;
+    this.worker.postMessage({ type: 'retimeStop' });
     this.generator.stop();
   }
-}
-
-/**
- * A copy of `frame`'s pixels stamped `timestamp` (µs). Only the pixels: a frame built from
- * the received one (new VideoFrame(frame, …)) keeps its capture time, which the encoder
- * goes by.
- */
-async function copyFrame(frame, timestamp) {
-  const init = { format: frame.format, codedWidth: frame.codedWidth, codedHeight: frame.codedHeight,
-    visibleRect: frame.visibleRect, displayWidth: frame.displayWidth, displayHeight: frame.displayHeight,
-    colorSpace: frame.colorSpace, timestamp };
-  if (frame.format) {
-    const buf = new Uint8Array(frame.allocationSize());
-    const layout = await frame.copyTo(buf);
-    return new VideoFrame(buf, { ...init, layout });
-  }
-  // Pixels the page cannot read as planes (a GPU frame): through a canvas.
-  const canvas = new OffscreenCanvas(frame.displayWidth, frame.displayHeight);
-  canvas.getContext('2d').drawImage(frame, 0, 0);
-  return new VideoFrame(canvas, { timestamp });
 }
 
 /**
@@ -272,7 +241,9 @@ export class EncodedRelay {
     if (c.modes[kind] === 'pass-through') {
       track = kind === 'video' ? dummyVideoTrack() : (received || dummyAudioTrack());
     } else if (kind === 'video' && received && RetimedVideo.supported()) {
-      this.retimed ??= new RetimedVideo();
+      // A worker of its own: pixel copies must not hold up the pass-through frames.
+      this.retimeWorker ??= new Worker(new URL('./relay-worker.js', import.meta.url));
+      this.retimed ??= new RetimedVideo(this.retimeWorker);
       this.retimed.feed(received);
       track = this.retimed.track;
     }
@@ -426,7 +397,9 @@ export class EncodedRelay {
     if (this.statsTimer) clearInterval(this.statsTimer);
     if (this.retimed) this.retimed.close();
     for (const id of [...this.children.keys()]) this.removeChild(id);
+    if (this.retimeWorker) this.retimeWorker.terminate();
     if (this.worker) this.worker.terminate();
     this.worker = null;
+    this.retimeWorker = null;
   }
 }

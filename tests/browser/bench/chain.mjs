@@ -12,18 +12,28 @@ const depth = Number(process.argv[2] || 5);
 const [, w, h, fps] = (process.argv[3] || '320x240@15').match(/(\d+)x(\d+)@(\d+)/);
 const modes = (process.argv[4] || 'pass-through,track').split(',');
 
-/** Decoded size, frame rate and mean QP over `ms` of the page's parent link. */
+/** Decoded size, frame rate and mean QP over `ms` of the page's parent link, and each
+ *  kind's mean jitter-buffer delay, target and minimum (ms; the minimum is where
+ *  libwebrtc's audio/video sync puts the delay it adds). */
 async function quality(page, ms = 5000) {
   const read = () => page.evaluate(async () => {
-    let v = null;
-    (await window.treecast.peer.parent.pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') v = s; });
-    return v && { w: v.frameWidth, h: v.frameHeight, frames: v.framesDecoded, qp: v.qpSum, at: performance.now() };
+    const out = { at: performance.now() };
+    (await window.treecast.peer.parent.pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp') out[s.kind] = s; });
+    return out;
   });
   const a = await read();
   await sleep(ms);
   const b = await read();
-  const n = b.frames - a.frames;
-  return { size: `${b.w}x${b.h}`, fps: Number(((1000 * n) / (b.at - a.at)).toFixed(1)), qp: n > 0 ? Number(((b.qp - a.qp) / n).toFixed(1)) : null };
+  const v = b.video, n = v.framesDecoded - a.video.framesDecoded;
+  const jb = (kind) => {
+    const x = a[kind], y = b[kind];
+    const k = y && x ? y.jitterBufferEmittedCount - x.jitterBufferEmittedCount : 0;
+    const avg = (f) => Number(((1000 * (y[f] - x[f])) / k).toFixed(1));
+    return k > 0 ? { delay: avg('jitterBufferDelay'), target: avg('jitterBufferTargetDelay'), minimum: avg('jitterBufferMinimumDelay') } : null;
+  };
+  return { size: `${v.frameWidth}x${v.frameHeight}`, fps: Number(((1000 * n) / (b.at - a.at)).toFixed(1)),
+    qp: n > 0 ? Number(((v.qpSum - a.video.qpSum) / n).toFixed(1)) : null,
+    jitter_buffer_ms: { video: jb('video'), audio: jb('audio') } };
 }
 
 async function run(mode) {

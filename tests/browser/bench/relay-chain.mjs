@@ -45,6 +45,30 @@ function browserCpu() {
   return { total, byThread };
 }
 
+/**
+ * From the relays' traces (every node's worker, one clock: one page): per hop, the time a
+ * frame takes from one node's transform to the next one's (matched by RTP timestamp), and
+ * per depth how long Chromium held video frames between their last packet and the
+ * transform (ms, p50 / p95).
+ */
+function hops(traces) {
+  const q = (xs) => `${percentile(xs, 50).toFixed(1)} / ${percentile(xs, 95).toFixed(1)}`;
+  const out = { transform_to_transform_ms_by_hop: { video: [], audio: [] }, video_hold_ms_by_depth: [] };
+  for (const kind of ['video', 'audio']) {
+    const at = traces.map((t) => new Map(t.filter((f) => f.kind === kind).map((f) => [f.ts, f.at])));
+    for (let i = 1; i < traces.length; i++) {
+      const xs = [];
+      for (const [ts, t] of at[i - 1]) if (at[i].has(ts)) xs.push(at[i].get(ts) - t);
+      out.transform_to_transform_ms_by_hop[kind].push(xs.length ? q(xs) : null);
+    }
+  }
+  for (const t of traces) {
+    const xs = t.filter((f) => f.kind === 'video' && f.hold !== null).map((f) => f.hold);
+    out.video_hold_ms_by_depth.push(xs.length ? q(xs) : null);
+  }
+  return out;
+}
+
 try {
   const { page } = await browser.open(`${server.base}/`, 'bench');
   await waitFor('the bench page', () => page.evaluate(() => window.bench && window.bench.ready), 30000);
@@ -55,7 +79,9 @@ try {
       { depth, passThrough, size: { width: Number(w), height: Number(h), fps: Number(fps) } });
     for (let i = 1; i <= depth; i++) await waitFor(`node ${i} decoding`, async () => (await inbound(i)).framesDecoded > 10, 60000);
     await sleep(4000);
+    if (passThrough) await page.evaluate((d) => { for (let i = 1; i <= d; i++) window.bench.startTrace(i); }, depth);
     const lat = await page.evaluate((depth) => Promise.all(Array.from({ length: depth }, (_, i) => window.bench.glassToGlass(i + 1, 90))), depth);
+    const traces = passThrough ? await page.evaluate((d) => Promise.all(Array.from({ length: d }, (_, i) => window.bench.stopTrace(i + 1))), depth) : null;
     const load0 = loadavg();
     const c0 = browserCpu();
     const t0 = Date.now();
@@ -68,7 +94,9 @@ try {
     const byDepth = lat.map((xs, i) => ({ depth: i + 1, frames: xs.length, p50: percentile(xs, 50), p95: percentile(xs, 95) }));
     const at = [];
     for (let i = 1; i <= depth; i++) { const m = await inbound(i); at.push(`${m.width}x${m.height}@${m.fps}`); }
+    const extra = traces ? hops(traces) : {};
     result[passThrough ? 'pass_through' : 'track'] = {
+      ...extra,
       glass_to_glass_ms_by_depth: byDepth,
       added_per_hop_ms: { p50: (byDepth[depth - 1].p50 - byDepth[0].p50) / (depth - 1), p95: (byDepth[depth - 1].p95 - byDepth[0].p95) / (depth - 1) },
       browser_cpu_cores: Number(cores.toFixed(3)),
