@@ -794,9 +794,11 @@ pub struct Room {
     now: Duration,
     /// Unix time at the driver's epoch (`now` = 0), for credential expiry times.
     unix_epoch: Duration,
-    /// Peers taken out of the tree since the last rebalancing round: each adds a move to
-    /// its budget.
-    departed: u32,
+    /// Peers put into or taken out of the tree since the last rebalancing round: each adds
+    /// a move to its budget. Arrivals count too: in arrival order, strong peers land below
+    /// weak ones as surely as departures open holes (a 10^6 flash crowd ends at depth p99
+    /// 22 where 11 would do, when only departures pay for moves).
+    churned: u32,
     /// Warm standby, by relay: the peer prepared to stand in for it and the links it was
     /// told to hold for that.
     standbys: FxHashMap<PeerId, Standby>,
@@ -847,7 +849,7 @@ impl Room {
             told: (0, false),
             now,
             unix_epoch: Duration::ZERO,
-            departed: 0,
+            churned: 0,
             standbys: FxHashMap::default(),
             stands_for: FxHashMap::default(),
             standby_links: FxHashMap::default(),
@@ -877,7 +879,7 @@ impl Room {
     fn rebalance(&mut self) {
         self.arm(self.now + REBALANCE_EVERY, Timer::Rebalance);
         let budget =
-            (self.config.rebalance_moves_per_second + std::mem::take(&mut self.departed)) as usize;
+            (self.config.rebalance_moves_per_second + std::mem::take(&mut self.churned)) as usize;
         let handovers = &self.handovers;
         let shed = self.tree.shed(budget, |p| handovers.contains_key(&p));
         let lifted = self
@@ -889,7 +891,15 @@ impl Room {
                 cause: RepairCause::Tuning,
             });
         }
-        let moved = self.tree.rebalance(budget - shed - lifted);
+        // Nobody is moved before its first media (a newcomer would start over) or while an
+        // earlier move is still switching it.
+        let (handovers, peers) = (&self.handovers, &self.peers);
+        let moved = self.tree.rebalance_where(budget - shed - lifted, |p| {
+            handovers.contains_key(&p)
+                || peers
+                    .get(&p)
+                    .is_none_or(|peer| peer.media != MediaState::Receiving)
+        });
         if moved > 0 {
             self.event(RoomEvent::Repaired {
                 subtrees: moved as u32,
@@ -1208,7 +1218,10 @@ impl Room {
                 self.broadcaster = Some(id);
                 self.tree.set_root(id, capacity)
             }
-            Role::Viewer => self.tree.insert(id, capacity),
+            Role::Viewer => {
+                self.churned = self.churned.saturating_add(1);
+                self.tree.insert(id, capacity)
+            }
         };
         debug_assert!(
             placed.is_ok(),
@@ -1416,7 +1429,7 @@ impl Room {
         self.departing += 1;
         self.resumes.remove(&resume);
         let orphans = self.tree.child_count(id).unwrap_or(0);
-        self.departed = self.departed.saturating_add(1);
+        self.churned = self.churned.saturating_add(1);
         self.remove_from_tree(id);
         self.event(RoomEvent::Left {
             peer: id,
@@ -1971,7 +1984,7 @@ impl Room {
             self.finish_delivered_handovers();
         }
         let orphans = self.tree.child_count(id).unwrap_or(0);
-        self.departed = self.departed.saturating_add(1);
+        self.churned = self.churned.saturating_add(1);
         self.remove_from_tree(id);
         self.event(RoomEvent::Left { peer: id, cause });
         if orphans > 0 {

@@ -107,6 +107,9 @@ const GROUP_CLASS: [NatClass; GROUPS] = [
 /// when it lifts at least two slots.
 pub const MIN_SWAP_GAIN: u32 = 2;
 
+/// Members of one `(depth, class)` cell a rebalancing search tries per look.
+const PER_CELL: usize = 4;
+
 /// The least depth any tree can have that holds peers of these capacities below a root
 /// feeding `root_capacity`: levels filled one by one, the strongest peers highest (`d_min`,
 /// the yardstick for depth under churn). None when they cannot all be held (too many feed
@@ -319,6 +322,10 @@ pub struct RelayTree {
     /// After the depth limit was lowered, the depth peers already placed deeper may keep
     /// until [`RelayTree::lift_deep`] brings them up (0 once nobody is deeper).
     overhang: u32,
+    /// Advances on every rebalancing search, which starts its look into each cell here:
+    /// cells keep their order, and a search that always began at the same members would
+    /// retry the same pairs (e.g. two peers whose NATs cannot meet) and never get past them.
+    turn: usize,
 }
 
 impl RelayTree {
@@ -343,6 +350,7 @@ impl RelayTree {
             relay_allowed: true,
             shedding: BTreeSet::new(),
             overhang: 0,
+            turn: 0,
         }
     }
 
@@ -1073,13 +1081,20 @@ impl RelayTree {
     /// per move is bounded by the capacity classes, the depth limit and a few dozen
     /// candidates, plus the subtrees that rise; it never scans the peers.
     pub fn rebalance(&mut self, max_moves: usize) -> usize {
+        self.rebalance_where(max_moves, |_| false)
+    }
+
+    /// [`Self::rebalance`], leaving alone the peers `skip` names as the one lifted or the
+    /// two that trade places (e.g. peers still waiting for their first media: moved
+    /// before it arrives, a newcomer would start its connection over).
+    pub fn rebalance_where(&mut self, max_moves: usize, skip: impl Fn(PeerId) -> bool) -> usize {
         if self.root.is_none() {
             return 0;
         }
         let mut moves = 0;
         while moves < max_moves {
             let budget = max_moves - moves;
-            match self.lift().or_else(|| self.swap(budget)) {
+            match self.lift(&skip).or_else(|| self.swap(budget, &skip)) {
                 Some(m) => moves += m,
                 None => break,
             }
@@ -1130,20 +1145,25 @@ impl RelayTree {
 
     /// Lifts one deep leaf into a free slot at least two levels above it. Returns the
     /// number of peers moved (1), or None.
-    fn lift(&mut self) -> Option<usize> {
-        const BUDGET: usize = 16;
+    fn lift(&mut self, skip: &impl Fn(PeerId) -> bool) -> Option<usize> {
+        const BUDGET: usize = 64;
         let shallowest = self.free.iter().filter_map(Buckets::min_depth).min()?;
+        self.turn = self.turn.wrapping_add(1);
         let mut examined = 0;
         let depths = (shallowest + 2..self.leaves.depth_bound()).rev();
         for d in depths.filter(|&d| self.leaves.has_depth(d)) {
             // Strong leaves first: lifted, their slots move up too.
             for class in (0..CLASSES).rev() {
-                for &i in self.leaves.cell(d, class).iter().rev() {
+                let cell = self.leaves.cell(d, class);
+                for k in 0..cell.len().min(PER_CELL) {
                     examined += 1;
                     if examined > BUDGET {
                         return None;
                     }
-                    let leaf = NodeIndex::new(i as usize);
+                    let leaf = NodeIndex::new(cell[(self.turn + k) % cell.len()] as usize);
+                    if skip(self.graph[leaf].peer) {
+                        continue;
+                    }
                     if let Some((slot_depth, parent)) = self.best_slot_where(leaf, true)
                         && slot_depth + 1 < d
                     {
@@ -1165,9 +1185,10 @@ impl RelayTree {
 
     /// Swaps one strong deep peer with a weaker shallow one (see [`Self::rebalance`]), if
     /// the move fits `budget`. Returns the number of peers that changed parent, or None.
-    fn swap(&mut self, budget: usize) -> Option<usize> {
-        const BUDGET: usize = 64;
-        const PER_CELL: usize = 4;
+    fn swap(&mut self, budget: usize, skip: &impl Fn(PeerId) -> bool) -> Option<usize> {
+        // Pairs tried per move, and cells looked at (most are empty) per move.
+        const BUDGET: usize = 256;
+        const CELLS: usize = 4096;
         // Shallowest and deepest depth holding each capacity class.
         let mut shallowest = [u32::MAX; CLASSES];
         let mut deepest = [0u32; CLASSES];
@@ -1177,29 +1198,55 @@ impl RelayTree {
                 deepest[c] = d;
             }
         }
+        let gain =
+            |strong: usize, weak: usize, ds: u32, dw: u32| (strong - weak) as u32 * (ds - dw);
         let mut pairs: Vec<(u32, usize, usize)> = Vec::new();
         for strong in (1..CLASSES).filter(|&c| deepest[c] > 0) {
             for weak in (0..strong).filter(|&c| shallowest[c] < deepest[strong]) {
-                let gain = (strong - weak) as u32 * (deepest[strong] - shallowest[weak]);
-                if gain >= MIN_SWAP_GAIN {
-                    pairs.push((gain, strong, weak));
+                let best = gain(strong, weak, deepest[strong], shallowest[weak]);
+                if best >= MIN_SWAP_GAIN {
+                    pairs.push((best, strong, weak));
                 }
             }
         }
         pairs.sort_unstable_by_key(|&(gain, strong, weak)| Reverse((gain, strong, Reverse(weak))));
-        let mut examined = 0;
+        self.turn = self.turn.wrapping_add(1);
+        let turn = self.turn;
+        let (mut examined, mut cells) = (0, 0);
+        // For each pair of classes, the deepest strong peers first, each against the
+        // shallowest weak ones it would gain enough from; a few members per cell, starting
+        // at a different member each search.
         for (_, strong, weak) in pairs {
-            let strong_cell = self.ranks.cell(deepest[strong], strong);
-            for &s in strong_cell.iter().rev().take(PER_CELL) {
-                let weak_cell = self.ranks.cell(shallowest[weak], weak);
-                for &w in weak_cell.iter().take(PER_CELL) {
-                    examined += 1;
-                    if examined > BUDGET {
+            for ds in (shallowest[strong].max(1)..=deepest[strong]).rev() {
+                let dw_end = ds.min(deepest[weak] + 1);
+                for dw in (shallowest[weak]..dw_end)
+                    .take_while(|&dw| gain(strong, weak, ds, dw) >= MIN_SWAP_GAIN)
+                {
+                    cells += 1;
+                    if cells > CELLS {
                         return None;
                     }
-                    let (s, w) = (NodeIndex::new(s as usize), NodeIndex::new(w as usize));
-                    if let Some(plan) = self.swap_plan(s, w, budget) {
-                        return Some(self.apply_swap(plan));
+                    let (strong_cell, weak_cell) =
+                        (self.ranks.cell(ds, strong), self.ranks.cell(dw, weak));
+                    if strong_cell.is_empty() || weak_cell.is_empty() {
+                        continue;
+                    }
+                    for i in 0..strong_cell.len().min(PER_CELL) {
+                        let s = strong_cell[(turn + i) % strong_cell.len()];
+                        for j in 0..weak_cell.len().min(PER_CELL) {
+                            examined += 1;
+                            if examined > BUDGET {
+                                return None;
+                            }
+                            let w = weak_cell[(turn + j) % weak_cell.len()];
+                            let (s, w) = (NodeIndex::new(s as usize), NodeIndex::new(w as usize));
+                            if skip(self.graph[s].peer) || skip(self.graph[w].peer) {
+                                continue;
+                            }
+                            if let Some(plan) = self.swap_plan(s, w, budget) {
+                                return Some(self.apply_swap(plan));
+                            }
+                        }
                     }
                 }
             }

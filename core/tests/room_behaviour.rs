@@ -2439,6 +2439,11 @@ fn tuned_room(relay_fanout: u32, viewers: usize) -> (Harness, Vec<ConnId>) {
         h.advance(Duration::from_secs(1));
     }
     deliver_all(&mut h);
+    // Their first media, as every client reports it: rebalancing moves only peers that
+    // have it.
+    for &c in &conns {
+        h.media(c, MediaState::Receiving);
+    }
     h.check();
     (h, conns)
 }
