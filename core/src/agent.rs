@@ -139,7 +139,7 @@ impl AgentConfig {
             uplink_kbps: None,
             stall_after: Duration::from_millis(1000),
             stall_step_per_depth: Duration::from_millis(100),
-            silence_after: Duration::from_millis(600),
+            silence_after: Duration::from_millis(400),
             parent_lost_after: Duration::from_millis(400),
             connect_timeout: Duration::from_millis(8000),
             max_sample_gap: Duration::from_millis(1500),
@@ -1330,7 +1330,7 @@ mod tests {
         // Decided on samples, not on a timer.
         assert_eq!(
             a.poll_timeout(),
-            Some(ms(500 + 600)),
+            Some(ms(500 + 400)),
             "the usual silence window"
         );
         assert!(quiet(&mut a, 700).is_empty(), "200 ms quiet: not yet");
@@ -1433,17 +1433,17 @@ mod tests {
             },
         );
         drain(&mut a);
-        // Depth 4: 600 ms + 3 steps of 100 ms, sooner than the frame window (1300 ms).
-        assert_eq!(a.watchdog_deadline(), Some(ms(1600)));
-        for t in (900..=1500).step_by(200) {
+        // Depth 4: 400 ms + 3 steps of 100 ms, sooner than the frame window (1300 ms).
+        assert_eq!(a.watchdog_deadline(), Some(ms(1400)));
+        for t in (900..=1300).step_by(200) {
             assert!(sample(&mut a, t, 10, 2000).is_empty());
         }
-        a.handle_timeout(ms(1600));
+        a.handle_timeout(ms(1400));
         assert!(
             sent(&drain(&mut a)).is_empty(),
             "a timer alone decides nothing"
         );
-        assert_eq!(sample(&mut a, 1600, 10, 2000)[0]["state"], "stalled");
+        assert_eq!(sample(&mut a, 1400, 10, 2000)[0]["state"], "stalled");
     }
 
     #[test]
@@ -1512,10 +1512,10 @@ mod tests {
 
         // Total silence after the gap: the silence window, again from the first sample.
         let mut a = receiving_viewer();
-        for t in (5500..6100).step_by(200) {
+        for t in (5500..5900).step_by(200) {
             assert!(sample(&mut a, t, 3, 900).is_empty(), "reported at {t} ms");
         }
-        assert_eq!(sample(&mut a, 6100, 3, 900)[0]["state"], "stalled");
+        assert_eq!(sample(&mut a, 5900, 3, 900)[0]["state"], "stalled");
 
         // A sampling gap inside the window restarts it; a background tab's one sample a
         // second is still continuous.
@@ -1543,14 +1543,14 @@ mod tests {
                 .filter(|x| *x == Action::SampleMedia)
                 .count()
         };
-        assert_eq!(a.poll_timeout(), Some(ms(1100)), "the silence deadline");
-        a.handle_timeout(ms(1000));
+        assert_eq!(a.poll_timeout(), Some(ms(900)), "the silence deadline");
+        a.handle_timeout(ms(800));
         assert_eq!(asks(&mut a), 0, "not yet due");
-        a.handle_timeout(ms(1100));
+        a.handle_timeout(ms(900));
         assert_eq!(asks(&mut a), 1);
         // Asked: the driver is not woken again for it, and later timers do not repeat it.
-        assert!(a.poll_timeout().is_some_and(|t| t > ms(1100)));
-        for t in [1100, 1200, 3000] {
+        assert!(a.poll_timeout().is_some_and(|t| t > ms(900)));
+        for t in [900, 1200, 3000] {
             a.handle_timeout(ms(t));
             a.handle(ms(t), Input::UplinkEstimate(900));
             assert_eq!(asks(&mut a), 0, "asked again at {t} ms");
@@ -1566,8 +1566,8 @@ mod tests {
         );
         assert_eq!(a.status().media, MediaState::Receiving);
         assert_eq!(asks(&mut a), 0);
-        assert_eq!(a.watchdog_deadline(), Some(ms(3700)));
-        a.handle_timeout(ms(3700));
+        assert_eq!(a.watchdog_deadline(), Some(ms(3500)));
+        a.handle_timeout(ms(3500));
         assert_eq!(asks(&mut a), 1);
     }
 

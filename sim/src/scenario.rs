@@ -413,7 +413,7 @@ impl Default for Timing {
             hop_ms: 16.0,
             stall_window_ms: 1_000.0,
             stall_step_ms: 100.0,
-            silence_ms: 600.0,
+            silence_ms: 400.0,
             crash_detect_ms: 5_000.0,
             parent_lost_ms: 400.0,
             connect_fail_ms: 8_000.0,
