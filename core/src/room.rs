@@ -1708,13 +1708,26 @@ impl Room {
         // speaks (its stall, or its `receiving`, which clears the parent) or the stall has
         // lasted the settle window, this report only waits. If the relay was alive after
         // all, every one of these moves is make-before-break, so nobody sees a gap.
+        // A relay heard from only before this stall was reported has not shown it is alive:
+        // one that crashed right after a report looks so until QUIET_PARENT has passed,
+        // and its socket may close only after its children's watchdogs fired (a loaded
+        // machine). Moving this child at once would scatter the orphans wherever a slot is
+        // free instead of under the stand-in prepared for them, so with a stand-in the
+        // report waits; the repeated one (every 2 s) finds the relay quiet if it died, or
+        // heard from since, and then this child moves alone.
         let quiet = now.saturating_sub(self.peers[&parent].last_seen) >= QUIET_PARENT;
-        if quiet && self.standbys.contains_key(&parent) {
+        if self.standbys.contains_key(&parent) {
             let corroborated = stalled_children >= 2 || self.tree.child_count(parent) == Some(1);
-            if corroborated && self.promote_stand_in(parent) {
+            if quiet && corroborated && self.promote_stand_in(parent) {
                 return;
             }
-            if !corroborated && now.saturating_sub(stalled_since) < self.config.settle_window {
+            if quiet
+                && !corroborated
+                && now.saturating_sub(stalled_since) < self.config.settle_window
+            {
+                return;
+            }
+            if !quiet && self.peers[&parent].last_seen < stalled_since {
                 return;
             }
         }

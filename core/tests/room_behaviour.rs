@@ -2689,3 +2689,95 @@ fn relay_modes_reported_per_child_show_in_the_snapshot() {
     assert_eq!(old.mode, None);
     h.check();
 }
+
+/// A relay dies right after a report: its children's stall reports reach the room while it
+/// still looks like it talks (before QUIET_PARENT has passed, and before its socket's close
+/// on a loaded machine). The orphans must still end up under its prepared stand-in, not
+/// scattered wherever a slot is free. `closes`: its socket closes after the first reports
+/// (else it stays open and the relay goes quiet).
+fn orphans_of_a_relay_that_just_talked(closes: bool) {
+    let (mut h, conns) = standby_room(RoomConfig {
+        handover_timeout: Duration::from_secs(5),
+        ..config()
+    });
+    let relay = conns[0];
+    let r = h.peer(relay);
+    let kids: Vec<PeerId> = h.room.tree().children(r).collect();
+    assert_eq!(kids.len(), 2, "a full relay");
+    for &k in &kids {
+        h.media(h.conn_of(k), MediaState::Receiving);
+    }
+    h.settle();
+    h.advance(Duration::from_secs(2));
+    let parent = h.room.tree().parent(r).unwrap();
+    // Its last report, then it dies; a watchdog fires 1.2 s after its last frame.
+    h.media(relay, MediaState::Receiving);
+    h.advance(Duration::from_millis(1200));
+    h.stalled(h.conn_of(kids[0]));
+    assert_eq!(
+        h.room.tree().parent(kids[0]),
+        Some(r),
+        "not moved on a stall younger than the relay's last word"
+    );
+    h.advance(Duration::from_millis(100));
+    h.stalled(h.conn_of(kids[1]));
+    if closes {
+        h.advance(Duration::from_millis(100));
+        h.input(Input::Disconnected { conn: relay });
+    }
+    // Stall reports repeat every 2 s.
+    h.advance(Duration::from_secs(2));
+    for &k in &kids {
+        h.stalled(h.conn_of(k));
+    }
+    let stand_in = h.room.tree().parent(kids[0]).unwrap();
+    assert_ne!(stand_in, r);
+    assert_eq!(
+        h.room.tree().parent(stand_in),
+        Some(parent),
+        "in the relay's place"
+    );
+    assert_eq!(
+        h.room.tree().parent(kids[1]),
+        Some(stand_in),
+        "both orphans under the stand-in"
+    );
+    h.check();
+}
+
+#[test]
+fn orphans_of_a_relay_that_just_talked_wait_for_their_stand_in() {
+    orphans_of_a_relay_that_just_talked(true);
+}
+
+#[test]
+fn orphans_of_a_frozen_relay_that_just_talked_wait_for_their_stand_in() {
+    orphans_of_a_relay_that_just_talked(false);
+}
+
+/// A lone staller whose relay spoke only before its report waits; once the relay is heard
+/// from again (alive), the child's repeated report moves it alone.
+#[test]
+fn a_lone_staller_moves_once_its_relay_is_heard_from_again() {
+    let (mut h, conns) = standby_room(config());
+    h.settle();
+    let relay = conns[0];
+    let r = h.peer(relay);
+    let kids: Vec<PeerId> = h.room.tree().children(r).collect();
+    h.send(relay, ClientMessage::Ping {});
+    h.advance(Duration::from_millis(500));
+    h.stalled(h.conn_of(kids[0]));
+    assert_eq!(
+        h.room.tree().child_count(r),
+        Some(2),
+        "waits for the relay's next word"
+    );
+    h.advance(Duration::from_millis(1000));
+    h.send(relay, ClientMessage::Ping {});
+    h.advance(Duration::from_millis(1000));
+    h.stalled(h.conn_of(kids[0]));
+    assert_ne!(h.room.tree().parent(kids[0]), Some(r), "the staller moved");
+    assert_eq!(h.room.tree().parent(kids[1]), Some(r), "the sibling stays");
+    assert_eq!(h.room.tree().child_count(r), Some(1));
+    h.check();
+}

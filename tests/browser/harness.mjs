@@ -114,10 +114,15 @@ async function startServerOnce(args, room, env) {
   };
 }
 
-/** Starts Chromium; resolves to a handle that opens pages in their own windows. */
-export async function startBrowser() {
+/** Starts Chromium; resolves to a handle that opens pages in their own windows. `prefs`:
+ *  profile preferences it starts with (e.g. `{ webrtc: { udp_port_range: '49152-50175' } }`). */
+export async function startBrowser({ prefs = null } = {}) {
   const exe = process.env.CHROMIUM || '/usr/bin/chromium';
   const profile = mkdtempSync(join(tmpdir(), 'treecast-chromium-'));
+  if (prefs) {
+    mkdirSync(join(profile, 'Default'));
+    writeFileSync(join(profile, 'Default', 'Preferences'), JSON.stringify(prefs));
+  }
   const proc = spawn(exe, [...CHROMIUM_FLAGS, `--user-data-dir=${profile}`, '--remote-debugging-port=0',
     '--window-size=480,400', 'about:blank'], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';

@@ -6,9 +6,13 @@
 // playing; its sibling on the same relay is unaffected.
 //
 // Needs root: the test runs itself in a private network namespace (so the machine's own
-// loopback is untouched) whose loopback caps what goes to 10.9.0.3 at CAP_KBPS. The weak
-// child offers only that address (the watch page's test switch ?ice_only=); every other
-// viewer offers 10.9.0.1. The namespace is deleted however the run ends.
+// loopback is untouched) whose loopback caps UDP sent to the weak child at CAP_KBPS. The
+// weak child runs in a browser of its own whose WebRTC sockets take their ports from
+// WEAK_PORTS, a range the namespace keeps out of every other socket's ephemeral ports,
+// and the cap matches those destination ports: every path to the weak child is capped.
+// (A cap by address is not enough: all pages share the namespace's addresses, and ICE
+// finds a peer-reflexive path through an address the weak child never offered.) The
+// namespace is deleted however the run ends.
 import { describe, it, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
@@ -23,9 +27,11 @@ const CAP_KBPS = 150;          // the stream (320x240@15 test pattern) needs mor
 const LIVE_BOUND_MS = 60000;
 const WEAK_BOUND_MS = 60000;   // noticed and handled (two 2 s samples, plus slack)
 const WINDOW_MS = 10000;       // frames counted over this window afterwards
+// The weak child's browser's WebRTC ports: aligned, so one u32 match with a mask covers them.
+const WEAK_PORTS = { first: 49152, mask: 0xfc00, last: 49152 + 0x3ff };
 
 if (!process.env.TREECAST_WEAK_NS) {
-  describe('a weak child (in a private network namespace with a capped address)', { timeout: 420000 }, () => {
+  describe('a weak child (in a private network namespace with a capped downlink)', { timeout: 420000 }, () => {
     it('gets a track leg or is moved, keeps playing, and its sibling is unaffected', async () => {
       const ns = `treecast-weak-${process.pid}`;
       const ip = (...a) => execFileSync('ip', a, { stdio: ['ignore', 'ignore', 'inherit'] });
@@ -36,19 +42,22 @@ if (!process.env.TREECAST_WEAK_NS) {
       process.once('exit', cleanup); // also on an interrupted run
       try {
         ip('-n', ns, 'link', 'set', 'lo', 'up');
-        // One address per interface: Chromium gathers one host candidate per interface.
+        // One address for host candidates (Chromium gathers none on loopback).
         ip('-n', ns, 'link', 'add', 'v0', 'type', 'veth', 'peer', 'name', 'v1');
-        ip('-n', ns, 'link', 'add', 'v2', 'type', 'veth', 'peer', 'name', 'v3');
-        for (const d of ['v0', 'v1', 'v2', 'v3']) ip('-n', ns, 'link', 'set', d, 'up');
+        for (const d of ['v0', 'v1']) ip('-n', ns, 'link', 'set', d, 'up');
         ip('-n', ns, 'addr', 'add', '10.9.0.1/24', 'dev', 'v0');
-        ip('-n', ns, 'addr', 'add', '10.9.0.3/24', 'dev', 'v2');
-        // Traffic between local addresses goes over loopback: cap what goes to .3, with a
-        // short queue (30 packets) as a slow access link would drop.
+        // No other socket of the namespace (the other browser's, the signaller's) may take
+        // a port of the weak child's range.
+        execFileSync('ip', ['netns', 'exec', ns, 'sysctl', '-q', '-w', `net.ipv4.ip_local_port_range=32768 ${WEAK_PORTS.first - 1}`],
+          { stdio: ['ignore', 'ignore', 'inherit'] });
+        // Traffic between local addresses goes over loopback: cap UDP to the weak child's
+        // ports, with a short queue (30 packets) as a slow access link would drop.
         tc('qdisc', 'add', 'dev', 'lo', 'root', 'handle', '1:', 'htb', 'default', '10');
         tc('class', 'add', 'dev', 'lo', 'parent', '1:', 'classid', '1:10', 'htb', 'rate', '10gbit');
         tc('class', 'add', 'dev', 'lo', 'parent', '1:', 'classid', '1:30', 'htb', 'rate', `${CAP_KBPS}kbit`, 'ceil', `${CAP_KBPS}kbit`);
         tc('qdisc', 'add', 'dev', 'lo', 'parent', '1:30', 'handle', '30:', 'pfifo', 'limit', '30');
-        tc('filter', 'add', 'dev', 'lo', 'parent', '1:', 'protocol', 'ip', 'u32', 'match', 'ip', 'dst', '10.9.0.3/32', 'flowid', '1:30');
+        tc('filter', 'add', 'dev', 'lo', 'parent', '1:', 'protocol', 'ip', 'u32', 'match', 'ip', 'protocol', '17', '0xff',
+          'match', 'ip', 'dport', String(WEAK_PORTS.first), `0x${WEAK_PORTS.mask.toString(16)}`, 'flowid', '1:30');
         // A plain node run of this file (node:test runs its tests and sets the exit code);
         // without the runner's context variable, or it would skip them as a nested run.
         const env = { ...process.env, TREECAST_WEAK_NS: ns };
@@ -65,7 +74,7 @@ if (!process.env.TREECAST_WEAK_NS) {
     });
   });
 } else {
-  const { liveSuite, waitFor, sleep, media } = await import('./harness.mjs');
+  const { liveSuite, startBrowser, waitFor, sleep, media } = await import('./harness.mjs');
 
   /** Video frames decoded from the parent so far, and the current parent's id. */
   const frames = (page) => page.evaluate(async () => {
@@ -75,8 +84,27 @@ if (!process.env.TREECAST_WEAK_NS) {
     return { n, parent: p.status?.parent ?? null };
   });
 
+  /** The addresses of the weak child's parent link: the selected candidate pair, and every
+   *  pair that works (any of them could be selected). */
+  const pairs = (page) => page.evaluate(async () => {
+    const p = window.treecast.peer;
+    if (!p.parent) return null;
+    const stats = await p.parent.pc.getStats();
+    const at = (id) => { const c = stats.get(id); return c ? `${c.address}:${c.port}/${c.candidateType}` : null; };
+    let selected = null;
+    stats.forEach((s) => { if (s.type === 'transport' && s.selectedCandidatePairId) selected = s.selectedCandidatePairId; });
+    const out = { selected: null, working: [] };
+    stats.forEach((s) => {
+      if (s.type !== 'candidate-pair' || s.state !== 'succeeded') return;
+      const pair = `${at(s.localCandidateId)} -> ${at(s.remoteCandidateId)}`;
+      out.working.push(pair);
+      if (s.id === selected) out.selected = pair;
+    });
+    return out;
+  });
+
   describe('inside the namespace: a relay, a sibling and a capped child', { timeout: 400000 }, () => {
-    let broadcaster, relay, sibling, weak, room;
+    let broadcaster, relay, sibling, weak, room, weakBrowser;
     const log = (...a) => console.log('   ', ...a);
     const suite = liveSuite({
       it, before, after,
@@ -85,6 +113,10 @@ if (!process.env.TREECAST_WEAK_NS) {
       pages: () => [broadcaster, relay, sibling, weak],
     });
     const { step, measured } = suite;
+    before(async () => {
+      weakBrowser = await startBrowser({ prefs: { webrtc: { udp_port_range: `${WEAK_PORTS.first}-${WEAK_PORTS.last}` } } });
+    });
+    after(async () => { if (weakBrowser) await weakBrowser.close(); });
     const snapshot = async () => (await fetch(`${suite.server.base}/api/rooms/${room}`)).json();
 
     step('a relay feeds two children by pass-through; one of them sits behind the cap', async () => {
@@ -97,7 +129,7 @@ if (!process.env.TREECAST_WEAK_NS) {
       await waitFor('the relay decoding', async () => (await media(relay.page)).frames > 0, LIVE_BOUND_MS);
       sibling = await suite.browser.open(`${link}?ice_only=10.9.0.1`, 'sibling');
       await waitFor('the sibling decoding', async () => (await media(sibling.page)).frames > 0, LIVE_BOUND_MS);
-      weak = await suite.browser.open(`${link}?ice_only=10.9.0.3`, 'weak');
+      weak = await weakBrowser.open(`${link}?ice_only=10.9.0.1`, 'weak');
       for (const p of [relay, sibling, weak]) p.peerId = (await waitFor(`${p.name} joined`, async () => (await media(p.page)).peerId, LIVE_BOUND_MS));
       const s = await snapshot();
       const parentOf = (id) => s.peers.find((p) => p.id === id)?.parent;
@@ -121,12 +153,14 @@ if (!process.env.TREECAST_WEAK_NS) {
         log('last snapshot:', JSON.stringify(last && last.peers.map((p) => ({ id: p.id, parent: p.parent, capacity: p.capacity,
           children: p.children, media: p.media, loss: p.loss, modes: p.relay_modes }))));
         log('relay info:', JSON.stringify(await relay.page.evaluate(() => window.treecast.peer.info.relay)));
+        log('weak child\'s parent link:', JSON.stringify(await pairs(weak.page)));
+        log(weakBrowser.consoleOf(weak.page));
         throw e;
       });
       const info = await relay.page.evaluate(() => window.treecast.peer.info.relay);
       const sib = await sibling.page.evaluate(() => window.treecast.peer.info.relay);
       measured.weak = { how, after_ms: Date.now() - t0, relay: { fallbacks: info.fallbacks, samples: info.samples },
-        sibling: { fallbacks: sib.fallbacks, samples: sib.samples } };
+        sibling: { fallbacks: sib.fallbacks, samples: sib.samples }, link: await pairs(weak.page) };
       log('weak child:', JSON.stringify(measured.weak));
     });
 
