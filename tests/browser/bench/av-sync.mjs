@@ -77,6 +77,19 @@ function beepLatencies(page, ms) {
   }, { ms, every: BEEP_EVERY_MS });
 }
 
+/** Video minus audio of the parent's clock of what plays now (estimatedPlayoutTimestamp),
+ *  ms: near the page's own playout skew when the parent's sender reports are consistent,
+ *  huge or null when they are not. */
+async function playoutGap(page) {
+  return page.evaluate(async () => {
+    const e = {};
+    (await window.treecast.peer.parent.pc.getStats()).forEach((s) => {
+      if (s.type === 'inbound-rtp') e[s.kind] = s.estimatedPlayoutTimestamp;
+    });
+    return e.video && e.audio ? Math.round(e.video - e.audio) : null;
+  });
+}
+
 async function run(mode) {
   const server = await startServer(['--root-fanout', '1', '--relay-fanout', '1', '--max-depth', String(depth + 1)]);
   const browser = await startBrowser();
@@ -98,10 +111,11 @@ async function run(mode) {
       Promise.all(viewers.map((v) => glassToGlass(v.page, 150))),
       Promise.all(viewers.map((v) => beepLatencies(v.page, 10000))),
     ]);
+    const gaps = await Promise.all(viewers.map((v) => playoutGap(v.page)));
     return { mode, load_average: load, by_depth: viewers.map((_, i) => {
       const v = percentile(video[i], 50), a = percentile(audio[i], 50);
       return { depth: i + 1, video_p50: v, audio_p50: Number(a.toFixed(1)), beeps: audio[i].length,
-        audio_minus_video_ms: Number((a - v).toFixed(1)) };
+        audio_minus_video_ms: Number((a - v).toFixed(1)), playout_gap_ms: gaps[i] };
     }), load_average_end: loadavg().map((x) => Number(x.toFixed(2))) };
   } finally {
     await browser.close();
