@@ -132,9 +132,9 @@ pub struct RoomConfig {
     #[serde(with = "millis")]
     pub handover_timeout: Duration,
     /// Background moves per second that bring strong peers up and weak ones down after
-    /// churn (each make-before-break, so nobody sees a gap), plus one per peer that left in
-    /// that second, so the budget keeps pace with churn in large rooms. 0, or
-    /// make-before-break off, turns rebalancing off.
+    /// churn (each make-before-break, so nobody sees a gap), plus one per peer that joined
+    /// or left in that second and one per thousand peers, so the budget keeps pace with
+    /// churn and size in large rooms. 0, or make-before-break off, turns rebalancing off.
     pub rebalance_moves_per_second: u32,
     /// Warm standby: each relay gets a peer prepared to take its place, and the room has
     /// that stand-in connect in advance (ICE and DTLS done, no media) to the relay's parent
@@ -878,8 +878,12 @@ impl Room {
     /// wait for the next round, so nobody is moved twice before its new parent delivers.
     fn rebalance(&mut self) {
         self.arm(self.now + REBALANCE_EVERY, Timer::Rebalance);
-        let budget =
-            (self.config.rebalance_moves_per_second + std::mem::take(&mut self.churned)) as usize;
+        // Plus one move per thousand peers: the same small share of a large audience as of
+        // a small one (at 10^6, bursts of repairs otherwise leave a tail a level or three
+        // too deep for minutes).
+        let budget = (self.config.rebalance_moves_per_second + std::mem::take(&mut self.churned))
+            as usize
+            + self.tree.attached_len() / 1000;
         let handovers = &self.handovers;
         let shed = self.tree.shed(budget, |p| handovers.contains_key(&p));
         let lifted = self
