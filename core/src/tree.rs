@@ -1071,14 +1071,17 @@ impl RelayTree {
     ///   places when `(capacity S - capacity W) * (ds - dw)` is at least
     ///   [`MIN_SWAP_GAIN`]. S takes W's parent and W's children and keeps as many of its
     ///   own children as it has room for (their subtrees rise with it); W takes S's old
-    ///   parent (or S, if that was W) and S's remaining children, the weakest. The pair
-    ///   chosen is the deepest strong and shallowest weak one with the largest gain.
+    ///   parent (or S, if that was W) and S's remaining children, the weakest. Pairs of
+    ///   classes are tried largest possible gain first, and within them the deepest strong
+    ///   and shallowest weak peers first, moving inward while the gain holds: the extreme
+    ///   pair is often one that cannot be linked (their NATs), and a search stuck on it
+    ///   would leave the rest of the tree as it is.
     ///
     /// A move only creates direct links and never one between peers that failed with each
     /// other; no peer ends deeper than the deepest place it takes, so the tree's depth
     /// never grows (but for waiting subtrees placed in a slot a move freed). Each move strictly lowers the sum of capacity × depth (or, for lifts
     /// of zero-capacity leaves, the sum of depths), so repeated calls come to rest. Work
-    /// per move is bounded by the capacity classes, the depth limit and a few dozen
+    /// per move is bounded by the capacity classes, the depth limit and a few hundred
     /// candidates, plus the subtrees that rise; it never scans the peers.
     pub fn rebalance(&mut self, max_moves: usize) -> usize {
         self.rebalance_where(max_moves, |_| false)
