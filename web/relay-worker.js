@@ -17,6 +17,51 @@ const children = new Map();
 let trace = null; // [{kind, ts, at, crc, key, size}] when tracing
 
 const Frame = { video: self.RTCEncodedVideoFrame, audio: self.RTCEncodedAudioFrame };
+
+// Audio waits for video. Chromium holds each received video frame until the next tick of
+// its 64 Hz metronome before this transform sees it, and hands audio over at once. Below
+// depth 1 receivers cannot line the two up (a pass-through relay's sender reports describe
+// its own encoders' clocks, not the forwarded frames'), so without this wait video falls
+// about 15 ms further behind audio at every hop (docs/performance.md, "Audio/video sync
+// below depth 1"). The video hold is smoothed and the children's audio waits that long,
+// so both kinds cost about the same per hop and the skew stays near what it is at depth 2.
+// (Audio's own receiveTime reads a few ms before this transform, yet audio crosses a hop
+// in under a millisecond end to end: subtracting it under-compensated by 5 ms per hop.)
+const hold = { video: null }; // ms, smoothed
+const HOLD_WEIGHT = 1 / 32;
+const AUDIO_WAIT_MAX_MS = 20; // more than a tick would be a measuring error
+const audioQueue = [];        // [{at, write}], in order: the release times only grow
+let audioTimer = null;
+let lastRelease = 0;
+
+function noteHold(kind, md, now) {
+  if (kind !== 'video') return;
+  const h = md.receiveTime > 0 ? now - md.receiveTime : NaN;
+  if (!(h >= 0 && h < 100)) return;
+  hold[kind] = hold[kind] === null ? h : hold[kind] + (h - hold[kind]) * HOLD_WEIGHT;
+}
+
+function audioWait() {
+  if (hold.video === null) return 0;
+  return Math.min(AUDIO_WAIT_MAX_MS, Math.max(0, hold.video));
+}
+
+/** Runs the audio `write` after `wait` ms, never before an earlier one. */
+function later(wait, write) {
+  if (wait < 1 && audioQueue.length === 0) { write(); return; }
+  lastRelease = Math.max(performance.now() + wait, lastRelease);
+  audioQueue.push({ at: lastRelease, write });
+  if (audioTimer === null) drainLater();
+}
+
+function drainLater() {
+  audioTimer = setTimeout(() => {
+    audioTimer = null;
+    const now = performance.now();
+    while (audioQueue.length && audioQueue[0].at <= now + 0.5) audioQueue.shift().write();
+    if (audioQueue.length) drainLater();
+  }, Math.max(0, audioQueue[0].at - performance.now()));
+}
 // RTP timestamp step put between the last frame a child got and the first one from a new
 // source (a new parent, or its own encoder after a fallback): 1/30 s of video, 20 ms of audio.
 const STEP = { video: 3000, audio: 960 };
@@ -97,11 +142,12 @@ async function pumpUpstream(transformer, kind, gen) {
       post({ type: 'upstreamSwitched', kind, gen });
     }
     if (gen === up.current) {
+      const md = frame.getMetadata();
+      const now = performance.now();
+      noteHold(kind, md, now);
       if (trace && trace.length < TRACE_MAX) {
-        const md = frame.getMetadata();
         // hold: ms from the frame's last packet to this transform (Chromium holds received
         // video frames for a tick of its 64 Hz metronome; audio frames are not held).
-        const now = performance.now();
         trace.push({ kind, ts: frame.timestamp, at: performance.timeOrigin + now,
           crc: crc32(frame.data), key: frame.type === 'key', size: frame.data.byteLength, pt: md.payloadType,
           hold: md.receiveTime > 0 ? now - md.receiveTime : null });
@@ -115,6 +161,7 @@ async function pumpUpstream(transformer, kind, gen) {
 }
 
 function forward(kind, frame) {
+  const wait = kind === 'audio' ? audioWait() : 0;
   for (const [id, perKind] of children) {
     const c = perKind[kind];
     if (!c || c.mode !== 'pass-through' || c.failed || c.standby) continue;
@@ -131,7 +178,11 @@ function forward(kind, frame) {
     let copy;
     try { copy = stamped(c, kind, frame, true); } catch (e) { fail(id, kind, c, 'copy: ' + e); continue; }
     c.frames++;
-    c.writer.write(copy).catch((e) => fail(id, kind, c, 'write: ' + e));
+    const write = () => {
+      if (c.removed || c.failed) return;
+      c.writer.write(copy).catch((e) => fail(id, kind, c, 'write: ' + e));
+    };
+    if (kind === 'audio') later(wait, write); else write();
   }
 }
 
