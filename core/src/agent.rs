@@ -357,6 +357,8 @@ pub struct Agent {
     /// `hello` was answered with `welcome` on the current socket.
     welcomed: bool,
     resume: Option<String>,
+    /// The latest signed claim to our place, presented with `resume`.
+    claim: Option<String>,
     ice_servers: Vec<IceServer>,
     /// The room's stream bitrate and picture, from the last `welcome`.
     stream: Option<RoomStream>,
@@ -427,6 +429,7 @@ impl Agent {
             socket_open: false,
             welcomed: false,
             resume: None,
+            claim: None,
             ice_servers: Vec::new(),
             stream: None,
             title: None,
@@ -627,6 +630,8 @@ impl Agent {
             uplink_kbps: self.config.uplink_kbps,
             resume: self.resume.clone(),
             link: self.config.link.clone(),
+            // Only with a resume token: a fresh join has no place to claim.
+            claim: self.resume.as_ref().and(self.claim.clone()),
         };
         self.send_now(now, &ClientMessage::Hello(hello));
     }
@@ -655,6 +660,7 @@ impl Agent {
                     // A new identity: whatever links the old one had are gone.
                     self.close_all_media();
                     self.held.clear();
+                    self.claim = None;
                 }
                 self.peer_id = Some(peer_id);
                 self.resume = Some(resume);
@@ -685,6 +691,7 @@ impl Agent {
                 self.set_parent(now, Some(peer_id), true);
             }
             ServerMessage::IceServers { ice_servers } => self.ice_servers = ice_servers,
+            ServerMessage::Claim { claim } => self.claim = Some(claim),
             ServerMessage::ParentDisconnected { parent } => {
                 if self.parent == Some(parent) {
                     // Acted on at the next media sample (`on_progress`).
@@ -771,9 +778,10 @@ impl Agent {
 
     fn on_error(&mut self, code: ErrorCode, message: String) {
         match code {
-            ErrorCode::BadResume => {
+            ErrorCode::BadResume | ErrorCode::BadClaim => {
                 // Our place is gone: join afresh (the server closes this socket).
                 self.resume = None;
+                self.claim = None;
                 self.close_all_media();
                 self.backoff = self.config.reconnect_min;
             }

@@ -22,6 +22,7 @@
 
 pub mod agent;
 mod buckets;
+pub mod claim;
 pub mod ids;
 pub mod protocol;
 pub mod quality;

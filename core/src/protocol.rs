@@ -49,6 +49,11 @@ pub struct Hello {
     /// link); needed to join a private room without its broadcaster token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link: Option<String>,
+    /// The latest `claim` the server sent this peer, presented with `resume`: if the
+    /// server lost the room's bookkeeping (a restart, a failover), the claim puts the peer
+    /// back where it was ([`crate::claim`]). Ignored while the resume token is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -366,6 +371,13 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         title: Option<String>,
     },
+    /// Your place in the room, signed: keep the latest and present it in `hello` with
+    /// `resume`, so a server that lost the room's bookkeeping can put you back where you
+    /// are ([`crate::claim`]). Sent after `welcome` and whenever your parent changes.
+    Claim {
+        /// Opaque to the client.
+        claim: String,
+    },
     /// Pull the stream from this peer. It opens the connection and sends the offer.
     Parent {
         /// The new parent.
@@ -523,6 +535,9 @@ pub enum ErrorCode {
     BroadcasterExists,
     /// The resume token is unknown or expired.
     BadResume,
+    /// A resume claim is malformed, not signed by this server, expired, or for another
+    /// room or role.
+    BadClaim,
     /// `signal` to a peer that is not the sender's parent or child.
     NotNeighbour,
     /// A `signal` names a peer that is not in the room.
@@ -556,7 +571,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 30] = [
+    pub const ALL: [ErrorCode; 31] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -573,6 +588,7 @@ impl ErrorCode {
         Self::WrongToken,
         Self::BroadcasterExists,
         Self::BadResume,
+        Self::BadClaim,
         Self::NotNeighbour,
         Self::UnknownPeer,
         Self::TooManyConnections,
@@ -608,6 +624,7 @@ impl ErrorCode {
             Self::WrongToken => "wrong_token",
             Self::BroadcasterExists => "broadcaster_exists",
             Self::BadResume => "bad_resume",
+            Self::BadClaim => "bad_claim",
             Self::NotNeighbour => "not_neighbour",
             Self::UnknownPeer => "unknown_peer",
             Self::TooManyConnections => "too_many_connections",
@@ -649,6 +666,9 @@ impl ErrorCode {
             Self::BroadcasterExists => "This room already has a broadcaster connected.",
             Self::BadResume => {
                 "That resume token is unknown or has expired; join again without it."
+            }
+            Self::BadClaim => {
+                "That claim to a place in the room is not valid here; join again without it."
             }
             Self::NotNeighbour => "You can only signal your current parent or children.",
             Self::UnknownPeer => "That peer is not in this room.",

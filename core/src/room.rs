@@ -25,7 +25,7 @@ use std::time::Duration;
 use rand_chacha::ChaCha12Rng;
 use rand_core::{Rng, SeedableRng};
 use rustc_hash::FxHashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ids::{PeerId, PeerIndex, RoomId};
 use crate::protocol::{
@@ -35,6 +35,10 @@ use crate::protocol::{
 use crate::quality::{Quality, QualityNotAllowed, VideoFormat};
 use crate::tree::{RelayTree, TreeEvent, WaitReason};
 use crate::turn::{self, TurnRest};
+
+mod restore;
+use restore::{Claims, Restoring};
+pub use restore::{RESTORE_QUIET, RestoreSummary};
 
 /// Two children of one parent reporting loss within this window convict the parent's
 /// uplink (reports come every 2 s by default).
@@ -339,7 +343,7 @@ pub struct Tuning {
 }
 
 /// The settings of a room an operator may change, as they are now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomSettings {
     /// Most children the broadcaster may feed.
     pub root_fanout: u32,
@@ -516,6 +520,13 @@ pub enum RoomEvent {
     },
     /// An operator changed the room's settings; these are the settings now.
     Reconfigured(RoomSettings),
+    /// A presented claim was refused.
+    ClaimRefused {
+        /// Why.
+        reason: crate::claim::ClaimError,
+    },
+    /// The room was rebuilt from its peers' claims (or a late claim was honoured).
+    Restored(RestoreSummary),
 }
 
 #[derive(Debug, Clone)]
@@ -566,6 +577,48 @@ struct Peer {
     /// Set once it left with `linger`: out of the tree and the audience, it keeps feeding
     /// its former children until their handovers end.
     departure: Option<Departure>,
+    /// When it was last sent a claim (claims enabled only).
+    claimed_at: Option<Duration>,
+}
+
+impl Peer {
+    /// A peer that just said `hello` on `conn`.
+    fn new(
+        role: Role,
+        conn: ConnId,
+        resume: u128,
+        uplink_kbps: Option<u32>,
+        now: Duration,
+    ) -> Self {
+        Self {
+            role,
+            conn: Some(conn),
+            resume,
+            uplink_kbps,
+            capacity_cap: None,
+            cap_strikes: 0,
+            cap_raise_at: None,
+            stalled_children: Vec::new(),
+            suspect_since: None,
+            last_seen: now,
+            disconnected_at: None,
+            media: MediaState::Connecting,
+            reported_at: None,
+            stalled_since: None,
+            linked_at: None,
+            latency_ms: None,
+            loss: None,
+            pending: Vec::new(),
+            nat: NatClass::Unknown,
+            link: None,
+            relay_modes: Vec::new(),
+            renew_at: None,
+            lossy_at: None,
+            handing_over: Vec::new(),
+            departure: None,
+            claimed_at: None,
+        }
+    }
 }
 
 /// A relay that left with `linger`, still feeding the children it had until each has a
@@ -685,6 +738,10 @@ enum Timer {
     Standby,
     /// The peer's handover from its old parent should be over.
     Handover(PeerId),
+    /// Claims past half their lifetime are due for renewal.
+    Claims,
+    /// A restoring room may have every claim it waits for.
+    Restore,
 }
 
 /// One peer, as shown in a [`RoomSnapshot`].
@@ -812,6 +869,10 @@ pub struct Room {
     standby_dirty: Vec<PeerId>,
     /// A [`Timer::Standby`] is armed.
     standby_due: bool,
+    /// Signs claims, when the driver keeps a key (a server does; simulations do not).
+    claims: Option<Claims>,
+    /// Set while the room is rebuilt from its peers' claims.
+    restoring: Option<Box<Restoring>>,
 }
 
 /// A relay's warm standby: who stands in, and the links (upstream end, downstream end)
@@ -855,6 +916,8 @@ impl Room {
             standby_links: FxHashMap::default(),
             standby_dirty: Vec::new(),
             standby_due: false,
+            claims: None,
+            restoring: None,
         };
         room.arm(now + room.config.start_timeout, Timer::Start);
         if let Some(every) = room.config.audience_interval {
@@ -1096,6 +1159,9 @@ impl Room {
             self.retune_capacity(id, target);
         }
         self.event(RoomEvent::Reconfigured(self.config.settings()));
+        if let Some(b) = self.broadcaster {
+            self.issue_claim(b);
+        }
         if !self.rebalances() {
             let moved =
                 self.tree.shed(usize::MAX, |_| false) + self.tree.lift_deep(usize::MAX, |_| false);
@@ -1137,6 +1203,9 @@ impl Room {
         if self.conns.contains_key(&conn) {
             return self.refuse(conn, ErrorCode::AlreadyJoined, false);
         }
+        if self.restoring.is_some() {
+            return self.restoring_hello(conn, hello);
+        }
         if let Some(reason) = self.ended {
             self.send(conn, ServerMessage::Ended { reason });
             return self.refuse(conn, ErrorCode::RoomEnded, true);
@@ -1155,6 +1224,11 @@ impl Room {
             let known = parse_resume(token).and_then(|t| self.resumes.get(&t).copied());
             return match known {
                 Some(id) if self.peers[&id].role == hello.role => self.resume(conn, id, hello),
+                // A place held before the server lost the room's bookkeeping.
+                None if self.claims.is_some() && hello.claim.is_some() => {
+                    let claim = hello.claim.clone().unwrap_or_default();
+                    self.late_claim(conn, hello, &claim)
+                }
                 _ => self.refuse(conn, ErrorCode::BadResume, true),
             };
         }
@@ -1176,37 +1250,11 @@ impl Room {
     fn join(&mut self, conn: ConnId, hello: Hello) {
         let id = PeerId(self.next_peer);
         self.next_peer += 1;
-        let resume = (u128::from(self.rng.next_u64()) << 64) | u128::from(self.rng.next_u64());
+        let resume = self.fresh_resume();
         let capacity = self.config.capacity(hello.role, hello.uplink_kbps);
         self.peers.insert(
             id,
-            Peer {
-                role: hello.role,
-                conn: Some(conn),
-                resume,
-                uplink_kbps: hello.uplink_kbps,
-                capacity_cap: None,
-                cap_strikes: 0,
-                cap_raise_at: None,
-                stalled_children: Vec::new(),
-                suspect_since: None,
-                last_seen: self.now,
-                disconnected_at: None,
-                media: MediaState::Connecting,
-                reported_at: None,
-                stalled_since: None,
-                linked_at: None,
-                latency_ms: None,
-                loss: None,
-                pending: Vec::new(),
-                nat: NatClass::Unknown,
-                link: None,
-                relay_modes: Vec::new(),
-                renew_at: None,
-                lossy_at: None,
-                handing_over: Vec::new(),
-                departure: None,
-            },
+            Peer::new(hello.role, conn, resume, hello.uplink_kbps, self.now),
         );
         self.conns.insert(conn, id);
         self.resumes.insert(resume, id);
@@ -1233,9 +1281,15 @@ impl Room {
         );
         self.flush_tree_events(Some(id));
         if hello.role == Role::Broadcaster {
+            self.issue_claim(id);
             self.announce(Some(id));
         }
         self.arm_liveness(id);
+    }
+
+    /// A new random resume secret.
+    fn fresh_resume(&mut self) -> u128 {
+        (u128::from(self.rng.next_u64()) << 64) | u128::from(self.rng.next_u64())
     }
 
     fn resume(&mut self, conn: ConnId, id: PeerId, hello: Hello) {
@@ -1276,6 +1330,7 @@ impl Room {
         });
         self.apply_capacity(id, capacity);
         self.send_status(id);
+        self.issue_claim(id);
         if hello.role == Role::Broadcaster {
             self.announce(Some(id));
         }
@@ -1820,6 +1875,7 @@ impl Room {
         self.set_capacity_from_uplink(id);
         // Last, so the status tells the capacity and position after both changes.
         self.flush_tree_events(Some(id));
+        self.issue_claim(id);
     }
 
     /// ICE from `id` to `peer` failed. Only a child's report about its current parent acts:
@@ -1848,6 +1904,9 @@ impl Room {
     }
 
     fn on_disconnect(&mut self, conn: ConnId) {
+        if self.restoring.is_some() {
+            return self.restoring_disconnect(conn);
+        }
         let Some(id) = self.conns.remove(&conn) else {
             return;
         };
@@ -1919,7 +1978,13 @@ impl Room {
                         self.finish_delivered_handovers();
                     }
                 }
+                Timer::Claims => self.renew_claims(),
+                Timer::Restore => self.check_restore(),
                 Timer::Start => {
+                    if self.restoring.is_some() {
+                        // The rebuild ends with a broadcaster or ends the room.
+                        continue;
+                    }
                     if self.broadcaster.is_none() && self.ended.is_none() {
                         self.end(EndReason::Expired);
                     }
@@ -2177,6 +2242,7 @@ impl Room {
                         },
                     );
                     self.send_to_peer(parent, ServerMessage::Child { peer_id: child });
+                    self.issue_claim(child);
                 }
                 TreeEvent::Unlinked { parent, child }
                     if self
@@ -2201,8 +2267,10 @@ impl Room {
                         self.send_to_peer(child, ServerMessage::Drop { peer_id: parent });
                     }
                 }
-                TreeEvent::DepthChanged { peer, .. } | TreeEvent::Waiting { peer } => {
+                TreeEvent::DepthChanged { peer, .. } => status.push(peer),
+                TreeEvent::Waiting { peer } => {
                     status.push(peer);
+                    self.issue_claim(peer);
                 }
             }
         }

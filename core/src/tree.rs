@@ -601,6 +601,51 @@ impl RelayTree {
         Ok(())
     }
 
+    /// Adds a viewer straight under `parent` (a room rebuilt from its peers' claims puts
+    /// each back where it was) when `parent` is attached with a free slot within the depth
+    /// limit; otherwise places it like [`Self::insert`]. Returns whether it went under
+    /// `parent`. No waiting subtree is placed meanwhile: call [`Self::settle`] once every
+    /// restored peer is in, so none takes a slot a restored peer still holds.
+    pub fn insert_under(
+        &mut self,
+        peer: PeerId,
+        capacity: u32,
+        nat: NatClass,
+        parent: PeerId,
+    ) -> Result<bool, TreeError> {
+        let slot = self.node(parent).filter(|&p| self.slot_free(p));
+        let Some(p) = slot else {
+            self.insert(peer, capacity)?;
+            self.set_nat(peer, nat)?;
+            return Ok(false);
+        };
+        let n = self.add_node(peer, capacity)?;
+        self.graph[n].nat = nat;
+        let depth = self.graph[p].depth + 1;
+        self.link(p, n);
+        self.set_attached(n, depth);
+        self.reindex(n);
+        Ok(true)
+    }
+
+    /// Whether [`Self::insert_under`] would put a peer under `parent`.
+    pub fn has_slot(&self, parent: PeerId) -> bool {
+        self.node(parent).is_some_and(|p| self.slot_free(p))
+    }
+
+    fn slot_free(&self, p: NodeIndex) -> bool {
+        let node = &self.graph[p];
+        node.status == Status::Attached
+            && node.spare() > 0
+            && node.depth < self.max_depth
+            && node.shed_to.is_none()
+    }
+
+    /// Places waiting subtrees in free slots (after [`Self::insert_under`]).
+    pub fn settle(&mut self) {
+        self.fill_waiting();
+    }
+
     /// Removes a peer (left or crashed) and repairs the tree around it.
     pub fn remove(&mut self, peer: PeerId) -> Result<(), TreeError> {
         self.remove_preferring(peer, None)

@@ -428,6 +428,7 @@ impl Driver {
                     resume,
                     // Links are checked by the driver before the room sees a hello.
                     link: None,
+                    claim: None,
                 };
                 self.input(Input::Hello { conn, hello })
             }

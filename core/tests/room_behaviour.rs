@@ -53,6 +53,8 @@ struct View {
     warm_links: u32,
     /// Limits of the last `welcome`.
     limits: Option<ClientLimits>,
+    /// The latest claim.
+    claim: Option<String>,
 }
 
 impl View {
@@ -72,6 +74,7 @@ impl View {
                 v.ice = ice_servers;
                 v.limits = Some(limits);
             }
+            ServerMessage::Claim { claim } => v.claim = Some(claim),
             ServerMessage::Parent { peer_id, .. } => {
                 v.waiting = None; // as the agent does: a parent ends the wait
                 // As the agent does: a standby link set up the other way round is
@@ -237,6 +240,7 @@ impl Harness {
             uplink_kbps: Some(uplink),
             resume: None,
             link: None,
+            claim: None,
         };
         self.input(Input::Hello { conn, hello });
         conn
@@ -276,6 +280,7 @@ impl Harness {
                 uplink_kbps: None,
                 resume: Some(token),
                 link: None,
+                claim: None,
             },
         });
         conn
@@ -513,6 +518,7 @@ fn bad_resume_token_is_refused() {
             uplink_kbps: None,
             resume: Some("nope".into()),
             link: None,
+            claim: None,
         },
     });
     assert_eq!(h.views[&conn].errors, [ErrorCode::BadResume]);
@@ -1030,6 +1036,7 @@ fn room_full_and_double_hello_are_refused() {
         uplink_kbps: None,
         resume: None,
         link: None,
+        claim: None,
     };
     h.input(Input::Hello { conn: v, hello });
     assert_eq!(h.views[&v].errors, [ErrorCode::AlreadyJoined]);
@@ -1070,6 +1077,7 @@ fn broadcaster_presence_is_announced() {
             uplink_kbps: None,
             resume: Some(token),
             link: None,
+            claim: None,
         },
     });
     assert_eq!(h.views[&v].live, Some(true));

@@ -734,6 +734,7 @@ mod tests {
             uplink_kbps: None,
             resume: resume.map(str::to_owned),
             link: link.map(str::to_owned),
+            claim: None,
         }
     }
 

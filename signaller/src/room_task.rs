@@ -449,6 +449,8 @@ fn event_name(event: &RoomEvent) -> &'static str {
         RoomEvent::LinkFailed { .. } => "link_failed",
         RoomEvent::Media { .. } => "media",
         RoomEvent::Reconfigured(_) => "reconfigured",
+        RoomEvent::ClaimRefused { .. } => "claim_refused",
+        RoomEvent::Restored(_) => "restored",
     }
 }
 

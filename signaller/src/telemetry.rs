@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use treecast_core::claim::ClaimError;
 use treecast_core::protocol::{EndReason, ErrorCode};
 use treecast_core::room::{LeaveCause, RoomEvent};
 use treecast_core::tree::TreeEvent;
@@ -199,6 +200,16 @@ pub(crate) fn room_event(event: &RoomEvent) {
         RoomEvent::Connectivity { nat, .. } => {
             counter!("treecast_connectivity_reports_total", "nat" => nat.as_str()).increment(1);
         }
+        RoomEvent::ClaimRefused { reason } => {
+            counter!("treecast_claims_refused_total", "reason" => claim_error(*reason))
+                .increment(1);
+        }
+        RoomEvent::Restored(s) => {
+            counter!("treecast_restored_peers_total", "place" => "kept")
+                .increment(u64::from(s.in_place));
+            counter!("treecast_restored_peers_total", "place" => "moved")
+                .increment(u64::from(s.moved));
+        }
         RoomEvent::Disconnected { .. }
         | RoomEvent::Capacity { .. }
         | RoomEvent::Tree(_)
@@ -233,6 +244,16 @@ fn leave_cause(cause: LeaveCause) -> &'static str {
         LeaveCause::Failed => "failed",
         LeaveCause::Overflow => "overflow",
         LeaveCause::RoomEnded => "room_ended",
+    }
+}
+
+/// Why a claim was refused, as a metric label.
+pub(crate) fn claim_error(reason: ClaimError) -> &'static str {
+    match reason {
+        ClaimError::Malformed => "malformed",
+        ClaimError::Forged => "forged",
+        ClaimError::Expired => "expired",
+        ClaimError::OtherRoom => "other_room",
     }
 }
 

@@ -1253,6 +1253,7 @@ impl Engine {
                         uplink_kbps: Some(uplink.min(u64::from(u32::MAX)) as u32),
                         resume: None,
                         link: None,
+                        claim: None,
                     },
                 }
             }
@@ -1347,6 +1348,7 @@ impl Engine {
                         }
                         ServerMessage::Signal { .. }
                         | ServerMessage::IceServers { .. }
+                        | ServerMessage::Claim { .. }
                         | ServerMessage::Pong
                         | ServerMessage::Error { .. } => continue,
                     };
