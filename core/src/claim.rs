@@ -54,6 +54,13 @@ impl ClaimKey {
         Self(bytes)
     }
 
+    /// A key from a configured secret of any length (at least 32 characters is wise).
+    pub fn from_secret(secret: &[u8]) -> Self {
+        let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+        mac.update(b"treecast claim key");
+        Self(mac.finalize().into_bytes().into())
+    }
+
     /// A key derived from this one for `purpose` (e.g. a room's broadcaster token), so one
     /// configured secret yields independent values.
     pub fn derive(&self, purpose: &str, parts: &[&[u8]]) -> [u8; 32] {

@@ -404,7 +404,13 @@ pub(crate) enum LinkRefusal {
 }
 
 impl LinkKey {
+    /// A key from its bytes (derived from the server's key).
+    pub(crate) fn from_bytes(key: [u8; 32]) -> Self {
+        Self(key)
+    }
+
     /// A fresh key from the OS's randomness.
+    #[cfg(test)]
     pub(crate) fn generate() -> Result<Self, getrandom::Error> {
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)?;

@@ -25,7 +25,7 @@ use treecast_core::protocol::ErrorCode;
 use treecast_core::quality::{Quality, VideoFormat};
 use treecast_core::room::{RoomConfig, RoomSettings, RoomSnapshot, Tuning};
 
-use crate::access::{self, CreateMode, GrantRefusal, LinkKey};
+use crate::access::{self, CreateMode, GrantRefusal};
 use crate::room_task::{DashboardEvent, RoomCommand, RoomTask};
 use crate::rooms::{self, AddError, RoomHandle};
 use crate::server::ServerState;
@@ -560,23 +560,13 @@ pub(crate) async fn create_room(
     if state.rooms.is_full(max) {
         return Err(ApiError::new(ErrorCode::TooManyRooms));
     }
-    let token = rooms::random_token().map_err(ApiError::internal)?;
     let seed = rooms::random_seed().map_err(ApiError::internal)?;
     // 60 random bits make a clash unlikely; a few tries make it harmless.
     for _ in 0..8 {
         let id = rooms::random_room_id().map_err(ApiError::internal)?;
-        let link_key = match private {
-            true => Some(LinkKey::generate().map_err(ApiError::internal)?),
-            false => None,
-        };
-        let (task, handle) = RoomTask::new(
-            &state,
-            id.clone(),
-            token.clone(),
-            seed,
-            config.clone(),
-            link_key,
-        );
+        let inc = rooms::random_seed().map_err(ApiError::internal)?;
+        let (task, handle) = RoomTask::new(&state, id.clone(), inc, seed, config.clone(), private);
+        let token = handle.token.to_string();
         match state.rooms.add(id.clone(), handle, max) {
             Ok(()) => {
                 tokio::spawn(task.run());

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use treecast_core::room::RoomConfig;
+use treecast_core::turn::Secret;
 
 use crate::access::AccessConfig;
 use crate::tls::TlsConfig;
@@ -72,6 +73,11 @@ pub struct Config {
     pub turn_server: Option<TurnServerConfig>,
     /// Operator credentials and who may create rooms (`[access]`).
     pub access: AccessConfig,
+    /// Signs the claims peers hold to their place in a room, and derives each room's
+    /// broadcaster token. With it set (32 characters or more, the same on every start), a
+    /// restarted server takes its rooms back from the claims its peers present, and no
+    /// media stops; unset, each start picks a random key and a restart ends every room.
+    pub resume_key: Option<Secret>,
 }
 
 impl Default for Config {
@@ -87,6 +93,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             turn_server: None,
             access: AccessConfig::default(),
+            resume_key: None,
         }
     }
 }
@@ -203,6 +210,13 @@ impl Config {
     /// Checks values that would make the server misbehave (zero rates, zero intervals).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |s: &str| Err(ConfigError::Invalid(s.to_owned()));
+        if self
+            .resume_key
+            .as_ref()
+            .is_some_and(|k| k.expose().len() < 32)
+        {
+            return fail("resume_key must be at least 32 characters long");
+        }
         let room = &self.room;
         if room.heartbeat_interval.is_zero() {
             return fail("room.heartbeat_interval must be above zero");

@@ -30,7 +30,7 @@ use treecast_core::protocol::{ClientMessage, ErrorCode, Hello, PROTOCOL_VERSION,
 use treecast_core::room::{ConnId, Input};
 
 use crate::rate::{Admission, FloodWindow, TokenBucket};
-use crate::room_task::RoomCommand;
+use crate::room_task::{RoomCommand, RoomTask};
 use crate::rooms::RoomHandle;
 use crate::server::{IpSlot, ServerState};
 use crate::telemetry;
@@ -277,7 +277,13 @@ impl Connection {
                     flow = self.refuse_and_close(ErrorCode::Timeout, Some("No \"hello\" arrived in time."), CloseCode::Policy);
                 }
                 _ = shutdown.changed(), if waiting_for_hello => {
-                    flow = self.refuse_and_close(ErrorCode::ShuttingDown, None, CloseCode::GoingAway);
+                    flow = if self.state.restartable {
+                        // Not an error to the client: the next start takes it back.
+                        self.outbound.close(CloseCode::GoingAway);
+                        Flow::Closing
+                    } else {
+                        self.refuse_and_close(ErrorCode::ShuttingDown, None, CloseCode::GoingAway)
+                    };
                 }
                 frame = stream.next() => match frame {
                     None => flow = Flow::Closed,
@@ -450,8 +456,15 @@ impl Connection {
                 CloseCode::Normal,
             );
         }
-        let Some(room) = self.state.rooms.get(&hello.room) else {
-            return self.refuse_and_close(ErrorCode::UnknownRoom, None, CloseCode::Normal);
+        let room = match self.state.rooms.get(&hello.room) {
+            Some(room) => room,
+            None => match self.restore(&hello) {
+                Ok(Some(room)) => room,
+                Ok(None) => {
+                    return self.refuse_and_close(ErrorCode::UnknownRoom, None, CloseCode::Normal);
+                }
+                Err(code) => return self.refuse_and_close(code, None, CloseCode::Normal),
+            },
         };
         let cmd = RoomCommand::Hello {
             conn: self.conn,
@@ -463,6 +476,51 @@ impl Connection {
         }
         self.room = Some(room);
         Flow::Continue
+    }
+
+    /// A `hello` with a claim for a room this server does not have (it restarted): a
+    /// genuine claim opens the room again, to be rebuilt from its peers' claims.
+    fn restore(&self, hello: &Hello) -> Result<Option<RoomHandle>, ErrorCode> {
+        let Some(token) = hello.claim.as_deref() else {
+            return Ok(None);
+        };
+        if self.state.is_shutting_down() {
+            return Ok(None);
+        }
+        let claim = self
+            .state
+            .claim_key
+            .verify(token, crate::access::now_unix())
+            .map_err(|reason| {
+                telemetry::room_event(&treecast_core::room::RoomEvent::ClaimRefused { reason });
+                ErrorCode::BadClaim
+            })?;
+        if claim.room != hello.room {
+            return Err(ErrorCode::BadClaim);
+        }
+        let seed = crate::rooms::random_seed().map_err(|_| ErrorCode::Internal)?;
+        let (task, handle) = RoomTask::restoring(
+            &self.state,
+            claim.room.clone(),
+            claim.inc,
+            claim.private,
+            seed,
+        );
+        let max = self.state.config.limits.max_rooms;
+        match self
+            .state
+            .rooms
+            .add(claim.room.clone(), handle.clone(), max)
+        {
+            Ok(()) => {
+                tracing::info!(room = %claim.room, "taking a room back from its peers' claims");
+                tokio::spawn(task.run());
+                Ok(Some(handle))
+            }
+            // Another peer of the room got here first.
+            Err(crate::rooms::AddError::Taken) => Ok(self.state.rooms.get(&hello.room)),
+            Err(crate::rooms::AddError::Full) => Err(ErrorCode::TooManyRooms),
+        }
     }
 
     fn send(&mut self, msg: ServerMessage) -> Flow {

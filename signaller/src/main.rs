@@ -6,6 +6,9 @@
 //! use `--bind 0.0.0.0:8080` to accept other hosts.
 //! The `--tls-*` flags serve HTTPS and WSS instead; SIGHUP re-reads the certificate.
 //!
+//! With `TREECAST_RESUME_KEY` (or the file's `resume_key`) set, a restart keeps every
+//! room: peers reconnect with their signed claims and the rooms are rebuilt from them.
+//!
 //! `treecast-signaller mint-token --ttl 1h` prints a room-creation grant signed with the
 //! operator secret (from `TREECAST_ADMIN_SECRET`, `[access] admin_secret`, or the secret
 //! file a server generated).
@@ -26,6 +29,9 @@ use treecast_signaller::{
 };
 
 mod turn_flags;
+
+/// The environment variable holding the key that signs resume claims (`resume_key`).
+const RESUME_KEY_ENV: &str = "TREECAST_RESUME_KEY";
 
 /// treecast signalling server: rooms, relay-tree placement over WebSocket, HTTP API,
 /// metrics and the web pages.
@@ -279,6 +285,12 @@ impl Args {
             && !secret.is_empty()
         {
             config.access.admin_secret = Some(Secret::new(secret));
+        }
+        // Like the operator secret: from the environment or the file, never a flag.
+        if let Ok(key) = std::env::var(RESUME_KEY_ENV)
+            && !key.is_empty()
+        {
+            config.resume_key = Some(Secret::new(key));
         }
         self.tls.apply(&mut config.tls);
         let secret = std::env::var(turn_flags::SECRET_ENV).ok();

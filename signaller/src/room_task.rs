@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, oneshot};
 use treecast_core::RoomId;
+use treecast_core::claim::ClaimKey;
 use treecast_core::protocol::{EndReason, ErrorCode, Hello, ServerMessage};
 use treecast_core::room::{
     ConnId, Input, Output, Room, RoomConfig, RoomEvent, RoomSettings, RoomSnapshot, Tuning,
@@ -37,6 +38,25 @@ use crate::telemetry;
 
 /// Dashboard events buffered per subscriber before it is told it lagged.
 const DASHBOARD_BUFFER: usize = 1_024;
+
+/// How long a claim to a place stays valid; renewed past half of it.
+const CLAIM_TTL: Duration = Duration::from_secs(12 * 3600);
+
+/// How long a restarted server waits for a lost room's peers to come back with their
+/// claims: longer than the clients' longest reconnect delay (5 s), so every live peer is
+/// back before the room is rebuilt (it is rebuilt sooner once the broadcaster and every
+/// claimed parent are back).
+pub(crate) const RESTORE_WINDOW: Duration = Duration::from_secs(7);
+
+/// A room's broadcaster token and link key, derived from the server's key, the room's id
+/// and its incarnation: a restarted server with the same key knows them again.
+pub(crate) fn room_secrets(key: &ClaimKey, id: &RoomId, inc: u64) -> (String, LinkKey) {
+    let parts: [&[u8]; 2] = [id.as_str().as_bytes(), &inc.to_be_bytes()];
+    let token = key.derive("treecast broadcaster token", &parts);
+    let token = token[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let link = LinkKey::from_bytes(key.derive("treecast link key", &parts));
+    (token, link)
+}
 
 /// What other tasks ask of a room task.
 #[derive(Debug)]
@@ -60,6 +80,9 @@ pub(crate) enum RoomCommand {
     /// End the room (server shutdown). With [`EndReason::Shutdown`] the task stops after
     /// telling its peers, without keeping a tombstone.
     End(EndReason),
+    /// Let go of every peer without ending the room (a restartable server shutting
+    /// down): they reconnect to the next start and present their claims.
+    Suspend,
     /// An operator's settings change (already checked against the server's limits); the
     /// answer is the room's settings after it.
     Reconfigure(Tuning, oneshot::Sender<Result<RoomSettings, ApiError>>),
@@ -119,9 +142,52 @@ impl RoomTask {
     pub(crate) fn new(
         state: &Arc<ServerState>,
         id: RoomId,
-        token: String,
+        inc: u64,
         seed: u64,
         config: RoomConfig,
+        private: bool,
+    ) -> (Self, RoomHandle) {
+        let (token, link_key) = room_secrets(&state.claim_key, &id, inc);
+        let link_key = private.then_some(link_key);
+        let mut room = Room::new(id.clone(), token.clone(), config, seed, state.now());
+        room.set_unix_epoch(state.start_unix);
+        room.enable_claims(state.claim_key.clone(), inc, CLAIM_TTL, private);
+        Self::with_room(state, id, room, token, link_key)
+    }
+
+    /// A room this server lost (it restarted) to be rebuilt from the claims its peers
+    /// present ([`Room::restoring`]); `inc` and `private` come from the first, verified,
+    /// claim.
+    pub(crate) fn restoring(
+        state: &Arc<ServerState>,
+        id: RoomId,
+        inc: u64,
+        private: bool,
+        seed: u64,
+    ) -> (Self, RoomHandle) {
+        let (token, link_key) = room_secrets(&state.claim_key, &id, inc);
+        let link_key = private.then_some(link_key);
+        let room = Room::restoring(
+            id.clone(),
+            token.clone(),
+            state.config.room.clone(),
+            seed,
+            state.now(),
+            state.start_unix,
+            state.claim_key.clone(),
+            inc,
+            CLAIM_TTL,
+            private,
+            RESTORE_WINDOW,
+        );
+        Self::with_room(state, id, room, token, link_key)
+    }
+
+    fn with_room(
+        state: &Arc<ServerState>,
+        id: RoomId,
+        room: Room,
+        token: String,
         link_key: Option<LinkKey>,
     ) -> (Self, RoomHandle) {
         let (tx, commands) = mpsc::channel(state.config.limits.room_queue);
@@ -131,8 +197,6 @@ impl RoomTask {
         let private = link_key
             .as_ref()
             .map(|key| PrivateRoom::new(Arc::clone(key), id.clone(), Arc::clone(&handle_token)));
-        let mut room = Room::new(id.clone(), token, config, seed, state.now());
-        room.set_unix_epoch(state.start_unix);
         let (dashboard, _) = broadcast::channel(DASHBOARD_BUFFER);
         let task = Self {
             id,
@@ -195,6 +259,8 @@ impl RoomTask {
             } => {
                 let admit = match &self.private {
                     None => Admit::Free,
+                    // A signed claim to a place is checked by the room itself.
+                    Some(_) if hello.claim.is_some() && hello.resume.is_some() => Admit::Free,
                     Some(door) => match door.admit(&hello, access::now_unix()) {
                         Ok(admit) => admit,
                         Err(code) => {
@@ -252,6 +318,12 @@ impl RoomTask {
                 let flow = self.input(Input::Reconfigure(tuning), Duration::ZERO);
                 let _ = reply.send(Ok(self.room.config().settings()));
                 flow
+            }
+            RoomCommand::Suspend => {
+                for (_, link) in self.links.drain() {
+                    link.close(CloseCode::GoingAway);
+                }
+                Flow::Stop
             }
             RoomCommand::End(reason) => {
                 let flow = self.input(Input::End(reason), Duration::ZERO);

@@ -204,6 +204,7 @@ pub(crate) fn random_room_id() -> Result<RoomId, getrandom::Error> {
     Ok(RoomId::new(id).unwrap_or_else(|_| unreachable!("generated ids are valid")))
 }
 
+#[cfg(test)]
 /// A fresh 128-bit broadcaster token, as 32 hex digits.
 pub(crate) fn random_token() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 16];

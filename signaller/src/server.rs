@@ -13,6 +13,7 @@ use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
+use treecast_core::claim::ClaimKey;
 use treecast_core::protocol::EndReason;
 
 use crate::access::{Access, AccessError};
@@ -101,6 +102,11 @@ pub(crate) struct ServerState {
     pub pages: Pages,
     /// Who may do what.
     pub access: Access,
+    /// Signs resume claims and derives rooms' broadcaster tokens and link keys.
+    pub claim_key: ClaimKey,
+    /// The key is configured, so it outlives this process: shutting down leaves rooms to
+    /// be taken back by the next start instead of ending them.
+    pub restartable: bool,
 }
 
 impl ServerState {
@@ -265,7 +271,19 @@ pub async fn serve_with(
     };
     let embedded_turn = crate::turn_server::start_configured(&mut config, &listener).await?;
     let grace = config.limits.shutdown_grace;
+    let restartable = config.resume_key.is_some();
+    let claim_key = match &config.resume_key {
+        Some(secret) => ClaimKey::from_secret(secret.expose()),
+        None => {
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes)
+                .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
+            ClaimKey::new(bytes)
+        }
+    };
     let state = Arc::new(ServerState {
+        claim_key,
+        restartable,
         pages: Pages::new(config.web_dir.clone()),
         config,
         rooms: Rooms::default(),
@@ -292,8 +310,14 @@ pub async fn serve_with(
         let state = Arc::clone(&state);
         async move {
             shutdown.await;
-            tracing::info!("shutting down: ending rooms and closing connections");
             state.shutdown.send_replace(true);
+            if state.restartable {
+                tracing::info!(
+                    "shutting down: closing connections; rooms resume at the next start"
+                );
+            } else {
+                tracing::info!("shutting down: ending rooms and closing connections");
+            }
             end_all_rooms(&state).await;
         }
     };
@@ -336,12 +360,15 @@ pub async fn serve_with(
     served.map_err(ServerError::Serve)
 }
 
+/// Ends every room, or (with a configured resume key) only lets go of its peers: they
+/// reconnect to the next start with their claims, their media flowing meanwhile.
 async fn end_all_rooms(state: &ServerState) {
     for room in state.rooms.handles() {
-        let _ = room
-            .commands
-            .send(RoomCommand::End(EndReason::Shutdown))
-            .await;
+        let cmd = match state.restartable {
+            true => RoomCommand::Suspend,
+            false => RoomCommand::End(EndReason::Shutdown),
+        };
+        let _ = room.commands.send(cmd).await;
     }
 }
 

@@ -26,8 +26,10 @@ pub struct TestSignaller {
     pub token: String,
     /// The STUN server's primary and alternate addresses, when it runs one.
     pub stun: Option<(SocketAddr, SocketAddr)>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<Result<(), treecast_signaller::ServerError>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<Result<(), treecast_signaller::ServerError>>>,
+    /// What it was started with, for a restart.
+    config: treecast_signaller::Config,
 }
 
 impl TestSignaller {
@@ -83,13 +85,7 @@ impl TestSignaller {
             ));
             extras.stun = Some(treecast_signaller::StunSockets::new(primary, alternate).unwrap());
         }
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let shutdown = async move {
-            let _ = stopped.await;
-        };
-        let server = tokio::spawn(treecast_signaller::serve_with(
-            listener, config, shutdown, extras,
-        ));
+        let (stop, server) = Self::serve(listener, config.clone(), extras);
         let (status, created) = http(addr, "POST", "/api/rooms").await;
         assert_eq!(status, 201, "{created}");
         Self {
@@ -98,9 +94,57 @@ impl TestSignaller {
             room: created["room"].as_str().unwrap().to_owned(),
             token: created["token"].as_str().unwrap().to_owned(),
             stun,
-            stop,
-            server,
+            stop: Some(stop),
+            server: Some(server),
+            config,
         }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn serve(
+        listener: tokio::net::TcpListener,
+        config: treecast_signaller::Config,
+        extras: treecast_signaller::Extras,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(), treecast_signaller::ServerError>>,
+    ) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let server = tokio::spawn(treecast_signaller::serve_with(
+            listener, config, shutdown, extras,
+        ));
+        (stop, server)
+    }
+
+    /// Shuts the server down (gracefully, as an upgrade does) and starts it again on the
+    /// same address with the same configuration, as a fresh process would: no room
+    /// survives in memory. Returns how long the address had no server.
+    pub async fn restart(&mut self) -> Duration {
+        let _ = self.stop.take().map(|stop| stop.send(()));
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(LIVENESS, server).await;
+        }
+        let down = Instant::now();
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(down.elapsed() < LIVENESS, "rebinding {}: {e}", self.addr);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let (stop, server) = Self::serve(
+            listener,
+            self.config.clone(),
+            treecast_signaller::Extras::default(),
+        );
+        self.stop = Some(stop);
+        self.server = Some(server);
+        down.elapsed()
     }
 
     /// A peer configuration for this room on loopback (the broadcaster's carries the token).
@@ -121,9 +165,11 @@ impl TestSignaller {
     }
 
     /// Stops the server and waits for it.
-    pub async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = tokio::time::timeout(LIVENESS, self.server).await;
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().map(|stop| stop.send(()));
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(LIVENESS, server).await;
+        }
     }
 }
 
