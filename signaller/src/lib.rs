@@ -70,6 +70,7 @@
 pub mod access;
 mod api;
 pub mod client;
+pub mod cluster;
 mod config;
 mod connection;
 mod pages;

@@ -5,6 +5,7 @@
 //! generous so a slow machine never fails a test.
 #![allow(dead_code)]
 
+pub mod redis_server;
 pub mod tls;
 
 use std::net::SocketAddr;
