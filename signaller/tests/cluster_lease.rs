@@ -59,7 +59,9 @@ async fn three_nodes_race_to_own_one_room_100_times_exactly_one_owner_per_epoch_
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let config = LeaseConfig::default();
+    // A lease far longer than a round, so no slow moment ends an ownership by accident:
+    // rounds end by release, or by the lease running out when the test shortens it.
+    let config = LeaseConfig::with_lease(Duration::from_secs(30));
     // Three independent clients, each on its own connection; one speaks RESP3.
     let nodes = [
         leases(&redis.url(), config).await,
@@ -137,16 +139,25 @@ async fn three_nodes_race_to_own_one_room_100_times_exactly_one_owner_per_epoch_
         }
         assert_eq!(get(&redis.url(), &snapshot).await.as_deref(), Some(&*value));
 
-        // Most rounds end with a release; every 20th the owner just stops and the next
-        // round races against the key's expiry.
-        if round % 20 == 19 {
+        // Most rounds end with a release. Every 5th, the owner stops renewing and its lease
+        // runs out (shortened to 50 ms here, as if it had been granted long ago): the next
+        // round races against the key's expiry in Redis.
+        if round % 5 == 4 {
+            let mut conn = cluster::connect(&redis.url()).await.unwrap();
+            let shortened: i64 = redis::cmd("PEXPIRE")
+                .arg(keys.owner())
+                .arg(50)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(shortened, 1);
             expired_rounds += 1;
         } else {
             assert!(nodes[w].release(room, &holder).await.unwrap());
         }
         previous = Some((w, holder));
     }
-    assert_eq!(expired_rounds, 5);
+    assert_eq!(expired_rounds, 20);
     let acquired: u64 = nodes.iter().map(|n| n.stats().acquired).sum();
     assert_eq!(acquired, 100);
     let errors: u64 = nodes.iter().map(|n| n.stats().redis_errors).sum();
@@ -160,7 +171,7 @@ async fn a_paused_owner_steps_down_on_its_own_deadline_and_its_writes_are_refuse
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let config = LeaseConfig::with_lease(Duration::from_millis(1000));
+    let config = LeaseConfig::with_lease(Duration::from_secs(2));
     let a = leases(&redis.url(), config).await;
     let b = leases(&redis.url(), config).await;
     let room = "paused";
@@ -435,4 +446,45 @@ async fn only_the_current_owner_reaches_subscribers_and_streams() {
     let logged: Vec<&str> = entries.iter().map(|(_, f)| f[0].1.as_str()).collect();
     assert_eq!(logged, ["a1", "b1"]);
     assert_eq!(a.stats().fenced, 2);
+}
+
+#[tokio::test]
+async fn an_owner_whose_room_was_taken_learns_it_at_its_next_renewal() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let config = LeaseConfig::with_lease(Duration::from_secs(3));
+    let a = leases(&redis.url(), config).await;
+    let b = leases(&redis.url(), config).await;
+    let room = "taken";
+    let keys = RoomKeys::new(room).unwrap();
+    let lease = a.hold(room, "node-a").await.unwrap().unwrap();
+
+    // The key vanishes while the owner runs (a Redis failover that lost the last writes,
+    // an operator's DEL), and another node takes the room.
+    let mut conn = cluster::connect(&redis.url()).await.unwrap();
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(keys.owner())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    let b_epoch = b.acquire(room, "node-b").await.unwrap().unwrap();
+    assert_eq!(b_epoch, Epoch(lease.epoch().0 + 1));
+
+    assert_eq!(
+        timeout(LIVENESS, lease.lost()).await.unwrap(),
+        LostReason::Taken
+    );
+    assert_eq!(
+        lease
+            .fenced_set(&keys.snapshot(), b"a", None)
+            .await
+            .unwrap(),
+        Fenced::Rejected(Rejected::LeaseLost)
+    );
+    // The new owner keeps the room: the old one stopped renewing.
+    let holder = b.owner(room).await.unwrap().unwrap();
+    assert_eq!(holder.node, "node-b");
+    assert_eq!(a.stats().lost, 1);
 }

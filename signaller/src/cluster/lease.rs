@@ -455,7 +455,9 @@ impl Leases {
     }
 
     /// Takes `room` for `node` if nobody holds it: returns the new epoch, or `None` if
-    /// another holder's lease is live. Does not renew: see [`Leases::hold`].
+    /// another holder's lease is live. Does not renew: see [`Leases::hold`]. An error (a
+    /// timeout) may hide a success: the room then stays taken, by a holder nobody renews,
+    /// until the lease runs out.
     pub async fn acquire(&self, room: &str, node: &str) -> Result<Option<Epoch>, ClusterError> {
         self.acquire_above(room, node, Epoch(0)).await
     }
