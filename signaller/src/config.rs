@@ -78,6 +78,9 @@ pub struct Config {
     /// restarted server takes its rooms back from the claims its peers present, and no
     /// media stops; unset, each start picks a random key and a restart ends every room.
     pub resume_key: Option<Secret>,
+    /// Cluster mode: the Redis every node of the cluster shares (`redis://host:port/`).
+    /// Unset (the default): one process holds every room in memory.
+    pub redis: Option<String>,
 }
 
 impl Default for Config {
@@ -94,6 +97,7 @@ impl Default for Config {
             turn_server: None,
             access: AccessConfig::default(),
             resume_key: None,
+            redis: None,
         }
     }
 }
@@ -216,6 +220,12 @@ impl Config {
             .is_some_and(|k| k.expose().len() < 32)
         {
             return fail("resume_key must be at least 32 characters long");
+        }
+        if self.redis.is_some() && self.resume_key.is_none() {
+            return fail(
+                "cluster mode (redis) needs resume_key, the same on every node: rooms' \
+                 tokens and peers' claims must be recognised by all of them",
+            );
         }
         let room = &self.room;
         if room.heartbeat_interval.is_zero() {

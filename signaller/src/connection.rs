@@ -26,11 +26,12 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
+use treecast_core::RoomId;
 use treecast_core::protocol::{ClientMessage, ErrorCode, Hello, PROTOCOL_VERSION, ServerMessage};
 use treecast_core::room::{ConnId, Input};
 
 use crate::rate::{Admission, FloodWindow, TokenBucket};
-use crate::room_task::{RoomCommand, RoomTask};
+use crate::room_task::{RoomCommand, RoomTask, room_secrets};
 use crate::rooms::RoomHandle;
 use crate::server::{IpSlot, ServerState};
 use crate::telemetry;
@@ -53,7 +54,8 @@ const READ_BUFFER: usize = 8 * 1024;
 const WRITE_BUFFER: usize = 8 * 1024;
 
 /// WebSocket close codes the server uses (RFC 6455 §7.4.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub(crate) enum CloseCode {
     /// 1000: done (room ended, left, refused).
     Normal,
@@ -164,6 +166,55 @@ impl Outbound {
             .get_or_insert(code);
         self.abort.notify.notify_one();
     }
+}
+
+/// The receiving end of an [`Outbound`] whose messages do not go to a local socket: in
+/// cluster mode, a room's owner forwards what it sends a peer connected to another node.
+#[derive(Debug)]
+pub(crate) struct Detached {
+    queue: mpsc::Receiver<Outgoing>,
+    abort: Arc<Abort>,
+}
+
+/// An outbound queue read by a [`Detached`] instead of a socket writer.
+pub(crate) fn detached(capacity: usize) -> (Outbound, Detached) {
+    let (outbound, queue, abort) = Outbound::new(capacity);
+    (outbound, Detached { queue, abort })
+}
+
+impl Detached {
+    /// The next messages (at least one, at most `max`), with the close code if the
+    /// connection is to be closed after them. `None` once every sender is gone.
+    pub(crate) async fn next_batch(
+        &mut self,
+        max: usize,
+    ) -> Option<(Vec<ServerMessage>, Option<CloseCode>)> {
+        let first = tokio::select! {
+            biased;
+            () = self.abort.notify.notified() => {
+                return Some((Vec::new(), Some(self.abort.code())));
+            }
+            next = self.queue.recv() => next?,
+        };
+        let mut messages = Vec::new();
+        let mut next = Some(first);
+        while let Some(o) = next.take() {
+            match o {
+                Outgoing::Message(m) => messages.push(m),
+                Outgoing::Close(code) => return Some((messages, Some(code))),
+            }
+            if messages.len() < max {
+                next = self.queue.try_recv().ok();
+            }
+        }
+        Some((messages, None))
+    }
+}
+
+/// Makes this process's connection ids start at `base`, so that ids from the nodes of a
+/// cluster never meet in one room.
+pub(crate) fn set_conn_base(base: u64) {
+    NEXT_CONN.fetch_max(base, Ordering::Relaxed);
 }
 
 /// `GET /ws`: upgrades to a WebSocket with the configured size caps.
@@ -456,7 +507,11 @@ impl Connection {
                 CloseCode::Normal,
             );
         }
-        let room = match self.state.rooms.get(&hello.room) {
+        let mut found = self.state.rooms.get(&hello.room);
+        if found.is_none() {
+            found = self.remote(&hello.room).await;
+        }
+        let room = match found {
             Some(room) => room,
             None => match self.restore(&hello) {
                 Ok(Some(room)) => room,
@@ -476,6 +531,31 @@ impl Connection {
         }
         self.room = Some(room);
         Flow::Continue
+    }
+
+    /// Cluster mode: a room owned by another node, reached through a proxy that forwards
+    /// this node's connections to the owner (one proxy per room and node).
+    async fn remote(&self, room: &RoomId) -> Option<RoomHandle> {
+        let node = self.state.cluster.as_ref()?;
+        let meta = match node.remote_meta(room).await {
+            Ok(meta) => meta?,
+            Err(e) => {
+                tracing::warn!(%room, "looking the room up in the cluster: {e}");
+                return None;
+            }
+        };
+        let (token, link_key) = room_secrets(&self.state.claim_key, room, meta.inc);
+        let handle = RoomHandle {
+            commands: node.proxy(room.clone(), self.state.config.limits.room_queue),
+            stats: Arc::default(),
+            token: token.into(),
+            link_key: meta.private.then(|| Arc::new(link_key)),
+        };
+        let max = self.state.config.limits.max_rooms;
+        match self.state.rooms.add(room.clone(), handle.clone(), max) {
+            Ok(()) => Some(handle),
+            Err(_) => self.state.rooms.get(room),
+        }
     }
 
     /// A `hello` with a claim for a room this server does not have (it restarted): a

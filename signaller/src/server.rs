@@ -14,6 +14,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use treecast_core::claim::ClaimKey;
+
+use crate::cluster::bus::Node;
 use treecast_core::protocol::EndReason;
 
 use crate::access::{Access, AccessError};
@@ -67,6 +69,9 @@ pub enum ServerError {
     /// The operator secret could not be read or generated.
     #[error(transparent)]
     Access(#[from] AccessError),
+    /// Cluster mode could not reach Redis.
+    #[error("cluster mode: {0}")]
+    Cluster(#[source] crate::cluster::ClusterError),
     /// Accepting or serving connections failed.
     #[error("the server stopped on an I/O error: {0}")]
     Serve(#[source] std::io::Error),
@@ -107,6 +112,8 @@ pub(crate) struct ServerState {
     /// The key is configured, so it outlives this process: shutting down leaves rooms to
     /// be taken back by the next start instead of ending them.
     pub restartable: bool,
+    /// This node, in cluster mode.
+    pub cluster: Option<Arc<Node>>,
 }
 
 impl ServerState {
@@ -281,9 +288,18 @@ pub async fn serve_with(
             ClaimKey::new(bytes)
         }
     };
+    let cluster = match &config.redis {
+        Some(url) => Some(
+            Node::start(url, config.limits.outbound_queue)
+                .await
+                .map_err(ServerError::Cluster)?,
+        ),
+        None => None,
+    };
     let state = Arc::new(ServerState {
         claim_key,
         restartable,
+        cluster,
         pages: Pages::new(config.web_dir.clone()),
         config,
         rooms: Rooms::default(),

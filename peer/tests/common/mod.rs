@@ -3,6 +3,9 @@
 //! hanging); nothing here asserts speed.
 #![allow(dead_code)]
 
+#[path = "../../../signaller/tests/common/redis_server.rs"]
+pub mod redis_server;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -42,6 +42,7 @@
 //! any the room had; a stale owner is refused either way, since its `node:epoch` holder no
 //! longer exists.
 
+pub(crate) mod bus;
 pub mod lease;
 
 use std::time::Duration;

@@ -1,0 +1,506 @@
+//! Cluster mode's message path: any node takes any peer's WebSocket (an *edge*); the room's
+//! *owner* runs the room task, unchanged.
+//!
+//! - **Edge → owner**: an edge forwards what its peers send (their `hello`, messages, signs
+//!   of life and disconnects) to the room's Redis Stream `tc:{ROOM}:in`, batched per wake-up
+//!   in one pipeline. The owner reads the stream (a dedicated connection blocked on
+//!   `XREAD`) and feeds each entry to its room task as if the connection were local.
+//! - **Owner → edge**: for a peer connected elsewhere the owner's room task writes into a
+//!   [`Detached`] queue; a forwarder drains it and publishes the batch on the edge's channel
+//!   `tc:edge:{NODE}`, through the fenced script, so an owner that lost its lease can no
+//!   longer reach anyone. Each batch carries the room's fencing epoch and a per-connection
+//!   sequence number.
+//! - **Gaps**: pub/sub keeps nothing, so a message lost while an edge's subscription was
+//!   down shows as a jump in the sequence (or, after a reconnect, as a subscription that may
+//!   have missed anything). The edge then closes those peers' WebSockets: their clients
+//!   resume at once (through any node) and get an authoritative status, while their media
+//!   never stopped. Messages stamped with an epoch older than the newest seen are dropped.
+//!
+//! Connection ids are unique across the cluster: each node takes a number from
+//! `tc:nodes:seq` at start and numbers its connections from `number << 40`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, MultiplexedConnection};
+use redis::streams::StreamReadReply;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use treecast_core::RoomId;
+use treecast_core::protocol::{ClientMessage, Hello, ServerMessage};
+use treecast_core::room::{ConnId, Input};
+
+use super::{ClusterError, Fenced, Lease, LeaseConfig, Leases, RoomKeys};
+use crate::connection::{self, CloseCode, Detached, Outbound};
+use crate::room_task::RoomCommand;
+
+/// Entries kept in a room's input stream (approximately): enough to replay a failover's
+/// worth of inputs, small enough to bound memory.
+const STREAM_MAXLEN: u64 = 100_000;
+
+/// Entries read from the input stream per `XREAD`.
+const READ_COUNT: usize = 512;
+
+/// Messages to one peer published in one batch at most.
+const BATCH: usize = 64;
+
+/// What a room's owner stores about it for the other nodes (`tc:{ROOM}:meta`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct RoomMeta {
+    /// The room's incarnation (its secrets derive from it).
+    pub inc: u64,
+    /// Viewers need a signed link.
+    pub private: bool,
+}
+
+/// One batch from an owner to one of an edge's connections.
+#[derive(Debug, Serialize, Deserialize)]
+struct Batch {
+    /// The room.
+    r: RoomId,
+    /// The owner's fencing epoch.
+    ep: u64,
+    /// The connection.
+    c: u64,
+    /// Its sequence number, from 1 per connection.
+    s: u64,
+    /// The messages.
+    m: Vec<ServerMessage>,
+    /// Close the connection after them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    x: Option<CloseCode>,
+}
+
+/// A connection of this node whose room is owned by another node.
+#[derive(Debug)]
+struct EdgeLink {
+    room: RoomId,
+    outbound: Outbound,
+    /// The sequence number expected next.
+    next: u64,
+}
+
+/// This node in the cluster.
+#[derive(Debug)]
+pub(crate) struct Node {
+    /// Its name in leases and channels.
+    pub id: String,
+    client: redis::Client,
+    conn: ConnectionManager,
+    leases: Leases,
+    /// Connections on this node bound to rooms owned elsewhere.
+    links: Mutex<HashMap<ConnId, EdgeLink>>,
+    /// Newest epoch seen per remote room.
+    epochs: Mutex<HashMap<RoomId, u64>>,
+    /// Outbound queue length per forwarded connection.
+    queue: usize,
+}
+
+impl Node {
+    /// Joins the cluster at `url`: a node number for connection ids, a connection manager
+    /// for commands, and this node's channel subscription.
+    pub(crate) async fn start(url: &str, queue: usize) -> Result<Arc<Self>, ClusterError> {
+        let redis_err = |op| move |source| ClusterError::Redis { op, source };
+        let client = redis::Client::open(url).map_err(redis_err("connect"))?;
+        let mut conn = super::connect(url).await?;
+        let number: u64 = redis::cmd("INCR")
+            .arg("tc:nodes:seq")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err("node number"))?;
+        // 2^24 nodes over the life of a Redis, 2^40 connections per node.
+        connection::set_conn_base((number & 0xff_ffff) << 40);
+        let mut rand = [0u8; 6];
+        getrandom::fill(&mut rand).map_err(|e| ClusterError::Reply {
+            op: "node id",
+            reply: e.to_string(),
+        })?;
+        let id = format!(
+            "n{number}-{}",
+            rand.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let leases = Leases::new(conn.clone(), LeaseConfig::default())?;
+        let node = Arc::new(Self {
+            id,
+            client,
+            conn,
+            leases,
+            links: Mutex::default(),
+            epochs: Mutex::default(),
+            queue,
+        });
+        tokio::spawn(Arc::clone(&node).subscribe());
+        tracing::info!(node = %node.id, "joined the cluster");
+        Ok(node)
+    }
+
+    fn channel(node: &str) -> String {
+        format!("tc:edge:{node}")
+    }
+
+    /// Takes ownership of a room just created here: the lease, the room's meta for other
+    /// nodes, and the reader of its input stream feeding `commands`.
+    pub(crate) async fn own(
+        self: &Arc<Self>,
+        room: &RoomId,
+        meta: RoomMeta,
+        commands: mpsc::Sender<RoomCommand>,
+    ) -> Result<bool, ClusterError> {
+        let Some(lease) = self.leases.hold(room.as_str(), &self.id).await? else {
+            return Ok(false);
+        };
+        let keys = RoomKeys::new(room.as_str())?;
+        let json = serde_json::to_vec(&meta).expect("meta serializes");
+        if !lease
+            .fenced_set(&keys.key("meta"), &json, None)
+            .await?
+            .is_written()
+        {
+            return Ok(false);
+        }
+        let reader = self
+            .client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|source| ClusterError::Redis {
+                op: "stream reader",
+                source,
+            })?;
+        tokio::spawn(Arc::clone(self).read_inputs(Arc::new(lease), keys, reader, commands));
+        Ok(true)
+    }
+
+    /// The meta of a room owned elsewhere, if it exists.
+    pub(crate) async fn remote_meta(
+        &self,
+        room: &RoomId,
+    ) -> Result<Option<RoomMeta>, ClusterError> {
+        let keys = RoomKeys::new(room.as_str())?;
+        let mut conn = self.conn.clone();
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(keys.key("meta"))
+            .query_async(&mut conn)
+            .await
+            .map_err(|source| ClusterError::Redis {
+                op: "room meta",
+                source,
+            })?;
+        Ok(raw.and_then(|r| serde_json::from_slice(&r).ok()))
+    }
+
+    /// The command channel of a proxy for a room owned elsewhere: what connections here
+    /// send it goes to the owner's input stream.
+    pub(crate) fn proxy(
+        self: &Arc<Self>,
+        room: RoomId,
+        capacity: usize,
+    ) -> mpsc::Sender<RoomCommand> {
+        let (tx, rx) = mpsc::channel(capacity);
+        tokio::spawn(Arc::clone(self).forward_inputs(room, rx));
+        tx
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, HashMap<ConnId, EdgeLink>> {
+        self.links.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Edge side: commands from local connections to a remote room, onto its stream.
+    async fn forward_inputs(self: Arc<Self>, room: RoomId, mut rx: mpsc::Receiver<RoomCommand>) {
+        let Ok(keys) = RoomKeys::new(room.as_str()) else {
+            return;
+        };
+        let stream = keys.key("in");
+        let mut conn = self.conn.clone();
+        let mut batch = Vec::new();
+        while let Some(first) = rx.recv().await {
+            batch.push(first);
+            while batch.len() < READ_COUNT {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            let mut pipe = redis::pipe();
+            for cmd in batch.drain(..) {
+                let (conn_id, kind, data) = match cmd {
+                    RoomCommand::Hello {
+                        conn,
+                        hello,
+                        outbound,
+                    } => {
+                        self.links().insert(
+                            conn,
+                            EdgeLink {
+                                room: room.clone(),
+                                outbound,
+                                next: 1,
+                            },
+                        );
+                        (conn, "hello", serde_json::to_vec(&hello).ok())
+                    }
+                    RoomCommand::Input(Input::Message { conn, msg }) => {
+                        (conn, "msg", serde_json::to_vec(&msg).ok())
+                    }
+                    RoomCommand::Input(Input::Alive { conn }) => (conn, "alive", None),
+                    RoomCommand::Input(Input::Disconnected { conn }) => {
+                        self.links().remove(&conn);
+                        (conn, "gone", None)
+                    }
+                    // Served by the owner only; dropping the reply tells the caller.
+                    RoomCommand::Input(_)
+                    | RoomCommand::Snapshot(_)
+                    | RoomCommand::Subscribe(_)
+                    | RoomCommand::Reconfigure(..) => continue,
+                    RoomCommand::End(_) | RoomCommand::Suspend => {
+                        // This node is shutting down: its peers go elsewhere.
+                        let mut links = self.links();
+                        links.retain(|_, l| {
+                            if l.room == room {
+                                l.outbound.close(CloseCode::GoingAway);
+                            }
+                            l.room != room
+                        });
+                        return;
+                    }
+                };
+                let cmd = pipe
+                    .cmd("XADD")
+                    .arg(&stream)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(STREAM_MAXLEN)
+                    .arg("*")
+                    .arg("e")
+                    .arg(&self.id)
+                    .arg("c")
+                    .arg(conn_id.0)
+                    .arg("k")
+                    .arg(kind);
+                if let Some(d) = data {
+                    cmd.arg("d").arg(d);
+                }
+                cmd.ignore();
+            }
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                // Lost inputs show to the room as silence; the peers' next messages and
+                // their watchdogs carry on from there.
+                tracing::warn!(room = %room, "forwarding to the room's owner failed: {e}");
+            }
+        }
+    }
+
+    /// Owner side: the room's input stream into its task, until the lease is lost.
+    async fn read_inputs(
+        self: Arc<Self>,
+        lease: Arc<Lease>,
+        keys: RoomKeys,
+        mut reader: MultiplexedConnection,
+        commands: mpsc::Sender<RoomCommand>,
+    ) {
+        let stream = keys.key("in");
+        let mut last = String::from("0-0");
+        loop {
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT")
+                .arg(READ_COUNT)
+                .arg("BLOCK")
+                .arg(1000)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(&last);
+            let read = cmd.query_async::<Option<StreamReadReply>>(&mut reader);
+            let reply = tokio::select! {
+                why = lease.lost() => {
+                    tracing::warn!(room = keys.room(), ?why, "lost the room's lease; stepping down");
+                    let _ = commands.send(RoomCommand::Suspend).await;
+                    return;
+                }
+                reply = read => reply,
+            };
+            let reply = match reply {
+                Ok(reply) => reply,
+                Err(e) => {
+                    tracing::warn!(room = keys.room(), "reading the room's inputs failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                last.clone_from(&entry.id);
+                let Some(cmd) = self.input_command(&lease, &entry) else {
+                    continue;
+                };
+                if commands.send(cmd).await.is_err() {
+                    // The room task is gone: the room ended.
+                    let _ = lease_release(lease).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One stream entry as a room command (`None` if malformed).
+    fn input_command(
+        self: &Arc<Self>,
+        lease: &Arc<Lease>,
+        entry: &redis::streams::StreamId,
+    ) -> Option<RoomCommand> {
+        let edge: String = entry.get("e")?;
+        let conn = ConnId(entry.get::<u64>("c")?);
+        let kind: String = entry.get("k")?;
+        let data: Option<Vec<u8>> = entry.get("d");
+        Some(match kind.as_str() {
+            "hello" => {
+                let hello: Hello = serde_json::from_slice(&data?).ok()?;
+                let (outbound, detached) = connection::detached(self.queue);
+                tokio::spawn(Arc::clone(self).forward_outputs(
+                    Arc::clone(lease),
+                    edge,
+                    conn,
+                    detached,
+                ));
+                RoomCommand::Hello {
+                    conn,
+                    hello,
+                    outbound,
+                }
+            }
+            "msg" => {
+                let msg: ClientMessage = serde_json::from_slice(&data?).ok()?;
+                RoomCommand::Input(Input::Message { conn, msg })
+            }
+            "alive" => RoomCommand::Input(Input::Alive { conn }),
+            "gone" => RoomCommand::Input(Input::Disconnected { conn }),
+            _ => return None,
+        })
+    }
+
+    /// Owner side: what the room sends a peer on another node, onto that node's channel.
+    async fn forward_outputs(
+        self: Arc<Self>,
+        lease: Arc<Lease>,
+        edge: String,
+        conn: ConnId,
+        mut detached: Detached,
+    ) {
+        let channel = Self::channel(&edge);
+        let room = match RoomId::new(lease.room()) {
+            Ok(room) => room,
+            Err(_) => return,
+        };
+        let mut seq = 0;
+        while let Some((m, x)) = detached.next_batch(BATCH).await {
+            seq += 1;
+            let batch = Batch {
+                r: room.clone(),
+                ep: lease.epoch().0,
+                c: conn.0,
+                s: seq,
+                m,
+                x,
+            };
+            let payload = serde_json::to_vec(&batch).expect("a batch serializes");
+            match lease.fenced_publish(&channel, &payload).await {
+                Ok(Fenced::Written(_)) => {}
+                Ok(Fenced::Rejected(_)) => return,
+                // The edge sees the gap in the sequence and has the peer resume.
+                Err(e) => tracing::debug!(%room, "publishing to {edge} failed: {e}"),
+            }
+            if x.is_some() {
+                return;
+            }
+        }
+    }
+
+    /// Edge side: this node's channel, delivered to its connections. After a lost
+    /// subscription every remote peer here resumes, since anything may have been missed.
+    async fn subscribe(self: Arc<Self>) {
+        let channel = Self::channel(&self.id);
+        let mut first = true;
+        loop {
+            let pubsub = match self.client.get_async_pubsub().await {
+                Ok(mut p) => match p.subscribe(&channel).await {
+                    Ok(()) => Some(p),
+                    Err(e) => {
+                        tracing::warn!("subscribing to {channel}: {e}");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!("connecting for {channel}: {e}");
+                    None
+                }
+            };
+            let Some(pubsub) = pubsub else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            if !first {
+                self.resync_all();
+            }
+            first = false;
+            let mut messages = pubsub.into_on_message();
+            while let Some(msg) = messages.next().await {
+                let Ok(batch) = serde_json::from_slice::<Batch>(msg.get_payload_bytes()) else {
+                    continue;
+                };
+                self.deliver(batch);
+            }
+            tracing::warn!("the subscription to {channel} ended; subscribing again");
+        }
+    }
+
+    fn deliver(&self, batch: Batch) {
+        {
+            let mut epochs = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
+            let newest = epochs.entry(batch.r.clone()).or_insert(batch.ep);
+            if batch.ep < *newest {
+                return; // a former owner's
+            }
+            *newest = batch.ep;
+        }
+        let conn = ConnId(batch.c);
+        let mut links = self.links();
+        let Some(link) = links.get_mut(&conn) else {
+            return;
+        };
+        if batch.s != link.next {
+            tracing::debug!(
+                conn = conn.0,
+                expected = link.next,
+                got = batch.s,
+                "gap; the peer resumes"
+            );
+            link.outbound.close(CloseCode::GoingAway);
+            links.remove(&conn);
+            return;
+        }
+        link.next += 1;
+        for m in batch.m {
+            link.outbound.send(m);
+        }
+        if let Some(code) = batch.x {
+            link.outbound.close(code);
+            links.remove(&conn);
+        }
+    }
+
+    /// Every remote peer here resumes (after a subscription that may have missed messages).
+    fn resync_all(&self) {
+        let mut links = self.links();
+        tracing::info!(peers = links.len(), "resubscribed; remote peers resume");
+        for (_, link) in links.drain() {
+            link.outbound.close(CloseCode::GoingAway);
+        }
+    }
+}
+
+async fn lease_release(lease: Arc<Lease>) -> Result<bool, ClusterError> {
+    match Arc::try_unwrap(lease) {
+        Ok(lease) => lease.release().await,
+        // Forwarders still hold it; dropping the last one stops the renewals.
+        Err(_) => Ok(false),
+    }
+}
