@@ -546,7 +546,7 @@ impl Connection {
         };
         let (token, link_key) = room_secrets(&self.state.claim_key, room, meta.inc);
         let handle = RoomHandle {
-            commands: node.proxy(room.clone(), self.state.config.limits.room_queue),
+            commands: node.proxy(&self.state, room.clone(), meta),
             stats: Arc::default(),
             token: token.into(),
             link_key: meta.private.then(|| Arc::new(link_key)),

@@ -127,6 +127,12 @@ struct Args {
     #[arg(long, env = "TREECAST_MAX_ROOMS", value_name = "N")]
     max_rooms: Option<usize>,
 
+    /// Cluster mode: the Redis all nodes share, e.g. redis://10.0.0.5:6379/ (needs
+    /// TREECAST_RESUME_KEY, the same on every node). A URL with a password belongs in the
+    /// environment variable, not on the command line.
+    #[arg(long, env = "TREECAST_REDIS", value_name = "URL")]
+    redis: Option<String>,
+
     /// Most viewers in one room (the broadcaster always gets in).
     #[arg(long, env = "TREECAST_MAX_PEERS", value_name = "N")]
     max_peers: Option<u32>,
@@ -210,6 +216,9 @@ impl Args {
         };
         if let Some(bind) = self.bind {
             config.bind = bind;
+        }
+        if let Some(url) = self.redis {
+            config.redis = Some(url);
         }
         if let Some(port) = self.stun_port {
             config.stun_port = port;

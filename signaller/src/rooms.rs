@@ -122,6 +122,13 @@ impl Rooms {
         Ok(())
     }
 
+    /// Maps `id` to `handle`, whatever it mapped to before (cluster mode: this node took
+    /// over a room it only forwarded to).
+    pub fn replace(&self, id: RoomId, handle: RoomHandle) {
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        map.insert(id, handle);
+    }
+
     /// Removes a room, but only if the registry still maps its id to this room's task.
     pub fn remove(&self, id: &RoomId, stats: &Arc<RoomStats>) {
         let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);

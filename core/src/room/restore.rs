@@ -197,6 +197,12 @@ impl Room {
 
     /// A `hello` while restoring: claims are collected, anything else waits.
     pub(super) fn restoring_hello(&mut self, conn: ConnId, hello: Hello) {
+        let r = self.restoring.as_ref().expect("restoring");
+        if r.claims.iter().any(|(c, _, _)| *c == conn) || r.held.iter().any(|(c, _)| *c == conn) {
+            // The same connection's `hello` twice (a cluster edge sends its peers' again to
+            // a new owner): the first stands.
+            return;
+        }
         if hello.v != PROTOCOL_VERSION {
             return self.refuse(conn, ErrorCode::UnsupportedVersion, true);
         }

@@ -25,16 +25,17 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, MultiplexedConnection};
-use redis::streams::StreamReadReply;
+use redis::streams::{StreamRangeReply, StreamReadReply};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use treecast_core::RoomId;
 use treecast_core::protocol::{ClientMessage, Hello, ServerMessage};
 use treecast_core::room::{ConnId, Input};
 
-use super::{ClusterError, Fenced, Lease, LeaseConfig, Leases, RoomKeys};
+use super::{ClusterError, Epoch, Fenced, Holder, Lease, LeaseConfig, Leases, RoomKeys};
 use crate::connection::{self, CloseCode, Detached, Outbound};
-use crate::room_task::RoomCommand;
+use crate::room_task::{RoomCommand, RoomTask};
+use crate::server::ServerState;
 
 /// Entries kept in a room's input stream (approximately): enough to replay a failover's
 /// worth of inputs, small enough to bound memory.
@@ -45,6 +46,38 @@ const READ_COUNT: usize = 512;
 
 /// Messages to one peer published in one batch at most.
 const BATCH: usize = 64;
+
+/// How often an edge looks at the owner of a room it forwards to: a third of the lease,
+/// so a dead owner is replaced within about a lease and a half.
+const OWNER_CHECK: Duration = Duration::from_millis(1000);
+
+/// One `XADD` of an input to a room's stream.
+fn xadd(
+    pipe: &mut redis::Pipeline,
+    stream: &str,
+    node: &str,
+    conn: ConnId,
+    kind: &str,
+    data: Option<&[u8]>,
+) {
+    let cmd = pipe
+        .cmd("XADD")
+        .arg(stream)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(STREAM_MAXLEN)
+        .arg("*")
+        .arg("e")
+        .arg(node)
+        .arg("c")
+        .arg(conn.0)
+        .arg("k")
+        .arg(kind);
+    if let Some(d) = data {
+        cmd.arg("d").arg(d);
+    }
+    cmd.ignore();
+}
 
 /// What a room's owner stores about it for the other nodes (`tc:{ROOM}:meta`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -78,8 +111,28 @@ struct Batch {
 struct EdgeLink {
     room: RoomId,
     outbound: Outbound,
-    /// The sequence number expected next.
+    /// Its `hello`, with the resume token and latest claim the owner gave it since: after
+    /// a failover it is sent again, so the new owner puts the peer back in place.
+    hello: Hello,
+    /// Whether the owner welcomed it.
+    welcomed: bool,
+    /// The epoch of the owner it hears from.
+    epoch: u64,
+    /// The sequence number expected next from that owner.
     next: u64,
+}
+
+impl EdgeLink {
+    /// The `hello` to send a new owner.
+    fn hello_again(&self) -> Hello {
+        let mut hello = self.hello.clone();
+        if !self.welcomed {
+            // Never welcomed: a plain join, held until the room is rebuilt.
+            hello.resume = None;
+            hello.claim = None;
+        }
+        hello
+    }
 }
 
 /// This node in the cluster.
@@ -168,7 +221,13 @@ impl Node {
                 op: "stream reader",
                 source,
             })?;
-        tokio::spawn(Arc::clone(self).read_inputs(Arc::new(lease), keys, reader, commands));
+        tokio::spawn(Arc::clone(self).read_inputs(
+            Arc::new(lease),
+            keys,
+            reader,
+            commands,
+            "0-0".to_owned(),
+        ));
         Ok(true)
     }
 
@@ -194,11 +253,12 @@ impl Node {
     /// send it goes to the owner's input stream.
     pub(crate) fn proxy(
         self: &Arc<Self>,
+        state: &Arc<ServerState>,
         room: RoomId,
-        capacity: usize,
+        meta: RoomMeta,
     ) -> mpsc::Sender<RoomCommand> {
-        let (tx, rx) = mpsc::channel(capacity);
-        tokio::spawn(Arc::clone(self).forward_inputs(room, rx));
+        let (tx, rx) = mpsc::channel(state.config.limits.room_queue);
+        tokio::spawn(Arc::clone(self).forward_inputs(Arc::clone(state), room, meta, rx));
         tx
     }
 
@@ -206,89 +266,258 @@ impl Node {
         self.links.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Edge side: commands from local connections to a remote room, onto its stream.
-    async fn forward_inputs(self: Arc<Self>, room: RoomId, mut rx: mpsc::Receiver<RoomCommand>) {
+    /// Edge side: commands from local connections to a remote room, onto its stream. It
+    /// also watches the room's owner: when the owner changes, this node's peers' `hello`s
+    /// (with their claims) go to the new one; when nobody owns the room (its owner died),
+    /// this node tries to take it over, and if it does, its peers' commands go straight to
+    /// the room rebuilt here.
+    async fn forward_inputs(
+        self: Arc<Self>,
+        state: Arc<ServerState>,
+        room: RoomId,
+        meta: RoomMeta,
+        mut rx: mpsc::Receiver<RoomCommand>,
+    ) {
         let Ok(keys) = RoomKeys::new(room.as_str()) else {
             return;
         };
         let stream = keys.key("in");
-        let mut conn = self.conn.clone();
+        let mut owner = self.leases.owner(room.as_str()).await.ok().flatten();
+        let mut watch = tokio::time::interval(OWNER_CHECK);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut local: Option<mpsc::Sender<RoomCommand>> = None;
         let mut batch = Vec::new();
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
-            while batch.len() < READ_COUNT {
-                match rx.try_recv() {
-                    Ok(cmd) => batch.push(cmd),
-                    Err(_) => break,
+        loop {
+            if let Some(tx) = &local {
+                // This node owns the room now.
+                let Some(cmd) = rx.recv().await else { return };
+                if tx.send(cmd).await.is_err() {
+                    return;
                 }
+                continue;
             }
-            let mut pipe = redis::pipe();
-            for cmd in batch.drain(..) {
-                let (conn_id, kind, data) = match cmd {
-                    RoomCommand::Hello {
-                        conn,
-                        hello,
-                        outbound,
-                    } => {
-                        self.links().insert(
-                            conn,
-                            EdgeLink {
-                                room: room.clone(),
-                                outbound,
-                                next: 1,
-                            },
-                        );
-                        (conn, "hello", serde_json::to_vec(&hello).ok())
+            tokio::select! {
+                cmd = rx.recv() => {
+                    let Some(first) = cmd else { return };
+                    batch.push(first);
+                    while batch.len() < READ_COUNT {
+                        match rx.try_recv() {
+                            Ok(cmd) => batch.push(cmd),
+                            Err(_) => break,
+                        }
                     }
-                    RoomCommand::Input(Input::Message { conn, msg }) => {
-                        (conn, "msg", serde_json::to_vec(&msg).ok())
-                    }
-                    RoomCommand::Input(Input::Alive { conn }) => (conn, "alive", None),
-                    RoomCommand::Input(Input::Disconnected { conn }) => {
-                        self.links().remove(&conn);
-                        (conn, "gone", None)
-                    }
-                    // Served by the owner only; dropping the reply tells the caller.
-                    RoomCommand::Input(_)
-                    | RoomCommand::Snapshot(_)
-                    | RoomCommand::Subscribe(_)
-                    | RoomCommand::Reconfigure(..) => continue,
-                    RoomCommand::End(_) | RoomCommand::Suspend => {
-                        // This node is shutting down: its peers go elsewhere.
-                        let mut links = self.links();
-                        links.retain(|_, l| {
-                            if l.room == room {
-                                l.outbound.close(CloseCode::GoingAway);
-                            }
-                            l.room != room
-                        });
+                    if !self.send_inputs(&room, &stream, &mut batch).await {
                         return;
                     }
-                };
-                let cmd = pipe
-                    .cmd("XADD")
-                    .arg(&stream)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(STREAM_MAXLEN)
-                    .arg("*")
-                    .arg("e")
-                    .arg(&self.id)
-                    .arg("c")
-                    .arg(conn_id.0)
-                    .arg("k")
-                    .arg(kind);
-                if let Some(d) = data {
-                    cmd.arg("d").arg(d);
                 }
-                cmd.ignore();
-            }
-            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-                // Lost inputs show to the room as silence; the peers' next messages and
-                // their watchdogs carry on from there.
-                tracing::warn!(room = %room, "forwarding to the room's owner failed: {e}");
+                _ = watch.tick() => {
+                    local = self.check_owner(&state, &room, meta, &mut owner).await;
+                }
             }
         }
+    }
+
+    /// Sends a batch of commands to the room's stream; false once the proxy should stop.
+    async fn send_inputs(&self, room: &RoomId, stream: &str, batch: &mut Vec<RoomCommand>) -> bool {
+        let mut pipe = redis::pipe();
+        let mut go_on = true;
+        for cmd in batch.drain(..) {
+            let (conn_id, kind, data) = match cmd {
+                RoomCommand::Hello {
+                    conn,
+                    hello,
+                    outbound,
+                } => {
+                    let data = serde_json::to_vec(&hello).ok();
+                    self.links().insert(
+                        conn,
+                        EdgeLink {
+                            room: room.clone(),
+                            outbound,
+                            hello,
+                            welcomed: false,
+                            epoch: 0,
+                            next: 1,
+                        },
+                    );
+                    (conn, "hello", data)
+                }
+                RoomCommand::Input(Input::Message { conn, msg }) => {
+                    (conn, "msg", serde_json::to_vec(&msg).ok())
+                }
+                RoomCommand::Input(Input::Alive { conn }) => (conn, "alive", None),
+                RoomCommand::Input(Input::Disconnected { conn }) => {
+                    self.links().remove(&conn);
+                    (conn, "gone", None)
+                }
+                // Served by the owner only; dropping the reply tells the caller.
+                RoomCommand::Input(_)
+                | RoomCommand::Snapshot(_)
+                | RoomCommand::Subscribe(_)
+                | RoomCommand::Reconfigure(..) => continue,
+                RoomCommand::End(_) | RoomCommand::Suspend => {
+                    // This node is shutting down: its peers go elsewhere.
+                    self.links().retain(|_, l| {
+                        if l.room == *room {
+                            l.outbound.close(CloseCode::GoingAway);
+                        }
+                        l.room != *room
+                    });
+                    go_on = false;
+                    continue;
+                }
+            };
+            xadd(&mut pipe, stream, &self.id, conn_id, kind, data.as_deref());
+        }
+        let mut conn = self.conn.clone();
+        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+            // Lost inputs show to the room as silence; the peers' next messages and
+            // their watchdogs carry on from there.
+            tracing::warn!(%room, "forwarding to the room's owner failed: {e}");
+        }
+        go_on
+    }
+
+    /// Looks at the room's owner. A new owner hears this node's peers again; no owner at
+    /// all means it died: this node tries to take the room, and returns the channel of the
+    /// room task it then runs.
+    async fn check_owner(
+        self: &Arc<Self>,
+        state: &Arc<ServerState>,
+        room: &RoomId,
+        meta: RoomMeta,
+        owner: &mut Option<Holder>,
+    ) -> Option<mpsc::Sender<RoomCommand>> {
+        let now = match self.leases.owner(room.as_str()).await {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::debug!(%room, "checking the room's owner: {e}");
+                return None;
+            }
+        };
+        match now {
+            Some(holder) if owner.as_ref() == Some(&holder) => None,
+            Some(holder) => {
+                let changed = owner.replace(holder.clone()).is_some();
+                if changed {
+                    tracing::info!(%room, owner = %holder, "the room has a new owner; its peers here are sent to it");
+                    self.hello_again(room).await;
+                }
+                None
+            }
+            None => {
+                let seen = self.newest_epoch(room);
+                let floor = Epoch(seen.max(owner.as_ref().map_or(0, |h| h.epoch.0)));
+                match self.leases.hold_above(room.as_str(), &self.id, floor).await {
+                    Ok(Some(lease)) => {
+                        *owner = Some(lease.holder().clone());
+                        self.take_over(state, room, meta, lease).await
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::debug!(%room, "taking over the room: {e}");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn newest_epoch(&self, room: &RoomId) -> u64 {
+        let epochs = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
+        epochs.get(room).copied().unwrap_or(0)
+    }
+
+    /// Sends this node's peers of `room` to its new owner again.
+    async fn hello_again(&self, room: &RoomId) {
+        let Ok(keys) = RoomKeys::new(room.as_str()) else {
+            return;
+        };
+        let stream = keys.key("in");
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for (conn, link) in self.links().iter().filter(|(_, l)| l.room == *room) {
+            let data = serde_json::to_vec(&link.hello_again()).ok();
+            xadd(
+                &mut pipe,
+                &stream,
+                &self.id,
+                *conn,
+                "hello",
+                data.as_deref(),
+            );
+            any = true;
+        }
+        if any {
+            let mut conn = self.conn.clone();
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                tracing::warn!(%room, "sending peers to the new owner failed: {e}");
+            }
+        }
+    }
+
+    /// This node took the room over from an owner that died: the room is rebuilt here
+    /// from its peers' claims (this node's peers at once, the other edges' as they see
+    /// the new owner), and the input stream is read from now on.
+    async fn take_over(
+        self: &Arc<Self>,
+        state: &Arc<ServerState>,
+        room: &RoomId,
+        meta: RoomMeta,
+        lease: Lease,
+    ) -> Option<mpsc::Sender<RoomCommand>> {
+        let keys = RoomKeys::new(room.as_str()).ok()?;
+        tracing::info!(%room, epoch = %lease.epoch(), "the room's owner is gone; taking it over");
+        // What is in the stream now was for the old owner: the edges send their peers'
+        // `hello`s again once they see the new one.
+        let mut conn = self.conn.clone();
+        let last: Option<StreamRangeReply> = redis::cmd("XREVRANGE")
+            .arg(keys.key("in"))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .ok();
+        let last = last
+            .and_then(|r| r.ids.into_iter().next())
+            .map_or_else(|| "0-0".to_owned(), |e| e.id);
+        let reader = self.client.get_multiplexed_async_connection().await.ok()?;
+        let seed = crate::rooms::random_seed().ok()?;
+        let (task, handle) = RoomTask::restoring(state, room.clone(), meta.inc, meta.private, seed);
+        state.rooms.replace(room.clone(), handle.clone());
+        tokio::spawn(task.run());
+        tokio::spawn(Arc::clone(self).read_inputs(
+            Arc::new(lease),
+            keys,
+            reader,
+            handle.commands.clone(),
+            last,
+        ));
+        let mine: Vec<(ConnId, EdgeLink)> = {
+            let mut links = self.links();
+            let conns: Vec<ConnId> = links
+                .iter()
+                .filter(|(_, l)| l.room == *room)
+                .map(|(c, _)| *c)
+                .collect();
+            conns
+                .into_iter()
+                .filter_map(|c| links.remove(&c).map(|l| (c, l)))
+                .collect()
+        };
+        for (conn, link) in mine {
+            let cmd = RoomCommand::Hello {
+                conn,
+                hello: link.hello_again(),
+                outbound: link.outbound,
+            };
+            if handle.commands.send(cmd).await.is_err() {
+                break;
+            }
+        }
+        Some(handle.commands)
     }
 
     /// Owner side: the room's input stream into its task, until the lease is lost.
@@ -298,9 +527,9 @@ impl Node {
         keys: RoomKeys,
         mut reader: MultiplexedConnection,
         commands: mpsc::Sender<RoomCommand>,
+        mut last: String,
     ) {
         let stream = keys.key("in");
-        let mut last = String::from("0-0");
         loop {
             let mut cmd = redis::cmd("XREAD");
             cmd.arg("COUNT")
@@ -466,6 +695,11 @@ impl Node {
         let Some(link) = links.get_mut(&conn) else {
             return;
         };
+        if batch.ep > link.epoch {
+            // A new owner numbers from 1.
+            link.epoch = batch.ep;
+            link.next = 1;
+        }
         if batch.s != link.next {
             tracing::debug!(
                 conn = conn.0,
@@ -479,6 +713,14 @@ impl Node {
         }
         link.next += 1;
         for m in batch.m {
+            match &m {
+                ServerMessage::Welcome { resume, .. } => {
+                    link.welcomed = true;
+                    link.hello.resume = Some(resume.clone());
+                }
+                ServerMessage::Claim { claim } => link.hello.claim = Some(claim.clone()),
+                _ => {}
+            }
             link.outbound.send(m);
         }
         if let Some(code) = batch.x {
