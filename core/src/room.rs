@@ -313,6 +313,13 @@ pub enum Input {
         /// The connection.
         conn: ConnId,
     },
+    /// Peers whose reports since the last one the room saw changed nothing it decides on
+    /// (a cluster edge keeps such reports): each is alive, and its media is as it last
+    /// reported, as of `age` ago.
+    Unchanged {
+        /// The connections, each with how long ago its latest report arrived.
+        conns: Vec<(ConnId, Duration)>,
+    },
     /// The connection is gone. The peer keeps its place for the resume grace period.
     Disconnected {
         /// The connection.
@@ -1050,6 +1057,15 @@ impl Room {
             Input::Alive { conn } => {
                 if let Some(p) = self.conns.get(&conn).and_then(|id| self.peers.get_mut(id)) {
                     p.last_seen = self.now;
+                }
+            }
+            Input::Unchanged { conns } => {
+                for (conn, age) in conns {
+                    let at = self.now.saturating_sub(age);
+                    if let Some(p) = self.conns.get(&conn).and_then(|id| self.peers.get_mut(id)) {
+                        p.last_seen = p.last_seen.max(at);
+                        p.reported_at = p.reported_at.max(Some(at));
+                    }
                 }
             }
             Input::Disconnected { conn } => self.on_disconnect(conn),

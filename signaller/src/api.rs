@@ -567,13 +567,13 @@ pub(crate) async fn create_room(
         let inc = rooms::random_seed().map_err(ApiError::internal)?;
         let (task, handle) = RoomTask::new(&state, id.clone(), inc, seed, config.clone(), private);
         let token = handle.token.to_string();
-        let (commands, stats) = (handle.commands.clone(), Arc::clone(&handle.stats));
+        let (commands, stats) = (handle.clone(), Arc::clone(&handle.stats));
         match state.rooms.add(id.clone(), handle, max) {
             Ok(()) => {
                 if let Some(node) = &state.cluster {
                     // Owned here: the lease, and the room's meta for the other nodes.
                     let meta = crate::cluster::bus::RoomMeta { inc, private };
-                    match node.own(&id, meta, commands).await {
+                    match node.own(&id, meta, &commands).await {
                         Ok(true) => {}
                         Ok(false) => {
                             state.rooms.remove(&id, &stats);

@@ -30,6 +30,7 @@ use treecast_core::RoomId;
 use treecast_core::protocol::{ClientMessage, ErrorCode, Hello, PROTOCOL_VERSION, ServerMessage};
 use treecast_core::room::{ConnId, Input};
 
+use crate::cluster::bus::RoomMeta;
 use crate::rate::{Admission, FloodWindow, TokenBucket};
 use crate::room_task::{RoomCommand, RoomTask, room_secrets};
 use crate::rooms::RoomHandle;
@@ -513,7 +514,7 @@ impl Connection {
         }
         let room = match found {
             Some(room) => room,
-            None => match self.restore(&hello) {
+            None => match self.restore(&hello).await {
                 Ok(Some(room)) => room,
                 Ok(None) => {
                     return self.refuse_and_close(ErrorCode::UnknownRoom, None, CloseCode::Normal);
@@ -545,9 +546,10 @@ impl Connection {
             }
         };
         let (token, link_key) = room_secrets(&self.state.claim_key, room, meta.inc);
+        let stats = Arc::<crate::rooms::RoomStats>::default();
         let handle = RoomHandle {
-            commands: node.proxy(&self.state, room.clone(), meta),
-            stats: Arc::default(),
+            commands: node.proxy(&self.state, room.clone(), meta, Arc::clone(&stats)),
+            stats,
             token: token.into(),
             link_key: meta.private.then(|| Arc::new(link_key)),
         };
@@ -560,7 +562,7 @@ impl Connection {
 
     /// A `hello` with a claim for a room this server does not have (it restarted): a
     /// genuine claim opens the room again, to be rebuilt from its peers' claims.
-    fn restore(&self, hello: &Hello) -> Result<Option<RoomHandle>, ErrorCode> {
+    async fn restore(&self, hello: &Hello) -> Result<Option<RoomHandle>, ErrorCode> {
         let Some(token) = hello.claim.as_deref() else {
             return Ok(None);
         };
@@ -578,6 +580,18 @@ impl Connection {
         if claim.room != hello.room {
             return Err(ErrorCode::BadClaim);
         }
+        // In a cluster, only the node that takes the room's lease rebuilds it.
+        let lease = match &self.state.cluster {
+            None => None,
+            Some(node) => match node.take(&claim.room).await {
+                Ok(Some(lease)) => Some(lease),
+                Ok(None) => return Ok(self.remote(&claim.room).await),
+                Err(e) => {
+                    tracing::warn!(room = %claim.room, "taking the room in the cluster: {e}");
+                    return Err(ErrorCode::Internal);
+                }
+            },
+        };
         let seed = crate::rooms::random_seed().map_err(|_| ErrorCode::Internal)?;
         let (task, handle) = RoomTask::restoring(
             &self.state,
@@ -595,6 +609,15 @@ impl Connection {
             Ok(()) => {
                 tracing::info!(room = %claim.room, "taking a room back from its peers' claims");
                 tokio::spawn(task.run());
+                if let (Some(node), Some(lease)) = (&self.state.cluster, lease) {
+                    let meta = RoomMeta {
+                        inc: claim.inc,
+                        private: claim.private,
+                    };
+                    if let Err(e) = node.serve(lease, meta, &handle, true).await {
+                        tracing::warn!(room = %claim.room, "serving the room in the cluster: {e}");
+                    }
+                }
                 Ok(Some(handle))
             }
             // Another peer of the room got here first.

@@ -290,9 +290,13 @@ pub async fn serve_with(
     };
     let cluster = match &config.redis {
         Some(url) => Some(
-            Node::start(url, config.limits.outbound_queue)
-                .await
-                .map_err(ServerError::Cluster)?,
+            Node::start(
+                url,
+                config.limits.outbound_queue,
+                config.room.loss_threshold,
+            )
+            .await
+            .map_err(ServerError::Cluster)?,
         ),
         None => None,
     };

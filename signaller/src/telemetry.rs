@@ -247,6 +247,13 @@ fn leave_cause(cause: LeaveCause) -> &'static str {
     }
 }
 
+/// Counts a media report at a cluster edge: forwarded to the room's owner, or kept at
+/// the edge because it changed nothing the owner decides on.
+pub(crate) fn cluster_report(forwarded: bool) {
+    let outcome = if forwarded { "forwarded" } else { "digested" };
+    counter!("treecast_cluster_reports_total", "outcome" => outcome).increment(1);
+}
+
 /// Why a claim was refused, as a metric label.
 pub(crate) fn claim_error(reason: ClaimError) -> &'static str {
     match reason {

@@ -28,14 +28,19 @@ use redis::aio::{ConnectionManager, MultiplexedConnection};
 use redis::streams::{StreamRangeReply, StreamReadReply};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use treecast_core::PeerId;
 use treecast_core::RoomId;
-use treecast_core::protocol::{ClientMessage, Hello, ServerMessage};
+use treecast_core::protocol::{
+    ClientMessage, Hello, LinkKind, MediaState, RelayMode, Report, ServerMessage,
+};
 use treecast_core::room::{ConnId, Input};
 
 use super::{ClusterError, Epoch, Fenced, Holder, Lease, LeaseConfig, Leases, RoomKeys};
 use crate::connection::{self, CloseCode, Detached, Outbound};
 use crate::room_task::{RoomCommand, RoomTask};
+use crate::rooms::{RoomHandle, RoomStats};
 use crate::server::ServerState;
+use crate::telemetry;
 
 /// Entries kept in a room's input stream (approximately): enough to replay a failover's
 /// worth of inputs, small enough to bound memory.
@@ -50,6 +55,16 @@ const BATCH: usize = 64;
 /// How often an edge looks at the owner of a room it forwards to: a third of the lease,
 /// so a dead owner is replaced within about a lease and a half.
 const OWNER_CHECK: Duration = Duration::from_millis(1000);
+
+/// What an edge's look at a room's owner decided.
+enum Watch {
+    /// Keep forwarding to the owner.
+    Remote,
+    /// This node owns the room now: its task's channel.
+    Local(mpsc::Sender<RoomCommand>),
+    /// The room is over for this node: the proxy stops.
+    Gone,
+}
 
 /// One `XADD` of an input to a room's stream.
 fn xadd(
@@ -120,7 +135,47 @@ struct EdgeLink {
     epoch: u64,
     /// The sequence number expected next from that owner.
     next: u64,
+    /// What its last report forwarded to the owner said, and when.
+    reported: Option<(Digest, std::time::Instant)>,
+    /// When the latest report kept here (it changed nothing) arrived, until the owner is
+    /// told ([`Input::Unchanged`]).
+    heard: Option<std::time::Instant>,
 }
+
+/// What in a media report changes the owner's decisions: reports that change none of it
+/// stay at the edge (a viewer reports every 2 s; at 10^6 viewers that would be 500,000
+/// messages a second through Redis).
+#[derive(Debug, Clone, PartialEq)]
+struct Digest {
+    state: MediaState,
+    /// Loss above the room's threshold.
+    lossy: bool,
+    uplink_kbps: Option<u32>,
+    link: Option<LinkKind>,
+    modes: Vec<(PeerId, RelayMode)>,
+}
+
+impl Digest {
+    fn of(report: &Report, loss_threshold: f32) -> Self {
+        let mut modes: Vec<(PeerId, RelayMode)> = report
+            .delivered
+            .iter()
+            .filter_map(|d| d.mode.map(|m| (d.peer, m)))
+            .collect();
+        modes.sort_unstable_by_key(|&(p, _)| p);
+        Self {
+            state: report.state,
+            lossy: report.loss.is_some_and(|l| l > loss_threshold),
+            uplink_kbps: report.uplink_kbps,
+            link: report.link,
+            modes,
+        }
+    }
+}
+
+/// A report that changes nothing is still forwarded this often, so the owner's view of
+/// latency and delivered bitrates (dashboards) is never older than this.
+const REPORT_REFRESH: Duration = Duration::from_secs(30);
 
 impl EdgeLink {
     /// The `hello` to send a new owner.
@@ -149,12 +204,18 @@ pub(crate) struct Node {
     epochs: Mutex<HashMap<RoomId, u64>>,
     /// Outbound queue length per forwarded connection.
     queue: usize,
+    /// Loss above this, in a report, is forwarded at once.
+    loss_threshold: f32,
 }
 
 impl Node {
     /// Joins the cluster at `url`: a node number for connection ids, a connection manager
     /// for commands, and this node's channel subscription.
-    pub(crate) async fn start(url: &str, queue: usize) -> Result<Arc<Self>, ClusterError> {
+    pub(crate) async fn start(
+        url: &str,
+        queue: usize,
+        loss_threshold: f32,
+    ) -> Result<Arc<Self>, ClusterError> {
         let redis_err = |op| move |source| ClusterError::Redis { op, source };
         let client = redis::Client::open(url).map_err(redis_err("connect"))?;
         let mut conn = super::connect(url).await?;
@@ -183,6 +244,7 @@ impl Node {
             links: Mutex::default(),
             epochs: Mutex::default(),
             queue,
+            loss_threshold,
         });
         tokio::spawn(Arc::clone(&node).subscribe());
         tracing::info!(node = %node.id, "joined the cluster");
@@ -194,41 +256,80 @@ impl Node {
     }
 
     /// Takes ownership of a room just created here: the lease, the room's meta for other
-    /// nodes, and the reader of its input stream feeding `commands`.
+    /// nodes, and the reader of its input stream feeding `commands`. False if another
+    /// node holds that id.
     pub(crate) async fn own(
         self: &Arc<Self>,
         room: &RoomId,
         meta: RoomMeta,
-        commands: mpsc::Sender<RoomCommand>,
+        handle: &RoomHandle,
     ) -> Result<bool, ClusterError> {
-        let Some(lease) = self.leases.hold(room.as_str(), &self.id).await? else {
+        let Some(lease) = self.take(room).await? else {
             return Ok(false);
         };
-        let keys = RoomKeys::new(room.as_str())?;
+        self.serve(lease, meta, handle, false).await?;
+        Ok(true)
+    }
+
+    /// The room's lease if nobody holds it, at an epoch above any this node has seen (a
+    /// Redis that restarted empty starts counting again).
+    pub(crate) async fn take(&self, room: &RoomId) -> Result<Option<Lease>, ClusterError> {
+        let floor = Epoch(self.newest_epoch(room));
+        self.leases.hold_above(room.as_str(), &self.id, floor).await
+    }
+
+    /// Serves a room this node holds the lease of: writes its meta for the other nodes and
+    /// feeds its input stream to `commands` (from its start for a new room; from its end
+    /// for one taken over, whose edges then send their peers again).
+    pub(crate) async fn serve(
+        self: &Arc<Self>,
+        lease: Lease,
+        meta: RoomMeta,
+        handle: &RoomHandle,
+        from_end: bool,
+    ) -> Result<(), ClusterError> {
+        let commands = handle.commands.clone();
+        let keys = RoomKeys::new(lease.room())?;
         let json = serde_json::to_vec(&meta).expect("meta serializes");
-        if !lease
-            .fenced_set(&keys.key("meta"), &json, None)
-            .await?
-            .is_written()
-        {
-            return Ok(false);
+        if let Fenced::Rejected(why) = lease.fenced_set(&keys.key("meta"), &json, None).await? {
+            tracing::warn!(room = lease.room(), ?why, "lost the room before serving it");
+            let _ = commands.send(RoomCommand::Suspend).await;
+            return Ok(());
+        }
+        let redis_err = |source| ClusterError::Redis {
+            op: "stream reader",
+            source,
+        };
+        let mut last = "0-0".to_owned();
+        if from_end {
+            let mut conn = self.conn.clone();
+            let newest: StreamRangeReply = redis::cmd("XREVRANGE")
+                .arg(keys.key("in"))
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            if let Some(entry) = newest.ids.into_iter().next() {
+                last = entry.id;
+            }
         }
         let reader = self
             .client
             .get_multiplexed_async_connection()
             .await
-            .map_err(|source| ClusterError::Redis {
-                op: "stream reader",
-                source,
-            })?;
+            .map_err(redis_err)?;
         tokio::spawn(Arc::clone(self).read_inputs(
             Arc::new(lease),
             keys,
             reader,
             commands,
-            "0-0".to_owned(),
+            Arc::clone(&handle.stats),
+            last,
         ));
-        Ok(true)
+        Ok(())
     }
 
     /// The meta of a room owned elsewhere, if it exists.
@@ -256,9 +357,10 @@ impl Node {
         state: &Arc<ServerState>,
         room: RoomId,
         meta: RoomMeta,
+        stats: Arc<RoomStats>,
     ) -> mpsc::Sender<RoomCommand> {
         let (tx, rx) = mpsc::channel(state.config.limits.room_queue);
-        tokio::spawn(Arc::clone(self).forward_inputs(Arc::clone(state), room, meta, rx));
+        tokio::spawn(Arc::clone(self).forward_inputs(Arc::clone(state), room, meta, stats, rx));
         tx
     }
 
@@ -276,6 +378,7 @@ impl Node {
         state: Arc<ServerState>,
         room: RoomId,
         meta: RoomMeta,
+        stats: Arc<RoomStats>,
         mut rx: mpsc::Receiver<RoomCommand>,
     ) {
         let Ok(keys) = RoomKeys::new(room.as_str()) else {
@@ -310,9 +413,14 @@ impl Node {
                         return;
                     }
                 }
-                _ = watch.tick() => {
-                    local = self.check_owner(&state, &room, meta, &mut owner).await;
-                }
+                _ = watch.tick() => match self.tick(&state, &room, &stream, meta, &mut owner).await {
+                    Watch::Remote => {}
+                    Watch::Local(tx) => local = Some(tx),
+                    Watch::Gone => {
+                        state.rooms.remove(&room, &stats);
+                        return;
+                    }
+                },
             }
         }
     }
@@ -338,9 +446,23 @@ impl Node {
                             welcomed: false,
                             epoch: 0,
                             next: 1,
+                            reported: None,
+                            heard: None,
                         },
                     );
                     (conn, "hello", data)
+                }
+                RoomCommand::Input(Input::Message {
+                    conn,
+                    msg: ClientMessage::Report(report),
+                }) => {
+                    if !self.report_matters(conn, &report) {
+                        telemetry::cluster_report(false);
+                        continue;
+                    }
+                    telemetry::cluster_report(true);
+                    let msg = ClientMessage::Report(report);
+                    (conn, "msg", serde_json::to_vec(&msg).ok())
                 }
                 RoomCommand::Input(Input::Message { conn, msg }) => {
                     (conn, "msg", serde_json::to_vec(&msg).ok())
@@ -378,6 +500,67 @@ impl Node {
         go_on
     }
 
+    /// Whether a peer's report changes anything the owner decides on (or the owner has not
+    /// heard one for [`REPORT_REFRESH`]); remembers it if so.
+    fn report_matters(&self, conn: ConnId, report: &Report) -> bool {
+        let digest = Digest::of(report, self.loss_threshold);
+        let now = std::time::Instant::now();
+        let mut links = self.links();
+        let Some(link) = links.get_mut(&conn) else {
+            return true;
+        };
+        let fresh = link
+            .reported
+            .as_ref()
+            .is_some_and(|(d, at)| *d == digest && now.duration_since(*at) < REPORT_REFRESH);
+        if fresh {
+            link.heard = Some(now);
+        } else {
+            link.reported = Some((digest, now));
+            link.heard = None;
+        }
+        !fresh
+    }
+
+    /// Once a second: the owner hears which peers here reported nothing new, and the
+    /// owner is looked at.
+    async fn tick(
+        self: &Arc<Self>,
+        state: &Arc<ServerState>,
+        room: &RoomId,
+        stream: &str,
+        meta: RoomMeta,
+        owner: &mut Option<Holder>,
+    ) -> Watch {
+        let now = std::time::Instant::now();
+        let unchanged: Vec<(u64, u64)> = self
+            .links()
+            .iter_mut()
+            .filter(|(_, l)| l.room == *room)
+            .filter_map(|(c, l)| {
+                let age = now.duration_since(l.heard.take()?);
+                Some((c.0, age.as_millis() as u64))
+            })
+            .collect();
+        if !unchanged.is_empty() {
+            let mut pipe = redis::pipe();
+            let data = serde_json::to_vec(&unchanged).ok();
+            xadd(
+                &mut pipe,
+                stream,
+                &self.id,
+                ConnId(0),
+                "unchanged",
+                data.as_deref(),
+            );
+            let mut conn = self.conn.clone();
+            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                tracing::debug!(%room, "telling the owner of unchanged reports: {e}");
+            }
+        }
+        self.check_owner(state, room, meta, owner).await
+    }
+
     /// Looks at the room's owner. A new owner hears this node's peers again; no owner at
     /// all means it died: this node tries to take the room, and returns the channel of the
     /// room task it then runs.
@@ -387,36 +570,42 @@ impl Node {
         room: &RoomId,
         meta: RoomMeta,
         owner: &mut Option<Holder>,
-    ) -> Option<mpsc::Sender<RoomCommand>> {
+    ) -> Watch {
         let now = match self.leases.owner(room.as_str()).await {
             Ok(now) => now,
             Err(e) => {
                 tracing::debug!(%room, "checking the room's owner: {e}");
-                return None;
+                return Watch::Remote;
             }
         };
         match now {
-            Some(holder) if owner.as_ref() == Some(&holder) => None,
+            Some(holder) if owner.as_ref() == Some(&holder) => Watch::Remote,
             Some(holder) => {
                 let changed = owner.replace(holder.clone()).is_some();
                 if changed {
                     tracing::info!(%room, owner = %holder, "the room has a new owner; its peers here are sent to it");
                     self.hello_again(room).await;
                 }
-                None
+                Watch::Remote
             }
+            // Nobody here is in the room: it ended (or its owner is gone with nobody
+            // here to miss it). The next `hello` looks it up afresh.
+            None if !self.links().values().any(|l| l.room == *room) => Watch::Gone,
             None => {
                 let seen = self.newest_epoch(room);
                 let floor = Epoch(seen.max(owner.as_ref().map_or(0, |h| h.epoch.0)));
                 match self.leases.hold_above(room.as_str(), &self.id, floor).await {
                     Ok(Some(lease)) => {
                         *owner = Some(lease.holder().clone());
-                        self.take_over(state, room, meta, lease).await
+                        match self.take_over(state, room, meta, lease).await {
+                            Some(tx) => Watch::Local(tx),
+                            None => Watch::Remote,
+                        }
                     }
-                    Ok(None) => None,
+                    Ok(None) => Watch::Remote,
                     Err(e) => {
                         tracing::debug!(%room, "taking over the room: {e}");
-                        None
+                        Watch::Remote
                     }
                 }
             }
@@ -436,7 +625,9 @@ impl Node {
         let stream = keys.key("in");
         let mut pipe = redis::pipe();
         let mut any = false;
-        for (conn, link) in self.links().iter().filter(|(_, l)| l.room == *room) {
+        for (conn, link) in self.links().iter_mut().filter(|(_, l)| l.room == *room) {
+            // The new owner knows nothing of their media yet.
+            link.reported = None;
             let data = serde_json::to_vec(&link.hello_again()).ok();
             xadd(
                 &mut pipe,
@@ -466,35 +657,16 @@ impl Node {
         meta: RoomMeta,
         lease: Lease,
     ) -> Option<mpsc::Sender<RoomCommand>> {
-        let keys = RoomKeys::new(room.as_str()).ok()?;
         tracing::info!(%room, epoch = %lease.epoch(), "the room's owner is gone; taking it over");
-        // What is in the stream now was for the old owner: the edges send their peers'
-        // `hello`s again once they see the new one.
-        let mut conn = self.conn.clone();
-        let last: Option<StreamRangeReply> = redis::cmd("XREVRANGE")
-            .arg(keys.key("in"))
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut conn)
-            .await
-            .ok();
-        let last = last
-            .and_then(|r| r.ids.into_iter().next())
-            .map_or_else(|| "0-0".to_owned(), |e| e.id);
-        let reader = self.client.get_multiplexed_async_connection().await.ok()?;
         let seed = crate::rooms::random_seed().ok()?;
         let (task, handle) = RoomTask::restoring(state, room.clone(), meta.inc, meta.private, seed);
         state.rooms.replace(room.clone(), handle.clone());
         tokio::spawn(task.run());
-        tokio::spawn(Arc::clone(self).read_inputs(
-            Arc::new(lease),
-            keys,
-            reader,
-            handle.commands.clone(),
-            last,
-        ));
+        if let Err(e) = self.serve(lease, meta, &handle, true).await {
+            tracing::warn!(%room, "serving the room taken over: {e}");
+            let _ = handle.commands.send(RoomCommand::Suspend).await;
+            return None;
+        }
         let mine: Vec<(ConnId, EdgeLink)> = {
             let mut links = self.links();
             let conns: Vec<ConnId> = links
@@ -527,6 +699,7 @@ impl Node {
         keys: RoomKeys,
         mut reader: MultiplexedConnection,
         commands: mpsc::Sender<RoomCommand>,
+        stats: Arc<RoomStats>,
         mut last: String,
     ) {
         let stream = keys.key("in");
@@ -546,6 +719,7 @@ impl Node {
                     let _ = commands.send(RoomCommand::Suspend).await;
                     return;
                 }
+                () = commands.closed() => return self.room_gone(lease, &keys, &stats).await,
                 reply = read => reply,
             };
             let reply = match reply {
@@ -562,11 +736,24 @@ impl Node {
                     continue;
                 };
                 if commands.send(cmd).await.is_err() {
-                    // The room task is gone: the room ended.
-                    let _ = lease_release(lease).await;
-                    return;
+                    return self.room_gone(lease, &keys, &stats).await;
                 }
             }
+        }
+    }
+
+    /// The room task stopped. If the room ended, other nodes stop finding it; if this
+    /// node is only shutting down, another takes it over. Either way the lease is let go.
+    async fn room_gone(&self, lease: Arc<Lease>, keys: &RoomKeys, stats: &RoomStats) {
+        if stats.ended.load(std::sync::atomic::Ordering::Relaxed) {
+            let gone = Some(Duration::from_millis(1));
+            if let Err(e) = lease.fenced_set(&keys.key("meta"), b"{}", gone).await {
+                tracing::debug!(room = keys.room(), "removing the room's meta: {e}");
+            }
+        }
+        // Forwarders may still hold it; the last one dropped stops the renewals.
+        if let Ok(lease) = Arc::try_unwrap(lease) {
+            let _ = lease.release().await;
         }
     }
 
@@ -601,6 +788,14 @@ impl Node {
                 RoomCommand::Input(Input::Message { conn, msg })
             }
             "alive" => RoomCommand::Input(Input::Alive { conn }),
+            "unchanged" => {
+                let list: Vec<(u64, u64)> = serde_json::from_slice(&data?).ok()?;
+                let conns = list
+                    .into_iter()
+                    .map(|(c, age)| (ConnId(c), Duration::from_millis(age)))
+                    .collect();
+                RoomCommand::Input(Input::Unchanged { conns })
+            }
             "gone" => RoomCommand::Input(Input::Disconnected { conn }),
             _ => return None,
         })
@@ -736,13 +931,5 @@ impl Node {
         for (_, link) in links.drain() {
             link.outbound.close(CloseCode::GoingAway);
         }
-    }
-}
-
-async fn lease_release(lease: Arc<Lease>) -> Result<bool, ClusterError> {
-    match Arc::try_unwrap(lease) {
-        Ok(lease) => lease.release().await,
-        // Forwarders still hold it; dropping the last one stops the renewals.
-        Err(_) => Ok(false),
     }
 }
