@@ -127,6 +127,9 @@ pub enum PeerError {
 pub struct PeerConfig {
     /// The signaller's WebSocket URL, e.g. `ws://127.0.0.1:9000/ws`.
     pub url: String,
+    /// Other nodes of the same signalling cluster: when a connection to one fails, the
+    /// next is tried (the peer resumes there, keeping its place). Empty: `url` only.
+    pub other_urls: Vec<String>,
     /// Room to join.
     pub room: String,
     /// Broadcaster or viewer.
@@ -169,6 +172,7 @@ impl PeerConfig {
     pub fn new(url: impl Into<String>, room: impl Into<String>, role: Role) -> Self {
         Self {
             url: url.into(),
+            other_urls: Vec::new(),
             room: room.into(),
             role,
             token: None,
@@ -243,6 +247,7 @@ impl Peer {
             commands: commands_rx,
             ws: None,
             ws_epoch: 0,
+            url_turn: 0,
             ws_reader: None,
             conns: HashMap::new(),
             next_gen: 0,
@@ -444,6 +449,8 @@ struct Driver {
     commands: mpsc::UnboundedReceiver<Command>,
     ws: Option<WsSink>,
     ws_epoch: u64,
+    /// Which of the signaller URLs the next connection tries.
+    url_turn: usize,
     ws_reader: Option<JoinHandle<()>>,
     conns: HashMap<PeerId, Conn>,
     next_gen: u64,
@@ -798,11 +805,20 @@ impl Driver {
     async fn open_socket(&mut self) {
         self.ws_epoch += 1;
         let epoch = self.ws_epoch;
+        let urls = 1 + self.config.other_urls.len();
+        let url = match self.url_turn % urls {
+            0 => &self.config.url,
+            i => &self.config.other_urls[i - 1],
+        };
         let connected = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async(self.config.url.as_str()),
+            tokio_tungstenite::connect_async(url.as_str()),
         )
         .await;
+        if !matches!(connected, Ok(Ok(_))) {
+            // That node is down: the next attempt goes to another.
+            self.url_turn += 1;
+        }
         let now = self.now();
         match connected {
             Ok(Ok((stream, _))) => {

@@ -129,8 +129,6 @@ struct EdgeLink {
     /// Its `hello`, with the resume token and latest claim the owner gave it since: after
     /// a failover it is sent again, so the new owner puts the peer back in place.
     hello: Hello,
-    /// Whether the owner welcomed it.
-    welcomed: bool,
     /// The epoch of the owner it hears from.
     epoch: u64,
     /// The sequence number expected next from that owner.
@@ -178,15 +176,10 @@ impl Digest {
 const REPORT_REFRESH: Duration = Duration::from_secs(30);
 
 impl EdgeLink {
-    /// The `hello` to send a new owner.
+    /// The `hello` to send a new owner: as the client sent it, with the resume token and
+    /// claim the owner gave it since (a never-welcomed join stays a plain join).
     fn hello_again(&self) -> Hello {
-        let mut hello = self.hello.clone();
-        if !self.welcomed {
-            // Never welcomed: a plain join, held until the room is rebuilt.
-            hello.resume = None;
-            hello.claim = None;
-        }
-        hello
+        self.hello.clone()
     }
 }
 
@@ -443,7 +436,6 @@ impl Node {
                             room: room.clone(),
                             outbound,
                             hello,
-                            welcomed: false,
                             epoch: 0,
                             next: 1,
                             reported: None,
@@ -910,7 +902,6 @@ impl Node {
         for m in batch.m {
             match &m {
                 ServerMessage::Welcome { resume, .. } => {
-                    link.welcomed = true;
                     link.hello.resume = Some(resume.clone());
                 }
                 ServerMessage::Claim { claim } => link.hello.claim = Some(claim.clone()),
