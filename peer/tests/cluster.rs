@@ -394,6 +394,10 @@ async fn an_owner_paused_past_its_lease_steps_down_without_a_split_brain() {
     };
     let before = bed.tree().await.unwrap();
     let marks = bed.marks();
+    // The nodes of this test share one process, so one metrics registry (and other tests
+    // in it count too): differences only.
+    let lost_before = metric(&bed.owner, "treecast_cluster_leases_lost_total").await;
+    let takeovers_before = metric(&bed.owner, "treecast_cluster_takeovers_total").await;
     // Paused well past the 3 s lease: another node takes the room meanwhile.
     bed.owner.freeze(Duration::from_secs(6));
     let started = Instant::now();
@@ -410,6 +414,15 @@ async fn an_owner_paused_past_its_lease_steps_down_without_a_split_brain() {
         serving.push(http(node.addr, "GET", &path).await.0 == 200);
     }
     assert!(!serving[0], "the paused owner still serves the room");
+    assert!(
+        metric(&bed.owner, "treecast_cluster_leases_lost_total").await > lost_before,
+        "the old owner counts the lease it lost"
+    );
+    assert_eq!(
+        metric(&bed.owner, "treecast_cluster_takeovers_total").await - takeovers_before,
+        1.0,
+        "one edge took the room over"
+    );
     assert_eq!(
         serving.iter().filter(|s| **s).count(),
         1,
@@ -574,6 +587,24 @@ async fn when_redis_dies_and_comes_back_empty_the_service_recovers() {
     );
     late.kill().await;
     bed.stop().await;
+}
+
+/// A counter or gauge from a node's `/metrics` (0 when absent).
+async fn metric(node: &Node, name: &str) -> f64 {
+    let r = treecast_signaller::client::request(
+        &node.addr.to_string(),
+        "GET",
+        "/metrics",
+        None,
+        LIVENESS,
+    )
+    .await
+    .unwrap();
+    r.body
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Sends one inline command to the test's Redis.

@@ -933,6 +933,9 @@ pub(crate) async fn health() -> &'static str {
 /// `GET /metrics`: Prometheus text format.
 pub(crate) async fn metrics(State(state): State<Arc<ServerState>>) -> Response {
     let (rooms, peers, depth) = state.rooms.totals();
+    if let Some(node) = &state.cluster {
+        telemetry::cluster_leases(&node.lease_stats());
+    }
     let text = telemetry::render(state.metrics.as_ref(), rooms, peers, depth);
     (
         [(

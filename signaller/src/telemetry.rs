@@ -247,6 +247,50 @@ fn leave_cause(cause: LeaveCause) -> &'static str {
     }
 }
 
+/// Cluster mode: the lease operations' counts so far.
+pub(crate) fn cluster_leases(stats: &crate::cluster::LeaseStats) {
+    counter!("treecast_cluster_leases_acquired_total").absolute(stats.acquired);
+    counter!("treecast_cluster_lease_renewals_total").absolute(stats.renewed);
+    counter!("treecast_cluster_fenced_writes_refused_total").absolute(stats.fenced);
+    counter!("treecast_cluster_redis_errors_total", "op" => "lease").absolute(stats.redis_errors);
+}
+
+/// Cluster mode: a Redis operation of the message path failed (`op` names it).
+pub(crate) fn cluster_redis_error(op: &'static str) {
+    counter!("treecast_cluster_redis_errors_total", "op" => op).increment(1);
+}
+
+/// Cluster mode: this node began or stopped owning a room (`+1` / `-1`).
+pub(crate) fn cluster_owned(delta: f64) {
+    gauge!("treecast_cluster_rooms_owned").increment(delta);
+}
+
+/// Cluster mode: this node lost a room's lease (expired, taken, or Redis unreachable).
+pub(crate) fn cluster_lease_lost() {
+    counter!("treecast_cluster_leases_lost_total").increment(1);
+}
+
+/// Cluster mode: this node took over a room whose owner was gone.
+pub(crate) fn cluster_takeover() {
+    counter!("treecast_cluster_takeovers_total").increment(1);
+}
+
+/// Cluster mode: how long an input waited in a room's stream before its owner read it.
+pub(crate) fn cluster_stream_lag(lag: std::time::Duration) {
+    histogram!("treecast_cluster_stream_lag_seconds").record(lag.as_secs_f64());
+}
+
+/// Cluster mode: an edge dropped a batch from a room's former owner (older epoch).
+pub(crate) fn cluster_stale_batch() {
+    counter!("treecast_cluster_stale_batches_total").increment(1);
+}
+
+/// Cluster mode: an edge had peers resume because messages to them may have been lost
+/// (`gap` in one connection's sequence, or a lost `subscription`).
+pub(crate) fn cluster_resync(cause: &'static str, peers: usize) {
+    counter!("treecast_cluster_resyncs_total", "cause" => cause).increment(peers as u64);
+}
+
 /// Counts a media report at a cluster edge: forwarded to the room's owner, or kept at
 /// the edge because it changed nothing the owner decides on.
 pub(crate) fn cluster_report(forwarded: bool) {

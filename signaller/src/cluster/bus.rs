@@ -244,6 +244,11 @@ impl Node {
         Ok(node)
     }
 
+    /// The lease operations' counts so far (for `/metrics`).
+    pub(crate) fn lease_stats(&self) -> super::LeaseStats {
+        self.leases.stats()
+    }
+
     fn channel(node: &str) -> String {
         format!("tc:edge:{node}")
     }
@@ -314,6 +319,7 @@ impl Node {
             .get_multiplexed_async_connection()
             .await
             .map_err(redis_err)?;
+        telemetry::cluster_owned(1.0);
         tokio::spawn(Arc::clone(self).read_inputs(
             Arc::new(lease),
             keys,
@@ -487,6 +493,7 @@ impl Node {
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {
             // Lost inputs show to the room as silence; the peers' next messages and
             // their watchdogs carry on from there.
+            telemetry::cluster_redis_error("forward");
             tracing::warn!(%room, "forwarding to the room's owner failed: {e}");
         }
         go_on
@@ -547,6 +554,7 @@ impl Node {
             );
             let mut conn = self.conn.clone();
             if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                telemetry::cluster_redis_error("unchanged");
                 tracing::debug!(%room, "telling the owner of unchanged reports: {e}");
             }
         }
@@ -566,6 +574,7 @@ impl Node {
         let now = match self.leases.owner(room.as_str()).await {
             Ok(now) => now,
             Err(e) => {
+                telemetry::cluster_redis_error("owner");
                 tracing::debug!(%room, "checking the room's owner: {e}");
                 return Watch::Remote;
             }
@@ -634,6 +643,7 @@ impl Node {
         if any {
             let mut conn = self.conn.clone();
             if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+                telemetry::cluster_redis_error("hello_again");
                 tracing::warn!(%room, "sending peers to the new owner failed: {e}");
             }
         }
@@ -650,6 +660,7 @@ impl Node {
         lease: Lease,
     ) -> Option<mpsc::Sender<RoomCommand>> {
         tracing::info!(%room, epoch = %lease.epoch(), "the room's owner is gone; taking it over");
+        telemetry::cluster_takeover();
         let seed = crate::rooms::random_seed().ok()?;
         let (task, handle) = RoomTask::restoring(state, room.clone(), meta.inc, meta.private, seed);
         state.rooms.replace(room.clone(), handle.clone());
@@ -708,6 +719,8 @@ impl Node {
             let reply = tokio::select! {
                 why = lease.lost() => {
                     tracing::warn!(room = keys.room(), ?why, "lost the room's lease; stepping down");
+                    telemetry::cluster_lease_lost();
+                    telemetry::cluster_owned(-1.0);
                     let _ = commands.send(RoomCommand::Suspend).await;
                     return;
                 }
@@ -717,13 +730,26 @@ impl Node {
             let reply = match reply {
                 Ok(reply) => reply,
                 Err(e) => {
+                    telemetry::cluster_redis_error("read");
                     tracing::warn!(room = keys.room(), "reading the room's inputs failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
                 last.clone_from(&entry.id);
+                // Entry ids start with Redis's clock in milliseconds.
+                if let Some(ms) = entry
+                    .id
+                    .split('-')
+                    .next()
+                    .and_then(|t| t.parse::<u64>().ok())
+                {
+                    telemetry::cluster_stream_lag(Duration::from_millis(now_ms.saturating_sub(ms)));
+                }
                 let Some(cmd) = self.input_command(&lease, &entry) else {
                     continue;
                 };
@@ -737,6 +763,7 @@ impl Node {
     /// The room task stopped. If the room ended, other nodes stop finding it; if this
     /// node is only shutting down, another takes it over. Either way the lease is let go.
     async fn room_gone(&self, lease: Arc<Lease>, keys: &RoomKeys, stats: &RoomStats) {
+        telemetry::cluster_owned(-1.0);
         if stats.ended.load(std::sync::atomic::Ordering::Relaxed) {
             let gone = Some(Duration::from_millis(1));
             if let Err(e) = lease.fenced_set(&keys.key("meta"), b"{}", gone).await {
@@ -822,7 +849,10 @@ impl Node {
                 Ok(Fenced::Written(_)) => {}
                 Ok(Fenced::Rejected(_)) => return,
                 // The edge sees the gap in the sequence and has the peer resume.
-                Err(e) => tracing::debug!(%room, "publishing to {edge} failed: {e}"),
+                Err(e) => {
+                    telemetry::cluster_redis_error("publish");
+                    tracing::debug!(%room, "publishing to {edge} failed: {e}");
+                }
             }
             if x.is_some() {
                 return;
@@ -873,7 +903,8 @@ impl Node {
             let mut epochs = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
             let newest = epochs.entry(batch.r.clone()).or_insert(batch.ep);
             if batch.ep < *newest {
-                return; // a former owner's
+                telemetry::cluster_stale_batch(); // a former owner's
+                return;
             }
             *newest = batch.ep;
         }
@@ -896,6 +927,7 @@ impl Node {
             );
             link.outbound.close(CloseCode::GoingAway);
             links.remove(&conn);
+            telemetry::cluster_resync("gap", 1);
             return;
         }
         link.next += 1;
@@ -919,6 +951,7 @@ impl Node {
     fn resync_all(&self) {
         let mut links = self.links();
         tracing::info!(peers = links.len(), "resubscribed; remote peers resume");
+        telemetry::cluster_resync("subscription", links.len());
         for (_, link) in links.drain() {
             link.outbound.close(CloseCode::GoingAway);
         }
