@@ -59,6 +59,13 @@
 //! - `GET /healthz`, `GET /metrics` (Prometheus), the pages `/`, `/watch/{room}`,
 //!   `/dashboard`, and their scripts, styles and wasm client under `/assets/`.
 //!
+//! # Restarts and cluster mode
+//! With a resume key ([`Config::resume_key`]) every peer holds a signed claim to its place
+//! ([`treecast_core::claim`]); a restarted server opens a room again on the first genuine
+//! claim and rebuilds it from the claims its peers present. With [`Config::redis`] several
+//! nodes share one Redis: any node takes any peer's WebSocket, each room has one owner
+//! holding a fenced lease, and an edge takes over a room whose owner died ([`cluster`]).
+//!
 //! # TURN
 //! With `room.turn` set, every peer gets TURN credentials minted for it (TURN REST scheme,
 //! checked by coturn's `use-auth-secret` or by the embedded TURN server that
