@@ -552,6 +552,7 @@ impl Connection {
             stats,
             token: token.into(),
             link_key: meta.private.then(|| Arc::new(link_key)),
+            remote: true,
         };
         let max = self.state.config.limits.max_rooms;
         match self.state.rooms.add(room.clone(), handle.clone(), max) {

@@ -219,6 +219,7 @@ impl RoomTask {
                 stats,
                 token: handle_token,
                 link_key,
+                remote: false,
             },
         )
     }

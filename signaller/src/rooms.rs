@@ -29,6 +29,9 @@ pub(crate) struct RoomHandle {
     pub token: Arc<str>,
     /// A private room's link key (signs viewer links); `None` for a public room.
     pub link_key: Option<Arc<LinkKey>>,
+    /// Cluster mode: the room is owned by another node and this handle forwards to it (it
+    /// has no figures of its own, so listings and metrics leave it out).
+    pub remote: bool,
 }
 
 /// Figures a room task publishes after each step, read without asking the task.
@@ -157,6 +160,7 @@ impl Rooms {
         let mut list: Vec<RoomSummary> = {
             let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
             map.iter()
+                .filter(|(_, h)| !h.remote)
                 .map(|(id, h)| RoomSummary {
                     id: id.clone(),
                     live: h.stats.live.load(Ordering::Relaxed),
@@ -174,6 +178,7 @@ impl Rooms {
     /// Rooms, peers in all rooms, and the deepest depth of any room: for `/metrics`.
     pub fn totals(&self) -> (usize, u64, u32) {
         let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        let rooms = map.values().filter(|h| !h.remote).count();
         let peers = map
             .values()
             .map(|h| u64::from(h.stats.peers.load(Ordering::Relaxed)))
@@ -183,7 +188,7 @@ impl Rooms {
             .map(|h| h.stats.max_depth.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0);
-        (map.len(), peers, depth)
+        (rooms, peers, depth)
     }
 }
 
