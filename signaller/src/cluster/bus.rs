@@ -15,6 +15,18 @@
 //!   have missed anything). The edge then closes those peers' WebSockets: their clients
 //!   resume at once (through any node) and get an authoritative status, while their media
 //!   never stopped. Messages stamped with an epoch older than the newest seen are dropped.
+//! - **Reports stay at the edge**: a media report goes to the owner only if it changes what
+//!   the owner decides on (media state, loss over the threshold, uplink, link kind, relay
+//!   modes), or every 30 s. Once a second the edge sends one entry listing its peers whose
+//!   reports changed nothing, with their age ([`Input::Unchanged`]): the owner's liveness
+//!   and sibling evidence stay as fresh as with every report, at a cost per viewer that no
+//!   longer grows with the report rate.
+//! - **Takeover**: each edge looks at its rooms' owners once a second. A new owner gets the
+//!   edge's peers' `hello`s again, each with the resume token and latest claim the edge saw
+//!   the old owner give it. When nobody holds a room (its owner died and the lease
+//!   expired), the edges race for the lease (epoch above any seen); the winner opens the
+//!   room as [`treecast_core::room::Room::restoring`], reads the stream from its end, and
+//!   its own peers go straight to the new room task. Peers keep their sockets throughout.
 //!
 //! Connection ids are unique across the cluster: each node takes a number from
 //! `tc:nodes:seq` at start and numbers its connections from `number << 40`.
@@ -42,8 +54,8 @@ use crate::rooms::{RoomHandle, RoomStats};
 use crate::server::ServerState;
 use crate::telemetry;
 
-/// Entries kept in a room's input stream (approximately): enough to replay a failover's
-/// worth of inputs, small enough to bound memory.
+/// Entries kept in a room's input stream (approximately), to bound its memory: the owner
+/// reads entries as they come, and a new owner starts at the end.
 const STREAM_MAXLEN: u64 = 100_000;
 
 /// Entries read from the input stream per `XREAD`.

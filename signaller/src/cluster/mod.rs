@@ -1,6 +1,6 @@
 //! Cluster mode on Redis: who owns a room, writes that only the owner can make ([`lease`]),
 //! and the message path between edges and owners, with takeover when an owner dies
-//! ([`bus`]).
+//! (`bus`).
 //!
 //! In cluster mode any node takes any peer's WebSocket (an *edge*), and each room has
 //! exactly one *owner* node that runs the room task. Which node owns a room is decided in
