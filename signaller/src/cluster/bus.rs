@@ -58,6 +58,9 @@ use crate::telemetry;
 /// reads entries as they come, and a new owner starts at the end.
 const STREAM_MAXLEN: u64 = 100_000;
 
+/// How long one `XREAD` waits for entries.
+const READ_BLOCK: Duration = Duration::from_millis(1000);
+
 /// Entries read from the input stream per `XREAD`.
 const READ_COUNT: usize = 512;
 
@@ -326,11 +329,7 @@ impl Node {
                 last = entry.id;
             }
         }
-        let reader = self
-            .client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(redis_err)?;
+        let reader = self.reader().await.map_err(redis_err)?;
         telemetry::cluster_owned(1.0);
         tokio::spawn(Arc::clone(self).read_inputs(
             Arc::new(lease),
@@ -341,6 +340,17 @@ impl Node {
             last,
         ));
         Ok(())
+    }
+
+    /// A connection of its own for one room's blocking `XREAD`, which waits up to
+    /// [`READ_BLOCK`]: its replies may take that long, unlike other commands'.
+    async fn reader(&self) -> redis::RedisResult<MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_response_timeout(Some(READ_BLOCK + Duration::from_secs(1)))
+            .set_connection_timeout(Some(Duration::from_secs(1)));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
     }
 
     /// The meta of a room owned elsewhere, if it exists.
@@ -440,6 +450,7 @@ impl Node {
     async fn send_inputs(&self, room: &RoomId, stream: &str, batch: &mut Vec<RoomCommand>) -> bool {
         let mut pipe = redis::pipe();
         let mut go_on = true;
+        let mut queued = false;
         for cmd in batch.drain(..) {
             let (conn_id, kind, data) = match cmd {
                 RoomCommand::Hello {
@@ -500,6 +511,10 @@ impl Node {
                 }
             };
             xadd(&mut pipe, stream, &self.id, conn_id, kind, data.as_deref());
+            queued = true;
+        }
+        if !queued {
+            return go_on; // only reports kept at the edge
         }
         let mut conn = self.conn.clone();
         if let Err(e) = pipe.query_async::<()>(&mut conn).await {
@@ -723,7 +738,7 @@ impl Node {
             cmd.arg("COUNT")
                 .arg(READ_COUNT)
                 .arg("BLOCK")
-                .arg(1000)
+                .arg(READ_BLOCK.as_millis() as u64)
                 .arg("STREAMS")
                 .arg(&stream)
                 .arg(&last);
@@ -745,6 +760,11 @@ impl Node {
                     telemetry::cluster_redis_error("read");
                     tracing::warn!(room = keys.room(), "reading the room's inputs failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    // The connection may be gone with the error: a new one, while the lease
+                    // lasts (the select above steps down when it does not).
+                    if let Ok(fresh) = self.reader().await {
+                        reader = fresh;
+                    }
                     continue;
                 }
             };
