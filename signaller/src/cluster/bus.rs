@@ -109,6 +109,36 @@ fn xadd(
     cmd.ignore();
 }
 
+/// What an edge does with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// Next in line: deliver it.
+    Deliver,
+    /// From an owner older than the newest seen for the room: drop it.
+    Stale,
+    /// Something before it was lost: the peer resumes.
+    Gap,
+}
+
+/// Orders a batch stamped `(epoch, seq)`: `newest` is the newest epoch seen for the room,
+/// `link_epoch` and `next` the connection's owner epoch and expected sequence number (a new
+/// owner numbers from 1). Advances them for a delivered batch.
+fn order(newest: &mut u64, link_epoch: &mut u64, next: &mut u64, epoch: u64, seq: u64) -> Order {
+    if epoch < *newest {
+        return Order::Stale;
+    }
+    *newest = epoch;
+    if epoch > *link_epoch {
+        *link_epoch = epoch;
+        *next = 1;
+    }
+    if seq != *next {
+        return Order::Gap;
+    }
+    *next += 1;
+    Order::Deliver
+}
+
 /// What a room's owner stores about it for the other nodes (`tc:{ROOM}:meta`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub(crate) struct RoomMeta {
@@ -931,38 +961,34 @@ impl Node {
     }
 
     fn deliver(&self, batch: Batch) {
-        {
-            let mut epochs = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
-            let newest = epochs.entry(batch.r.clone()).or_insert(batch.ep);
-            if batch.ep < *newest {
-                telemetry::cluster_stale_batch(); // a former owner's
+        let conn = ConnId(batch.c);
+        let mut epochs = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
+        let newest = epochs.entry(batch.r.clone()).or_insert(batch.ep);
+        let mut links = self.links();
+        let mut unknown = (0, 0);
+        let (link_epoch, next) = match links.get_mut(&conn) {
+            Some(link) => (&mut link.epoch, &mut link.next),
+            None => (&mut unknown.0, &mut unknown.1),
+        };
+        match order(newest, link_epoch, next, batch.ep, batch.s) {
+            Order::Stale => {
+                telemetry::cluster_stale_batch();
                 return;
             }
-            *newest = batch.ep;
+            Order::Gap => {
+                tracing::debug!(conn = conn.0, got = batch.s, "gap; the peer resumes");
+                if let Some(link) = links.remove(&conn) {
+                    link.outbound.close(CloseCode::GoingAway);
+                    telemetry::cluster_resync("gap", 1);
+                }
+                return;
+            }
+            Order::Deliver => {}
         }
-        let conn = ConnId(batch.c);
-        let mut links = self.links();
+        drop(epochs);
         let Some(link) = links.get_mut(&conn) else {
             return;
         };
-        if batch.ep > link.epoch {
-            // A new owner numbers from 1.
-            link.epoch = batch.ep;
-            link.next = 1;
-        }
-        if batch.s != link.next {
-            tracing::debug!(
-                conn = conn.0,
-                expected = link.next,
-                got = batch.s,
-                "gap; the peer resumes"
-            );
-            link.outbound.close(CloseCode::GoingAway);
-            links.remove(&conn);
-            telemetry::cluster_resync("gap", 1);
-            return;
-        }
-        link.next += 1;
         for m in batch.m {
             match &m {
                 ServerMessage::Welcome { resume, .. } => {
@@ -987,5 +1013,24 @@ impl Node {
         for (_, link) in links.drain() {
             link.outbound.close(CloseCode::GoingAway);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_delivered_in_order_and_a_former_owners_are_dropped() {
+        let (mut newest, mut epoch, mut next) = (0, 0, 1);
+        let mut step = |e, s| order(&mut newest, &mut epoch, &mut next, e, s);
+        assert_eq!(step(3, 1), Order::Deliver);
+        assert_eq!(step(3, 2), Order::Deliver);
+        // Batch 3 was lost.
+        assert_eq!(step(3, 4), Order::Gap);
+        // A new owner (epoch 4) numbers from 1; the old one is stale from then on.
+        assert_eq!(step(4, 1), Order::Deliver);
+        assert_eq!(step(3, 5), Order::Stale);
+        assert_eq!(step(4, 2), Order::Deliver);
     }
 }
