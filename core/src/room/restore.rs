@@ -314,8 +314,8 @@ impl Room {
                 self.end(EndReason::BroadcasterLost);
                 return;
             }
-            // Its viewers' claims still hold their places under a new session's root?
-            // No: the tree is re-rooted at the new session, so viewers join afresh.
+            // A reloaded broadcaster page starts the room over under its new session: the
+            // viewers' claims name a root that is gone, so they join afresh.
             for (conn, _, _) in claims {
                 self.refuse(conn, ErrorCode::BadClaim, true);
                 summary.refused += 1;
@@ -326,7 +326,8 @@ impl Room {
             }
             return;
         };
-        let (root_conn, root_hello, root_claim) = claims.swap_remove(root);
+        // `remove`, not `swap_remove`: the newest-first order decides contested slots.
+        let (root_conn, root_hello, root_claim) = claims.remove(root);
         if let Some(meta) = &root_claim.meta {
             self.apply_meta(meta);
         }
