@@ -1981,7 +1981,14 @@ impl Room {
                 Timer::Credentials(id) => self.renew_credentials(id),
                 Timer::CapRaise(id) => self.raise_capacity(id),
                 Timer::Suspect(id) => {
-                    let due = self.peers.get(&id).and_then(|p| p.suspect_since);
+                    // Not while its socket is closed: a crashed relay's slots would catch
+                    // newcomers until its grace ran out. Its first message after a resume
+                    // releases them.
+                    let due = self
+                        .peers
+                        .get(&id)
+                        .filter(|p| p.conn.is_some())
+                        .and_then(|p| p.suspect_since);
                     if due.is_some_and(|t| t + SUSPECT_HOLD <= self.now) {
                         self.peers.get_mut(&id).expect("a known peer").suspect_since = None;
                         let _ = self.tree.set_held(id, false);

@@ -1994,6 +1994,48 @@ fn a_suspect_parent_gets_no_newcomer_until_heard_from() {
     h.check();
 }
 
+/// A suspect relay whose socket then closes (it crashed) keeps its slots held past the
+/// usual hold, for as long as it may still resume: newcomers placed under it would only
+/// be moved again when its grace runs out. Back and talking, it takes children again.
+#[test]
+fn a_suspect_parent_whose_socket_closed_gets_no_newcomer_while_away() {
+    let mut h = Harness::new(RoomConfig {
+        warm_standby: false,
+        resume_grace: Duration::from_secs(60),
+        heartbeat_timeout: None,
+        ..config()
+    });
+    h.connect(Role::Broadcaster, Some(TOKEN), 100_000);
+    let viewers: Vec<ConnId> = (0..5).map(|_| h.viewer()).collect();
+    h.settle();
+    let relay = viewers[..2]
+        .iter()
+        .copied()
+        .find(|&v| h.room.tree().child_count(h.peer(v)) == Some(1))
+        .expect("a relay with one child");
+    let relay_id = h.peer(relay);
+    let token = h.views[&relay].resume.clone().unwrap();
+    let child = h.room.tree().children(relay_id).next().unwrap();
+    h.stalled(h.conn_of(child));
+    assert_ne!(
+        h.room.tree().parent(child),
+        Some(relay_id),
+        "the child moved"
+    );
+    h.input(Input::Disconnected { conn: relay });
+    // Well past the hold a relay still connected would have (10 s), within the grace.
+    h.advance(Duration::from_secs(30));
+    assert!(h.room.tree().contains(relay_id), "still within grace");
+    let newcomer = h.viewer();
+    assert_ne!(h.room.tree().parent(h.peer(newcomer)), Some(relay_id));
+    // It resumes and speaks: its depth-1 slot is offered again.
+    let back = h.resume(relay, token);
+    h.send(back, ClientMessage::Ping {});
+    let next = h.viewer();
+    assert_eq!(h.room.tree().parent(h.peer(next)), Some(relay_id));
+    h.check();
+}
+
 /// Weak viewers that came first sit high, strong ones that came later deep: the room's
 /// background moves bring the tree within a level of its least depth, each move
 /// make-before-break (a moved viewer gets `parent` while its old parent still feeds it).
