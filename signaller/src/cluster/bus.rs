@@ -639,10 +639,11 @@ impl Node {
         match now {
             Some(holder) if owner.as_ref() == Some(&holder) => Watch::Remote,
             Some(holder) => {
-                let changed = owner.replace(holder.clone()).is_some();
-                if changed {
+                // Also after a time without an owner: `hello`s sent then went to a stream
+                // the new owner reads only from when it took the room.
+                owner.replace(holder.clone());
+                if self.hello_again(room, holder.epoch.0).await > 0 {
                     tracing::info!(%room, owner = %holder, "the room has a new owner; its peers here are sent to it");
-                    self.hello_again(room).await;
                 }
                 Watch::Remote
             }
@@ -676,14 +677,19 @@ impl Node {
     }
 
     /// Sends this node's peers of `room` to its new owner again.
-    async fn hello_again(&self, room: &RoomId) {
+    /// Returns how many were sent: those that have not heard from an owner at `epoch`.
+    async fn hello_again(&self, room: &RoomId, epoch: u64) -> usize {
         let Ok(keys) = RoomKeys::new(room.as_str()) else {
-            return;
+            return 0;
         };
         let stream = keys.key("in");
         let mut pipe = redis::pipe();
-        let mut any = false;
-        for (conn, link) in self.links().iter_mut().filter(|(_, l)| l.room == *room) {
+        let mut any = 0;
+        for (conn, link) in self
+            .links()
+            .iter_mut()
+            .filter(|(_, l)| l.room == *room && l.epoch < epoch)
+        {
             // The new owner knows nothing of their media yet.
             link.reported = None;
             let data = serde_json::to_vec(&link.hello_again()).ok();
@@ -695,15 +701,16 @@ impl Node {
                 "hello",
                 data.as_deref(),
             );
-            any = true;
+            any += 1;
         }
-        if any {
+        if any > 0 {
             let mut conn = self.conn.clone();
             if let Err(e) = pipe.query_async::<()>(&mut conn).await {
                 telemetry::cluster_redis_error("hello_again");
                 tracing::warn!(%room, "sending peers to the new owner failed: {e}");
             }
         }
+        any
     }
 
     /// This node took the room over from an owner that died: the room is rebuilt here
