@@ -519,7 +519,13 @@ impl Connection {
                 Ok(None) => {
                     return self.refuse_and_close(ErrorCode::UnknownRoom, None, CloseCode::Normal);
                 }
-                Err(code) => return self.refuse_and_close(code, None, CloseCode::Normal),
+                Err(None) => {
+                    // Another node is taking the room back right now: the client comes
+                    // back in a moment and finds it (no error: it would give up).
+                    self.outbound.close(CloseCode::GoingAway);
+                    return Flow::Closing;
+                }
+                Err(Some(code)) => return self.refuse_and_close(code, None, CloseCode::Normal),
             },
         };
         let cmd = RoomCommand::Hello {
@@ -563,7 +569,9 @@ impl Connection {
 
     /// A `hello` with a claim for a room this server does not have (it restarted): a
     /// genuine claim opens the room again, to be rebuilt from its peers' claims.
-    async fn restore(&self, hello: &Hello) -> Result<Option<RoomHandle>, ErrorCode> {
+    /// `Err(None)`: try again shortly (in a cluster, the room is being taken back
+    /// elsewhere); `Err(Some(code))`: refused.
+    async fn restore(&self, hello: &Hello) -> Result<Option<RoomHandle>, Option<ErrorCode>> {
         let Some(token) = hello.claim.as_deref() else {
             return Ok(None);
         };
@@ -576,24 +584,31 @@ impl Connection {
             .verify(token, crate::access::now_unix())
             .map_err(|reason| {
                 telemetry::room_event(&treecast_core::room::RoomEvent::ClaimRefused { reason });
-                ErrorCode::BadClaim
+                Some(ErrorCode::BadClaim)
             })?;
         if claim.room != hello.room {
-            return Err(ErrorCode::BadClaim);
+            return Err(Some(ErrorCode::BadClaim));
         }
         // In a cluster, only the node that takes the room's lease rebuilds it.
         let lease = match &self.state.cluster {
             None => None,
             Some(node) => match node.take(&claim.room).await {
                 Ok(Some(lease)) => Some(lease),
-                Ok(None) => return Ok(self.remote(&claim.room).await),
+                // Held already: by this node (another peer's restore got here first) or
+                // another, whose meta may not be written yet.
+                Ok(None) => {
+                    if let Some(room) = self.state.rooms.get(&claim.room) {
+                        return Ok(Some(room));
+                    }
+                    return self.remote(&claim.room).await.map(Some).ok_or(None);
+                }
                 Err(e) => {
                     tracing::warn!(room = %claim.room, "taking the room in the cluster: {e}");
-                    return Err(ErrorCode::Internal);
+                    return Err(None);
                 }
             },
         };
-        let seed = crate::rooms::random_seed().map_err(|_| ErrorCode::Internal)?;
+        let seed = crate::rooms::random_seed().map_err(|_| Some(ErrorCode::Internal))?;
         let (task, handle) = RoomTask::restoring(
             &self.state,
             claim.room.clone(),
@@ -623,7 +638,7 @@ impl Connection {
             }
             // Another peer of the room got here first.
             Err(crate::rooms::AddError::Taken) => Ok(self.state.rooms.get(&hello.room)),
-            Err(crate::rooms::AddError::Full) => Err(ErrorCode::TooManyRooms),
+            Err(crate::rooms::AddError::Full) => Err(Some(ErrorCode::TooManyRooms)),
         }
     }
 
