@@ -22,8 +22,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::redis_server::RedisServer;
-use common::{LIVENESS, Mark, TestSignaller, count, http, wait_until};
-use serde_json::Value;
+use common::{LIVENESS, Mark, TestSignaller, count, http, parents, wait_until};
 use treecast_core::agent::Phase;
 use treecast_core::turn::Secret;
 use treecast_peer::{Peer, PeerConfig, Role};
@@ -35,15 +34,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const NODES: usize = 3;
 const VIEWERS: usize = 300;
 const KEY: &str = "the cluster's resume key, the same on every node";
-
-fn parents(snapshot: &Value) -> BTreeMap<u64, Option<u64>> {
-    snapshot["peers"]
-        .as_array()
-        .expect("peers")
-        .iter()
-        .map(|p| (p["id"].as_u64().unwrap(), p["parent"].as_u64()))
-        .collect()
-}
 
 /// Where a viewer was placed: its parent and depth.
 type Placed = BTreeMap<u64, (Option<u64>, u32)>;

@@ -15,23 +15,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{LIVENESS, Mark, TestSignaller, count, start_tree, wait_until};
-use serde_json::Value;
+use common::{LIVENESS, Mark, TestSignaller, count, parents, start_tree, wait_until};
 use treecast_core::agent::Phase;
 use treecast_core::turn::Secret;
 
 const VIEWERS: usize = 50;
 const STREAM_KBPS: u32 = 200;
-
-/// Each peer's parent, from the room's snapshot.
-fn parents(snapshot: &Value) -> BTreeMap<u64, Option<u64>> {
-    snapshot["peers"]
-        .as_array()
-        .expect("peers")
-        .iter()
-        .map(|p| (p["id"].as_u64().unwrap(), p["parent"].as_u64()))
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_signaller_takes_its_room_back_and_no_media_stops() {

@@ -255,6 +255,16 @@ pub async fn wait_until(what: &str, bound: Duration, mut done: impl FnMut() -> b
     }
 }
 
+/// Each peer's parent, from a room's snapshot (`GET /api/rooms/{room}`).
+pub fn parents(snapshot: &Value) -> std::collections::BTreeMap<u64, Option<u64>> {
+    snapshot["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .map(|p| (p["id"].as_u64().unwrap(), p["parent"].as_u64()))
+        .collect()
+}
+
 /// A counter's value.
 pub fn count(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)

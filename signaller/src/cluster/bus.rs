@@ -71,6 +71,9 @@ const BATCH: usize = 64;
 /// so a dead owner is replaced within about a lease and a half.
 const OWNER_CHECK: Duration = Duration::from_millis(1000);
 
+/// Looks (one a second) at a room with no owner and no peer here before the proxy stops.
+const GONE_AFTER: u32 = 5;
+
 /// What an edge's look at a room's owner decided.
 enum Watch {
     /// Keep forwarding to the owner.
@@ -440,6 +443,7 @@ impl Node {
         let mut watch = tokio::time::interval(OWNER_CHECK);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut local: Option<mpsc::Sender<RoomCommand>> = None;
+        let mut idle = 0;
         let mut batch = Vec::new();
         loop {
             if let Some(tx) = &local {
@@ -465,8 +469,12 @@ impl Node {
                     }
                 }
                 _ = watch.tick() => match self.tick(&state, &room, &stream, meta, &mut owner).await {
-                    Watch::Remote => {}
+                    Watch::Remote => idle = 0,
                     Watch::Local(tx) => local = Some(tx),
+                    // Not at the first look: peers made to resync (their sockets closed a
+                    // moment ago) are on their way back, and a join among them must find
+                    // the room here, not an unknown one.
+                    Watch::Gone if idle < GONE_AFTER => idle += 1,
                     Watch::Gone => {
                         state.rooms.remove(&room, &stats);
                         return;
