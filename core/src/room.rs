@@ -1219,9 +1219,6 @@ impl Room {
         if self.conns.contains_key(&conn) {
             return self.refuse(conn, ErrorCode::AlreadyJoined, false);
         }
-        if self.restoring.is_some() {
-            return self.restoring_hello(conn, hello);
-        }
         if let Some(reason) = self.ended {
             self.send(conn, ServerMessage::Ended { reason });
             return self.refuse(conn, ErrorCode::RoomEnded, true);
@@ -1235,6 +1232,9 @@ impl Room {
         if hello.role == Role::Broadcaster && !constant_time_eq(hello.token.as_deref(), &self.token)
         {
             return self.refuse(conn, ErrorCode::WrongToken, true);
+        }
+        if self.restoring.is_some() {
+            return self.restoring_hello(conn, hello);
         }
         if let Some(token) = &hello.resume {
             let known = parse_resume(token).and_then(|t| self.resumes.get(&t).copied());

@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use super::{Output, Peer, Room, RoomConfig, RoomEvent, Timer, constant_time_eq};
+use super::{Output, Peer, Room, RoomConfig, RoomEvent, Timer};
 use crate::claim::{Claim, ClaimError, ClaimKey, RoomMeta};
-use crate::protocol::{
-    EndReason, ErrorCode, Hello, MediaState, PROTOCOL_VERSION, Role, ServerMessage,
-};
+use crate::protocol::{EndReason, ErrorCode, Hello, MediaState, Role, ServerMessage};
 use crate::room::ConnId;
 use crate::{PeerId, RoomId};
 
@@ -195,23 +193,14 @@ impl Room {
         Ok(claim)
     }
 
-    /// A `hello` while restoring: claims are collected, anything else waits.
+    /// A `hello` while restoring, past the checks every `hello` gets (version, room,
+    /// broadcaster token): claims are collected, anything else waits.
     pub(super) fn restoring_hello(&mut self, conn: ConnId, hello: Hello) {
         let r = self.restoring.as_ref().expect("restoring");
         if r.claims.iter().any(|(c, _, _)| *c == conn) || r.held.iter().any(|(c, _)| *c == conn) {
             // The same connection's `hello` twice (a cluster edge sends its peers' again to
             // a new owner): the first stands.
             return;
-        }
-        if hello.v != PROTOCOL_VERSION {
-            return self.refuse(conn, ErrorCode::UnsupportedVersion, true);
-        }
-        if hello.room != self.id {
-            return self.refuse(conn, ErrorCode::UnknownRoom, true);
-        }
-        if hello.role == Role::Broadcaster && !constant_time_eq(hello.token.as_deref(), &self.token)
-        {
-            return self.refuse(conn, ErrorCode::WrongToken, true);
         }
         let Some(token) = hello.claim.clone() else {
             let r = self.restoring.as_mut().expect("restoring");

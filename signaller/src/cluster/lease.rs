@@ -522,24 +522,9 @@ impl Leases {
     /// Who holds `room` now, if anyone (what an edge asks to find the owner).
     pub async fn owner(&self, room: &str) -> Result<Option<Holder>, ClusterError> {
         let keys = RoomKeys::new(room)?;
-        let mut conn = self.conn.clone();
-        let reply: Value = match redis::cmd("GET")
-            .arg(keys.owner())
-            .query_async(&mut conn)
-            .await
-        {
-            Ok(reply) => reply,
-            Err(source) => {
-                bump(&self.counters.redis_errors);
-                return Err(ClusterError::Redis {
-                    op: "owner",
-                    source,
-                });
-            }
-        };
-        if is_none(&reply) {
+        let Some(reply) = self.get("owner", &keys.owner()).await? else {
             return Ok(None);
-        }
+        };
         text(&reply)
             .and_then(Holder::parse)
             .map(Some)
@@ -549,28 +534,26 @@ impl Leases {
     /// The room's fencing counter (the epoch of the latest acquisition), if it has one.
     pub async fn epoch(&self, room: &str) -> Result<Option<Epoch>, ClusterError> {
         let keys = RoomKeys::new(room)?;
-        let mut conn = self.conn.clone();
-        let reply: Value = match redis::cmd("GET")
-            .arg(keys.epoch())
-            .query_async(&mut conn)
-            .await
-        {
-            Ok(reply) => reply,
-            Err(source) => {
-                bump(&self.counters.redis_errors);
-                return Err(ClusterError::Redis {
-                    op: "epoch",
-                    source,
-                });
-            }
-        };
-        if is_none(&reply) {
+        let Some(reply) = self.get("epoch", &keys.epoch()).await? else {
             return Ok(None);
-        }
+        };
         text(&reply)
             .and_then(|s| s.parse().ok())
             .map(|e| Some(Epoch(e)))
             .ok_or_else(|| unexpected("epoch", &reply))
+    }
+
+    /// `GET key`, counting a failure; `None` if the key does not exist.
+    async fn get(&self, op: &'static str, key: &str) -> Result<Option<Value>, ClusterError> {
+        let mut conn = self.conn.clone();
+        match redis::cmd("GET").arg(key).query_async(&mut conn).await {
+            Ok(reply) if is_none(&reply) => Ok(None),
+            Ok(reply) => Ok(Some(reply)),
+            Err(source) => {
+                bump(&self.counters.redis_errors);
+                Err(ClusterError::Redis { op, source })
+            }
+        }
     }
 
     fn fenced_invocation<'a>(
