@@ -499,6 +499,9 @@ async fn an_edge_that_loses_its_subscription_resyncs_its_peers() {
     };
     let before = bed.tree().await.unwrap();
     let marks = bed.marks();
+    // The nodes share this process's metrics registry: differences only.
+    let resyncs = r#"treecast_cluster_resyncs_total{cause="subscription"}"#;
+    let before_resyncs = metric(&bed.owner, resyncs).await;
     redis_command(&bed.redis, "CLIENT KILL TYPE pubsub");
     // Whatever an edge missed meanwhile, its peers resume and hear their place again.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -510,6 +513,10 @@ async fn an_edge_that_loses_its_subscription_resyncs_its_peers() {
     })
     .await;
     assert_eq!(bed.tree().await.unwrap(), before, "nobody moved");
+    assert!(
+        metric(&bed.owner, resyncs).await > before_resyncs,
+        "the edges noticed the lost subscription and resynced"
+    );
     let worst = bed.assert_no_gap(marks, "subscriptions cut").await;
     eprintln!(
         "pub/sub cut: peers resynced, tree unchanged ({back:?}); worst viewer missed {} of {} \
